@@ -1,0 +1,436 @@
+"""The run configuration: one `RunConfig` dataclass tree, profiles, overrides, config.yaml.
+
+    from lib.config import make_config, save_config, load_config
+    cfg = make_config("tiny", overrides=["train.learning_rate=1e-3"])
+
+Every field carries a help text (`field_help()` lists them). A profile is a named preset of the
+whole tree; the environment variable SFT_PROFILE picks the default one. `--set key=value`
+overrides convert to the field's type and reject unknown keys. The Hugging Face token is never
+part of the configuration: `hf_token()` reads it from the environment, a `.env` file or Colab
+secrets, and nothing writes it into a run directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("data/examples/socratic_questions.jsonl", "Local file or folder, or a Hub dataset id.")
+    format: str = _f("auto", "Record format: auto, socratic, instruction_output, instruction_response, "
+                             "qa_splits, messages, sharegpt, prompt_completion, text.")
+    eval_fraction: float = _f(0.1, "Share held out for evaluation when the data has no test split.")
+    max_examples: int | None = _f(None, "Use at most this many training examples (None: all).")
+    system_prompt: str | None = _f(None, "System message put before every conversation that has none.")
+    seed: int = _f(42, "Seed of the train/eval split.")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("tiny", "Base model: a Hub id, a local path, or 'tiny' (built offline).")
+    attn_implementation: str = _f("sdpa", "Attention kernel: sdpa, eager, or flash_attention_2 (if installed).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% slower.")
+    trust_remote_code: bool = _f(False, "Allow model code from the Hub (only for models you trust).")
+    gpu: str = _f("auto", "GPU the memory estimate is compared with: auto, T4, A100-40GB, A100-80GB, H100.")
+
+
+@dataclass
+class QuantConfig:
+    mode: str = _f("4bit", "4bit (QLoRA), 8bit, or none (plain LoRA on 16/32-bit weights).")
+    quant_type: str = _f("nf4", "4-bit type: nf4 (best for normal-distributed weights) or fp4.")
+    double_quant: bool = _f(True, "Quantize the quantization constants too: ~0.4 bit/param saved.")
+    compute_dtype: str = _f("auto", "Matmul dtype: auto (bf16 at compute capability >= 8, fp16 on older "
+                                    "GPUs, fp32 on CPU), bfloat16, float16, float32.")
+
+
+@dataclass
+class LoraSettings:
+    r: int = _f(16, "Adapter rank: higher gives more capacity, more memory and a larger adapter.")
+    alpha: int = _f(32, "Scaling (alpha/r multiplies the update): higher learns faster, can destabilise.")
+    dropout: float = _f(0.05, "Dropout on the adapter input: regularises small data sets.")
+    bias: str = _f("none", "Train biases too: none, all, lora_only.")
+    target_modules: str = _f("all-linear", "Layers to adapt: all-linear, attention (q,k,v,o), or a "
+                                           "comma-separated list of module names.")
+
+
+@dataclass
+class TrainConfig:
+    num_train_epochs: float = _f(3.0, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: use epochs).")
+    learning_rate: float = _f(2e-4, "Peak learning rate: too high diverges, too low learns nothing.")
+    lr_scheduler_type: str = _f("cosine", "linear, cosine, cosine_with_restarts, constant, ...")
+    warmup_ratio: float = _f(0.03, "Share of steps spent warming the learning rate up.")
+    weight_decay: float = _f(0.0, "L2-style decay of the adapter weights.")
+    per_device_train_batch_size: int = _f(4, "Examples per step per device: more is faster, uses memory.")
+    per_device_eval_batch_size: int = _f(8, "Examples per evaluation batch.")
+    gradient_accumulation_steps: int = _f(4, "Steps summed before an update: a larger effective batch "
+                                             "without more memory.")
+    max_length: int = _f(1024, "Tokens per example; longer ones are cut (the audit says how many).")
+    batching: str = _f("padding_free", "padding_free (exact, no padding), pad_longest, group_by_length, "
+                                       "pad_max (pad to max_length: slow, for comparison).")
+    optim: str = _f("adamw_torch", "Optimizer: adamw_torch, paged_adamw_8bit (GPU memory saver), ...")
+    max_grad_norm: float = _f(1.0, "Gradient clipping threshold.")
+    logging_steps: int = _f(10, "Log every N steps.")
+    eval_strategy: str = _f("steps", "When to evaluate: steps, epoch, or no.")
+    eval_steps: int = _f(50, "Evaluate every N steps (with eval_strategy=steps).")
+    save_strategy: str = _f("steps", "When to checkpoint: steps, epoch, or no.")
+    save_steps: int = _f(50, "Checkpoint every N steps (with save_strategy=steps).")
+    save_total_limit: int | None = _f(3, "Keep at most N checkpoints (None: keep all).")
+    load_best_model_at_end: bool = _f(False, "Finish with the checkpoint of lowest eval loss.")
+    report_to: str = _f("none", "Experiment tracker: none, tensorboard, wandb (comma-separated).")
+    seed: int = _f(42, "Seed of initialisation, shuffling and dropout.")
+    precision: str = _f("auto", "auto (bf16 where supported, fp16 on older GPUs, fp32 on CPU), bf16, fp16, fp32.")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _f(8, "Examples per perplexity / generation batch.")
+    max_examples: int | None = _f(None, "Evaluate at most this many eval examples (None: all).")
+    generate_examples: int = _f(16, "Eval prompts to generate answers for (0: skip generation).")
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = _f(128, "Longest answer: longer is slower and may ramble.")
+    do_sample: bool = _f(False, "Sample (varied answers) instead of greedy decoding (repeatable).")
+    temperature: float = _f(0.7, "Sampling temperature: higher is more random.")
+    top_k: int = _f(50, "Sample from the k most likely tokens.")
+    top_p: float = _f(0.9, "Sample from the smallest set with this much probability.")
+    no_repeat_ngram_size: int = _f(0, "Forbid repeating n-grams of this size (0: off).")
+    repetition_penalty: float = _f(1.1, "Penalise repeated tokens (1.0: off).")
+
+
+@dataclass
+class MergeSettings:
+    tolerance: float = _f(0.01, "Largest acceptable relative perplexity drift of the merged model.")
+
+
+@dataclass
+class RunConfig:
+    run: str = _f("demo", "Run name: outputs/<run>/ holds everything this run writes.")
+    profile: str = _f("tiny", "Preset this configuration started from.")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    merge: MergeSettings = field(default_factory=MergeSettings)
+
+
+# Profiles: differences from the defaults above.
+PROFILES: dict[str, dict[str, object]] = {
+    # The offline tiny model on the CPU: NF4 with fp32 compute, a couple of epochs in seconds.
+    "tiny": {
+        "model.name_or_path": "tiny",
+        "model.gpu": "T4",
+        "quant.compute_dtype": "float32",
+        "lora.r": 16,
+        "lora.alpha": 32,
+        "lora.dropout": 0.0,
+        "train.num_train_epochs": 3.0,
+        "train.learning_rate": 3e-3,
+        "train.lr_scheduler_type": "cosine",
+        "train.warmup_ratio": 0.05,
+        "train.per_device_train_batch_size": 8,
+        "train.gradient_accumulation_steps": 1,
+        "train.max_length": 256,
+        "train.logging_steps": 5,
+        "train.eval_steps": 20,
+        "train.save_steps": 20,
+        "train.save_total_limit": 2,
+        "train.precision": "fp32",
+        "eval.generate_examples": 8,
+        "generation.max_new_tokens": 48,
+    },
+    # A free Colab T4 (15 GB): a 0.5B instruct model, fp16, paged 8-bit AdamW, checkpointing.
+    "t4": {
+        "model.name_or_path": "Qwen/Qwen2.5-0.5B-Instruct",
+        "model.gpu": "T4",
+        "model.gradient_checkpointing": True,
+        "quant.compute_dtype": "float16",
+        "train.precision": "fp16",
+        "train.optim": "paged_adamw_8bit",
+        "train.per_device_train_batch_size": 4,
+        "train.gradient_accumulation_steps": 4,
+        "train.max_length": 1024,
+    },
+    # Ampere or newer (A100, H100): bf16, larger batches, flash attention when installed.
+    "a100": {
+        "model.name_or_path": "Qwen/Qwen2.5-1.5B-Instruct",
+        "model.gpu": "A100-80GB",
+        "model.attn_implementation": "auto",
+        "quant.compute_dtype": "bfloat16",
+        "train.precision": "bf16",
+        "train.per_device_train_batch_size": 16,
+        "train.gradient_accumulation_steps": 1,
+        "train.max_length": 2048,
+    },
+}
+PROFILES["ampere"] = PROFILES["a100"]
+
+
+def default_profile() -> str:
+    return os.environ.get("SFT_PROFILE") or "tiny"
+
+
+def _sections(cfg):
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _field_map(cfg: RunConfig) -> dict[str, tuple[object, dataclasses.Field]]:
+    """'section.key' (or top-level 'key') -> (owning object, dataclass field)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            for sf in dataclasses.fields(value):
+                out[f"{f.name}.{sf.name}"] = (value, sf)
+        else:
+            out[f.name] = (cfg, f)
+    return out
+
+
+def field_help(cfg: RunConfig | None = None) -> dict[str, str]:
+    """Every configurable key with its help text."""
+    return {k: f.metadata.get("help", "") for k, (_, f) in _field_map(cfg or RunConfig()).items()}
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _base_types(annotation) -> tuple[list[type], bool]:
+    """The concrete types a field annotation allows and whether None is allowed."""
+    if isinstance(annotation, str):
+        parts = [p.strip() for p in annotation.split("|")]
+        return [_TYPES[p] for p in parts if p in _TYPES], "None" in parts
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return [a for a in args if a is not type(None)], type(None) in args
+    return [annotation], False
+
+
+def convert_value(key: str, raw, annotation):
+    """Convert a string (or YAML scalar) to the field's type, or raise ConfigError naming the key."""
+    allowed, nullable = _base_types(annotation)
+    says_none = isinstance(raw, str) and raw.strip().lower() in ("none", "null", "~")
+    if raw is None or (says_none and (nullable or str not in allowed)):
+        if nullable:
+            return None
+        raise ConfigError(f"{key}: None is not allowed (expected {allowed[0].__name__})")
+    errors = []
+    for t in allowed:
+        try:
+            if t is bool:
+                if isinstance(raw, bool):
+                    return raw
+                s = str(raw).strip().lower()
+                if s in ("true", "1", "yes", "on"):
+                    return True
+                if s in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError("not a boolean (true/false)")
+            if t is int:
+                if isinstance(raw, bool):
+                    raise ValueError("a boolean is not an integer")
+                if isinstance(raw, float) and raw.is_integer():
+                    return int(raw)
+                return int(str(raw).strip())
+            if t is float:
+                if isinstance(raw, bool):
+                    raise ValueError("a boolean is not a number")
+                return float(str(raw).strip()) if not isinstance(raw, (int, float)) else float(raw)
+            if t is str:
+                return str(raw)
+        except (TypeError, ValueError) as e:
+            errors.append(str(e))
+    names = " or ".join(t.__name__ for t in allowed)
+    raise ConfigError(f"{key}: cannot use {raw!r} (expected {names})")
+
+
+def set_value(cfg: RunConfig, key: str, raw) -> None:
+    fields = _field_map(cfg)
+    if key not in fields:
+        close = [k for k in fields if k.split(".")[-1] == key.split(".")[-1]]
+        hint = f" (did you mean {', '.join(close)}?)" if close else " (see field_help() for the keys)"
+        raise ConfigError(f"unknown configuration key '{key}'{hint}")
+    owner, f = fields[key]
+    setattr(owner, f.name, convert_value(key, raw, f.type))
+
+
+def apply_overrides(cfg: RunConfig, overrides) -> RunConfig:
+    """A copy of cfg with ['section.key=value', ...] (as from `--set`) or {'section.key': value} applied.
+
+    The original is left unchanged, also when an override is rejected.
+    """
+    cfg = copy.deepcopy(cfg)
+    items = overrides.items() if isinstance(overrides, dict) else overrides or []
+    for item in items:
+        if isinstance(item, str):
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' is not of the form key=value")
+            key, raw = item.split("=", 1)
+        else:
+            key, raw = item
+        set_value(cfg, key.strip(), raw)
+    validate(cfg)
+    return cfg
+
+
+def make_config(profile: str | None = None, run: str | None = None, overrides=None) -> RunConfig:
+    """A fresh RunConfig from a profile (default: $SFT_PROFILE or 'tiny'), then overrides."""
+    profile = profile or default_profile()
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile '{profile}' (profiles: {', '.join(sorted(PROFILES))})")
+    cfg = RunConfig()
+    cfg.profile = profile
+    for key, value in PROFILES[profile].items():
+        set_value(cfg, key, value)
+    if run is not None:
+        cfg.run = run
+    return apply_overrides(cfg, overrides or [])
+
+
+CHOICES = {
+    "data.format": ["auto", "socratic", "instruction_output", "instruction_response", "qa_splits",
+                    "messages", "sharegpt", "prompt_completion", "text"],
+    "quant.mode": ["4bit", "8bit", "none"],
+    "quant.quant_type": ["nf4", "fp4"],
+    "quant.compute_dtype": ["auto", "bfloat16", "float16", "float32"],
+    "lora.bias": ["none", "all", "lora_only"],
+    "train.batching": ["padding_free", "pad_longest", "group_by_length", "pad_max"],
+    "train.eval_strategy": ["steps", "epoch", "no"],
+    "train.save_strategy": ["steps", "epoch", "no"],
+    "train.precision": ["auto", "bf16", "fp16", "fp32"],
+}
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    from .paths import check_run_name
+
+    check_run_name(cfg.run)
+    fields = _field_map(cfg)
+    for key, choices in CHOICES.items():
+        owner, f = fields[key]
+        value = getattr(owner, f.name)
+        if value not in choices:
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
+    positive = ["lora.r", "train.per_device_train_batch_size", "train.per_device_eval_batch_size",
+                "train.gradient_accumulation_steps", "train.max_length", "train.logging_steps",
+                "eval.batch_size", "generation.max_new_tokens"]
+    for key in positive:
+        owner, f = fields[key]
+        if getattr(owner, f.name) <= 0:
+            raise ConfigError(f"{key}: must be positive, got {getattr(owner, f.name)}")
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {cfg.data.eval_fraction}")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.train.learning_rate <= 0:
+        raise ConfigError(f"train.learning_rate: must be positive, got {cfg.train.learning_rate}")
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict, source: str = "config") -> RunConfig:
+    """Build a RunConfig from a nested dict (as in config.yaml); unknown keys are an error."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(d).__name__}")
+    cfg = RunConfig()
+    flat = []
+    for key, value in d.items():
+        if isinstance(value, dict):
+            flat.extend((f"{key}.{k}", v) for k, v in value.items())
+        else:
+            flat.append((key, value))
+    try:
+        for key, value in flat:
+            set_value(cfg, key, value)
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def save_config(cfg: RunConfig, path) -> Path:
+    """Write config.yaml atomically (a temp file, then a rename)."""
+    path = Path(path)
+    if path.is_dir() or path.suffix not in (".yaml", ".yml"):
+        path = path / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    header = "# Run configuration. Edit and rerun a stage, or override with `--set section.key=value`.\n"
+    tmp.write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def load_config(path) -> RunConfig:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.yaml"
+    if not path.exists():
+        from .errors import MissingStageError
+
+        raise MissingStageError(
+            f"{path} not found: run notebook 01_prepare_data first (or `python -m lib prepare`)")
+    try:
+        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    return from_dict(d, source=str(path))
+
+
+def hf_token() -> str | None:
+    """The Hugging Face token: environment (HF_TOKEN, HUGGINGFACE_API_KEY...), `.env`, or Colab secrets."""
+    names = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_API_KEY", "HUGGINGFACE_TOKEN")
+    for n in names:
+        if os.environ.get(n):
+            return os.environ[n]
+    try:
+        from dotenv import dotenv_values
+
+        from .paths import REPO_ROOT
+
+        for env_file in (Path.cwd() / ".env", REPO_ROOT / ".env"):
+            if env_file.exists():
+                values = dotenv_values(env_file)
+                for n in names:
+                    if values.get(n):
+                        return values[n]
+    except ImportError:  # pragma: no cover
+        pass
+    try:  # Colab secrets
+        from google.colab import userdata  # type: ignore
+
+        for n in names:
+            try:
+                value = userdata.get(n)
+            except Exception:
+                value = None
+            if value:
+                return value
+    except ImportError:
+        pass
+    return None

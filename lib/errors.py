@@ -1,0 +1,39 @@
+"""User-facing errors: bad input, bad configuration, a stage that has not run yet.
+
+The CLI prints `error: <message>` for these and exits 2, without a traceback; notebooks show
+the same one-line message. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class SFTError(Exception):
+    """An error caused by the user's input or setup, with a message that says what to do."""
+
+
+class ConfigError(SFTError):
+    """A configuration key or value that cannot be used."""
+
+
+class MissingStageError(SFTError):
+    """An input of this stage is missing: an earlier notebook has not run."""
+
+
+class TrainingError(SFTError):
+    """Training cannot go on (e.g. a non-finite loss)."""
+
+
+class DataError(SFTError):
+    """Bad data, located by file, line (or record) and field."""
+
+    def __init__(self, file, message, line=None, record=None, field=None):
+        self.file, self.line, self.record, self.field = str(file), line, record, field
+        parts = [self.file]
+        if line is not None:
+            parts.append(f"line {line}")
+        elif record is not None:
+            parts.append(f"record {record}")
+        if field is not None:
+            parts.append(f"field '{field}'")
+        self.detail = message
+        super().__init__(": ".join(parts) + ": " + message)

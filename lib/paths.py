@@ -1,0 +1,165 @@
+"""Where things live: the repository root and the run directories under outputs/.
+
+The run directory `outputs/<run>/` is the only channel between the notebooks. The environment
+variable SFT_OUTPUTS_DIR moves `outputs/` (e.g. to Google Drive in Colab, or a temp dir in tests).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError, MissingStageError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def outputs_dir() -> Path:
+    return Path(os.environ.get("SFT_OUTPUTS_DIR") or REPO_ROOT / "outputs").expanduser().resolve()
+
+
+def cache_dir() -> Path:
+    """Where built artefacts that do not belong to one run are cached (the tiny model)."""
+    return Path(os.environ.get("SFT_CACHE_DIR") or outputs_dir() / ".cache").expanduser().resolve()
+
+
+def resolve_repo_path(path) -> Path:
+    """A path as the user wrote it: absolute, relative to the working directory, or to the repo root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    return (REPO_ROOT / p).resolve() if (REPO_ROOT / p).exists() else p.resolve()
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every file a run directory holds, by stage (see DESIGN.md)."""
+
+    root: Path
+
+    # 01 prepare data
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def train_data(self) -> Path:
+        return self.data_dir / "train.jsonl"
+
+    @property
+    def eval_data(self) -> Path:
+        return self.data_dir / "eval.jsonl"
+
+    @property
+    def data_report(self) -> Path:
+        return self.data_dir / "report.json"
+
+    # 02 configure model
+    @property
+    def model_summary(self) -> Path:
+        return self.root / "model" / "summary.json"
+
+    # 03 train
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.logs / "training_metrics.csv"
+
+    @property
+    def training_summary(self) -> Path:
+        return self.logs / "training_summary.json"
+
+    # 04 evaluate
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def perplexity(self) -> Path:
+        return self.eval_dir / "perplexity.json"
+
+    @property
+    def predictions(self) -> Path:
+        return self.eval_dir / "predictions.jsonl"
+
+    @property
+    def generation_metrics(self) -> Path:
+        return self.eval_dir / "generation_metrics.json"
+
+    # 05 plots
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    # 06 merge
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def merge_report(self) -> Path:
+        return self.merged / "merge_report.json"
+
+
+def check_run_name(name: str) -> str:
+    if not isinstance(name, str) or not _RUN_NAME.match(name):
+        raise ConfigError(
+            f"run name {name!r} is not usable: use letters, digits, '.', '_' or '-' (at most 100 characters)"
+        )
+    return name
+
+
+def run_paths(run: str) -> RunPaths:
+    return RunPaths(outputs_dir() / check_run_name(run))
+
+
+# What each stage leaves behind, and the notebook that makes it: for "run X first" messages.
+STAGE_OF = {
+    "config": "01_prepare_data",
+    "train_data": "01_prepare_data",
+    "eval_data": "01_prepare_data",
+    "data_report": "01_prepare_data",
+    "model_summary": "02_configure_qlora_model",
+    "adapter": "03_train_sft",
+    "metrics_csv": "03_train_sft",
+    "training_summary": "03_train_sft",
+    "perplexity": "04_evaluate_perplexity",
+    "generation_metrics": "04_evaluate_perplexity",
+    "merged": "06_merge_and_chat",
+}
+
+
+def require(paths: RunPaths, *names: str) -> None:
+    """Stop with a message naming the notebook (and command) to run first if an input is missing."""
+    for name in names:
+        p = getattr(paths, name)
+        if not p.exists():
+            nb = STAGE_OF.get(name, "the earlier notebooks")
+            cmd = {
+                "01_prepare_data": "prepare",
+                "02_configure_qlora_model": "train",
+                "03_train_sft": "train",
+                "04_evaluate_perplexity": "evaluate",
+                "06_merge_and_chat": "merge",
+            }.get(nb, "pipeline")
+            raise MissingStageError(
+                f"{p} not found: run notebook {nb} first (or `python -m lib {cmd} --run {paths.root.name}`)"
+            )
