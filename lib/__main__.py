@@ -1,0 +1,107 @@
+"""The command line: the headless twin of the notebooks.
+
+    python -m lib prepare  --run NAME --data PATH_OR_DATASET_ID [--format auto] [--profile P] [--set k=v ...]
+    python -m lib train    --run NAME [--set key=value ...] [--retrain]
+    torchrun --nproc_per_node N -m lib train --run NAME      # several GPUs (or CPU processes)
+    python -m lib evaluate --run NAME [--set key=value ...]
+    python -m lib plot     --run NAME
+    python -m lib merge    --run NAME [--set key=value ...]
+    python -m lib chat     --run NAME [--prompt TEXT] [--system TEXT]
+    python -m lib pipeline --run NAME --data PATH [--profile P] [--set key=value ...]
+
+Exit status 0 on success; bad input (data, configuration, a stage not run yet) prints one line
+`error: ...` on stderr and exits 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import SFTError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lib", description="QLoRA supervised fine-tuning, headless.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, help, data=False, sets=True):
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("--run", required=True, help="run name: outputs/<run>/")
+        if data:
+            sp.add_argument("--data", required=True, help="a local file or folder, or a Hub dataset id")
+            sp.add_argument("--format", default="auto", help="record format (default: detect)")
+            sp.add_argument("--profile", default=None, help="tiny, t4 or a100 (default: $SFT_PROFILE or tiny)")
+        if sets:
+            sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a configuration key, e.g. train.learning_rate=1e-4")
+        return sp
+
+    add("prepare", "01: load, normalise, split and audit the data", data=True)
+    tr = add("train", "02+03: configure the QLoRA model and train (resumes)")
+    tr.add_argument("--retrain", action="store_true", help="start over even if the run has finished")
+    add("evaluate", "04: perplexity and generation metrics, base vs tuned")
+    add("plot", "05: metric plots", sets=False)
+    add("merge", "06: merge the adapter into a 16-bit base and check it")
+    ch = add("chat", "06: chat with the tuned model", sets=False)
+    ch.add_argument("--prompt", default=None, help="one message; prints one reply (default: a chat loop)")
+    ch.add_argument("--system", default=None, help="system prompt")
+    ch.add_argument("--merged", action="store_true", help="use merged/ instead of base + adapter")
+    add("pipeline", "every stage in order", data=True)
+    return p
+
+
+def run_command(args) -> int:
+    cmd = args.command
+    if cmd in ("prepare", "pipeline"):
+        from .data import run_prepare
+
+        run_prepare(args.run, args.data, fmt=args.format, profile=args.profile, overrides=args.overrides)
+    if cmd == "train":
+        from .train import run_train
+
+        run_train(args.run, overrides=args.overrides, retrain=args.retrain)
+    if cmd == "pipeline":
+        from .train import run_train
+
+        run_train(args.run)
+    if cmd in ("evaluate", "pipeline"):
+        from .evaluate import run_evaluate
+
+        run_evaluate(args.run, overrides=args.overrides if cmd == "evaluate" else ())
+    if cmd in ("plot", "pipeline"):
+        from .plots import run_plots
+
+        run_plots(args.run)
+    if cmd in ("merge", "pipeline"):
+        from .merge import run_merge
+
+        run_merge(args.run, overrides=args.overrides if cmd == "merge" else ())
+    if cmd == "chat":
+        from .chat import run_chat
+
+        run_chat(args.run, prompt=args.prompt, system=args.system, merged=args.merged)
+    if cmd == "pipeline":
+        from .paths import run_paths
+
+        print(f"done: results in {run_paths(args.run).root}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return run_command(args)
+    except SFTError as e:
+        rank = os.environ.get("RANK")
+        if rank in (None, "0"):
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
