@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SFT_PROFILE", "tiny")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def session_outputs(tmp_path_factory) -> Path:
     """One outputs folder for the session-wide runs; the tiny model cache lives in it too."""
     out = tmp_path_factory.mktemp("outputs")
@@ -36,7 +36,10 @@ def session_outputs(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def outputs(session_outputs, tmp_path, monkeypatch) -> Path:
-    """A fresh outputs folder for one test (the tiny model cache stays shared)."""
+    """A fresh outputs folder for one test (the tiny model cache stays shared).
+
+    Do not combine with `prepared_run` / `trained_run`: those live in the session folder.
+    """
     out = tmp_path / "outputs"
     out.mkdir()
     monkeypatch.setenv("SFT_OUTPUTS_DIR", str(out))
