@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                             help="override a configuration key, e.g. train.learning_rate=1e-4")
         return sp
 
-    add("prepare", "01: load, normalise, split and audit the data", data=True)
+    pr = add("prepare", "01: load, normalise, split and audit the data", data=True)
+    pr.add_argument("--overwrite", action="store_true", help="replace a run trained on other data")
     tr = add("train", "02+03: configure the QLoRA model and train (resumes)")
     tr.add_argument("--retrain", action="store_true", help="start over even if the run has finished")
     add("evaluate", "04: perplexity and generation metrics, base vs tuned")
@@ -57,7 +58,8 @@ def run_command(args) -> int:
     if cmd in ("prepare", "pipeline"):
         from .data import run_prepare
 
-        run_prepare(args.run, args.data, fmt=args.format, profile=args.profile, overrides=args.overrides)
+        run_prepare(args.run, args.data, fmt=args.format, profile=args.profile, overrides=args.overrides,
+                    overwrite=getattr(args, "overwrite", False))
     if cmd == "train":
         from .train import run_train
 

@@ -290,6 +290,11 @@ def apply_overrides(cfg: RunConfig, overrides) -> RunConfig:
             key, raw = item.split("=", 1)
         else:
             key, raw = item
+            # From a notebook's parameters: None on a field that cannot be None keeps the profile's value.
+            if raw is None and key.strip() in _field_map(cfg):
+                owner, f = _field_map(cfg)[key.strip()]
+                if not _base_types(f.type)[1]:
+                    continue
         set_value(cfg, key.strip(), raw)
     validate(cfg)
     return cfg

@@ -174,3 +174,26 @@ def prompt_messages(messages: list[dict]) -> tuple[list[dict], str | None]:
 def render_prompt(tokenizer, messages: list[dict]) -> str:
     """The text a model continues to answer `messages` (the generation prompt appended)."""
     return _render(tokenizer, messages, add_generation_prompt=True)
+
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Give a tokenizer without a chat template a simple one that ends each turn with eos.
+
+    Returns True when a template was added (it is saved with the adapter, so chat and merge
+    render conversations exactly as training did).
+    """
+    if has_chat_template(tokenizer):
+        return False
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has neither a chat template nor an eos token")
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return True

@@ -1,0 +1,773 @@
+"""01 prepare data: load any accepted format, normalise to conversations, split, audit.
+
+    python -m lib prepare --run demo --data data/examples/socratic_questions.jsonl [--format auto]
+
+Accepted record formats (detected from the fields, or forced with --format): socratic
+(`instruction` + `output` list of questions), instruction_output, instruction_response (optional
+`input`, Alpaca style), qa_splits (`{"train": [...], "test": [...]}` of `Question`/`Answer`),
+messages (multi-turn; extra fields kept as metadata), sharegpt (`conversations`),
+prompt_completion, text. Containers: .json, .jsonl, .csv, .parquet, a `save_to_disk` folder, or
+a Hub dataset id. Everything becomes `{"messages": [...]}` except plain text (`{"text": ...}`,
+trained on every token). A given test split is kept as eval; otherwise a seeded fraction is held
+out. The audit, with the run's own tokenizer, goes to data/report.json.
+
+Bad input raises DataError naming the file, the line (or record) and the field; nothing is
+written to the run directory unless everything succeeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import RunConfig, load_config, make_config, save_config
+from .errors import DataError, SFTError
+from .paths import resolve_repo_path, run_paths
+
+# name -> (fields that identify it, one-line description for messages)
+FORMATS = {
+    "messages": "messages (a list of {role, content})",
+    "sharegpt": "sharegpt (conversations: a list of {from, value})",
+    "qa_splits": "qa_splits (Question + Answer, optionally in {\"train\": [...], \"test\": [...]})",
+    "socratic": "socratic (instruction + output: a list of questions)",
+    "instruction_output": "instruction_output (instruction + output, optional input)",
+    "instruction_response": "instruction_response (instruction + response, optional input)",
+    "prompt_completion": "prompt_completion (prompt + completion)",
+    "text": "text (plain text, language modelling)",
+}
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "bot": "assistant", "model": "assistant"}
+EVAL_SPLITS = ("test", "validation", "eval", "valid", "dev")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class RawRecord:
+    """A record as read, with where it came from (for error messages) and its split, if any."""
+
+    record: object
+    file: str
+    line: int | None = None
+    index: int | None = None
+    split: str | None = None
+
+    def error(self, message: str, field: str | None = None) -> DataError:
+        return DataError(self.file, message, line=self.line, record=self.index, field=field)
+
+    @property
+    def where(self) -> dict:
+        return {"line": self.line} if self.line is not None else {"record": self.index}
+
+
+@dataclass
+class Loaded:
+    records: list[RawRecord]
+    source: str
+    container: str
+    splits: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(path, "the file is empty")
+    if b"\x00" in raw[:8192]:
+        raise DataError(path, "this is a binary file, not UTF-8 text (expected JSON, JSONL or CSV; "
+                              "use .parquet for Parquet files)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(path, f"not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8",
+                        line=line) from None
+
+
+def _read_jsonl(path: Path) -> Loaded:
+    text = _read_text(path)
+    records = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, f"invalid JSON ({e.msg})", line=n) from None
+        records.append(RawRecord(obj, str(path), line=n))
+    return Loaded(records, str(path), "jsonl")
+
+
+def _read_json(path: Path) -> Loaded:
+    text = _read_text(path)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        hint = " (one JSON object a line? name the file .jsonl)" if "Extra data" in e.msg else ""
+        raise DataError(path, f"invalid JSON ({e.msg}){hint}", line=e.lineno) from None
+    if isinstance(obj, list):
+        return Loaded([RawRecord(r, str(path), index=i) for i, r in enumerate(obj, start=1)], str(path), "json")
+    if isinstance(obj, dict):
+        lists = {k: v for k, v in obj.items() if isinstance(v, list)}
+        if lists and set(lists) & ({"train"} | set(EVAL_SPLITS)):
+            records = []
+            for split, items in lists.items():
+                for i, r in enumerate(items, start=1):
+                    records.append(RawRecord(r, f"{path}: split '{split}'", index=i, split=split))
+            return Loaded(records, str(path), "json", splits=list(lists))
+        if len(lists) == 1 and not any(k in obj for k in ("messages", "instruction", "text", "prompt")):
+            (key, items), = lists.items()
+            return Loaded([RawRecord(r, f"{path}: '{key}'", index=i) for i, r in enumerate(items, start=1)],
+                          str(path), "json")
+        return Loaded([RawRecord(obj, str(path), index=1)], str(path), "json")
+    raise DataError(path, f"expected a JSON array of records or an object of splits, got {type(obj).__name__}")
+
+
+def _read_csv(path: Path) -> Loaded:
+    import csv
+    import io
+
+    text = _read_text(path)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames:
+        raise DataError(path, "the CSV file has no header row")
+    records = []
+    try:
+        for row in reader:
+            if None in row:
+                raise DataError(path, "more values than header columns", line=reader.line_num)
+            if not any((v or "").strip() for v in row.values()):
+                continue
+            records.append(RawRecord(dict(row), str(path), line=reader.line_num))
+    except csv.Error as e:
+        raise DataError(path, f"invalid CSV ({e})", line=reader.line_num) from None
+    return Loaded(records, str(path), "csv")
+
+
+def _read_parquet(path: Path) -> Loaded:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise DataError(path, f"not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    rows = table.to_pylist()
+    return Loaded([RawRecord(r, str(path), index=i) for i, r in enumerate(rows, start=1)], str(path), "parquet")
+
+
+def _from_dataset_dict(dd, source: str, container: str) -> Loaded:
+    from datasets import Dataset
+
+    if isinstance(dd, Dataset):
+        dd = {"train": dd}
+    records, splits = [], []
+    for split in dd:
+        splits.append(split)
+        for i, r in enumerate(dd[split], start=1):
+            records.append(RawRecord(r, f"{source}: split '{split}'", index=i, split=split))
+    return Loaded(records, source, container, splits=splits)
+
+
+def _read_folder(path: Path) -> Loaded:
+    from datasets import load_from_disk
+
+    if not any((path / n).exists() for n in ("dataset_dict.json", "dataset_info.json", "state.json")):
+        raise DataError(path, "this folder is not a `datasets` save_to_disk folder (no dataset_dict.json or "
+                              "state.json); point at a data file instead")
+    try:
+        dd = load_from_disk(str(path))
+    except Exception as e:
+        raise DataError(path, f"cannot load the datasets folder ({str(e).splitlines()[0]})") from None
+    return _from_dataset_dict(dd, str(path), "save_to_disk")
+
+
+def _read_hub(dataset_id: str) -> Loaded:
+    from datasets import load_dataset
+
+    from .config import hf_token
+
+    try:
+        dd = load_dataset(dataset_id, token=hf_token())
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(dataset_id, "not a local file or folder, and it could not be loaded as a Hugging "
+                                    f"Face Hub dataset ({first})") from None
+    return _from_dataset_dict(dd, dataset_id, "hub")
+
+
+def load_records(source: str) -> Loaded:
+    """Read the records of a file, folder or Hub dataset id (no format check yet)."""
+    path = resolve_repo_path(source)
+    if path.is_dir():
+        loaded = _read_folder(path)
+    elif path.is_file():
+        suffix = path.suffix.lower()
+        readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+                   ".parquet": _read_parquet}
+        if suffix not in readers:
+            raise DataError(path, f"unsupported file type '{suffix or '(none)'}' (use .json, .jsonl, .csv, "
+                                  ".parquet, a datasets folder or a Hub dataset id)")
+        loaded = readers[suffix](path)
+    elif _HUB_ID.match(str(source)) and not Path(str(source)).suffix:
+        loaded = _read_hub(str(source))
+    else:
+        raise DataError(source, "no such file or folder")
+    if not loaded.records:
+        raise DataError(loaded.source, "no records found")
+    return loaded
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def _keys(rec) -> set[str]:
+    return set(rec) if isinstance(rec, dict) else set()
+
+
+def _qa_keys(rec: dict) -> tuple[str, str] | None:
+    lower = {k.lower(): k for k in rec}
+    if "question" in lower and "answer" in lower:
+        return lower["question"], lower["answer"]
+    return None
+
+
+def detect_format(rec: RawRecord) -> str:
+    if not isinstance(rec.record, dict):
+        raise rec.error(f"expected a JSON object (a record with fields), got {type(rec.record).__name__}")
+    keys = _keys(rec.record)
+    r = rec.record
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
+    if _qa_keys(r):
+        return "qa_splits"
+    if "instruction" in keys and "output" in keys:
+        return "socratic" if isinstance(r["output"], list) else "instruction_output"
+    if "instruction" in keys and "response" in keys:
+        return "instruction_response"
+    if "prompt" in keys and "completion" in keys:
+        return "prompt_completion"
+    if "text" in keys:
+        return "text"
+    fields = ", ".join(sorted(keys)) or "(none)"
+    known = "; ".join(FORMATS.values())
+    raise rec.error(f"the fields {fields} match no known format. Known formats: {known}")
+
+
+def _type_name(v) -> str:
+    return {list: "a list", dict: "an object", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _string(rec: RawRecord, key: str, required: bool = True, what: str = "field") -> str | None:
+    r = rec.record
+    if key not in r or r[key] is None:
+        if required:
+            raise rec.error(f"missing {what}", field=key)
+        return None
+    v = r[key]
+    if not isinstance(v, str):
+        raise rec.error(f"expected a string, got {_type_name(v)}", field=key)
+    return v
+
+
+def _user_with_input(instruction: str, inp: str | None) -> str:
+    return instruction if not (inp and inp.strip()) else f"{instruction}\n\n{inp}"
+
+
+def _check_messages(rec: RawRecord, messages, key: str, role_key="role", content_key="content",
+                    role_map=None) -> list[dict]:
+    if not isinstance(messages, list):
+        raise rec.error(f"expected a list of turns, got {_type_name(messages)}", field=key)
+    if not messages:
+        raise rec.error("the conversation is empty", field=key)
+    out = []
+    for i, turn in enumerate(messages, start=1):
+        fname = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise rec.error(f"expected an object with '{role_key}' and '{content_key}', got {_type_name(turn)}",
+                            field=fname)
+        role = turn.get(role_key)
+        if role_map is not None:
+            if role not in role_map:
+                raise rec.error(f"unknown speaker {role!r} (expected one of {', '.join(role_map)})",
+                                field=f"{fname}.{role_key}")
+            role = role_map[role]
+        elif role not in ROLES:
+            raise rec.error(f"unknown role {role!r} (expected one of {', '.join(ROLES)})",
+                            field=f"{fname}.{role_key}")
+        content = turn.get(content_key)
+        if content is None:
+            raise rec.error("missing content", field=f"{fname}.{content_key}")
+        if not isinstance(content, str):
+            raise rec.error(f"expected a string, got {_type_name(content)}", field=f"{fname}.{content_key}")
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise rec.error("the conversation has no assistant turn (nothing to learn from)", field=key)
+    return out
+
+
+def normalise(rec: RawRecord, fmt: str) -> dict:
+    """One record -> {"messages": [...], "metadata": {...}} or {"text": ..., "metadata": {...}}."""
+    if not isinstance(rec.record, dict):
+        raise rec.error(f"expected a JSON object (a record with fields), got {type(rec.record).__name__}")
+    r = rec.record
+    used: set[str]
+    if fmt == "socratic":
+        instruction = _string(rec, "instruction")
+        if "output" not in r or r["output"] is None:
+            raise rec.error("missing answer (the list of questions)", field="output")
+        questions = r["output"]
+        if not isinstance(questions, list):
+            raise rec.error(f"expected a list of questions, got {_type_name(questions)}", field="output")
+        if not questions:
+            raise rec.error("the list of questions is empty", field="output")
+        for i, q in enumerate(questions, start=1):
+            if not isinstance(q, str):
+                raise rec.error(f"question {i} is {_type_name(q)}, expected a string", field=f"output[{i}]")
+        answer = "\n".join(q.strip() for q in questions if q.strip())
+        messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}]
+        used = {"instruction", "output"}
+    elif fmt in ("instruction_output", "instruction_response"):
+        key = "output" if fmt == "instruction_output" else "response"
+        instruction = _string(rec, "instruction")
+        answer = _string(rec, key, what="answer")
+        inp = _string(rec, "input", required=False)
+        messages = [{"role": "user", "content": _user_with_input(instruction, inp)},
+                    {"role": "assistant", "content": answer}]
+        used = {"instruction", key, "input"}
+    elif fmt == "qa_splits":
+        keys = _qa_keys(r)
+        qk, ak = keys if keys else ("Question", "Answer")
+        question = _string(rec, qk)
+        answer = _string(rec, ak, what="answer")
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        used = {qk, ak}
+    elif fmt == "messages":
+        if "messages" not in r:
+            raise rec.error("missing field", field="messages")
+        messages = _check_messages(rec, r["messages"], "messages")
+        used = {"messages"}
+    elif fmt == "sharegpt":
+        if "conversations" not in r:
+            raise rec.error("missing field", field="conversations")
+        messages = _check_messages(rec, r["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
+        used = {"conversations"}
+    elif fmt == "prompt_completion":
+        if "prompt" not in r:
+            raise rec.error("missing field", field="prompt")
+        if "completion" not in r or r["completion"] is None:
+            raise rec.error("missing answer", field="completion")
+        if isinstance(r["prompt"], list) and isinstance(r["completion"], list):  # conversational (TRL style)
+            messages = _check_messages(rec, r["prompt"] + r["completion"], "prompt+completion")
+        else:
+            messages = [{"role": "user", "content": _string(rec, "prompt")},
+                        {"role": "assistant", "content": _string(rec, "completion", what="answer")}]
+        used = {"prompt", "completion"}
+    elif fmt == "text":
+        text = _string(rec, "text")
+        meta = {k: v for k, v in r.items() if k != "text"}
+        return {"text": text, "metadata": _jsonable({**meta, **rec.where})}
+    else:
+        raise SFTError(f"unknown format '{fmt}' (formats: {', '.join(FORMATS)})")
+    meta = {k: v for k, v in r.items() if k not in used}
+    return {"messages": messages, "metadata": _jsonable({**meta, **rec.where})}
+
+
+def _jsonable(x):
+    """Metadata as plain JSON (parquet/arrow rows may hold numpy or datetime values)."""
+    try:
+        json.dumps(x, ensure_ascii=False)
+        return x
+    except TypeError:
+        return json.loads(json.dumps(x, ensure_ascii=False, default=str))
+
+
+def is_empty(example: dict) -> bool:
+    if "text" in example:
+        return not example["text"].strip()
+    return not any(m["content"].strip() for m in example["messages"] if m["role"] == "assistant")
+
+
+def _key(example: dict) -> str:
+    body = example.get("text") if "text" in example else example["messages"]
+    return json.dumps(body, ensure_ascii=False, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- normalise + split
+
+
+@dataclass
+class Prepared:
+    train: list[dict]
+    eval: list[dict]
+    format: str
+    source: str
+    container: str
+    eval_from: str
+    dropped_empty: int
+    duplicates: int
+
+
+def prepare_examples(source: str, fmt: str = "auto", eval_fraction: float = 0.1, seed: int = 42,
+                     max_examples: int | None = None, system_prompt: str | None = None) -> Prepared:
+    """Load, validate, normalise and split. Raises DataError on the first bad record."""
+    loaded = load_records(source)
+    if fmt == "auto":
+        fmt = detect_format(loaded.records[0])
+    elif fmt not in FORMATS:
+        raise SFTError(f"unknown format '{fmt}' (formats: auto, {', '.join(FORMATS)})")
+    examples, splits, dropped = [], [], 0
+    for rec in loaded.records:
+        ex = normalise(rec, fmt)
+        if is_empty(ex):
+            dropped += 1
+            continue
+        if system_prompt and "messages" in ex and ex["messages"][0]["role"] != "system":
+            ex["messages"].insert(0, {"role": "system", "content": system_prompt})
+        examples.append(ex)
+        splits.append(rec.split)
+    if not examples:
+        raise DataError(loaded.source, f"nothing left to train on: all {dropped} records have empty answers")
+    seen, dups = set(), 0
+    for ex in examples:
+        k = _key(ex)
+        dups += k in seen
+        seen.add(k)
+
+    eval_split = next((s for s in EVAL_SPLITS if s in loaded.splits), None)
+    if eval_split is not None:
+        train = [ex for ex, s in zip(examples, splits) if s != eval_split]
+        evals = [ex for ex, s in zip(examples, splits) if s == eval_split]
+        eval_from = f"the '{eval_split}' split of the data"
+        if not train:
+            raise DataError(loaded.source, f"nothing left to train on: every record is in the '{eval_split}' split")
+    else:
+        order = list(range(len(examples)))
+        random.Random(seed).shuffle(order)
+        n_eval = 0
+        if eval_fraction > 0 and len(examples) >= 2:
+            n_eval = min(len(examples) - 1, max(1, round(len(examples) * eval_fraction)))
+        eval_idx = set(order[:n_eval])
+        train = [examples[i] for i in range(len(examples)) if i not in eval_idx]
+        evals = [examples[i] for i in sorted(eval_idx)]
+        eval_from = f"{n_eval} examples held out at random (data.eval_fraction={eval_fraction}, seed {seed})"
+    if max_examples is not None:
+        train = train[:max_examples]
+    return Prepared(train, evals, fmt, loaded.source, loaded.container, eval_from, dropped, dups)
+
+
+# ----------------------------------------------------------------------------- audit
+
+
+def _percentile(sorted_values: list[int], q: float) -> int:
+    if not sorted_values:
+        return 0
+    k = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+def suggest_max_length(lengths: list[int], coverage: float = 0.99, multiple: int = 64) -> int:
+    """The smallest multiple of `multiple` that fits `coverage` of the examples whole."""
+    p = _percentile(sorted(lengths), coverage)
+    return max(multiple, int(math.ceil(p / multiple)) * multiple)
+
+
+def audit(prepared: Prepared, tokenizer, max_length: int, template_added: bool = False) -> dict:
+    """The pre-flight report: counts, lengths, truncation, trainable share, EOS, pad, template."""
+    from .tokenization import TemplateError, encode_example, end_of_turn_token
+
+    def encode_all(examples):
+        out = []
+        for i, ex in enumerate(examples, start=1):
+            try:
+                out.append(encode_example(tokenizer, ex, max_length))
+            except TemplateError as e:
+                where = ex.get("metadata", {})
+                raise DataError(prepared.source, str(e), line=where.get("line"),
+                                record=None if "line" in where else where.get("record", i)) from None
+        return out
+
+    enc_train = encode_all(prepared.train)
+    enc_eval = encode_all(prepared.eval)
+    lengths = [e["length"] for e in enc_train]
+    s = sorted(lengths)
+    n_answers = sum(e["n_answers"] for e in enc_train)
+    n_cut = sum(e["n_cut"] for e in enc_train)
+    n_eot = sum(e["n_eot"] for e in enc_train)
+    trained = sum(e["n_trained"] for e in enc_train)
+    kept = sum(min(e["length"], max_length) for e in enc_train)
+    no_tokens = sum(1 for e in enc_train if e["n_trained"] == 0)
+    if trained == 0:
+        raise DataError(prepared.source, f"nothing left to train on: with max_length={max_length} no answer "
+                                         f"token of any training example is kept (raise train.max_length)")
+    pad, eos = tokenizer.pad_token, tokenizer.eos_token
+    bins = min(30, max(5, len(set(lengths))))
+    lo, hi = (s[0], s[-1]) if s else (0, 1)
+    width = max(1, math.ceil((hi - lo + 1) / bins))
+    edges = [lo + i * width for i in range(bins + 1)]
+    counts = [0] * bins
+    for v in lengths:
+        counts[min(bins - 1, (v - lo) // width)] += 1
+
+    warnings = []
+    if n_cut:
+        warnings.append(f"{n_cut} of {n_answers} answers are cut by max_length={max_length} "
+                        f"(suggested max_length: {suggest_max_length(lengths)})")
+    if no_tokens:
+        warnings.append(f"{no_tokens} training examples keep no answer token after truncation (they teach nothing)")
+    if n_eot < n_answers:
+        warnings.append(f"{n_answers - n_eot} of {n_answers} answers do not end with an end-of-turn token: "
+                        "the model may not learn to stop")
+    if prepared.dropped_empty:
+        warnings.append(f"{prepared.dropped_empty} records with empty answers were dropped")
+    if prepared.duplicates:
+        warnings.append(f"{prepared.duplicates} duplicate examples (kept; remove them if unintended)")
+    if pad is None or pad == eos:
+        warnings.append("the pad token is missing or equals eos; padding is masked from the loss, but "
+                        "generation may confuse padding and stopping")
+    if template_added:
+        warnings.append("the tokenizer has no chat template; a default one was added and is saved with the adapter")
+    if not prepared.eval:
+        warnings.append("no evaluation examples (data.eval_fraction=0 and no test split): "
+                        "eval loss and perplexity cannot be measured")
+
+    return {
+        "source": prepared.source,
+        "container": prepared.container,
+        "format": prepared.format,
+        "counts": {"train": len(prepared.train), "eval": len(prepared.eval),
+                   "dropped_empty": prepared.dropped_empty, "duplicates": prepared.duplicates},
+        "eval_from": prepared.eval_from,
+        "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "max_length": max_length,
+        "token_lengths": {
+            "min": s[0], "mean": round(sum(s) / len(s), 1), "p50": _percentile(s, 0.5),
+            "p95": _percentile(s, 0.95), "p99": _percentile(s, 0.99), "max": s[-1],
+            "histogram": {"bin_edges": edges, "counts": counts},
+            "eval_max": max((e["length"] for e in enc_eval), default=0),
+        },
+        "truncation": {"answers": n_answers, "answers_cut": n_cut,
+                       "examples_over_max_length": sum(1 for v in lengths if v > max_length),
+                       "examples_without_trained_tokens": no_tokens,
+                       "suggested_max_length": suggest_max_length(lengths)},
+        "trainable_token_share": round(trained / max(1, kept), 4),
+        "trained_tokens": trained,
+        "end_of_turn": {"token": end_of_turn_token(tokenizer), "answers_ending_with_it": n_eot,
+                        "answers": n_answers},
+        "pad_token": pad, "eos_token": eos, "pad_distinct_from_eos": pad is not None and pad != eos,
+        "chat_template_present": not template_added,
+        "warnings": warnings,
+    }
+
+
+def audit_table(report: dict):
+    """The audit as a two-column table (pandas DataFrame) for the notebook."""
+    import pandas as pd
+
+    tl, tr, eot = report["token_lengths"], report["truncation"], report["end_of_turn"]
+    rows = [
+        ("format", report["format"]),
+        ("training examples", report["counts"]["train"]),
+        ("evaluation examples", f"{report['counts']['eval']} ({report['eval_from']})"),
+        ("empty records dropped", report["counts"]["dropped_empty"]),
+        ("duplicate examples", report["counts"]["duplicates"]),
+        ("tokens per example (min / median / p95 / max)", f"{tl['min']} / {tl['p50']} / {tl['p95']} / {tl['max']}"),
+        ("max_length", report["max_length"]),
+        ("answers cut by max_length", f"{tr['answers_cut']} of {tr['answers']}"),
+        ("suggested max_length (fits 99%)", tr["suggested_max_length"]),
+        ("trainable-token share", f"{report['trainable_token_share']:.1%}"),
+        ("answers ending with end-of-turn token", f"{eot['answers_ending_with_it']} of {eot['answers']} ({eot['token']})"),
+        ("pad token distinct from eos", f"{report['pad_distinct_from_eos']} (pad={report['pad_token']!r}, eos={report['eos_token']!r})"),
+        ("chat template present", report["chat_template_present"]),
+        ("warnings", len(report["warnings"])),
+    ]
+    return pd.DataFrame(rows, columns=["check", "value"]).set_index("check")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_jsonl(path: Path, rows) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_examples(path) -> list[dict]:
+    """The normalised examples of a prepared jsonl file (train.jsonl / eval.jsonl)."""
+    path = Path(path)
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(path, f"invalid JSON ({e.msg})", line=n) from None
+    return out
+
+
+def data_hash(paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def load_tokenizer(cfg: RunConfig):
+    """The run's tokenizer, with a default chat template added if it has none (returns tok, added)."""
+    from transformers import AutoTokenizer
+
+    from .config import hf_token
+    from .tiny import resolve_model
+    from .tokenization import ensure_chat_template
+
+    name = resolve_model(cfg.model.name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, token=hf_token(), trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as e:
+        raise SFTError(f"cannot load the tokenizer of '{cfg.model.name_or_path}' ({str(e).splitlines()[0]})") from None
+    added = ensure_chat_template(tok)
+    return tok, added
+
+
+def prepare(cfg: RunConfig, overwrite: bool = False) -> dict:
+    """Prepare the data of `cfg` into outputs/<run>/: config.yaml, data/*.jsonl, data/report.json.
+
+    Everything is computed before anything is written, and written into a temporary folder that
+    is then moved in place, so a failure leaves the run directory as it was.
+    """
+    paths = run_paths(cfg.run)
+    d = cfg.data
+    prepared = prepare_examples(d.path, d.format, d.eval_fraction, d.seed, d.max_examples, d.system_prompt)
+    tokenizer, added = load_tokenizer(cfg)
+    report = audit(prepared, tokenizer, cfg.train.max_length, template_added=added)
+    if not prepared.eval and cfg.train.eval_strategy != "no":
+        cfg.train.eval_strategy = "no"
+        report["warnings"].append("train.eval_strategy set to 'no' since there is no evaluation split")
+    cfg.data.format = prepared.format if d.format == "auto" else d.format
+
+    paths.root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.run}-prepare-", dir=paths.root.parent))
+    try:
+        (tmp / "data").mkdir()
+        write_jsonl(tmp / "data" / "train.jsonl", prepared.train)
+        write_jsonl(tmp / "data" / "eval.jsonl", prepared.eval)
+        report["data_hash"] = data_hash([tmp / "data" / "train.jsonl", tmp / "data" / "eval.jsonl"])
+        (tmp / "data" / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+        save_config(cfg, tmp / "config.yaml")
+        _install(tmp, paths, report["data_hash"], overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def _install(tmp: Path, paths, new_hash: str, overwrite: bool) -> None:
+    """Move the prepared files into the run directory, guarding results made from other data."""
+    later = [p for p in (paths.checkpoints, paths.adapter, paths.eval_dir, paths.merged) if p.exists()]
+    if paths.root.exists() and later:
+        old_hash = None
+        if paths.data_report.exists():
+            try:
+                old_hash = json.loads(paths.data_report.read_text(encoding="utf-8")).get("data_hash")
+            except ValueError:
+                old_hash = None
+        if old_hash != new_hash:
+            if not overwrite:
+                raise SFTError(
+                    f"run '{paths.root.name}' already holds results trained on other data ({later[0].name}/); "
+                    "choose another run name, or overwrite it (OVERWRITE = True in notebook 01, "
+                    "--overwrite on the command line)")
+            shutil.rmtree(paths.root)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.data_dir.mkdir(exist_ok=True)
+    for name in ("train.jsonl", "eval.jsonl", "report.json"):
+        (tmp / "data" / name).replace(paths.data_dir / name)
+    (tmp / "config.yaml").replace(paths.config)
+
+
+def run_prepare(run: str, data: str | None = None, fmt: str = "auto", profile: str | None = None,
+                overrides=(), overwrite: bool = False) -> dict:
+    """Entry point of notebook 01 and `python -m lib prepare`: returns the audit report."""
+    cfg = make_config(profile, run=run, overrides=overrides or [])
+    if data is not None:
+        cfg.data.path = str(data)
+    if fmt and fmt != "auto":
+        cfg.data.format = fmt
+    from .config import validate
+
+    validate(cfg)
+    report = prepare(cfg, overwrite=overwrite)
+    paths = run_paths(run)
+    print(f"prepared {report['counts']['train']} training and {report['counts']['eval']} evaluation examples "
+          f"({report['format']}) into {paths.data_dir}")
+    for w in report["warnings"]:
+        print(f"warning: {w}")
+    return report
+
+
+def load_run_config(run: str) -> RunConfig:
+    """The run's config.yaml (raises MissingStageError naming notebook 01 if it is missing)."""
+    return load_config(run_paths(run).config)
+
+
+def token_length_figure(report: dict):
+    """Histogram of tokens per training example, with max_length marked (a matplotlib Figure)."""
+    import matplotlib
+
+    if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline", "inline")):
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    hist = report["token_lengths"]["histogram"]
+    edges, counts = hist["bin_edges"], hist["counts"]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    ax.bar(edges[:-1], counts, width=widths, align="edge", color="#4C72B0", edgecolor="white")
+    ax.axvline(report["max_length"], color="#C44E52", linestyle="--", label=f"max_length = {report['max_length']}")
+    suggested = report["truncation"]["suggested_max_length"]
+    if suggested != report["max_length"]:
+        ax.axvline(suggested, color="#55A868", linestyle=":", label=f"suggested = {suggested}")
+    ax.set_title("Tokens per training example")
+    ax.set_xlabel("tokens (prompt + answer, chat template included)")
+    ax.set_ylabel("examples")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def preview(run: str, index: int = 0, split: str = "train") -> str:
+    """One prepared example as the model sees it, trained tokens shown between « and »."""
+    from .tokenization import IGNORE_INDEX, encode_example
+
+    paths = run_paths(run)
+    cfg = load_config(paths.config)
+    tokenizer, _ = load_tokenizer(cfg)
+    examples = read_examples(paths.train_data if split == "train" else paths.eval_data)
+    if not examples:
+        return f"(no {split} examples)"
+    enc = encode_example(tokenizer, examples[index % len(examples)], cfg.train.max_length)
+    out, run_ids, trained = [], [], False
+    for tid, lab in zip(enc["input_ids"], enc["labels"]):
+        now = lab != IGNORE_INDEX
+        if now != trained and run_ids:
+            text = tokenizer.decode(run_ids)
+            out.append(f"«{text}»" if trained else text)
+            run_ids = []
+        trained = now
+        run_ids.append(tid)
+    if run_ids:
+        text = tokenizer.decode(run_ids)
+        out.append(f"«{text}»" if trained else text)
+    return "".join(out)
