@@ -233,13 +233,6 @@ def _keys(rec) -> set[str]:
     return set(rec) if isinstance(rec, dict) else set()
 
 
-def _qa_keys(rec: dict) -> tuple[str, str] | None:
-    lower = {k.lower(): k for k in rec}
-    if "question" in lower and "answer" in lower:
-        return lower["question"], lower["answer"]
-    return None
-
-
 def detect_format(rec: RawRecord) -> str:
     if not isinstance(rec.record, dict):
         raise rec.error(f"expected a JSON object (a record with fields), got {type(rec.record).__name__}")
@@ -249,13 +242,13 @@ def detect_format(rec: RawRecord) -> str:
         return "messages"
     if "conversations" in keys:
         return "sharegpt"
-    if _qa_keys(r):
+    if {"question", "answer"} & {k.lower() for k in keys}:
         return "qa_splits"
-    if "instruction" in keys and "output" in keys:
-        return "socratic" if isinstance(r["output"], list) else "instruction_output"
-    if "instruction" in keys and "response" in keys:
-        return "instruction_response"
-    if "prompt" in keys and "completion" in keys:
+    if "instruction" in keys:  # the answer may be missing: the format's check then names it
+        if "response" in keys:
+            return "instruction_response"
+        return "socratic" if isinstance(r.get("output"), list) else "instruction_output"
+    if "prompt" in keys or "completion" in keys:
         return "prompt_completion"
     if "text" in keys:
         return "text"
@@ -347,8 +340,8 @@ def normalise(rec: RawRecord, fmt: str) -> dict:
                     {"role": "assistant", "content": answer}]
         used = {"instruction", key, "input"}
     elif fmt == "qa_splits":
-        keys = _qa_keys(r)
-        qk, ak = keys if keys else ("Question", "Answer")
+        lower = {k.lower(): k for k in r}
+        qk, ak = lower.get("question", "Question"), lower.get("answer", "Answer")
         question = _string(rec, qk)
         answer = _string(rec, ak, what="answer")
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]

@@ -1,0 +1,63 @@
+# The two commands:  make demo  (the whole pipeline on the tiny offline model)  and  make test.
+# Each creates .venv and installs what it needs first. On a machine without an NVIDIA GPU the
+# CPU build of torch is installed before anything else, since a plain `torch` requirement pulls
+# a multi-GB CUDA build. Override with e.g. `make test TORCH=torch==2.13.0 TORCH_INDEX=<PyTorch CPU wheel index>`.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+RUN ?= demo
+DATA ?= data/examples/socratic_questions.jsonl
+PROFILE ?= tiny
+
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-unit test-notebooks bench lint clean strip
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "torch already installed: kept"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: torch comes with the project's requirements (CUDA build)"; \
+	else \
+		echo "no GPU: installing the CPU build $(TORCH)"; \
+		$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
+	fi
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/python -m lib pipeline --run $(RUN) --data $(DATA) --profile $(PROFILE)
+	$(BIN)/python -m lib chat --run $(RUN) --prompt "Why do leaves change colour in autumn?"
+	@echo "Results: outputs/$(RUN)/ (adapter/, merged/, logs/, eval/, plots/metrics_plot.png)"
+
+# Unit tests, then the six notebooks in order on the tiny profile, in a clean outputs folder.
+test: install lint test-unit test-notebooks
+
+lint: install
+	$(BIN)/ruff check lib tests bench
+
+test-unit: install
+	$(BIN)/python -m pytest tests -q
+
+test-notebooks: install
+	rm -rf outputs/_nbval
+	SFT_OUTPUTS_DIR=$(CURDIR)/outputs/_nbval SFT_PROFILE=tiny \
+		$(BIN)/python -m pytest --nbval --nbval-current-env notebooks/ -q -p no:cacheprovider
+
+bench: install
+	$(BIN)/python bench/throughput.py
+
+# Strip outputs and execution counts from the notebooks before committing.
+strip: install
+	$(BIN)/jupyter nbconvert --clear-output --inplace notebooks/*.ipynb
+
+clean:
+	rm -rf outputs/_nbval .pytest_cache

@@ -1,0 +1,220 @@
+"""Chat (lib/chat.py): the chat function, streaming, stopping at end-of-turn, the session, the
+widget and `python -m lib chat`.
+
+Stopping is tested on a "chain" model: the tiny Llama with its attention and MLP outputs zeroed,
+so each position's logits depend only on the current token, and with embeddings and an untied
+lm_head set so that greedy decoding after the generation prompt writes a fixed chain of tokens.
+Its real `generate` must then stop exactly at the end-of-turn token, or run to max_new_tokens
+when the chain never reaches it.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import pytest
+import torch
+
+from lib.config import GenerationSettings
+from lib.errors import MissingStageError, SFTError
+from lib.tokenization import end_of_turn_token, render_prompt
+
+HISTORY = [{"role": "user", "content": "Why does ice float on water?"}]
+
+
+def chain_model(tokenizer, chain: list[int], end_with_eot: bool = True):
+    """A Llama whose greedy reply to any prompt is `chain`, then (optionally) the end-of-turn token."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lib.tiny import tiny_model_path
+
+    config = LlamaConfig.from_pretrained(tiny_model_path())
+    config.tie_word_embeddings = False
+    config.eos_token_id = None  # only the chat function's stop tokens may stop it
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = None
+    start = tokenizer(render_prompt(tokenizer, HISTORY), add_special_tokens=False)["input_ids"][-1]
+    eot = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
+    # Transitions: prompt end -> chain[0] -> ... -> chain[-1] -> eot -> chain[0] (so the model would go on).
+    seq = [start, *chain, eot, chain[0]] if end_with_eot else [start, *chain, chain[0]]
+    transitions = dict(zip(seq, seq[1:], strict=False))
+    assert len(transitions) == len(seq) - 1, "chain tokens must be distinct"
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        head.zero_()
+        for k, (src, dst) in enumerate(transitions.items()):
+            emb[src] = 0.0
+            emb[src, k] = 1.0  # one direction per source token; RMSNorm scales it to sqrt(hidden)
+            head[dst, k] = 10.0
+    model.eval()
+    return model, eot
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    from lib.tiny import tiny_model_path
+
+    return AutoTokenizer.from_pretrained(tiny_model_path())
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_tokenizer):
+    ids = tiny_tokenizer("How does it", add_special_tokens=False)["input_ids"]
+    assert len(ids) >= 2
+    return ids
+
+
+def test_reply_stops_at_end_of_turn(tiny_tokenizer, chain):
+    from lib.chat import chat, generate_reply
+
+    model, eot = chain_model(tiny_tokenizer, chain)
+    settings = GenerationSettings(max_new_tokens=20)
+    r = generate_reply(model, tiny_tokenizer, HISTORY, settings=settings)
+    assert r["token_ids"] == [*chain, eot]  # stopped right at the end-of-turn token
+    assert r["stopped"] is True
+    expected = tiny_tokenizer.decode(chain, skip_special_tokens=True).strip()
+    assert r["text"] == expected
+    assert chat(model, tiny_tokenizer, HISTORY, settings=settings) == expected
+
+
+def test_reply_without_end_of_turn_runs_to_max_new_tokens(tiny_tokenizer, chain):
+    from lib.chat import generate_reply
+
+    model, eot = chain_model(tiny_tokenizer, chain, end_with_eot=False)
+    r = generate_reply(model, tiny_tokenizer, HISTORY, settings=GenerationSettings(max_new_tokens=11))
+    assert r["n_tokens"] == 11 and r["stopped"] is False
+    assert eot not in r["token_ids"]
+    assert r["token_ids"][: len(chain) + 1] == [*chain, chain[0]]
+
+
+def test_streaming_joins_to_the_reply(tiny_tokenizer, chain):
+    from lib.chat import chat
+
+    model, _ = chain_model(tiny_tokenizer, chain)
+    settings = GenerationSettings(max_new_tokens=20)
+    pieces = list(chat(model, tiny_tokenizer, HISTORY, settings=settings, stream=True, timeout=30))
+    assert len(pieces) >= 2  # it streams: more than one piece
+    assert "".join(pieces).strip() == chat(model, tiny_tokenizer, HISTORY, settings=settings)
+    # Without end-of-turn the stream runs to max_new_tokens (and still ends).
+    looping, _ = chain_model(tiny_tokenizer, chain, end_with_eot=False)
+    text = "".join(chat(looping, tiny_tokenizer, HISTORY, settings=GenerationSettings(max_new_tokens=9),
+                        stream=True, timeout=30))
+    assert len(tiny_tokenizer(text, add_special_tokens=False)["input_ids"]) >= 8
+
+
+def test_stream_timeout_is_a_clear_error(tiny_tokenizer, chain):
+    from lib.chat import chat
+
+    model, _ = chain_model(tiny_tokenizer, chain, end_with_eot=False)
+    with pytest.raises(SFTError, match="no text from the model"):
+        list(chat(model, tiny_tokenizer, HISTORY, settings=GenerationSettings(max_new_tokens=200),
+                  stream=True, timeout=1e-6))
+
+
+def test_session_history_system_prompt_and_widget(tiny_tokenizer, chain):
+    from lib.chat import ChatSession, chat_widget, conversation
+
+    model, _ = chain_model(tiny_tokenizer, chain)
+    expected = tiny_tokenizer.decode(chain, skip_special_tokens=True).strip()
+    session = ChatSession(model, tiny_tokenizer, GenerationSettings(max_new_tokens=20), system="Ask questions.")
+    assert conversation(HISTORY, session.system)[0] == {"role": "system", "content": "Ask questions."}
+    assert session.send(HISTORY[0]["content"]) == expected
+    assert [m["role"] for m in session.history] == ["user", "assistant"]
+    assert session.history[1]["content"] == expected
+
+    ui = chat_widget(session)
+    ui.input.value = "And why?"
+    ui.send_button.click()  # the same path as a click in the browser: streams, then shows the history
+    assert len(session.history) == 4 and session.history[2]["content"] == "And why?"
+    assert "And why?" in ui.conversation.value and expected in ui.conversation.value
+    assert ui.input.value == "" and not ui.send_button.disabled
+    ui.clear_button.click()
+    assert session.history == [] and "No messages yet" in ui.conversation.value
+
+
+@pytest.mark.parametrize("history, message", [
+    ([], "last message must be the user's"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message must be the user's"),
+    ([{"role": "robot", "content": "a"}], "message 1"),
+    ([{"role": "user"}], "message 1"),
+])
+def test_bad_history_is_a_clear_error(history, message):
+    from lib.chat import conversation
+
+    with pytest.raises(SFTError, match=message):
+        conversation(history)
+
+
+def test_cli_without_a_run_exits_2(outputs, capsys):
+    from lib.__main__ import main
+
+    assert main(["chat", "--run", "absent", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "01_prepare_data" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------- on the trained run
+
+
+def test_cli_prompt_prints_one_reply(trained_run, capsys):
+    from lib.__main__ import main
+    from lib.chat import load_session
+
+    assert main(["chat", "--run", trained_run, "--prompt", "Why does ice float on water?"]) == 0
+    out = capsys.readouterr().out
+    session = load_session(trained_run)
+    expected = session.send("Why does ice float on water?")  # greedy: the same reply
+    assert out.strip() == expected and expected
+
+
+def test_trained_model_stops_at_end_of_turn(trained_run):
+    """The trained adapter learnt to end answers with the end-of-turn token: generate stops there."""
+    from lib.chat import generate_reply, load_session
+    from lib.data import read_examples
+    from lib.paths import run_paths
+    from lib.tokenization import prompt_messages, stop_token_ids
+
+    session = load_session(trained_run)
+    examples = read_examples(run_paths(trained_run).eval_data)[:4]
+    settings = GenerationSettings(max_new_tokens=session.settings.max_new_tokens * 2)
+    results = [generate_reply(session.model, session.tokenizer, prompt_messages(ex["messages"])[0],
+                              settings=settings) for ex in examples]
+    stops = set(stop_token_ids(session.tokenizer))
+    stopped = [r for r in results if r["stopped"]]
+    assert stopped, "no reply of the trained model ended with the end-of-turn token"
+    for r in stopped:  # nothing after the stop token, and it is not in the text
+        assert r["token_ids"][-1] in stops and not stops & set(r["token_ids"][:-1])
+        assert r["n_tokens"] < settings.max_new_tokens
+
+
+def test_cli_chat_loop(trained_run, monkeypatch, capsys):
+    from lib.__main__ import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Why is the sky blue?\n/clear\n\nWhat is justice?\n/exit\n"))
+    assert main(["chat", "--run", trained_run, "--system", "Answer with questions."]) == 0
+    out = capsys.readouterr().out
+    assert out.count("model> ") == 2
+
+
+def test_cli_merged_without_merge_exits_2(trained_run, capsys):
+    from lib.__main__ import main
+
+    assert main(["chat", "--run", trained_run, "--merged", "--prompt", "hi"]) == 2
+    assert "06_merge_and_chat" in capsys.readouterr().err
+
+
+def test_missing_adapter_names_notebook_03(outputs):
+    from lib.chat import load_session
+    from lib.config import make_config, save_config
+    from lib.paths import run_paths
+
+    save_config(make_config("tiny", run="noadapter"), run_paths("noadapter").config)
+    with pytest.raises(MissingStageError, match="03_train_sft"):
+        load_session("noadapter")

@@ -1,0 +1,88 @@
+"""Run configuration: profiles, config.yaml round trip, typed overrides, the HF token."""
+
+from __future__ import annotations
+
+import pytest
+
+from lib.config import (PROFILES, RunConfig, apply_overrides, field_help, hf_token, load_config, make_config,
+                        save_config)
+from lib.errors import ConfigError
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_profiles_round_trip_through_yaml(profile, tmp_path):
+    cfg = make_config(profile, run="x")
+    path = save_config(cfg, tmp_path)
+    assert path.name == "config.yaml"
+    assert load_config(tmp_path) == cfg
+
+
+def test_profiles_differ_where_they_should():
+    tiny, t4, a100 = make_config("tiny"), make_config("t4"), make_config("a100")
+    assert tiny.model.name_or_path == "tiny" and tiny.quant.compute_dtype == "float32"
+    assert t4.train.precision == "fp16" and t4.train.optim == "paged_adamw_8bit" and t4.model.gradient_checkpointing
+    assert a100.train.precision == "bf16" and a100.train.per_device_train_batch_size > t4.train.per_device_train_batch_size
+    assert all(q.quant.mode == "4bit" and q.quant.quant_type == "nf4" and q.quant.double_quant for q in (tiny, t4, a100))
+
+
+def test_sft_profile_picks_the_default(monkeypatch):
+    monkeypatch.setenv("SFT_PROFILE", "t4")
+    assert make_config().profile == "t4"
+    monkeypatch.setenv("SFT_PROFILE", "nope")
+    with pytest.raises(ConfigError, match="unknown profile 'nope'"):
+        make_config()
+
+
+def test_overrides_convert_types():
+    cfg = make_config("tiny", overrides=["train.learning_rate=1e-4", "train.max_steps=7", "lora.target_modules=attention",
+                                         "model.gradient_checkpointing=true", "train.save_total_limit=None",
+                                         "data.system_prompt=Be brief."])
+    assert cfg.train.learning_rate == 1e-4 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.train.max_steps == 7 and isinstance(cfg.train.max_steps, int)
+    assert cfg.model.gradient_checkpointing is True and cfg.train.save_total_limit is None
+    assert cfg.data.system_prompt == "Be brief." and cfg.lora.target_modules == "attention"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=1", "unknown configuration key 'train.lr'"),
+    ("learning_rate=1", "did you mean train.learning_rate"),
+    ("train.max_steps=ten", "train.max_steps: cannot use 'ten' (expected int)"),
+    ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing: cannot use 'maybe'"),
+    ("quant.mode=3bit", "quant.mode: '3bit' is not one of 4bit, 8bit, none"),
+    ("lora.r=0", "lora.r: must be positive"),
+    ("train.max_length=None", "train.max_length: None is not allowed"),
+    ("no-equals-sign", "not of the form key=value"),
+])
+def test_bad_overrides_are_clear_errors(override, message):
+    cfg = make_config("tiny")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        apply_overrides(cfg, [override])
+    assert cfg == make_config("tiny")  # the original is left as it was
+
+
+def test_notebook_none_keeps_the_profile_value():
+    cfg = apply_overrides(make_config("t4"), {"train.max_length": None, "data.max_examples": None})
+    assert cfg.train.max_length == 1024 and cfg.data.max_examples is None
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    (tmp_path / "config.yaml").write_text("train:\n  learning_rat: 0.1\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"config.yaml: unknown configuration key 'train.learning_rat'"):
+        load_config(tmp_path)
+
+
+def test_every_field_has_help():
+    helps = field_help()
+    assert len(helps) > 40 and all(h for h in helps.values())
+
+
+def test_hf_token_sources_and_never_written(tmp_path, monkeypatch):
+    for n in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_API_KEY", "HUGGINGFACE_TOKEN"):
+        monkeypatch.delenv(n, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("HUGGINGFACE_API_KEY=hf_from_dotenv\n", encoding="utf-8")
+    assert hf_token() == "hf_from_dotenv"
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_123")
+    assert hf_token() == "hf_secret_123"
+    path = save_config(make_config("tiny"), tmp_path / "run")
+    assert "hf_secret_123" not in path.read_text() and "token" not in {f for f in RunConfig.__dataclass_fields__}

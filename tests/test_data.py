@@ -1,0 +1,298 @@
+"""Data preparation: every format and container, the split, the audit, and every bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lib.__main__ import main
+from lib.data import load_records, prepare_examples, read_examples, run_prepare
+from lib.errors import DataError
+from lib.paths import run_paths
+
+EX = Path(__file__).resolve().parent.parent / "data" / "examples"
+
+# file -> (format, number of records)
+SAMPLES = {
+    "socratic_questions.jsonl": ("socratic", None),
+    "socratic_dialogues.json": ("messages", 12),
+    "qa_splits.json": ("qa_splits", 21),
+    "instruction_output_zh.json": ("instruction_output", 12),
+    "alpaca_instruction_response.jsonl": ("instruction_response", 12),
+    "instruction_output.csv": ("instruction_output", 10),
+    "sharegpt_conversations.jsonl": ("sharegpt", 8),
+    "prompt_completion.jsonl": ("prompt_completion", 10),
+    "plain_text.jsonl": ("text", 10),
+    "messages.parquet": ("messages", 6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_every_sample_format_is_detected_and_normalised(name):
+    fmt, n = SAMPLES[name]
+    p = prepare_examples(str(EX / name))
+    assert p.format == fmt
+    examples = p.train + p.eval
+    if n is not None:
+        assert len(examples) == n
+    for ex in examples:
+        if fmt == "text":
+            assert set(ex) == {"text", "metadata"} and ex["text"].strip()
+        else:
+            roles = [m["role"] for m in ex["messages"]]
+            assert "assistant" in roles and set(roles) <= {"system", "user", "assistant"}
+            assert all(isinstance(m["content"], str) for m in ex["messages"])
+
+
+def test_socratic_questions_become_one_answer():
+    first = json.loads((EX / "socratic_questions.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    p = prepare_examples(str(EX / "socratic_questions.jsonl"), eval_fraction=0.0)
+    ex = p.train[0]
+    assert ex["messages"] == [{"role": "user", "content": first["instruction"]},
+                              {"role": "assistant", "content": "\n".join(first["output"])}]
+    assert ex["metadata"] == {"line": 1}
+
+
+def test_qa_file_keeps_its_test_split_as_eval():
+    raw = json.loads((EX / "qa_splits.json").read_text(encoding="utf-8"))
+    p = prepare_examples(str(EX / "qa_splits.json"), eval_fraction=0.5)
+    assert len(p.train) == len(raw["train"]) and len(p.eval) == len(raw["test"])
+    assert p.eval[0]["messages"][0]["content"] == raw["test"][0]["Question"]
+    assert p.eval[0]["messages"][1]["content"] == raw["test"][0]["Answer"]
+    assert "test" in p.eval_from
+
+
+def test_messages_keep_extra_fields_as_metadata():
+    p = prepare_examples(str(EX / "socratic_dialogues.json"), eval_fraction=0.0)
+    assert all(ex["metadata"]["instance_id"].startswith("dlg-") for ex in p.train)
+
+
+def test_alpaca_input_joins_the_instruction():
+    rows = [json.loads(x) for x in (EX / "alpaca_instruction_response.jsonl").read_text(encoding="utf-8").splitlines()]
+    with_input = next(r for r in rows if r["input"])
+    p = prepare_examples(str(EX / "alpaca_instruction_response.jsonl"), eval_fraction=0.0)
+    ex = next(e for e in p.train if e["messages"][1]["content"] == with_input["response"])
+    assert ex["messages"][0]["content"] == f"{with_input['instruction']}\n\n{with_input['input']}"
+
+
+def test_split_is_seeded_and_disjoint():
+    a = prepare_examples(str(EX / "socratic_questions.jsonl"), eval_fraction=0.2, seed=1)
+    b = prepare_examples(str(EX / "socratic_questions.jsonl"), eval_fraction=0.2, seed=1)
+    c = prepare_examples(str(EX / "socratic_questions.jsonl"), eval_fraction=0.2, seed=2)
+    assert a.eval == b.eval and a.eval != c.eval
+    key = lambda e: e["metadata"]["line"]  # noqa: E731
+    assert not {key(e) for e in a.train} & {key(e) for e in a.eval}
+    assert len(a.eval) == round(0.2 * (len(a.train) + len(a.eval)))
+
+
+def test_unicode_survives_the_round_trip(outputs):
+    raw = json.loads((EX / "instruction_output_zh.json").read_text(encoding="utf-8"))
+    run_prepare("zh", str(EX / "instruction_output_zh.json"), overrides=["data.eval_fraction=0"])
+    paths = run_paths("zh")
+    text = paths.train_data.read_text(encoding="utf-8")
+    assert "\\u" not in text  # written as UTF-8, not escaped
+    got = {e["messages"][1]["content"] for e in read_examples(paths.train_data)}
+    assert got == {r["output"] for r in raw}
+
+
+# ----------------------------------------------------------------------------- containers
+
+def _socratic_rows():
+    return [json.loads(x) for x in (EX / "socratic_questions.jsonl").read_text(encoding="utf-8").splitlines()][:20]
+
+
+@pytest.mark.parametrize("container", ["json", "jsonl", "csv", "parquet", "save_to_disk"])
+def test_every_container_gives_the_same_examples(tmp_path, container):
+    rows = [{"instruction": r["instruction"], "output": " ".join(r["output"])} for r in _socratic_rows()]
+    if container == "json":
+        path = tmp_path / "d.json"
+        path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    elif container == "jsonl":
+        path = tmp_path / "d.jsonl"
+        path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    elif container == "csv":
+        import pandas as pd
+
+        path = tmp_path / "d.csv"
+        pd.DataFrame(rows).to_csv(path, index=False)
+    elif container == "parquet":
+        import pandas as pd
+
+        path = tmp_path / "d.parquet"
+        pd.DataFrame(rows).to_parquet(path)
+    else:
+        from datasets import Dataset, DatasetDict
+
+        path = tmp_path / "folder"
+        DatasetDict({"train": Dataset.from_list(rows[:15]), "test": Dataset.from_list(rows[15:])}).save_to_disk(str(path))
+    p = prepare_examples(str(path), eval_fraction=0.0)
+    assert p.format == "instruction_output"
+    got = [(e["messages"][0]["content"], e["messages"][1]["content"]) for e in p.train + p.eval]
+    assert sorted(got) == sorted((r["instruction"], r["output"]) for r in rows)
+    if container == "save_to_disk":
+        assert len(p.eval) == 5  # the folder's test split is kept
+
+
+def test_format_can_be_forced(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"instruction": "Why?", "output": "Because.", "text": "ignored"}) + "\n", encoding="utf-8")
+    assert prepare_examples(str(path), eval_fraction=0).format == "instruction_output"
+    forced = prepare_examples(str(path), fmt="text", eval_fraction=0)
+    assert forced.train[0]["text"] == "ignored"
+
+
+def test_hub_id_that_cannot_be_loaded_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="could not be loaded as a Hugging Face Hub dataset"):
+        load_records("no-such-owner/no-such-dataset-xyz")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+BAD = {
+    # name: (file name, content (str or bytes), expected message parts)
+    "invalid_json_line": ("x.jsonl", '{"instruction": "a", "output": ["b?"]}\n{"instruction": "c" "output": 1}\n',
+                          ["x.jsonl: line 2: invalid JSON", "delimiter"]),
+    "empty_file": ("x.jsonl", "", ["x.jsonl: the file is empty"]),
+    "unknown_fields": ("x.jsonl", '{"foo": 1, "bar": 2}\n', ["x.jsonl: line 1:", "bar, foo match no known format",
+                                                            "socratic", "messages", "prompt_completion"]),
+    "missing_answer": ("x.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c", "input": "d", "output": null}\n',
+                       ["x.jsonl: line 2: field 'output': missing answer"]),
+    "answer_wrong_type": ("x.json", '[{"instruction": "a", "response": "b"}, {"instruction": "c", "response": 5}]',
+                          ["x.json: record 2: field 'response': expected a string, got a number"]),
+    "empty_question_list": ("x.jsonl", '{"instruction": "a", "output": ["b?"]}\n\n{"instruction": "c", "output": []}\n',
+                            ["x.jsonl: line 3: field 'output': the list of questions is empty"]),
+    "question_not_string": ("x.jsonl", '{"instruction": "a", "output": ["b?", 3]}\n',
+                            ["x.jsonl: line 1: field 'output[2]': question 2 is a number"]),
+    "no_assistant_turn": ("x.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n',
+                          ["x.jsonl: line 1: field 'messages': the conversation has no assistant turn"]),
+    "bad_role": ("x.jsonl", '{"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n',
+                 ["x.jsonl: line 1: field 'messages[1].role': unknown role 'human'"]),
+    "binary_file": ("x.jsonl", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", ["x.jsonl: this is a binary file"]),
+    "not_utf8": ("x.jsonl", '{"instruction": "a", "output": ["b?"]}\n{"instruction": "caf\xe9", "output": ["x?"]}\n'.encode("latin-1"),
+                 ["x.jsonl: line 2: not valid UTF-8"]),
+    "qa_missing_answer": ("x.json", '{"train": [{"Question": "q"}], "test": []}', ["split 'train': record 1: field 'Answer': missing answer"]),
+    "json_syntax": ("x.json", '[{"instruction": "a",\n "output": ["b?"]},\n {"instruction" "c"}]', ["x.json: line 3: invalid JSON"]),
+    "not_objects": ("x.json", '[1, 2]', ["x.json: record 1: expected a JSON object"]),
+    "only_a_question": ("x.jsonl", '{"instruction": "a", "input": "b"}\n', ["line 1: field 'output': missing answer"]),
+    "unsupported_type": ("x.txt", "hello", ["x.txt: unsupported file type '.txt'"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_exits_2_with_one_clear_line_and_writes_nothing(case, tmp_path, outputs, capsys):
+    name, content, parts = BAD[case]
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    code = main(["prepare", "--run", "bad", "--data", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    for part in parts:
+        assert part in err, (part, err)
+    assert not run_paths("bad").root.exists()
+    assert not any(p.name.startswith(".bad") for p in outputs.iterdir())
+
+
+def test_missing_path_exits_2(outputs, capsys):
+    assert main(["prepare", "--run", "bad", "--data", "data/examples/nope.jsonl"]) == 2
+    assert "data/examples/nope.jsonl: no such file or folder" in capsys.readouterr().err
+
+
+def test_forced_format_that_does_not_fit_names_the_field(tmp_path, outputs, capsys):
+    assert main(["prepare", "--run", "bad", "--data", str(EX / "socratic_questions.jsonl"),
+                 "--format", "instruction_response"]) == 2
+    assert "line 1: field 'response': missing answer" in capsys.readouterr().err
+
+
+def test_cli_subprocess_prints_no_traceback(tmp_path, outputs):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "x.jsonl"
+    bad.write_text('{"instruction": "a", "output": ["b?"]}\n{oops}\n', encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "lib", "prepare", "--run", "bad", "--data", str(bad)],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {bad}: line 2: invalid JSON")
+    assert "Traceback" not in r.stderr
+
+
+def test_failed_prepare_leaves_an_existing_run_untouched(tmp_path, outputs):
+    run_prepare("keep", str(EX / "qa_splits.json"))
+    paths = run_paths("keep")
+    before = {p: p.read_bytes() for p in paths.root.rglob("*") if p.is_file()}
+    bad = tmp_path / "x.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
+    with pytest.raises(DataError):
+        run_prepare("keep", str(bad))
+    after = {p: p.read_bytes() for p in paths.root.rglob("*") if p.is_file()}
+    assert after == before
+
+
+# ----------------------------------------------------------------------------- audit
+
+def test_audit_report(outputs):
+    report = run_prepare("audit", str(EX / "socratic_questions.jsonl"))
+    saved = json.loads(run_paths("audit").data_report.read_text(encoding="utf-8"))
+    assert saved == report
+    assert report["counts"]["train"] + report["counts"]["eval"] == len(
+        (EX / "socratic_questions.jsonl").read_text(encoding="utf-8").splitlines())
+    assert report["end_of_turn"]["answers_ending_with_it"] == report["end_of_turn"]["answers"] == report["counts"]["train"]
+    assert 0.3 < report["trainable_token_share"] < 1.0
+    assert report["pad_distinct_from_eos"] and report["chat_template_present"]
+    tl = report["token_lengths"]
+    assert tl["min"] <= tl["p50"] <= tl["p95"] <= tl["max"]
+    assert sum(tl["histogram"]["counts"]) == report["counts"]["train"]
+    assert report["truncation"]["answers_cut"] == 0 and report["warnings"] == []
+
+
+def test_audit_counts_cut_answers_and_suggests_a_max_length(outputs):
+    report = run_prepare("short", str(EX / "socratic_questions.jsonl"), overrides=["train.max_length=64"])
+    tr = report["truncation"]
+    # an example can be longer than max_length with its answer whole (only the template's last newline cut)
+    assert 0 < tr["answers_cut"] <= tr["examples_over_max_length"]
+    assert tr["suggested_max_length"] >= report["token_lengths"]["p99"] and tr["suggested_max_length"] % 64 == 0
+    assert any("cut by max_length=64" in w for w in report["warnings"])
+
+
+def test_nothing_left_to_train_on_is_an_error(outputs):
+    with pytest.raises(DataError, match="nothing left to train on"):
+        run_prepare("tiny-len", str(EX / "socratic_questions.jsonl"), overrides=["train.max_length=8"])
+    assert not run_paths("tiny-len").root.exists()
+
+
+def test_empty_and_duplicate_examples_are_warnings(tmp_path, outputs):
+    rows = [{"instruction": "Why?", "output": ["Why not?"]}] * 3 + [{"instruction": "How?", "output": [" "]},
+                                                                     {"instruction": "What?", "output": ["Who?"]}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    report = run_prepare("dups", str(path), overrides=["data.eval_fraction=0"])
+    assert report["counts"] == {"train": 4, "eval": 0, "dropped_empty": 1, "duplicates": 2}
+    assert any("empty answers were dropped" in w for w in report["warnings"])
+    assert any("2 duplicate examples" in w for w in report["warnings"])
+    assert any("no evaluation examples" in w for w in report["warnings"])
+
+
+def test_all_empty_answers_is_an_error(tmp_path, outputs):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"instruction": "a", "output": ""}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="nothing left to train on"):
+        run_prepare("empty", str(path))
+
+
+def test_rerun_on_other_data_does_not_clobber_results(outputs):
+    run_prepare("r", str(EX / "qa_splits.json"))
+    paths = run_paths("r")
+    paths.adapter.mkdir()  # as if 03 had run
+    from lib.errors import SFTError
+
+    with pytest.raises(SFTError, match="already holds results trained on other data"):
+        run_prepare("r", str(EX / "prompt_completion.jsonl"))
+    run_prepare("r", str(EX / "qa_splits.json"))  # same data: fine, results kept
+    assert paths.adapter.exists()
+    run_prepare("r", str(EX / "prompt_completion.jsonl"), overwrite=True)
+    assert not paths.adapter.exists()
