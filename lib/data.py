@@ -619,20 +619,12 @@ def data_hash(paths) -> str:
 
 
 def load_tokenizer(cfg: RunConfig):
-    """The run's tokenizer, with a default chat template added if it has none (returns tok, added)."""
-    from transformers import AutoTokenizer
+    """The run's tokenizer, exactly as training loads it; also whether a default chat template was added."""
+    from .model import load_tokenizer as model_tokenizer
+    from .tokenization import DEFAULT_CHAT_TEMPLATE
 
-    from .config import hf_token
-    from .tiny import resolve_model
-    from .tokenization import ensure_chat_template
-
-    name = resolve_model(cfg.model.name_or_path)
-    try:
-        tok = AutoTokenizer.from_pretrained(name, token=hf_token(), trust_remote_code=cfg.model.trust_remote_code)
-    except Exception as e:
-        raise SFTError(f"cannot load the tokenizer of '{cfg.model.name_or_path}' ({str(e).splitlines()[0]})") from None
-    added = ensure_chat_template(tok)
-    return tok, added
+    tok = model_tokenizer(cfg)
+    return tok, tok.chat_template == DEFAULT_CHAT_TEMPLATE
 
 
 def prepare(cfg: RunConfig, overwrite: bool = False) -> dict:

@@ -10,11 +10,9 @@ generators, quiets library noise, and prints where the results go and on what ha
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
-import warnings
 
 from .paths import REPO_ROOT, outputs_dir
 
@@ -23,21 +21,12 @@ def in_colab() -> bool:
     return "google.colab" in sys.modules
 
 
-class _DropNoise(logging.Filter):
-    NOISE = ("Failed to load CPU gemm_4bit_forward",)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(n in record.getMessage() for n in self.NOISE)
-
-
 def quiet() -> None:
     """Hide messages that say nothing to a user (bitsandbytes' optional CPU kernels, tokenizer forks)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("bitsandbytes", "bitsandbytes.backends", "bitsandbytes.backends.cpu.ops", ""):
-        logging.getLogger(name).addFilter(_DropNoise())
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_DropNoise())
-    warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
+    from .model import quiet_bitsandbytes
+
+    quiet_bitsandbytes()
 
 
 def _show_short_errors() -> None:
