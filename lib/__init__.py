@@ -7,3 +7,19 @@ Shared: config (RunConfig and profiles), paths (run directories), tiny (the offl
 """
 
 __version__ = "0.1.0"
+
+
+def _drop_kernels_noise(record) -> bool:
+    return "kernels-community" not in record.getMessage()
+
+
+def _quiet_bitsandbytes() -> None:
+    """bitsandbytes warns on import (CPUs with AVX512-BF16) that the optional `kernels` package is
+    missing; it falls back to its own kernel, so the message is noise. Installed here, before any
+    `import transformers` can import bitsandbytes."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_kernels_noise)
+
+
+_quiet_bitsandbytes()

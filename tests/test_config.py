@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from lib.config import (PROFILES, RunConfig, apply_overrides, field_help, hf_token, load_config, make_config,
-                        save_config)
+from lib.config import (
+    PROFILES,
+    RunConfig,
+    apply_overrides,
+    field_help,
+    hf_token,
+    load_config,
+    make_config,
+    save_config,
+)
 from lib.errors import ConfigError
 
 

@@ -1,0 +1,693 @@
+"""03: supervised fine-tuning with TRL's SFTTrainer: resumable, logged, multi-process.
+
+    python -m lib train --run demo [--set train.learning_rate=1e-4 ...] [--retrain]
+    torchrun --nproc_per_node 2 -m lib -- train --run demo   # DDP: one process per GPU (the `--`
+                                                             # stops torchrun reading --run as its --run-path)
+    from lib.train import run_train; summary = run_train("demo")
+
+Examples are tokenized here with lib.tokenization.encode_example (labels are -100 outside the
+assistant answers, whose end-of-turn tokens are trained) and handed to SFTTrainer as `input_ids`
+and `labels` columns, so TRL keeps our labels. Batching (train.batching): padding_free (the
+sequences of a batch concatenated, with position_ids restarting at each one: no padding and no
+attention across examples), pad_longest, group_by_length, or pad_max.
+
+Rerunning continues from the last complete checkpoint (an incomplete one is removed with a
+warning); a finished run is left alone unless retrain=True. A non-finite loss or gradient stops
+training with a TrainingError before the optimizer applies it, so every checkpoint stays good.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+from .config import apply_overrides, load_config, save_config, to_dict
+from .errors import ConfigError, DataError, TrainingError
+from .paths import require, run_paths
+from .tokenization import IGNORE_INDEX, TemplateError, encode_example
+
+METRIC_COLUMNS = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
+                  "tokens_per_second", "peak_memory_mb"]
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# fp16 mixed precision skips a step when its scaled gradients overflow; this many in a row is a real problem.
+MAX_SKIPPED_FP16_STEPS = 20
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint that cannot be resumed from (missing or unreadable files)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def encode_dataset(tokenizer, examples: list[dict], max_length: int | None, source=None):
+    """A datasets.Dataset of `input_ids` and `labels` (assistant tokens only), truncated to max_length.
+
+    Examples left without a trained token (e.g. a prompt longer than max_length) are dropped.
+    """
+    from datasets import Dataset
+
+    ids, labels = [], []
+    for i, ex in enumerate(examples):
+        try:
+            enc = encode_example(tokenizer, ex, max_length)
+        except TemplateError as e:
+            raise DataError(source or "data", str(e), line=i + 1) from None
+        except (KeyError, TypeError) as e:
+            raise DataError(source or "data", f"not a normalised example ({e})", line=i + 1) from None
+        if enc["n_trained"] == 0:
+            continue
+        ids.append(enc["input_ids"])
+        labels.append(enc["labels"])
+    return Dataset.from_dict({"input_ids": ids, "labels": labels})
+
+
+def build_collator(cfg, tokenizer):
+    """The batch collator of train.batching (TRL's DataCollatorForLanguageModeling)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    mode = cfg.train.batching
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if mode == "padding_free":
+        return DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True)
+    if mode in ("pad_longest", "group_by_length"):
+        return DataCollatorForLanguageModeling(pad_token_id=pad)
+    if mode == "pad_max":
+        return DataCollatorForLanguageModeling(pad_token_id=pad, pad_to_multiple_of=cfg.train.max_length)
+    raise ConfigError(f"train.batching: '{mode}' is not one of padding_free, pad_longest, group_by_length, pad_max")
+
+
+# --------------------------------------------------------------------------------------------
+# Trainer configuration
+
+
+def _report_to(cfg) -> list[str] | str:
+    import importlib.util
+
+    wanted = [s.strip() for s in cfg.train.report_to.split(",") if s.strip() and s.strip() != "none"]
+    for w in wanted:
+        module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}.get(w)
+        if module is None:
+            raise ConfigError(f"train.report_to: '{w}' is not one of none, tensorboard, wandb, mlflow, trackio")
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"train.report_to: {w} is not installed (pip install {module})")
+    return wanted or "none"
+
+
+def sft_config(cfg, output_dir, has_eval: bool = True, resuming: bool = False):
+    """TRL's SFTConfig from the run configuration."""
+    from trl import SFTConfig
+
+    from .model import device_info, precision
+
+    t = cfg.train
+    info = device_info()
+    prec = precision(cfg, info)
+    eval_strategy = t.eval_strategy if has_eval else "no"
+    if t.load_best_model_at_end:
+        if eval_strategy == "no":
+            raise ConfigError("train.load_best_model_at_end needs an evaluation split and train.eval_strategy steps or epoch")
+        if t.save_strategy != eval_strategy:
+            raise ConfigError("train.load_best_model_at_end: train.save_strategy must equal train.eval_strategy "
+                              f"(now {t.save_strategy} and {eval_strategy})")
+        if eval_strategy == "steps" and t.save_steps % t.eval_steps:
+            raise ConfigError(f"train.load_best_model_at_end: train.save_steps ({t.save_steps}) must be a multiple "
+                              f"of train.eval_steps ({t.eval_steps})")
+    if not (0.0 <= t.warmup_ratio < 1.0):
+        raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    report_to = _report_to(cfg)
+    if "tensorboard" in report_to:  # transformers 5 reads the folder from the environment
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(output_dir).parent / "logs" / "tensorboard")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    kwargs = dict(
+        output_dir=str(output_dir),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a share of the steps
+        weight_decay=t.weight_decay,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        optim=t.optim,
+        max_grad_norm=t.max_grad_norm,
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,  # a non-finite loss must show, not be averaged away
+        eval_strategy=eval_strategy,
+        eval_steps=t.eval_steps if eval_strategy == "steps" else None,
+        eval_on_start=eval_strategy != "no" and not resuming,  # the baseline eval loss at step 0
+        save_strategy=t.save_strategy,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=t.load_best_model_at_end,
+        metric_for_best_model="eval_loss" if eval_strategy != "no" else None,
+        greater_is_better=False if eval_strategy != "no" else None,
+        seed=t.seed,
+        report_to=report_to,
+        run_name=cfg.run,
+        bf16=prec == "bf16",
+        fp16=prec == "fp16",
+        use_cpu=info["device"] == "cpu",
+        activation_checkpointing=cfg.model.gradient_checkpointing,  # transformers 5's name of gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.model.gradient_checkpointing else None,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
+        dataloader_pin_memory=info["device"] == "cuda",
+        ddp_find_unused_parameters=False if distributed else None,
+        ddp_backend=("gloo" if info["device"] == "cpu" else None) if distributed else None,
+        # Data: tokenized and truncated here; TRL keeps our labels.
+        max_length=None,
+        padding_free=t.batching == "padding_free",
+        assistant_only_loss=False,
+        completion_only_loss=False,
+        train_sampling_strategy="group_by_length" if t.batching == "group_by_length" else "random",
+    )
+    try:
+        return SFTConfig(**kwargs)
+    except (ValueError, TypeError) as e:
+        msg = str(e).splitlines()[0]
+        key = ("train.lr_scheduler_type" if "SchedulerType" in msg else "train.optim" if "OptimizerNames" in msg
+               else "train")
+        raise ConfigError(f"{key}: {msg}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Callbacks and the guarded trainer
+
+
+def _peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+
+
+def _metrics_callback_class():
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        """Appends every log to logs/training_metrics.csv as it comes (the main process only)."""
+
+        def __init__(self, csv_path, resume_step: int | None = None):
+            self.path = Path(csv_path)
+            self._last = None  # (time, tokens) at the previous training log
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is None or not self.path.exists():
+                self._rewrite([])
+            else:  # drop rows logged after the checkpoint we resume from: they are trained again
+                self._rewrite([r for r in read_metrics_rows(self.path) if _num(r["step"]) <= resume_step])
+
+        def _rewrite(self, rows):
+            tmp = self.path.with_suffix(".csv.tmp")
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+                w.writeheader()
+                w.writerows(rows)
+            tmp.replace(self.path)
+
+        def on_train_begin(self, args, state, control, **kw):
+            self._last = (time.perf_counter(), state.num_input_tokens_seen)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            if "loss" not in logs and "eval_loss" not in logs:
+                return  # the end-of-training summary log
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+            for k in ("loss", "eval_loss", "grad_norm"):
+                row[k] = logs.get(k)
+            row["learning_rate"] = logs.get("learning_rate")
+            if "loss" in logs:
+                now, tokens = time.perf_counter(), state.num_input_tokens_seen
+                if self._last is not None and now > self._last[0]:
+                    row["tokens_per_second"] = round((tokens - self._last[1]) / (now - self._last[0]), 1)
+                self._last = (now, tokens)
+            row["peak_memory_mb"] = round(_peak_memory_mb(), 1)
+            with open(self.path, "a", newline="", encoding="utf-8") as f:
+                csv.DictWriter(f, fieldnames=METRIC_COLUMNS).writerow(
+                    {k: ("" if v is None else v) for k, v in row.items()})
+
+        def on_evaluate(self, args, state, control, **kw):
+            # Evaluation runs outside the timed training steps: restart the tokens-per-second clock.
+            self._last = (time.perf_counter(), state.num_input_tokens_seen)
+
+    return MetricsCallback
+
+
+def _guarded_trainer_class():
+    import torch
+    from trl import SFTTrainer
+
+    class GuardedSFTTrainer(SFTTrainer):
+        """SFTTrainer that stops on a non-finite loss or gradient before the optimizer step."""
+
+        _bad_loss = None
+        _skipped = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            bad = ~torch.isfinite(loss.detach())
+            self._bad_loss = bad if self._bad_loss is None else (self._bad_loss | bad)
+            if self.accelerator.sync_gradients:  # the last micro-batch before an optimizer step
+                self._check(model)
+            return loss
+
+        def _check(self, model):
+            grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+            norm = torch.stack(torch._foreach_norm(grads)).norm().float() if grads else torch.zeros(())
+            flags = torch.stack([self._bad_loss.float().reshape(()).to(norm.device),
+                                 (~torch.isfinite(norm)).float()])
+            self._bad_loss = None
+            if self.args.world_size > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            bad_loss, bad_grad = bool(flags[0] > 0), bool(flags[1] > 0)
+            if not (bad_loss or bad_grad):
+                self._skipped = 0
+                return
+            if not bad_loss and self.args.fp16:
+                self._skipped += 1  # fp16: the loss scaler skips this step and lowers its scale
+                if self._skipped < MAX_SKIPPED_FP16_STEPS:
+                    return
+            step = self.state.global_step + 1
+            what = "loss" if bad_loss else "gradient norm"
+            raise TrainingError(non_finite_message(what, step, self.args, last_checkpoint(Path(self.args.output_dir))))
+
+    return GuardedSFTTrainer
+
+
+def build_trainer(cfg, model, tokenizer, train_dataset, eval_dataset=None, output_dir="checkpoints",
+                  resuming: bool = False, callbacks=()):
+    """The guarded SFTTrainer of `cfg` for a LoRA model and encoded datasets (see encode_dataset)."""
+    import torch
+
+    args = sft_config(cfg, output_dir, has_eval=eval_dataset is not None and len(eval_dataset) > 0,
+                      resuming=resuming)
+    trainer = _guarded_trainer_class()(
+        model=model,
+        args=args,
+        data_collator=None if cfg.train.batching == "padding_free" else build_collator(cfg, tokenizer),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset if args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+    # TRL casts a quantized model's adapters to bf16; keep them fp32, the precision the optimizer
+    # updates in (autocast still runs the matmuls in 16 bits on a GPU).
+    for p in trainer.model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return trainer
+
+
+def non_finite_message(what: str, step: int, args, checkpoint) -> str:
+    kept = (f"the last good checkpoint, {checkpoint.name}, is kept and a rerun resumes from it"
+            if checkpoint else "no checkpoint was saved before it")
+    tips = [f"a lower train.learning_rate (now {args.learning_rate:g})",
+            "more warmup (train.warmup_ratio)",
+            f"gradient clipping train.max_grad_norm=1.0 or lower (now {args.max_grad_norm:g})"]
+    if args.fp16:
+        tips.append("train.precision=bf16 (on a GPU that has it) or fp32 instead of fp16")
+    tips.append("checking the data for empty or garbled answers")
+    return (f"training stopped at step {step}: the {what} is not finite (nan or inf); {kept}. "
+            f"Try {', '.join(tips)}; then rerun with retrain=True (--retrain) or resume after the change.")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None if it is complete."""
+    state = path / "trainer_state.json"
+    if not state.exists():
+        return "trainer_state.json is missing"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return "trainer_state.json is unreadable"
+    weights = [path / n for n in ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")]
+    weights = [w for w in weights if w.exists()]
+    if not weights or not (path / "adapter_config.json").exists():
+        return "the adapter weights are missing"
+    if weights[0].suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(weights[0]), framework="pt") as f:
+                for k in f.keys():
+                    f.get_slice(k)
+        except Exception:
+            return f"{weights[0].name} is unreadable"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        p = path / name
+        if not p.exists() or p.stat().st_size == 0:
+            return f"{name} is missing"
+    return None
+
+
+def last_checkpoint(folder: Path, clean: bool = False) -> Path | None:
+    """The newest complete checkpoint-N in `folder`; incomplete newer ones warned about (and removed if clean)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = sorted(((int(m.group(1)), p) for p in folder.iterdir()
+                    if p.is_dir() and (m := _CHECKPOINT.match(p.name))), reverse=True)
+    for _, p in found:
+        problem = checkpoint_problem(p)
+        if problem is None:
+            return p
+        if clean:
+            warnings.warn(f"skipping incomplete checkpoint {p.name} ({problem}); it is removed", CheckpointWarning,
+                          stacklevel=2)
+            shutil.rmtree(p, ignore_errors=True)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+def read_metrics_rows(path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _num(v):
+    if v in (None, ""):
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        return None
+
+
+def read_metrics(run: str):
+    """logs/training_metrics.csv as a pandas DataFrame."""
+    import pandas as pd
+
+    paths = run_paths(run)
+    require(paths, "metrics_csv")
+    return pd.read_csv(paths.metrics_csv)
+
+
+def loss_figure(run: str):
+    """Training and evaluation loss against the step (a matplotlib Figure)."""
+    import matplotlib
+
+    if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline", "inline")):
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    df = read_metrics(run)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    tr = df.dropna(subset=["loss"])
+    ev = df.dropna(subset=["eval_loss"])
+    ax.plot(tr["step"], tr["loss"], label="train loss", color="#4C72B0")
+    if len(ev):
+        ax.plot(ev["step"], ev["eval_loss"], "o-", label="eval loss", color="#C44E52")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_title(f"Training loss: {run}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _data_hash(paths) -> str | None:
+    try:
+        return json.loads(paths.data_report.read_text(encoding="utf-8")).get("data_hash")
+    except (OSError, ValueError):
+        return None
+
+
+def _model_card(cfg, summary: dict, data_hash: str | None) -> str:
+    import yaml
+
+    base = cfg.model.name_or_path
+    best = summary.get("best_eval_loss")
+    lines = [
+        "---",
+        "library_name: peft",
+        f"base_model: {base}" if base != "tiny" else "base_model: tiny (built offline by lib/tiny.py)",
+        "tags: [qlora, sft, trl, lora]",
+        "---",
+        "",
+        f"# LoRA adapter: {cfg.run}",
+        "",
+        f"Supervised fine-tuning of `{base}` with QLoRA ({cfg.quant.mode}, LoRA r={cfg.lora.r}, "
+        f"alpha={cfg.lora.alpha}, targets {cfg.lora.target_modules}), loss on assistant tokens only.",
+        "",
+        f"- data: `{cfg.data.path}` (format {cfg.data.format}), data hash `{data_hash}`",
+        f"- steps: {summary.get('global_step')}, epochs: {summary.get('epoch')}, "
+        f"tokens trained on: {summary.get('train_tokens')}",
+        f"- eval loss: {summary.get('initial_eval_loss')} before, {summary.get('final_eval_loss')} after"
+        + (f", best {best:.4f}" if isinstance(best, float) else ""),
+        f"- trainable parameters: {summary.get('trainable_params')} of {summary.get('total_params')}",
+        f"- libraries: {', '.join(f'{k} {v}' for k, v in summary.get('versions', {}).items())}",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from peft import AutoPeftModelForCausalLM",
+        "from transformers import AutoTokenizer",
+        "model = AutoPeftModelForCausalLM.from_pretrained('adapter')",
+        "tokenizer = AutoTokenizer.from_pretrained('adapter')  # with the chat template used in training",
+        "```",
+        "",
+        "## Configuration",
+        "",
+        "```yaml",
+        yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _summary(trainer, cfg, counts, runtime_s, resumed_from) -> dict:
+    hist = trainer.state.log_history
+    train_losses = [h["loss"] for h in hist if "loss" in h]
+    evals = [(h.get("step"), h["eval_loss"]) for h in hist if "eval_loss" in h]
+    eval_values = [v for _, v in evals]
+    return {
+        "run": cfg.run,
+        "model": cfg.model.name_or_path,
+        "final_loss": train_losses[-1] if train_losses else None,
+        "initial_eval_loss": next((v for s, v in evals if s == 0), None),
+        "final_eval_loss": eval_values[-1] if eval_values else None,
+        "best_eval_loss": min(eval_values) if eval_values else None,
+        "best_checkpoint": (Path(trainer.state.best_model_checkpoint).name
+                            if trainer.state.best_model_checkpoint else None),
+        "global_step": trainer.state.global_step,
+        "epoch": round(trainer.state.epoch or 0.0, 4),
+        "runtime_s": round(runtime_s, 2),
+        "resumed_from": resumed_from,
+        "train_tokens": int(trainer.state.num_input_tokens_seen),
+        **counts,
+        "world_size": trainer.args.world_size,
+        "batching": cfg.train.batching,
+        "versions": _versions(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+def is_finished(paths) -> bool:
+    return paths.training_summary.exists() and (paths.adapter / "adapter_config.json").exists()
+
+
+def _changed(old, new) -> list[str]:
+    a, b = to_dict(old), to_dict(new)
+    out = []
+    for section, values in b.items():
+        if isinstance(values, dict):
+            out += [f"{section}.{k} {a[section].get(k)!r} -> {v!r}" for k, v in values.items()
+                    if a[section].get(k) != v]
+    return out
+
+
+def _print_main(*args):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, flush=True)
+
+
+def run_train(run: str, overrides=(), retrain: bool = False, callbacks=()) -> dict:
+    """Entry point of notebook 03 and `python -m lib train` (also under torchrun): returns the summary.
+
+    Loads config.yaml, applies and saves `overrides`, needs the data of notebook 01, writes
+    model/summary.json if notebook 02 has not run, trains (resuming from the last complete
+    checkpoint), and saves the adapter, the logs and logs/training_summary.json. `callbacks`:
+    extra transformers TrainerCallbacks.
+    """
+    from accelerate import PartialState
+
+    paths = run_paths(run)
+    require(paths, "config", "train_data", "eval_data")
+    old = load_config(paths.config)
+    cfg = apply_overrides(old, overrides) if overrides else old
+    state = PartialState()
+    check_settings(cfg, paths)  # a bad setting stops here, before config.yaml is written
+    if state.is_main_process and overrides:
+        save_config(cfg, paths.config)
+
+    if is_finished(paths) and not retrain:
+        changes = _changed(json_config(paths), cfg)
+        summary = json.loads(paths.training_summary.read_text(encoding="utf-8"))
+        msg = f"run '{run}' has already finished training ({paths.training_summary})"
+        if changes:
+            msg += (f"; the changed settings ({'; '.join(changes)}) are saved but not applied: "
+                    "retrain=True (--retrain) trains again from scratch")
+        else:
+            msg += "; retrain=True (--retrain) trains again from scratch"
+        _print_main(msg)
+        return summary
+    if retrain and state.is_main_process:
+        for p in (paths.checkpoints, paths.adapter, paths.logs):
+            shutil.rmtree(p, ignore_errors=True)
+    state.wait_for_everyone()
+    return _train(cfg, paths, callbacks, state)
+
+
+def _has_eval(cfg, paths) -> bool:
+    if cfg.train.eval_strategy == "no" or not paths.eval_data.exists():
+        return False
+    with open(paths.eval_data, encoding="utf-8") as f:
+        return any(line.strip() for line in f)
+
+
+def check_settings(cfg, paths) -> None:
+    """Raise ConfigError for a setting training cannot use, without loading anything large."""
+    from .model import attn_implementation, device_info, precision, target_modules
+
+    info = device_info()
+    precision(cfg, info)
+    attn_implementation(cfg, info)
+    target_modules(cfg)
+    build_collator(cfg, _NoTokenizer())
+    sft_config(cfg, paths.checkpoints, has_eval=_has_eval(cfg, paths))
+
+
+class _NoTokenizer:
+    pad_token_id = 0
+    eos_token_id = 0
+
+
+def json_config(paths):
+    """The configuration the finished run was trained with (saved in the adapter), else config.yaml."""
+    from .config import from_dict
+
+    trained = paths.adapter / "run_config.json"
+    if trained.exists():
+        try:
+            return from_dict(json.loads(trained.read_text(encoding="utf-8")), source=str(trained))
+        except Exception:
+            pass
+    return load_config(paths.config)
+
+
+def _train(cfg, paths, extra_callbacks, state) -> dict:
+    from transformers import set_seed
+
+    from .data import read_examples
+    from .model import add_lora, load_model_and_tokenizer, load_model_config, parameter_counts, write_summary
+
+    with state.main_process_first():  # one process cleans incomplete checkpoints
+        resume = last_checkpoint(paths.checkpoints, clean=state.is_main_process)
+    resume_step = None
+    if resume is not None:
+        resume_step = json.loads((resume / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+        _print_main(f"resuming from {resume.name} (step {resume_step})")
+
+    set_seed(cfg.train.seed)  # the LoRA initialisation draws from it
+    model, tokenizer = load_model_and_tokenizer(cfg, for_training=True)
+    footprint = model.get_memory_footprint()
+    set_seed(cfg.train.seed)
+    model = add_lora(model, cfg)
+    counts = parameter_counts(model)
+    if state.is_main_process and not paths.model_summary.exists():
+        write_summary(paths, cfg, model, footprint, load_model_config(cfg))
+
+    train_ds = encode_dataset(tokenizer, read_examples(paths.train_data), cfg.train.max_length, paths.train_data)
+    eval_ds = encode_dataset(tokenizer, read_examples(paths.eval_data), cfg.train.max_length, paths.eval_data)
+    if len(train_ds) == 0:
+        raise DataError(paths.train_data, "no example has a trained token (check the data and train.max_length)")
+    has_eval = len(eval_ds) > 0 and _has_eval(cfg, paths)
+
+    callbacks = list(extra_callbacks)
+    if state.is_main_process:
+        callbacks.insert(0, _metrics_callback_class()(paths.metrics_csv, resume_step))
+    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds if has_eval else None,
+                            paths.checkpoints, resuming=resume is not None, callbacks=callbacks)
+
+    started = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except BaseException:  # an error or an interrupt: close the progress bar it leaves open
+        for cb in trainer.callback_handler.callbacks:
+            if getattr(cb, "training_bar", None) is not None:
+                cb.training_bar.close()
+        raise
+    runtime = time.perf_counter() - started
+
+    summary = _summary(trainer, cfg, counts, runtime, resume.name if resume else None)
+    if state.is_main_process:
+        _save_adapter(trainer, cfg, paths, summary)
+        paths.logs.mkdir(parents=True, exist_ok=True)
+        tmp = paths.training_summary.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        tmp.replace(paths.training_summary)
+        _print_main(f"trained {summary['global_step']} steps in {runtime:.1f} s; eval loss "
+                    f"{summary['initial_eval_loss']} -> {summary['final_eval_loss']}; adapter in {paths.adapter}")
+    state.wait_for_everyone()
+    return summary
+
+
+def _save_adapter(trainer, cfg, paths, summary) -> None:
+    """adapter/: peft weights, tokenizer (with its chat template), model card; written aside, then moved in."""
+    tmp = paths.adapter.with_name(paths.adapter.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(str(tmp))
+    trainer.processing_class.save_pretrained(str(tmp))
+    (tmp / "README.md").write_text(_model_card(cfg, summary, _data_hash(paths)), encoding="utf-8")
+    (tmp / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2), encoding="utf-8")
+    shutil.rmtree(paths.adapter, ignore_errors=True)
+    tmp.replace(paths.adapter)
+
+
+def finite(x) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+__all__ = ["encode_dataset", "build_collator", "sft_config", "build_trainer", "run_train", "last_checkpoint", "checkpoint_problem",
+           "read_metrics", "loss_figure", "CheckpointWarning", "IGNORE_INDEX"]
