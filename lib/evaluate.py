@@ -1,0 +1,469 @@
+"""Evaluation (notebook 04): perplexity and generated answers, base model vs tuned model.
+
+    python -m lib evaluate --run demo [--set generation.do_sample=true --set eval.generate_examples=32]
+
+    from lib.evaluate import run_evaluate, perplexity, generate_answers
+    result = run_evaluate("demo")          # writes eval/perplexity.json, predictions.jsonl, generation_metrics.json
+
+Both models are the same loaded weights: the 4-bit base with the trained adapter, and the base
+with the adapter switched off (peft's `disable_adapter()`), so the comparison costs one load.
+
+Perplexity is exp(total NLL / total tokens) over the assistant tokens of the eval split, the very
+tokens the training loss sees (`lib.tokenization.encode_example` labels, cut at train.max_length).
+It is computed batch by batch (one batch of logits in memory at a time) and summed in float64.
+
+Generation answers the first `eval.generate_examples` eval prompts with both models, batched with
+left padding, under `cfg.generation` (greedy or sampling, temperature, top-k, top-p, max new
+tokens, no-repeat n-gram size, repetition penalty). Metrics: BLEU (sacrebleu), ROUGE-L F1
+(rouge-score), the stop rate (answers that ended with an end-of-turn / eos token rather than at
+the length limit) and a Socratic style score (share of answers that end with a question, questions
+per answer). The references get the style score too, as the target to compare with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+from .errors import MissingStageError, SFTError
+from .paths import require, run_paths
+from .tokenization import IGNORE_INDEX, encode_example, prompt_messages, render_prompt, stop_token_ids
+
+MODELS = ("base", "tuned")
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+def _device(model):
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return next(model.parameters()).device
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return tid
+    return 0
+
+
+def perplexity(model, tokenizer, examples, batch_size: int = 8, max_length: int | None = 1024,
+               desc: str = "perplexity", progress: bool = True) -> dict:
+    """Perplexity of `model` over the trained (assistant) tokens of normalised `examples`.
+
+    Returns {"loss": mean NLL per token (nats), "perplexity": exp(loss), "tokens": count,
+    "examples": examples that have at least one scored token}.
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    encoded = [encode_example(tokenizer, ex, max_length) for ex in examples]
+    # Token t is predicted from tokens < t, so a label at position 0 can never be scored.
+    encoded = [e for e in encoded if any(x != IGNORE_INDEX for x in e["labels"][1:])]
+    if not encoded:
+        raise SFTError("no assistant tokens to score in the evaluation examples "
+                       "(empty answers, or all cut by train.max_length)")
+    encoded.sort(key=lambda e: len(e["input_ids"]))  # similar lengths together: little padding
+    device = _device(model)
+    pad = _pad_id(tokenizer)
+    total_nll, total_tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
+    try:
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+            width = max(len(e["input_ids"]) for e in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, e in enumerate(batch):
+                n = len(e["input_ids"])
+                ids[row, :n] = torch.tensor(e["input_ids"])
+                labels[row, :n] = torch.tensor(e["labels"])
+                mask[row, :n] = 1
+            with torch.no_grad():
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                target = labels[:, 1:].to(logits.device)
+                for row in range(len(batch)):  # one row at a time in float32: bounded memory for big vocabularies
+                    total_nll += F.cross_entropy(logits[row, :-1].float(), target[row], ignore_index=IGNORE_INDEX,
+                                                 reduction="sum").item()
+                total_tokens += int((target != IGNORE_INDEX).sum())
+            del logits
+    finally:
+        model.train(was_training)
+    loss = total_nll / total_tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": total_tokens,
+            "examples": len(encoded)}
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _settings(gen_cfg) -> dict:
+    if dataclasses.is_dataclass(gen_cfg):
+        return dataclasses.asdict(gen_cfg)
+    return dict(gen_cfg or {})
+
+
+def generation_kwargs(tokenizer, gen_cfg) -> dict:
+    """Keyword arguments of `model.generate` for cfg.generation (a GenerationSettings or a dict)."""
+    s = _settings(gen_cfg)
+    kw = {
+        "max_new_tokens": int(s.get("max_new_tokens", 128)),
+        "do_sample": bool(s.get("do_sample", False)),
+        "repetition_penalty": float(s.get("repetition_penalty", 1.0)),
+        "pad_token_id": _pad_id(tokenizer),
+    }
+    stops = stop_token_ids(tokenizer)
+    if stops:
+        kw["eos_token_id"] = stops
+    if kw["do_sample"]:
+        kw.update(temperature=float(s.get("temperature", 1.0)), top_k=int(s.get("top_k", 50)),
+                  top_p=float(s.get("top_p", 1.0)))
+    else:  # greedy: the model's own sampling defaults (a Hub generation_config.json) must not leak in
+        kw.update(temperature=None, top_k=None, top_p=None)
+    if int(s.get("no_repeat_ngram_size", 0) or 0) > 0:
+        kw["no_repeat_ngram_size"] = int(s["no_repeat_ngram_size"])
+    return kw
+
+
+def generate_answers(model, tokenizer, conversations, gen_cfg, batch_size: int = 8, desc: str = "generate",
+                     progress: bool = True) -> list[dict]:
+    """Answer each conversation (a list of messages ending with the user's turn).
+
+    Returns [{"text": answer, "stopped": True if it ended with a stop token, False if it ran into
+    max_new_tokens}] in the order given. Prompts are rendered with the tokenizer's chat template and
+    left-padded, so a batch gives the same answers as one prompt at a time.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    kw = generation_kwargs(tokenizer, gen_cfg)
+    stops = set(kw.get("eos_token_id") or [])
+    device = _device(model)
+    prompts = [render_prompt(tokenizer, list(conv)) for conv in conversations]
+    out: list[dict] = []
+    side = tokenizer.padding_side
+    was_training = model.training
+    model.eval()
+    tokenizer.padding_side = "left"
+    try:
+        batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+            if enc["input_ids"].shape[1] == 0:
+                raise SFTError("an evaluation prompt renders to no tokens")
+            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            with torch.no_grad():
+                seqs = model.generate(**enc, **kw)
+            new = seqs[:, enc["input_ids"].shape[1]:].tolist()
+            for tokens in new:
+                cut = next((i for i, t in enumerate(tokens) if t in stops), None)
+                answer = tokens if cut is None else tokens[:cut]
+                out.append({"text": tokenizer.decode(answer, skip_special_tokens=True).strip(),
+                            "stopped": cut is not None})
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+_QUESTION = re.compile(r"[^?？؟]*[?？؟]+")
+_QUESTION_END = re.compile(r"[?？؟]+[\"'»”’)\]\s]*$")
+
+
+class _UnicodeTokenizer:
+    """rouge-score's tokenizer for any script: lower-case words (each CJK character its own token),
+    with the Porter stemmer on ASCII words as rouge-score does. Equal to its default on English."""
+
+    def __init__(self):
+        from rouge_score import tokenizers
+
+        self._default = tokenizers.DefaultTokenizer(use_stemmer=True)
+
+    def tokenize(self, text: str) -> list[str]:
+        text = _CJK.sub(lambda m: f" {m.group()} ", text.lower())
+        tokens = []
+        for word in re.findall(r"[^\W_]+", text):
+            tokens.extend(self._default.tokenize(word) if word.isascii() else [word])
+        return tokens
+
+
+def count_questions(text: str) -> int:
+    """Questions in a text: stretches with a word in them that end with a question mark (?, ？ or ؟)."""
+    return sum(1 for part in _QUESTION.findall(text or "") if re.search(r"[^\W_]", part))
+
+
+def is_question(text: str) -> bool:
+    """An answer "is a question" when its last sentence ends with a question mark."""
+    return bool(_QUESTION_END.search((text or "").strip())) and count_questions(text) > 0
+
+
+def style_scores(answers: list[str]) -> dict:
+    """Socratic style: share of answers that end with a question, questions per answer, words per answer."""
+    n = max(1, len(answers))
+    return {
+        "question_rate": sum(is_question(a) for a in answers) / n,
+        "questions_per_answer": sum(count_questions(a) for a in answers) / n,
+        "mean_words": sum(len(re.findall(r"[^\W_]+", a or "")) for a in answers) / n,
+    }
+
+
+def text_metrics(predictions: list[str], references: list[str]) -> dict:
+    """Corpus BLEU (sacrebleu, 0-100), mean ROUGE-L F1 (rouge-score, 0-1) and the style scores."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        return {"bleu": None, "rouge_l": None, **style_scores([]), "bleu_signature": None}
+    cjk = any(_CJK.search(r or "") for r in references)
+    bleu = sacrebleu.metrics.BLEU(tokenize="char" if cjk else "13a")
+    score = bleu.corpus_score([p or "" for p in predictions], [[r or "" for r in references]])
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_UnicodeTokenizer())
+    rouge = [scorer.score(r or "", p or "")["rougeL"].fmeasure for p, r in zip(predictions, references)]
+    return {"bleu": score.score, "rouge_l": sum(rouge) / len(rouge), **style_scores(predictions),
+            "bleu_signature": str(bleu.get_signature())}
+
+
+def generation_metrics(predictions: list[dict], references: list[str]) -> dict:
+    """text_metrics plus the stop rate, for generate_answers() output."""
+    out = text_metrics([p["text"] for p in predictions], references)
+    out["stop_rate"] = sum(bool(p["stopped"]) for p in predictions) / max(1, len(predictions))
+    return out
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def load_tuned_model(cfg, adapter_dir):
+    """The base model of `cfg` (quantized as configured) with the adapter of `adapter_dir` on top, in
+    eval mode, and the tokenizer training saved beside the adapter (the base's if none was saved)."""
+    from .model import load_model_and_tokenizer, load_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(cfg, for_training=False, adapter=adapter_dir)
+    if (Path(adapter_dir) / "tokenizer_config.json").exists():
+        tokenizer = load_tokenizer(cfg, path=str(adapter_dir))
+    model.eval()
+    return model, tokenizer
+
+
+def _release() -> None:
+    """Give the model's memory back (a notebook kernel lives on after the evaluation)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _eval_conversations(examples):
+    """(index, prompt messages, reference) of eval examples that end with an assistant answer."""
+    out = []
+    for i, ex in enumerate(examples):
+        messages = ex.get("messages")
+        if not messages:
+            continue
+        prompt, reference = prompt_messages(messages)
+        if reference is None or not prompt:
+            continue
+        out.append((i, prompt, reference))
+    return out
+
+
+def run_evaluate(run: str, overrides=(), progress: bool = True) -> dict:
+    """Entry point of notebook 04 and `python -m lib evaluate`.
+
+    Returns {"perplexity": {"base": {...}, "tuned": {...}}, "generation": metrics (or None when
+    eval.generate_examples is 0 or the data has no conversations), "predictions": rows}.
+    """
+    from .config import apply_overrides, load_config
+    from .data import read_examples
+
+    paths = run_paths(run)
+    require(paths, "config", "eval_data", "adapter")
+    if not (paths.adapter / "adapter_config.json").exists():
+        raise MissingStageError(f"{paths.adapter} holds no adapter (adapter_config.json): run notebook "
+                                f"03_train_sft first (or `python -m lib train --run {run}`)")
+    cfg = apply_overrides(load_config(paths.config), overrides or [])
+    examples = read_examples(paths.eval_data)
+    if cfg.eval.max_examples is not None:
+        examples = examples[:cfg.eval.max_examples]
+    if not examples:
+        raise SFTError(f"{paths.eval_data} holds no examples: prepare the data with data.eval_fraction > 0 "
+                       "(notebook 01) to measure perplexity")
+
+    started = time.time()
+    model, tokenizer = load_tuned_model(cfg, paths.adapter)
+    bs, max_len = cfg.eval.batch_size, cfg.train.max_length
+    ppl = {}
+    ppl["tuned"] = perplexity(model, tokenizer, examples, bs, max_len, desc="perplexity (tuned)", progress=progress)
+    with model.disable_adapter():
+        ppl["base"] = perplexity(model, tokenizer, examples, bs, max_len, desc="perplexity (base)", progress=progress)
+    ppl = {"base": ppl["base"], "tuned": ppl["tuned"]}
+    for m in MODELS:
+        if not math.isfinite(ppl[m]["loss"]):
+            raise SFTError(f"the {m} model's eval loss is not finite ({ppl[m]['loss']}): a numerical overflow; "
+                           "try quant.compute_dtype=bfloat16 (or float32), or a lower learning rate if only "
+                           "the tuned model is affected")
+    ppl_seconds = time.time() - started
+
+    started = time.time()
+    chosen = _eval_conversations(examples)[:max(0, cfg.eval.generate_examples)]
+    predictions, gen_metrics = [], None
+    if chosen:
+        import torch
+
+        conversations = [c[1] for c in chosen]
+        references = [c[2] for c in chosen]
+        answers = {}
+        torch.manual_seed(cfg.train.seed)
+        with model.disable_adapter():
+            answers["base"] = generate_answers(model, tokenizer, conversations, cfg.generation, bs,
+                                               desc="generate (base)", progress=progress)
+        torch.manual_seed(cfg.train.seed)
+        answers["tuned"] = generate_answers(model, tokenizer, conversations, cfg.generation, bs,
+                                            desc="generate (tuned)", progress=progress)
+        for (index, prompt, reference), base, tuned in zip(chosen, answers["base"], answers["tuned"]):
+            predictions.append({
+                "index": index,
+                "prompt": prompt[-1]["content"],
+                "messages": prompt,
+                "reference": reference,
+                "base": base["text"],
+                "tuned": tuned["text"],
+                "base_stopped": base["stopped"],
+                "tuned_stopped": tuned["stopped"],
+            })
+        scores = {m: generation_metrics(answers[m], references) for m in MODELS}
+        signature = [scores[m].pop("bleu_signature") for m in MODELS][0]
+        gen_metrics = {
+            "examples": len(predictions),
+            "base": scores["base"],
+            "tuned": scores["tuned"],
+            "reference": style_scores(references),
+            "bleu_signature": signature,
+            "generation": dataclasses.asdict(cfg.generation),
+            "seconds": round(time.time() - started, 2),
+        }
+    del model
+    _release()
+    # Everything computed: now write (nothing half-written if anything above failed).
+    _write_json(paths.perplexity, ppl)
+    _write_jsonl(paths.predictions, predictions)
+    _write_json(paths.generation_metrics, gen_metrics if gen_metrics is not None else
+                {"examples": 0, "skipped": "eval.generate_examples is 0 or the eval data has no conversations"})
+    b, t = ppl["base"], ppl["tuned"]
+    print(f"perplexity over {t['tokens']} answer tokens of {t['examples']} eval examples: "
+          f"base {b['perplexity']:.2f}, tuned {t['perplexity']:.2f} ({ppl_seconds:.1f}s)")
+    if gen_metrics is not None:
+        print(f"generated {len(predictions)} answers per model: BLEU base {gen_metrics['base']['bleu']:.1f} / "
+              f"tuned {gen_metrics['tuned']['bleu']:.1f}, stop rate base {gen_metrics['base']['stop_rate']:.0%} / "
+              f"tuned {gen_metrics['tuned']['stop_rate']:.0%} ({gen_metrics['seconds']:.1f}s)")
+    return {"perplexity": ppl, "generation": gen_metrics, "predictions": predictions}
+
+
+# ----------------------------------------------------------------------------- notebook views
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SFTError(f"{path}: invalid JSON ({e.msg}); rerun notebook 04_evaluate_perplexity") from None
+
+
+def _styled(df, formats: dict | None = None):
+    sty = df.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left", "vertical-align": "top"})
+    sty = sty.set_table_styles([{"selector": "th", "props": [("text-align", "left")]}])
+    for fmt, rows in (formats or {}).items():
+        sty = sty.format(fmt, subset=(rows, df.columns), na_rep="")
+    return sty
+
+
+def metrics_table(run: str, styled: bool = False):
+    """Perplexity and generation metrics of both models as a DataFrame (rows: metrics; columns: models,
+    and the references' own style scores). styled: a pandas Styler with readable number formats."""
+    import pandas as pd
+
+    paths = run_paths(run)
+    require(paths, "perplexity", "generation_metrics")
+    ppl = _read_json(paths.perplexity)
+    gen = _read_json(paths.generation_metrics)
+    models = [m for m in ("base", "tuned", "merged") if isinstance(ppl.get(m), dict)]
+    rows = {
+        "perplexity (lower is better)": {m: ppl[m]["perplexity"] for m in models},
+        "loss per answer token (nats)": {m: ppl[m]["loss"] for m in models},
+        "answer tokens scored": {m: ppl[m]["tokens"] for m in models},
+    }
+    labels = {"bleu": "BLEU (0-100)", "rouge_l": "ROUGE-L F1 (0-1)", "stop_rate": "stop rate (ended by end-of-turn)",
+              "question_rate": "answers ending with a question", "questions_per_answer": "questions per answer",
+              "mean_words": "words per answer"}
+    for key, label in labels.items():
+        row = {m: gen[m].get(key) for m in MODELS if isinstance(gen.get(m), dict)}
+        if key in (gen.get("reference") or {}):
+            row["reference"] = gen["reference"][key]
+        if row:
+            rows[label] = row
+    columns = [c for c in ("base", "tuned", "merged", "reference") if any(c in r for r in rows.values())]
+    df = pd.DataFrame(rows).T.reindex(columns=columns)
+    if not styled:
+        return df
+    counts = [r for r in ("answer tokens scored",) if r in df.index]
+    return _styled(df, {"{:,.3f}": [r for r in df.index if r not in counts], "{:,.0f}": counts})
+
+
+def predictions_table(run: str, n: int = 5, styled: bool = False):
+    """The first `n` generated answers side by side (prompt, reference, base, tuned, whether each stopped).
+
+    styled: a pandas Styler that keeps line breaks and aligns text left, for notebooks.
+    """
+    import pandas as pd
+
+    from .data import read_examples
+
+    paths = run_paths(run)
+    require(paths, "predictions")
+    rows = read_examples(paths.predictions)[:n]
+    cols = ["prompt", "reference", "base", "tuned"]
+    df = pd.DataFrame([{c: r.get(c, "") for c in cols} for r in rows], columns=cols)
+    for m in MODELS:
+        df[f"{m} stopped"] = [r.get(f"{m}_stopped") for r in rows]
+    if not styled:
+        return df
+    view = df.copy()
+    for m in MODELS:
+        view[m] = view[m].map(lambda t: t if t.strip() else "(empty answer)")
+        view[f"{m} stopped"] = view[f"{m} stopped"].map(
+            lambda x: "yes" if x else "no: cut at max_new_tokens")
+    return _styled(view)
