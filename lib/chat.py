@@ -1,0 +1,328 @@
+"""Chat with the tuned model: one function, a session that keeps the history, a notebook widget.
+
+    python -m lib chat --run demo --prompt "Why does ice float?"   # one reply on stdout
+    python -m lib chat --run demo [--system TEXT] [--merged]      # a chat loop in the terminal
+
+    from lib.chat import load_session, chat_widget
+    session = load_session("demo")               # 4-bit base + adapter, as training saw it
+    session.send("Why does ice float?")          # -> the reply (the history grows)
+    run_script(session, ["Why?", "And then?"])   # a scripted exchange (no front end: nbval, CI)
+    chat_widget(session)                         # ipywidgets: input box, send, clear, streaming
+
+`chat(model, tokenizer, history, system=None, settings=None, stream=False)` renders the
+conversation with the tokenizer's own chat template (the one training used), generates with the
+run's `generation` settings and stops at the template's end-of-turn token
+(`lib.tokenization.stop_token_ids`, via `lib.evaluate.generation_kwargs`). With `stream=True` it returns an iterator of text pieces fed
+by transformers' `TextIteratorStreamer` from a generation thread (with a timeout, so a stuck
+generation cannot hang the caller).
+"""
+
+from __future__ import annotations
+
+import html
+import queue
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .config import GenerationSettings
+from .errors import SFTError
+from .paths import require, run_paths
+from .tokenization import render_prompt
+
+DEFAULT_TIMEOUT = 120.0  # seconds the streamer waits for the next piece of text
+
+
+def generation_config(settings: GenerationSettings | None, tokenizer, base=None):
+    """A transformers GenerationConfig from the run's `generation` settings.
+
+    The same keyword arguments as evaluation uses (`lib.evaluate.generation_kwargs`: stop at the
+    chat template's end-of-turn token and eos, sampling knobs only when sampling), on top of
+    `base` (the model's own generation config), whose eos ids are kept too.
+    """
+    from transformers import GenerationConfig
+
+    from .evaluate import generation_kwargs
+
+    gc = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
+    old = gc.eos_token_id
+    kw = generation_kwargs(tokenizer, settings or GenerationSettings())
+    gc.update(**kw)
+    eos = list(kw.get("eos_token_id") or [])
+    for tid in [old] if isinstance(old, int) else list(old or []):
+        if tid not in eos:
+            eos.append(tid)
+    gc.eos_token_id = eos or None
+    gc.max_length = None  # max_new_tokens decides
+    if tokenizer.bos_token_id is not None:
+        gc.bos_token_id = tokenizer.bos_token_id
+    return gc
+
+
+def conversation(history: list[dict], system: str | None = None) -> list[dict]:
+    """The messages the model answers: the system prompt (if any and not already there), then history."""
+    msgs = [dict(m) for m in history]
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
+            raise SFTError(f"chat history: message {i + 1} is not a {{'role', 'content'}} dict "
+                           "with role system, user or assistant")
+    if not msgs or msgs[-1]["role"] != "user":
+        raise SFTError("chat history: the last message must be the user's")
+    if system and msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": system})
+    return msgs
+
+
+def _inputs(model, tokenizer, messages):
+    text = render_prompt(tokenizer, messages)
+    # The template writes bos itself; adding special tokens again would double it.
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    return {k: v.to(model.device) for k, v in enc.items()}
+
+
+def generate_reply(model, tokenizer, history, system=None, settings=None) -> dict:
+    """One reply with its details: text, token ids, and whether it ended at a stop token."""
+    import torch
+
+    gc = generation_config(settings, tokenizer, getattr(model, "generation_config", None))
+    inputs = _inputs(model, tokenizer, conversation(history, system))
+    with torch.no_grad():
+        out = model.generate(**inputs, generation_config=gc)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    stops = set(gc.eos_token_id or [])
+    stopped = bool(new) and new[-1] in stops
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    return {"text": text.strip(), "token_ids": new, "stopped": stopped, "n_tokens": len(new)}
+
+
+class _Cancel:
+    """A stopping criterion that ends generation when the reader of a stream goes away."""
+
+    def __init__(self):
+        self.event = threading.Event()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _stream(model, tokenizer, messages, gc, timeout) -> Iterator[str]:
+    import torch
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+    inputs = _inputs(model, tokenizer, messages)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=timeout, skip_special_tokens=True)
+    cancel = _Cancel()
+    failure: list[BaseException] = []
+
+    def work():
+        try:
+            with torch.no_grad():
+                model.generate(**inputs, generation_config=gc, streamer=streamer,
+                               stopping_criteria=StoppingCriteriaList([cancel]))
+        except BaseException as e:  # re-raised in the reader's thread below
+            failure.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        first = True
+        for piece in streamer:
+            if first:  # the template's newline after the role marker is not part of the answer
+                piece = piece.lstrip()
+                first = not piece
+            if piece:
+                yield piece
+    except queue.Empty:
+        raise SFTError(f"chat: no text from the model for {timeout:g} s (raise the timeout for a slow model)") from None
+    finally:
+        cancel.event.set()
+        thread.join(timeout=timeout)
+    if failure:
+        raise failure[0]
+
+
+def chat(model, tokenizer, history, system: str | None = None, settings: GenerationSettings | None = None,
+         stream: bool = False, timeout: float = DEFAULT_TIMEOUT):
+    """The model's reply to `history` (a list of {"role", "content"} ending with the user's message).
+
+    Returns the reply text, or with stream=True an iterator of text pieces that join to it.
+    Generation stops at the end-of-turn token; `settings` are the run's `generation` section.
+    """
+    if not stream:
+        return generate_reply(model, tokenizer, history, system, settings)["text"]
+    gc = generation_config(settings, tokenizer, getattr(model, "generation_config", None))
+    return _stream(model, tokenizer, conversation(history, system), gc, timeout)
+
+
+@dataclass
+class ChatSession:
+    """A model, its tokenizer and generation settings, a system prompt and the history so far."""
+
+    model: object
+    tokenizer: object
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    system: str | None = None
+    history: list[dict] = field(default_factory=list)
+    timeout: float = DEFAULT_TIMEOUT
+    source: str = ""
+
+    def send(self, message: str) -> str:
+        """Answer `message`, add both turns to the history and return the reply."""
+        return "".join(self.stream(message))
+
+    def stream(self, message: str) -> Iterator[str]:
+        """Like send, piece by piece; the history grows once the reply is complete."""
+        if not isinstance(message, str) or not message.strip():
+            raise SFTError("chat: the message is empty")
+        history = self.history + [{"role": "user", "content": message.strip()}]
+        parts = []
+        for piece in chat(self.model, self.tokenizer, history, self.system, self.settings,
+                          stream=True, timeout=self.timeout):
+            parts.append(piece)
+            yield piece
+        self.history = history + [{"role": "assistant", "content": "".join(parts).strip()}]
+
+    def clear(self) -> None:
+        self.history = []
+
+
+def load_session(run: str, merged: bool = False, system: str | None = None) -> ChatSession:
+    """A chat session on the run's tuned model: base + adapter (the 4-bit base training used), or
+    with merged=True the merged 16-bit model in merged/."""
+    from .config import load_config
+
+    paths = run_paths(run)
+    require(paths, "config")
+    cfg = load_config(paths.config)
+    if merged:
+        require(paths, "merged")
+        from .merge import load_merged
+
+        model, tokenizer = load_merged(paths.merged)
+        source = str(paths.merged)
+    else:
+        require(paths, "adapter")
+        from .evaluate import load_tuned_model
+
+        model, tokenizer = load_tuned_model(cfg, paths.adapter)  # the tokenizer training saved, with its template
+        source = f"{cfg.model.name_or_path} + {paths.adapter}"
+    model.eval()
+    return ChatSession(model, tokenizer, settings=cfg.generation, system=system, source=source)
+
+
+def run_script(session: ChatSession, prompts) -> list[dict]:
+    """Send `prompts` one after another through the session (as the widget does) and print the exchange.
+
+    For runs without a front end (nbval, papermill, CI): the same path as the chat widget.
+    """
+    for prompt in prompts:
+        reply = session.send(prompt)
+        print(f"you> {prompt}\nmodel> {reply}\n")
+    return session.history
+
+
+def _conversation_html(history: list[dict], partial: str | None = None) -> str:
+    rows = []
+    shown = list(history) + ([{"role": "assistant", "content": partial + " ▌"}] if partial is not None else [])
+    for m in shown:
+        who = {"user": "You", "assistant": "Model", "system": "System"}.get(m["role"], m["role"])
+        color = {"user": "#e8f0fe", "assistant": "#f1f3f4", "system": "#fff8e1"}.get(m["role"], "#fff")
+        body = html.escape(m["content"]).replace("\n", "<br>")
+        rows.append(f'<div style="background:{color};padding:6px 10px;margin:4px 0;border-radius:6px">'
+                    f"<b>{who}:</b> {body}</div>")
+    return "".join(rows) or '<div style="color:#888">No messages yet.</div>'
+
+
+def chat_widget(session: ChatSession):
+    """An ipywidgets chat on `session`: the conversation, an input box, send and clear buttons.
+
+    The reply streams into the conversation as it is generated. Works in Jupyter and Colab (core
+    widgets only). Returns the VBox; `display()` it, or leave it as a cell's last expression.
+    """
+    import ipywidgets as w
+
+    conversation_view = w.HTML(value=_conversation_html(session.history),
+                               layout=w.Layout(max_height="400px", overflow="auto", border="1px solid #ddd",
+                                               padding="4px"))
+    box = w.Textarea(placeholder="Type a message, then press Send", layout=w.Layout(width="70%", height="60px"))
+    send = w.Button(description="Send", button_style="primary", icon="paper-plane")
+    clear = w.Button(description="Clear", icon="trash")
+    status = w.Label(value=f"model: {session.source}" if session.source else "")
+
+    def on_send(_=None):
+        text = box.value.strip()
+        if not text:
+            return
+        box.value = ""
+        send.disabled = clear.disabled = True
+        status.value = "generating…"
+        pending = session.history + [{"role": "user", "content": text}]
+        partial = ""
+        conversation_view.value = _conversation_html(pending, partial)
+        try:
+            for piece in session.stream(text):
+                partial += piece
+                conversation_view.value = _conversation_html(pending, partial)
+            status.value = ""
+        except SFTError as e:
+            status.value = f"error: {e}"
+        finally:
+            send.disabled = clear.disabled = False
+            conversation_view.value = _conversation_html(session.history)
+
+    def on_clear(_=None):
+        session.clear()
+        conversation_view.value = _conversation_html(session.history)
+        status.value = ""
+
+    send.on_click(on_send)
+    clear.on_click(on_clear)
+    ui = w.VBox([conversation_view, w.HBox([box, w.VBox([send, clear])]), status])
+    # Handles for code (and tests) that drive the widget without a front end.
+    ui.input, ui.send_button, ui.clear_button, ui.conversation, ui.status = box, send, clear, conversation_view, status
+    return ui
+
+
+def run_chat(run: str, prompt: str | None = None, system: str | None = None, merged: bool = False):
+    """Entry point of `python -m lib chat`: print one reply to `prompt`, or run a terminal chat loop.
+
+    Returns the reply (with a prompt) or the conversation (after the loop).
+    """
+    session = load_session(run, merged=merged, system=system)
+    if prompt is not None:
+        parts = []
+        for piece in session.stream(prompt):
+            parts.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return "".join(parts).strip()
+    print(f"chatting with {session.source} (/clear starts over, /exit or Ctrl-D quits)", file=sys.stderr)
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            break
+        text = text.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/clear":
+            session.clear()
+            continue
+        sys.stdout.write("model> ")
+        try:
+            for piece in session.stream(text):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [interrupted]")
+        sys.stdout.write("\n")
+    return session.history

@@ -1,0 +1,362 @@
+"""Merge the adapter into a 16-bit base, save it, and check the merged model against the adapter.
+
+    python -m lib merge --run demo [--set merge.tolerance=0.02]
+
+    from lib.merge import run_merge
+    report = run_merge("demo")          # writes outputs/demo/merged/ and merged/merge_report.json
+
+The base model is reloaded in 16-bit (bf16 where supported, fp16 on older GPUs, fp32 on the CPU),
+the adapter applied with peft and `merge_and_unload`ed; merging into a 4-bit (or 8-bit) base is
+refused, since its weights would be re-quantized. merged/ holds the model (safetensors), the
+tokenizer with the chat template training used, and a generation config whose end-of-sequence
+ids include the template's end-of-turn token, so `AutoModelForCausalLM.from_pretrained("merged")`
+plus `generate` stops where a reply ends.
+
+The merge check (merged/merge_report.json) reloads merged/ by path and compares it with the
+adapter model as training saw it, the 4-bit NF4 base + adapter, on the eval split:
+- perplexity of both and the relative drift |ppl_merged - ppl_adapter| / ppl_adapter. The drift is
+  mostly the quantization error of the base: the adapter was trained on top of NF4 weights and is
+  now added to the original 16-bit weights, which differ from them by that error. A drift beyond
+  `merge.tolerance` sets "ok": false and prints a warning.
+- the largest logit difference (and the top-1 agreement) over the answer tokens of a few samples,
+  against the adapter model and, to isolate the merge arithmetic itself, against the same 16-bit
+  base with the adapter applied unmerged (this one should be ~1e-5 in fp32).
+- the template round trip: the tokenizer saved in merged/ renders and tokenizes conversations
+  exactly as the adapter's tokenizer (the one training used) does.
+Everything is written into a temporary folder first, then moved to merged/.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+from .config import RunConfig, apply_overrides, load_config
+from .errors import SFTError
+from .paths import require, run_paths
+from .tokenization import IGNORE_INDEX, encode_example, prompt_messages, render_prompt
+
+LOGIT_SAMPLES = 4  # eval conversations whose logits are compared position by position
+
+DRIFT_MEANING = (
+    "relative_drift = |ppl_merged - ppl_adapter| / ppl_adapter, where the adapter model is the 4-bit "
+    "NF4 base + adapter that training used and the merged model is the adapter merged into the "
+    "original 16-bit weights. It measures mostly the quantization error of the base (the adapter "
+    "learnt on top of NF4 weights, the merge adds it to the unquantized ones); the merge itself "
+    "is exact up to rounding, see logits.max_abs_diff_vs_unmerged."
+)
+
+
+class MergeError(SFTError):
+    """The adapter cannot be merged as asked (e.g. into a quantized base)."""
+
+
+def quantization_of(model) -> str | None:
+    """'4-bit' / '8-bit' if the model (or a peft model's base) has bitsandbytes-quantized weights."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "is_loaded_in_4bit", False):
+        return "4-bit"
+    if getattr(base, "is_loaded_in_8bit", False):
+        return "8-bit"
+    for module in base.modules():
+        name = type(module).__name__
+        if name in ("Linear4bit", "LinearNF4", "LinearFP4"):
+            return "4-bit"
+        if name == "Linear8bitLt":
+            return "8-bit"
+    return None
+
+
+def merge_adapter(peft_model):
+    """merge_and_unload a peft model whose base is 16/32-bit; refuse a quantized base."""
+    q = quantization_of(peft_model)
+    if q is not None:
+        raise MergeError(
+            f"refusing to merge the adapter into a {q} quantized base model: the merged weights would be "
+            "re-quantized, losing the adapter's precision. Reload the base in 16-bit (fp32 on the CPU) "
+            "and merge into that, as `run_merge` (python -m lib merge) does.")
+    if not hasattr(peft_model, "merge_and_unload"):
+        raise MergeError("merge_adapter expects a peft model (base + adapter)")
+    return peft_model.merge_and_unload()
+
+
+def load_16bit_with_adapter(cfg: RunConfig, adapter_dir):
+    """The run's base model unquantized (the compute dtype on a GPU: bf16, or fp16 on a T4; fp32 on
+    the CPU) with the adapter on top, unmerged."""
+    from .model import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(apply_overrides(cfg, ["quant.mode=none"]), for_training=False,
+                                        adapter=str(adapter_dir))
+    return model
+
+
+def load_merged(path):
+    """A merged model folder loaded by path, as any user would: (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .model import _device_map, device_info
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", device_map=_device_map(device_info()))
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
+def save_merged(model, tokenizer, out_dir, settings=None) -> Path:
+    """Save a merged model in safetensors with the tokenizer (and its chat template) and a
+    generation config that stops at the end-of-turn token."""
+    from .chat import generation_config
+
+    out_dir = Path(out_dir)
+    model.generation_config = generation_config(settings, tokenizer, getattr(model, "generation_config", None))
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if not any(out_dir.glob("*.safetensors")):
+        raise MergeError(f"{out_dir}: the merged weights were not saved as safetensors")
+    return out_dir
+
+
+def template_round_trip(reference_tokenizer, tokenizer, examples: list[dict], max_length=None) -> dict:
+    """Does `tokenizer` render and tokenize conversations exactly as `reference_tokenizer`?
+
+    Compares, per conversation, the rendered text, the generation prompt, the token ids and the
+    trained-token labels. Returns {"ok", "conversations", "mismatches": [...]}.
+    """
+    mismatches = []
+    checked = 0
+    for i, ex in enumerate(examples):
+        if not ex.get("messages"):
+            continue
+        checked += 1
+        ref = encode_example(reference_tokenizer, ex, max_length)
+        new = encode_example(tokenizer, ex, max_length)
+        prompt = prompt_messages(ex["messages"])[0]
+        render_same = (reference_tokenizer.apply_chat_template(ex["messages"], tokenize=False)
+                       == tokenizer.apply_chat_template(ex["messages"], tokenize=False))
+        prompt_same = render_prompt(reference_tokenizer, prompt) == render_prompt(tokenizer, prompt)
+        for what, same in (("render", render_same), ("generation prompt", prompt_same),
+                           ("token ids", ref["input_ids"] == new["input_ids"]),
+                           ("labels", ref["labels"] == new["labels"])):
+            if not same:
+                mismatches.append(f"example {i + 1}: {what} differ")
+    return {"ok": not mismatches, "conversations": checked, "mismatches": mismatches[:20]}
+
+
+def answer_logits(model, tokenizer, examples: list[dict], max_length: int) -> list:
+    """Per example, the logits (float32, on the CPU) at the positions that predict a trained token."""
+    import torch
+
+    out = []
+    for ex in examples:
+        enc = encode_example(tokenizer, ex, max_length)
+        labels = torch.tensor(enc["labels"])
+        ids = torch.tensor([enc["input_ids"]], device=model.device)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].float().cpu()
+        where = (labels[1:] != IGNORE_INDEX).nonzero().flatten()
+        out.append(logits[:-1][where])
+    return out
+
+
+def compare_logits(a: list, b: list) -> dict:
+    """Largest absolute logit difference and top-1 agreement between two answer_logits results."""
+    diffs, agree, n = [], 0, 0
+    for x, y in zip(a, b, strict=True):
+        if x.numel():
+            diffs.append((x - y).abs().max().item())
+            agree += (x.argmax(-1) == y.argmax(-1)).sum().item()
+            n += x.shape[0]
+    scale = max((t.abs().max().item() for t in a if t.numel()), default=0.0)
+    return {"max_abs_diff": max(diffs, default=0.0), "top1_agreement": agree / n if n else 1.0,
+            "positions": n, "logit_scale": scale}
+
+
+def _release() -> None:
+    """Give memory of models dropped by the caller back (between the three models of the check)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _check_examples(paths, cfg) -> tuple[list[dict], str]:
+    from .data import read_examples
+
+    examples = read_examples(paths.eval_data)
+    split = "eval"
+    if not examples:  # no eval split: check on training examples rather than on nothing
+        require(paths, "train_data")
+        examples = read_examples(paths.train_data)[:32]
+        split = "train (no eval split)"
+    if cfg.eval.max_examples:
+        examples = examples[: cfg.eval.max_examples]
+    if not examples:
+        raise MergeError(f"{paths.eval_data}: no examples to check the merged model on")
+    return examples, split
+
+
+def merge_and_check(cfg: RunConfig, adapter_dir, eval_examples: list[dict], out_dir,
+                    samples: int = LOGIT_SAMPLES, split: str = "eval") -> dict:
+    """Merge `adapter_dir` into the 16-bit base of `cfg`, save into `out_dir`, check, write the report."""
+    from .evaluate import load_tuned_model, perplexity
+    from .model import load_tokenizer
+
+    out_dir = Path(out_dir)
+    max_length = cfg.train.max_length
+    batch_size = cfg.eval.batch_size
+    sample_examples = eval_examples[:samples]
+    tokenizer = load_tokenizer(cfg, path=str(adapter_dir))  # saved by training, with its chat template
+
+    # 1. Merge into the 16-bit base; logits of base + adapter (unmerged) first, to isolate the merge.
+    peft_model = load_16bit_with_adapter(cfg, adapter_dir)
+    dtype = peft_model.get_base_model().dtype
+    unmerged_logits = answer_logits(peft_model, tokenizer, sample_examples, max_length)
+    merged = merge_adapter(peft_model)
+    save_merged(merged, tokenizer, out_dir, cfg.generation)
+    del merged, peft_model
+    _release()
+
+    # 2. The merged model as a user gets it: loaded by path.
+    merged, merged_tok = load_merged(out_dir)
+    template = template_round_trip(tokenizer, merged_tok, eval_examples, max_length)
+    ppl_merged = perplexity(merged, merged_tok, eval_examples, batch_size, max_length)
+    merged_logits = answer_logits(merged, merged_tok, sample_examples, max_length)
+    eos = merged.generation_config.eos_token_id
+    del merged
+    _release()
+
+    # 3. The adapter model as training saw it (quantized base + adapter).
+    adapter_model, _ = load_tuned_model(cfg, adapter_dir)
+    ppl_adapter = perplexity(adapter_model, tokenizer, eval_examples, batch_size, max_length)
+    adapter_logits = answer_logits(adapter_model, tokenizer, sample_examples, max_length)
+    quant = quantization_of(adapter_model) or "none"
+    del adapter_model
+    _release()
+
+    drift = abs(ppl_merged["perplexity"] - ppl_adapter["perplexity"]) / ppl_adapter["perplexity"]
+    vs_adapter = compare_logits(merged_logits, adapter_logits)
+    vs_unmerged = compare_logits(merged_logits, unmerged_logits)
+    tol = cfg.merge.tolerance
+    warnings_ = []
+    if not drift <= tol:
+        warnings_.append(
+            f"merged model's perplexity drifts {drift:.2%} from the adapter model's "
+            f"({ppl_merged['perplexity']:.4f} vs {ppl_adapter['perplexity']:.4f}), beyond merge.tolerance={tol:g}")
+    if not template["ok"]:
+        warnings_.append("the merged tokenizer does not render conversations as training did: "
+                         + "; ".join(template["mismatches"][:3]))
+    report = {
+        "ok": not warnings_,
+        "tolerance": tol,
+        "relative_drift": drift,
+        "perplexity": {"merged": ppl_merged, "adapter": ppl_adapter},
+        "logits": {
+            "samples": len(sample_examples),
+            "positions": vs_adapter["positions"],
+            "max_abs_diff_vs_adapter": vs_adapter["max_abs_diff"],
+            "top1_agreement_vs_adapter": vs_adapter["top1_agreement"],
+            "max_abs_diff_vs_unmerged": vs_unmerged["max_abs_diff"],
+            "top1_agreement_vs_unmerged": vs_unmerged["top1_agreement"],
+            "max_abs_logit": vs_adapter["logit_scale"],
+        },
+        "template": template,
+        "eos_token_id": eos if isinstance(eos, list) else [eos],
+        "merged_dtype": str(dtype).replace("torch.", ""),
+        "adapter_base_quantization": quant,
+        "base_model": cfg.model.name_or_path,
+        "adapter": str(adapter_dir),
+        "split": split,
+        "examples": len(eval_examples),
+        "warnings": warnings_,
+        "meaning": DRIFT_MEANING,
+    }
+    (out_dir / "merge_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report
+
+
+def _install(tmp: Path, target: Path) -> None:
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}-old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.replace(old)
+    tmp.replace(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _add_to_perplexity_json(paths, ppl: dict) -> None:
+    """Record the merged model's perplexity beside base and tuned in eval/perplexity.json (if there)."""
+    if not paths.perplexity.exists():
+        return
+    try:
+        data = json.loads(paths.perplexity.read_text(encoding="utf-8"))
+    except ValueError:
+        return
+    data["merged"] = ppl
+    tmp = paths.perplexity.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    tmp.replace(paths.perplexity)
+
+
+def run_merge(run: str, overrides=()) -> dict:
+    """Entry point of notebook 06 and `python -m lib merge`: merge, check, return the report.
+
+    overrides: ["merge.tolerance=0.02", ...] or {"merge.tolerance": 0.02} (None values keep the config's).
+    """
+    paths = run_paths(run)
+    require(paths, "config", "adapter", "eval_data")
+    if isinstance(overrides, dict):
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+    cfg = apply_overrides(load_config(paths.config), overrides or [])
+    examples, split = _check_examples(paths, cfg)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=paths.root))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; merged/ should be like any other folder
+    import torch
+
+    try:
+        report = merge_and_check(cfg, paths.adapter, examples, tmp, split=split)
+        _install(tmp, paths.merged)
+    except torch.cuda.OutOfMemoryError:
+        raise MergeError(
+            "out of GPU memory while merging: the base model in 16-bit does not fit on this GPU. Merge where "
+            f"it fits: a larger GPU, or the CPU (`CUDA_VISIBLE_DEVICES= python -m lib merge --run {run}`)") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _add_to_perplexity_json(paths, report["perplexity"]["merged"])
+    lg = report["logits"]
+    print(f"merged into {paths.merged} ({report['merged_dtype']}): perplexity {report['perplexity']['merged']['perplexity']:.4f} "
+          f"vs adapter {report['perplexity']['adapter']['perplexity']:.4f} (drift {report['relative_drift']:.3%}, "
+          f"tolerance {report['tolerance'] * 100:.3g}%); max logit difference {lg['max_abs_diff_vs_adapter']:.3g} "
+          f"vs adapter, {lg['max_abs_diff_vs_unmerged']:.2g} vs unmerged")
+    for w in report["warnings"]:
+        warnings.warn(f"merge check: {w}", stacklevel=2)
+        print(f"WARNING: merge check failed: {w}")
+    return report
+
+
+def merge_table(report: dict):
+    """The merge report as a small table (a pandas DataFrame) for notebook 06."""
+    import pandas as pd
+
+    p, lg = report["perplexity"], report["logits"]
+    rows = [
+        ("perplexity, adapter model (4-bit base + adapter)", f"{p['adapter']['perplexity']:.4f}"),
+        ("perplexity, merged model (16-bit)", f"{p['merged']['perplexity']:.4f}"),
+        ("relative drift (tolerance)", f"{report['relative_drift']:.3%} ({report['tolerance'] * 100:.3g}%)"),
+        ("max |logit difference| vs adapter model", f"{lg['max_abs_diff_vs_adapter']:.4g}"),
+        ("top-1 agreement vs adapter model", f"{lg['top1_agreement_vs_adapter']:.1%}"),
+        ("max |logit difference| vs unmerged 16-bit (merge only)", f"{lg['max_abs_diff_vs_unmerged']:.2g}"),
+        ("template round trip", "identical" if report["template"]["ok"] else "DIFFERENT"),
+        ("end-of-sequence ids", ", ".join(map(str, report["eos_token_id"]))),
+        ("check", "ok" if report["ok"] else "FAILED"),
+    ]
+    return pd.DataFrame(rows, columns=["measure", "value"]).set_index("measure")
