@@ -3,7 +3,8 @@
     python bench/throughput.py                        # CPU, the tiny model, 4-bit QLoRA: about a minute
     python bench/throughput.py --rounds 7 --steps 10 --out bench/results.json
     python bench/throughput.py --device cuda --arch qwen2.5-0.5b      # GPU: random weights, real shapes
-    python bench/throughput.py --arch qwen2.5-0.5b --layers 2 --max-length 256 --batch-size 4   # CPU smoke run
+    # the GPU path, shrunk to a CPU smoke run (the real width and vocabulary, 2 layers):
+    python bench/throughput.py --arch qwen2.5-0.5b --layers 2 --max-length 256 --batch-size 4 --rounds 1 --steps 2 --examples 16
 
 One length-skewed set of synthetic conversations (log-normal token lengths: many short, a long
 tail cut at --max-length) and one model, loaded with the project's own loaders

@@ -124,7 +124,9 @@ def attn_implementation(cfg, info: dict | None = None) -> str:
     want = cfg.model.attn_implementation
     has_flash = importlib.util.find_spec("flash_attn") is not None
     if want == "auto":
-        return "flash_attention_2" if has_flash and _bf16_ok(info) else "sdpa"
+        if has_flash and _bf16_ok(info):
+            return "flash_attention_2"
+        want = "sdpa"
     if want.startswith("flash_attention"):
         if not has_flash and want == "flash_attention_2":
             raise ConfigError(
@@ -137,6 +139,10 @@ def attn_implementation(cfg, info: dict | None = None) -> str:
         raise ConfigError(
             f"model.attn_implementation: '{want}' is not one of auto, sdpa, eager, flash_attention_2"
         )
+    if want == "sdpa" and cfg.train.batching == "padding_free":
+        from .attention import register
+
+        return register()  # sdpa per packed sequence: exact, and no (sum of lengths)^2 mask
     return want
 
 
@@ -225,6 +231,7 @@ def _linear_layers(model_config, trust_remote_code=False):
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # on the meta device tied weights start untied: count the embedding once
     out_emb = model.get_output_embeddings()
     linears, head = [], None
     for name, module in model.named_modules():

@@ -59,9 +59,11 @@ def test_lora_config_targets():
 def test_attention_implementation():
     from lib.model import attn_implementation
 
-    cfg = make_config("tiny")
-    assert attn_implementation(cfg, CPU) == "sdpa"
-    assert attn_implementation(make_config("tiny", overrides={"model.attn_implementation": "auto"}), CPU) == "sdpa"
+    cfg = make_config("tiny")  # padding-free batching: sdpa run per packed sequence
+    assert attn_implementation(cfg, CPU) == "sdpa_packed"
+    assert attn_implementation(make_config("tiny", overrides={"model.attn_implementation": "auto"}), CPU) == "sdpa_packed"
+    padded = make_config("tiny", overrides={"train.batching": "pad_longest"})
+    assert attn_implementation(padded, CPU) == "sdpa"
     with pytest.raises(ConfigError):
         attn_implementation(make_config("tiny", overrides={"model.attn_implementation": "flash_attention_2"}), CPU)
 

@@ -388,3 +388,25 @@ def test_torchrun_with_two_cpu_processes_writes_one_adapter(prepared_run):
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]  # one process writes the log
     # each optimizer step consumed a batch per process
     assert s["epoch"] == pytest.approx(4 * 2 * 8 / 153, abs=0.02)
+
+
+def test_packed_attention_matches_the_block_mask_token_by_token(lora_model, some_examples):
+    """sdpa per packed sequence gives the same log-probabilities as sdpa with transformers' block mask."""
+    import torch
+
+    from lib.train import build_collator, encode_dataset
+
+    cfg, model, tok = lora_model
+    rows = list(encode_dataset(tok, some_examples, cfg.train.max_length))
+    batch = build_collator(cfg, tok)(rows)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    logits = {}
+    for impl in ("sdpa_packed", "sdpa"):
+        inner.set_attn_implementation(impl)
+        with torch.no_grad():
+            logits[impl] = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                                 **({"cu_seq_lens_q": batch["cu_seq_lens_q"], "cu_seq_lens_k": batch["cu_seq_lens_k"],
+                                     "max_length_q": batch["max_length_q"], "max_length_k": batch["max_length_k"]}
+                                    if impl == "sdpa_packed" else {})).logits.float().log_softmax(-1)
+    inner.set_attn_implementation("sdpa_packed")
+    assert torch.allclose(logits["sdpa_packed"], logits["sdpa"], atol=1e-5)
