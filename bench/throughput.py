@@ -191,7 +191,7 @@ def build_arch_model(name: str, overrides: dict | None = None) -> Path:
 
     from lib.errors import ConfigError
     from lib.paths import cache_dir
-    from lib.tiny import tiny_model_path
+    from lib.tiny import build_once, tiny_model_path
 
     d = arch_config(name, overrides)
     tiny = tiny_model_path()
@@ -207,23 +207,15 @@ def build_arch_model(name: str, overrides: dict | None = None) -> Path:
     if config.vocab_size < len(tokenizer):
         raise ConfigError(f"--arch-set: vocab_size {config.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".bench-build-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        del model
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    def build(path):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+
+    return build_once(target, build)
 
 
 def bench_config(opts):

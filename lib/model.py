@@ -36,13 +36,6 @@ from .tokenization import ensure_chat_template
 logger = logging.getLogger(__name__)
 
 
-def quiet_bitsandbytes() -> None:
-    """Drop bitsandbytes' import-time note about the optional `kernels` package (lib/__init__ does it too)."""
-    from . import _quiet_bitsandbytes
-
-    _quiet_bitsandbytes()
-
-
 GIB = 1024**3
 # Usable memory of the GPUs the estimate is compared with (GiB, as nvidia-smi shows them).
 GPUS = {"T4": 15.0, "A100-40GB": 40.0, "A100-80GB": 80.0, "H100": 80.0}

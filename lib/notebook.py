@@ -23,10 +23,7 @@ def in_colab() -> bool:
 
 def quiet() -> None:
     """Hide messages that say nothing to a user (bitsandbytes' optional CPU kernels, tokenizer forks)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .model import quiet_bitsandbytes
-
-    quiet_bitsandbytes()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # bitsandbytes' noise: see lib/__init__.py
 
 
 def _show_short_errors() -> None:

@@ -150,16 +150,14 @@ def build(path: Path) -> Path:
     return path
 
 
-def tiny_model_path() -> Path:
-    """The cached tiny model folder, built on first use."""
-    corpus = _corpus()
-    target = cache_dir() / f"tiny-{_fingerprint(corpus)}"
+def build_once(target: Path, build_fn) -> Path:
+    """Build a model folder with `build_fn(tmp_path)` unless `target` holds one; atomic, race-safe."""
     if (target / "config.json").exists() and (target / "tokenizer.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
-        build(tmp)
+        build_fn(tmp)
         try:
             os.replace(tmp, target)  # atomic; another process may have won the race
         except OSError:
@@ -168,6 +166,11 @@ def tiny_model_path() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def tiny_model_path() -> Path:
+    """The cached tiny model folder, built on first use."""
+    return build_once(cache_dir() / f"tiny-{_fingerprint(_corpus())}", build)
 
 
 def resolve_model(name_or_path: str) -> str:
