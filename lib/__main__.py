@@ -2,7 +2,7 @@
 
     python -m lib prepare  --run NAME --data PATH_OR_DATASET_ID [--format auto] [--profile P] [--set k=v ...]
     python -m lib train    --run NAME [--set key=value ...] [--retrain]
-    torchrun --nproc_per_node N -m lib train --run NAME      # several GPUs (or CPU processes)
+    torchrun --nproc_per_node N -m lib -- train --run NAME   # several GPUs (the -- is needed: see README)
     python -m lib evaluate --run NAME [--set key=value ...]
     python -m lib plot     --run NAME
     python -m lib merge    --run NAME [--set key=value ...]
