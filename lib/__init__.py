@@ -23,3 +23,14 @@ def _quiet_bitsandbytes() -> None:
 
 
 _quiet_bitsandbytes()
+
+
+def _quiet_library_deprecations() -> None:
+    """peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model; the
+    FutureWarning is addressed to peft, not to users of this project."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+_quiet_library_deprecations()

@@ -546,17 +546,13 @@ def load_model_and_tokenizer(cfg, for_training: bool = True, adapter=None):
         keep_4bit_layout_for_training(model)
         gc_kwargs = {"use_reentrant": False}
         if qconf is not None:
-            import warnings
-
             from peft import prepare_model_for_kbit_training
 
-            with warnings.catch_warnings():  # peft reads the deprecated `is_gradient_checkpointing`
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                model = prepare_model_for_kbit_training(
-                    model,
-                    use_gradient_checkpointing=cfg.model.gradient_checkpointing,
-                    gradient_checkpointing_kwargs=gc_kwargs,
-                )
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+                gradient_checkpointing_kwargs=gc_kwargs,
+            )
         elif cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         if cfg.model.gradient_checkpointing:
@@ -603,11 +599,7 @@ def add_lora(model, cfg):
                 f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are "
                 f"{', '.join(linear)} (or use all-linear)"
             )
-    import warnings
-
-    with warnings.catch_warnings():  # peft reads the deprecated `is_gradient_checkpointing`
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, lora_config(cfg))
+    return get_peft_model(model, lora_config(cfg))  # peft's FutureWarning: silenced in lib/__init__.py
 
 
 def parameter_counts(model) -> dict:
