@@ -76,6 +76,8 @@ class TrainConfig:
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: use epochs).")
     learning_rate: float = _f(2e-4, "Peak learning rate: too high diverges, too low learns nothing.")
     lr_scheduler_type: str = _f("cosine", "linear, cosine, cosine_with_restarts, constant, ...")
+    num_cycles: int = _f(1, "Hard restarts of cosine_with_restarts: more restarts revisit high learning "
+                            "rates (can escape plateaus, can also undo progress).")
     warmup_ratio: float = _f(0.03, "Share of steps spent warming the learning rate up.")
     weight_decay: float = _f(0.0, "L2-style decay of the adapter weights.")
     per_device_train_batch_size: int = _f(4, "Examples per step per device: more is faster, uses memory.")

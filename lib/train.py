@@ -133,6 +133,7 @@ def sft_config(cfg, output_dir, has_eval: bool = True, resuming: bool = False):
         max_steps=t.max_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
+        lr_scheduler_kwargs={"num_cycles": t.num_cycles} if t.lr_scheduler_type == "cosine_with_restarts" else {},
         warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a share of the steps
         weight_decay=t.weight_decay,
         per_device_train_batch_size=t.per_device_train_batch_size,

@@ -134,7 +134,7 @@ def test_sft_config_follows_the_run_configuration(tmp_path):
         "train.warmup_ratio": 0.1, "train.weight_decay": 0.01, "train.per_device_train_batch_size": 3,
         "train.gradient_accumulation_steps": 2, "train.eval_steps": 7, "train.save_steps": 14,
         "train.save_total_limit": 4, "train.load_best_model_at_end": True, "train.seed": 7,
-        "train.batching": "group_by_length"})
+        "train.batching": "group_by_length", "train.num_cycles": 3})
     a = sft_config(cfg, tmp_path / "checkpoints")
     assert (a.num_train_epochs, a.max_steps, a.learning_rate) == (5, -1, 1e-4)
     assert str(a.lr_scheduler_type.value if hasattr(a.lr_scheduler_type, "value") else a.lr_scheduler_type) \
@@ -148,6 +148,7 @@ def test_sft_config_follows_the_run_configuration(tmp_path):
     assert not a.assistant_only_loss and a.completion_only_loss is False
     assert a.train_sampling_strategy == "group_by_length" and a.eval_on_start
     assert not sft_config(cfg, tmp_path, resuming=True).eval_on_start
+    assert a.lr_scheduler_kwargs == {"num_cycles": 3}
     assert sft_config(make_config("tiny"), tmp_path).padding_free
     assert sft_config(make_config("tiny"), tmp_path, has_eval=False).eval_strategy == "no"
     with pytest.raises(ConfigError, match="multiple of train.eval_steps"):
@@ -155,6 +156,25 @@ def test_sft_config_follows_the_run_configuration(tmp_path):
                                                   "train.save_steps": 6}), tmp_path)
     with pytest.raises(ConfigError, match="needs an evaluation split"):
         sft_config(cfg, tmp_path, has_eval=False)
+
+
+def test_cosine_with_restarts_restarts_num_cycles_times(tmp_path):
+    import torch
+    from transformers import get_scheduler
+
+    from lib.train import sft_config
+
+    cfg = make_config("tiny", overrides={"train.lr_scheduler_type": "cosine_with_restarts", "train.num_cycles": 3})
+    a = sft_config(cfg, tmp_path / "checkpoints")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_scheduler(a.lr_scheduler_type, opt, num_warmup_steps=0, num_training_steps=30,
+                          scheduler_specific_kwargs=a.lr_scheduler_kwargs)
+    lrs = []
+    for _ in range(30):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert sum(1 for x, y in zip(lrs, lrs[1:]) if y > x + 0.5) == 2  # 3 cycles: 2 jumps back up
 
 
 def test_report_to_a_tracker_that_is_not_installed_is_a_config_error(tmp_path):
