@@ -80,3 +80,19 @@ def copy_run(run: str, new: str) -> str:
     src = run_paths(run).root
     shutil.copytree(src, src.parent / new)
     return new
+
+
+def tiny_lora_model(cfg, seed: int = 0, b_std: float = 0.05):
+    """The tiny 4-bit model for training with LoRA adapters whose B matrices are random (so they matter)."""
+    import torch
+    from transformers import set_seed
+
+    from lib.model import add_lora, load_model_and_tokenizer
+
+    set_seed(seed)
+    model, tok = load_model_and_tokenizer(cfg, for_training=True)
+    model = add_lora(model, cfg)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=b_std)
+    return model, tok

@@ -184,17 +184,10 @@ def test_gradients_are_the_same_after_an_evaluation(tiny_cfg):
     """bitsandbytes repacks 4-bit weights for a backward-less CPU kernel on an eval-mode forward;
     training after an evaluation must still get the true gradients."""
     import torch
-    from transformers import set_seed
-
-    from lib.model import add_lora, load_model_and_tokenizer
+    from conftest import tiny_lora_model
 
     def grads(evaluate_first):
-        set_seed(0)
-        model, tok = load_model_and_tokenizer(tiny_cfg, for_training=True)
-        model = add_lora(model, tiny_cfg)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.05)
+        model, tok = tiny_lora_model(tiny_cfg)
         x = tok(["Why does ice float on water? What do we know"], return_tensors="pt")
         if evaluate_first:
             model.eval()

@@ -46,18 +46,10 @@ def _fresh_copy(prepared_run, name):
 @pytest.fixture(scope="module")
 def lora_model(session_outputs):
     """The tiny 4-bit model with LoRA adapters whose B matrices are random (so they matter)."""
-    import torch
-    from transformers import set_seed
-
-    from lib.model import add_lora, load_model_and_tokenizer
+    from conftest import tiny_lora_model
 
     cfg = make_config("tiny")
-    set_seed(0)
-    model, tok = load_model_and_tokenizer(cfg, for_training=True)
-    model = add_lora(model, cfg)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
+    model, tok = tiny_lora_model(cfg)
     model.eval()
     return cfg, model, tok
 
