@@ -708,28 +708,10 @@ def load_run_config(run: str) -> RunConfig:
 
 
 def token_length_figure(report: dict):
-    """Histogram of tokens per training example, with max_length marked (a matplotlib Figure)."""
-    import matplotlib
+    """Histogram of tokens per training example with max_length marked (the panel notebook 05 draws too)."""
+    from .plots import panel_figure, token_length_histogram
 
-    if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline", "inline")):
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    hist = report["token_lengths"]["histogram"]
-    edges, counts = hist["bin_edges"], hist["counts"]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
-    ax.bar(edges[:-1], counts, width=widths, align="edge", color="#4C72B0", edgecolor="white")
-    ax.axvline(report["max_length"], color="#C44E52", linestyle="--", label=f"max_length = {report['max_length']}")
-    suggested = report["truncation"]["suggested_max_length"]
-    if suggested != report["max_length"]:
-        ax.axvline(suggested, color="#55A868", linestyle=":", label=f"suggested = {suggested}")
-    ax.set_title("Tokens per training example")
-    ax.set_xlabel("tokens (prompt + answer, chat template included)")
-    ax.set_ylabel("examples")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    return fig
+    return panel_figure("token_lengths", {"token_lengths": token_length_histogram(report)})
 
 
 def preview(run: str, index: int = 0, split: str = "train") -> str:

@@ -40,6 +40,8 @@ def _show_short_errors() -> None:
         return stb
 
     ip.set_custom_exc((SFTError,), handler)
+    # Figures from lib are built without pyplot; the inline backend makes a cell's Figure value show.
+    ip.run_line_magic("matplotlib", "inline")
 
 
 def setup(mount_drive: bool = False, seed: int = 42, install: bool = True) -> dict:

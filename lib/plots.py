@@ -86,7 +86,7 @@ def _merged_perplexity(ppl: dict | None, report: dict | None):
     return float(v) if isinstance(v, (int, float)) else None
 
 
-def _token_lengths(report: dict | None):
+def token_length_histogram(report: dict | None):
     """(bin_edges, counts, max_length) from data/report.json (a histogram or a list of lengths)."""
     if not isinstance(report, dict):
         return None
@@ -133,7 +133,7 @@ def load_inputs(run: str) -> dict:
         "metrics": read_metrics(paths.metrics_csv),
         "perplexity": perplexities,
         "generation": _read_json(paths.generation_metrics),
-        "token_lengths": _token_lengths(data_report),
+        "token_lengths": token_length_histogram(data_report),
         "summary": _read_json(paths.training_summary) or {},
         "config": cfg,
     }

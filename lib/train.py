@@ -408,27 +408,10 @@ def read_metrics(run: str):
 
 
 def loss_figure(run: str):
-    """Training and evaluation loss against the step (a matplotlib Figure)."""
-    import matplotlib
+    """Training and evaluation loss against the step (the loss panel of notebook 05, as a Figure)."""
+    from .plots import load_inputs, panel_figure
 
-    if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline", "inline")):
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    df = read_metrics(run)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    tr = df.dropna(subset=["loss"])
-    ev = df.dropna(subset=["eval_loss"])
-    ax.plot(tr["step"], tr["loss"], label="train loss", color="#4C72B0")
-    if len(ev):
-        ax.plot(ev["step"], ev["eval_loss"], "o-", label="eval loss", color="#C44E52")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (assistant tokens)")
-    ax.set_title(f"Training loss: {run}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig
+    return panel_figure("loss", load_inputs(run))
 
 
 def _versions() -> dict:

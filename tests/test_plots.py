@@ -11,7 +11,7 @@ from matplotlib.image import imread
 
 from lib.errors import MissingStageError, SFTError
 from lib.paths import run_paths
-from lib.plots import PANELS, _token_lengths, load_inputs, run_plots
+from lib.plots import PANELS, load_inputs, run_plots, token_length_histogram
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -121,10 +121,10 @@ def test_missing_or_bad_log_is_a_clear_error(outputs):
     assert not run_paths("bad").plots.exists()
 
 
-def test_token_lengths_from_a_histogram_or_a_list():
+def testtoken_length_histogram_from_a_histogram_or_a_list():
     hist = {"token_lengths": {"histogram": {"bin_edges": [10, 20, 30], "counts": [3, 1]}}, "max_length": 64}
-    assert _token_lengths(hist) == ([10, 20, 30], [3, 1], 64)
-    edges, counts, max_length = _token_lengths({"token_lengths": [12, 15, 15, 40, 41], "max_length": 32})
+    assert token_length_histogram(hist) == ([10, 20, 30], [3, 1], 64)
+    edges, counts, max_length = token_length_histogram({"token_lengths": [12, 15, 15, 40, 41], "max_length": 32})
     assert sum(counts) == 5 and edges[0] == 12 and edges[-1] == 41 and max_length == 32
     assert np.all(np.diff(edges) > 0)
-    assert _token_lengths({"counts": {}}) is None and _token_lengths(None) is None
+    assert token_length_histogram({"counts": {}}) is None and token_length_histogram(None) is None
