@@ -244,11 +244,10 @@ class Bench:
     """The model, trainer and optimizer every setup shares (one copy of the weights)."""
 
     def __init__(self, cfg, workdir):
-        import torch
         from transformers import set_seed
 
         from lib.model import add_lora, load_model_and_tokenizer
-        from lib.train import _guarded_trainer_class, encode_dataset, sft_config
+        from lib.train import build_trainer, encode_dataset
 
         self.cfg = cfg
         set_seed(cfg.train.seed)
@@ -260,13 +259,8 @@ class Bench:
                                                                {"role": "assistant", "content": "Hello"}]}], None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.trainer = _guarded_trainer_class()(model=model, args=sft_config(cfg, workdir, has_eval=False),
-                                                    train_dataset=placeholder, processing_class=tokenizer)
-        # As lib.train does after building the trainer: TRL casts a quantized model's adapters to
-        # bf16; training keeps them fp32.
-        for p in self.trainer.model.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
+            # The project's trainer (non-finite guard, fp32 adapters); batches come from build_collator below.
+            self.trainer = build_trainer(cfg, model, tokenizer, placeholder, output_dir=workdir)
         tr = self.trainer
         tr.create_optimizer()
         # What Trainer.train() does before its loop: autocast and loss scaling come with prepare().
