@@ -113,6 +113,24 @@ def test_merged_loads_by_path_and_matches_the_adapter_model(merged_run):
     assert (x.argmax(-1) == y.argmax(-1)).float().mean().item() >= TOP1_MIN
 
 
+def test_merged_loads_without_this_project(merged_run, tmp_path):
+    """merged/ names no attention of ours (training may use lib.attention): plain transformers loads it."""
+    import os
+    import subprocess
+    import sys
+
+    from lib.paths import run_paths
+
+    run, _ = merged_run
+    code = ("from transformers import AutoModelForCausalLM; "
+            f"m = AutoModelForCausalLM.from_pretrained({str(run_paths(run).merged)!r}); "
+            "print(m.config._attn_implementation)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "sdpa"
+
+
 def test_merging_into_a_4bit_base_is_refused(trained_run):
     from lib.config import load_config
     from lib.evaluate import load_tuned_model
