@@ -238,7 +238,6 @@ def convert_value(key: str, raw, annotation):
         if nullable:
             return None
         raise ConfigError(f"{key}: None is not allowed (expected {allowed[0].__name__})")
-    errors = []
     for t in allowed:
         try:
             if t is bool:
@@ -262,8 +261,8 @@ def convert_value(key: str, raw, annotation):
                 return float(str(raw).strip()) if not isinstance(raw, (int, float)) else float(raw)
             if t is str:
                 return str(raw)
-        except (TypeError, ValueError) as e:
-            errors.append(str(e))
+        except (TypeError, ValueError):
+            continue  # try the next allowed type
     names = " or ".join(t.__name__ for t in allowed)
     raise ConfigError(f"{key}: cannot use {raw!r} (expected {names})")
 
