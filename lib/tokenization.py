@@ -1,38 +1,72 @@
-"""Conversations to token ids with assistant-only labels, for any chat template.
+"""Conversations to token ids with assistant-only labels, placed by position on any chat template.
 
     from lib.tokenization import encode_example
     enc = encode_example(tokenizer, {"messages": [...]}, max_length=1024)
     enc["input_ids"], enc["labels"]          # labels are -100 outside assistant answers
 
-The conversation is rendered once with the tokenizer's own chat template. Each assistant
-message's content is located in the rendered text (the template's generation prompt tells where
-it starts), extended by the end-of-turn token the template puts right after it, and every token
-overlapping those character spans is trained. This needs no `{% generation %}` markers, so it
-works for ChatML, Llama-3, Gemma, Mistral and the tiny model's template alike, and the same
-labels serve training, the data audit, perplexity and the merge check.
+How an answer is placed (no `{% generation %}` markers needed, and never by searching for the
+answer's text, so a short answer such as "4" cannot be matched inside the question):
 
-Plain-text examples ({"text": ...}) are language-modelling data: <bos> text <eos>, every token
-trained.
+* For assistant message i the template renders the conversation twice: up to message i-1 with the
+  generation prompt (what the model sees at inference), and up to message i. When the first is a
+  prefix of the second, everything the template writes after the generation prompt is the reply
+  the model must produce (Qwen3's `<think>\n\n</think>\n\n`, gpt-oss's
+  `<|channel|>final<|message|>`, Llama-2's leading space). Where the generation prompt is not a
+  prefix (DeepSeek-R1's `<think>\n`), the answer starts where its content starts.
+* Content edges are found with a sentinel: the answer is rendered with a unique marker glued to
+  its end (or start), and the rendering with the marker removed must equal the real rendering
+  character for character; templates that trim content are covered by trying the trimmed answer.
+  A template that drops or rewrites part of an answer (DeepSeek-R1 drops `<think>` blocks) gets a
+  one-line `TemplateError`, never a guess.
+* The stop token is the special token the template writes right after the answer (whitespace may
+  come first: Llama-2's `' ' + eos`, deepseek-coder's `\n<|EOT|>`), per turn, so gpt-oss trains
+  `<|return|>` on its final answer. Where a template leaves it off the final answer (Qwen1.5), the
+  end-of-turn token it writes after earlier answers is appended, since that is what the model
+  must emit to stop. The stop tokens are learnt from a multi-turn probe rendering (like TRL's
+  `is_chat_template_stop_token_trained`) and all of them are in `stop_token_ids`.
+* A template that renders an answer differently once later turns follow (reasoning templates
+  that drop earlier `<think>` blocks, Qwen3, gpt-oss) cannot train a whole conversation in one
+  sequence: `split_for_template` turns it into one example per assistant turn, each rendered as
+  at inference, earlier answers kept as context with `"weight": 0` (the OpenAI fine-tuning field).
+* A template that refuses a system message (Gemma, Mistral) gets it folded into the first user
+  turn (`system_folded` in the result, counted by the audit).
+
+The same labels serve training, the data audit, perplexity and the merge check. Plain-text
+examples ({"text": ...}) are language-modelling data: <bos> text <eos>, every token trained.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 IGNORE_INDEX = -100
-_PROBE = "PROBE_ANSWER_7f3a"
+_SENTINEL = "QzSENTINELqZ"  # no whitespace, nothing a template would trim or split on
+_FOLD_SEPARATOR = "\n\n"
 
 
 class TemplateError(ValueError):
-    """The chat template does not render an assistant message's content verbatim."""
+    """An answer (or its stop token) cannot be placed exactly with this chat template."""
+
+
+class HistoryRewriteError(TemplateError):
+    """The template renders an earlier answer differently once later turns follow."""
 
 
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def _render(tokenizer, messages, add_generation_prompt=False) -> str:
-    return tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    msgs = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
+    try:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja raise_exception(...), undefined variables, type errors
+        raise TemplateError(f"the chat template refuses this conversation: {_first_line(e)}") from None
 
 
 def _special_strings(tokenizer) -> list[str]:
@@ -41,29 +75,90 @@ def _special_strings(tokenizer) -> list[str]:
     return sorted((s for s in specials if s), key=len, reverse=True)
 
 
-def end_of_turn_token(tokenizer) -> str | None:
-    """The token the chat template writes right after an assistant answer (e.g. <|im_end|>).
+@dataclass(frozen=True)
+class TemplateInfo:
+    """What a multi-turn probe rendering tells about a chat template."""
 
-    None when the template puts no special token there; then `eos_token` is the stop signal.
+    system_ok: bool  # renders a system message (else it is folded into the first user turn)
+    stop_history: str | None  # special token written right after an answer that more turns follow
+    stop_last: str | None  # ... right after the final answer
+    openers: frozenset  # special tokens that open a user turn (or bos): never a stop token
+
+
+_INFO_CACHE: dict = {}
+_PROBE = ["QzPROBEsysQZ", "QzPROBEuserOneQZ", "QzPROBEanswerOneQZ", "QzPROBEuserTwoQZ", "QzPROBEanswerTwoQZ"]
+
+
+def _leading_special(text: str, specials) -> str | None:
+    """The special token at the start of `text` after optional whitespace."""
+    rest = text.lstrip()
+    return next((s for s in specials if rest.startswith(s)), None)
+
+
+def template_info(tokenizer) -> TemplateInfo:
+    """Probe the chat template once (cached): system support, stop tokens, turn openers.
+
+    A special token right after an answer is its stop token unless it is what opens the next
+    user turn (a template that writes no end-of-turn token, e.g. `<|assistant|>...<|user|>`).
+    It counts as an end-of-turn token when it also follows the final answer, is eos, or closes
+    the system turn (gpt-oss's `<|end|>`).
+    """
+    key = (tokenizer.chat_template, tuple(_special_strings(tokenizer)), tokenizer.bos_token, tokenizer.eos_token)
+    if key in _INFO_CACHE:
+        return _INFO_CACHE[key]
+    specials = _special_strings(tokenizer)
+    sys_, u1, a1, u2, a2 = _PROBE
+    turns = [{"role": "user", "content": u1}, {"role": "assistant", "content": a1},
+             {"role": "user", "content": u2}, {"role": "assistant", "content": a2}]
+    system_ok = True
+    try:
+        text = _render(tokenizer, [{"role": "system", "content": sys_}] + turns)
+    except TemplateError:
+        system_ok = False
+        try:
+            text = _render(tokenizer, turns)
+        except TemplateError:
+            text = ""
+    try:
+        user_prefix = _render(tokenizer, turns[:1]).split(u1)[0]
+    except TemplateError:
+        user_prefix = ""
+    bos = tokenizer.bos_token if tokenizer.bos_token and tokenizer.bos_token != tokenizer.eos_token else None
+    openers = {s for s in specials if s in user_prefix} | ({bos} if bos else set())
+    stop_history = stop_last = None
+    if all(p in text for p in (a1, u2, a2)):
+        stop_last = _leading_special(text[text.index(a2) + len(a2):], specials)
+        stop_last = None if stop_last == bos else stop_last
+        stop_history = _leading_special(text[text.index(a1) + len(a1): text.index(u2)], specials)
+        closes_system = sys_ in text and _leading_special(text[text.index(sys_) + len(sys_):], specials)
+        if stop_history in openers and stop_history not in (stop_last, tokenizer.eos_token, closes_system):
+            stop_history = None
+    openers -= {stop_history, stop_last, tokenizer.eos_token}
+    info = TemplateInfo(system_ok, stop_history, stop_last, frozenset(openers))
+    _INFO_CACHE[key] = info
+    return info
+
+
+def end_of_turn_token(tokenizer) -> str | None:
+    """The token the chat template writes right after a final assistant answer (e.g. <|im_end|>).
+
+    Falls back to the one it writes after earlier answers; None when the template writes none
+    (then only `eos_token` stops generation, and the audit reports the answers without a stop).
     """
     if not has_chat_template(tokenizer):
         return tokenizer.eos_token
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
-    try:
-        text = _render(tokenizer, messages)
-    except Exception:
-        return None
-    after = text[text.find(_PROBE) + len(_PROBE):] if _PROBE in text else ""
-    for s in _special_strings(tokenizer):
-        if after.startswith(s):
-            return s
-    return None
+    info = template_info(tokenizer)
+    return info.stop_last or info.stop_history
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """Token ids that end a reply: the end-of-turn token and eos, without duplicates."""
+    """Token ids that end a reply: every end-of-turn token the template uses, and eos; no duplicates."""
+    toks = [tokenizer.eos_token]
+    if has_chat_template(tokenizer):
+        info = template_info(tokenizer)
+        toks = [info.stop_last, info.stop_history, tokenizer.eos_token]
     ids = []
-    for tok in (end_of_turn_token(tokenizer), tokenizer.eos_token):
+    for tok in toks:
         if tok is not None:
             tid = tokenizer.convert_tokens_to_ids(tok)
             if tid is not None and tid != tokenizer.unk_token_id and tid not in ids:
@@ -71,72 +166,164 @@ def stop_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-def assistant_spans(tokenizer, messages) -> tuple[str, list[tuple[int, int, bool]]]:
-    """Render `messages`; return the text and, per assistant message, (start, end, has_eot).
+def prepare_messages(tokenizer, messages: list[dict]) -> tuple[list[dict], bool]:
+    """The messages the template is given: a system message folded into the first user turn when
+    the template refuses system messages. Returns (messages, folded)."""
+    messages = list(messages)
+    if not any(m["role"] == "system" for m in messages) or not has_chat_template(tokenizer):
+        return messages, False
+    if template_info(tokenizer).system_ok:
+        return messages, False
+    if messages[0]["role"] != "system" or any(m["role"] == "system" for m in messages[1:]):
+        raise TemplateError("the chat template accepts no system message and this one is not the first "
+                            "message, so it cannot be folded into the first user turn")
+    if len(messages) < 2 or messages[1]["role"] != "user":
+        raise TemplateError("the chat template accepts no system message and no user turn follows it "
+                            "to fold it into")
+    system, user = messages[0], messages[1]
+    merged = dict(user, content=system["content"] + _FOLD_SEPARATOR + user["content"])
+    return [merged] + messages[2:], True
 
-    [start, end) covers the content and, when the template writes one right after it, the
-    end-of-turn token.
-    """
-    text = _render(tokenizer, messages)
-    eot = end_of_turn_token(tokenizer)
-    spans = []
-    cursor = 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        content = m["content"]
-        start = -1
+
+def _edge(tokenizer, messages, i: int, rendered: str, at_end: bool) -> int | None:
+    """Character index in `rendered` (messages[:i+1] rendered) where answer i's content ends
+    (at_end) or starts, found by gluing a sentinel to it; None if the template does not render
+    the content verbatim (allowing trimmed whitespace)."""
+    content = messages[i]["content"]
+    variants = (content, content.rstrip()) if at_end else (content, content.lstrip())
+    for v in dict.fromkeys(variants):
+        marked = dict(messages[i], content=v + _SENTINEL if at_end else _SENTINEL + v)
         try:
-            prefix = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        except Exception:
-            prefix = None
-        if prefix is not None and len(prefix) >= cursor and text.startswith(prefix) \
-                and text.startswith(content, len(prefix)):
-            start = len(prefix)
-        if start < 0:
-            start = text.find(content, cursor)
-        if start < 0 and content.strip():
-            content = content.strip()
-            start = text.find(content, cursor)
-        if start < 0:
-            raise TemplateError(
-                f"the chat template does not render assistant message {i + 1} verbatim, so its "
-                "tokens cannot be located for the loss"
-            )
-        end = start + len(content)
-        has_eot = eot is not None and text.startswith(eot, end)
-        if has_eot:
-            end += len(eot)
-        spans.append((start, end, has_eot))
-        cursor = end
-    return text, spans
+            text = _render(tokenizer, list(messages[:i]) + [marked])
+        except TemplateError:
+            continue
+        if text.count(_SENTINEL) != 1:
+            continue
+        pos = text.index(_SENTINEL)
+        if text[:pos] + text[pos + len(_SENTINEL):] == rendered:
+            return pos
+    return None
+
+
+def _norm(text: str) -> str:
+    """Text without whitespace and <think> tags, to check that a whole answer is rendered."""
+    return "".join(text.replace("<think>", "").replace("</think>", "").split())
+
+
+@dataclass
+class _Turn:
+    text: str  # messages[:i+1] rendered, with the stop token appended where the template leaves it off
+    start: int  # first trained character
+    end: int  # one past the last trained character (after the stop token when there is one)
+    stop: str | None
+    appended: bool
+
+
+def _place_turn(tokenizer, messages, i: int, info: TemplateInfo, specials) -> _Turn:
+    n = i + 1
+    content = messages[i]["content"]
+    rendered = _render(tokenizer, messages[: i + 1])
+    prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+    end = _edge(tokenizer, messages, i, rendered, at_end=True)
+    if end is None:
+        why = ("it drops or rewrites its <think> block" if "</think>" in content
+               else "it changes the text of the answer")
+        raise TemplateError(f"assistant message {n}: the chat template does not render it verbatim ({why}), "
+                            "so its tokens cannot be placed exactly")
+    if rendered.startswith(prompt) and len(prompt) <= end:
+        start = len(prompt)
+    else:
+        start = _edge(tokenizer, messages, i, rendered, at_end=False)
+        if start is None or start > end:
+            raise TemplateError(f"assistant message {n}: its generation prompt is not a prefix of the rendered "
+                                "conversation and its start cannot be placed exactly")
+    for m in messages:
+        for s in (info.stop_last, info.stop_history):
+            if s and s in m["content"]:
+                raise TemplateError(f"a message contains the end-of-turn token {s!r} as text")
+    if _norm(rendered[start:end]).endswith(_norm(content)) is False:
+        raise TemplateError(f"assistant message {n}: the chat template does not render all of it (it drops "
+                            f"{'its <think> block' if '</think>' in content else 'part of it'}), so it cannot be trained as written")
+    rest = rendered[end:]
+    gap = len(rest) - len(rest.lstrip())
+    stop = _leading_special(rest, specials)
+    stop = None if stop in info.openers else stop
+    if stop is not None:
+        return _Turn(rendered, start, end + gap + len(stop), stop, False)
+    if not rest.strip() and info.stop_history:  # the template leaves it off the final answer (Qwen1.5)
+        return _Turn(rendered[:end] + info.stop_history, start, end + len(info.stop_history), info.stop_history, True)
+    return _Turn(rendered, start, end, None, False)
+
+
+def _plan(tokenizer, example: dict) -> tuple[str, list[_Turn], bool]:
+    """The text of one training sequence and its trained turns; raises HistoryRewriteError when
+    the conversation must be split one assistant turn per example."""
+    messages, folded = prepare_messages(tokenizer, example["messages"])
+    info = template_info(tokenizer)
+    specials = _special_strings(tokenizer)
+    text = _render(tokenizer, messages)
+    trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
+    turns = []
+    for i in trained:
+        turn = _place_turn(tokenizer, messages, i, info, specials)
+        if i == len(messages) - 1:
+            text = turn.text  # the same rendering, plus an appended stop token if the template leaves it off
+        elif text[: turn.end] != turn.text[: turn.end]:
+            raise HistoryRewriteError(
+                f"assistant message {i + 1 - folded}: the chat template renders it differently once later turns "
+                "follow (it rewrites the history, e.g. drops reasoning or changes the end-of-turn token); "
+                "train it one assistant turn per example (split_for_template; notebook 01 does this)")
+        turns.append(turn)
+    return text, turns, folded
+
+
+def split_for_template(tokenizer, example: dict) -> list[dict]:
+    """`example` as the training sequences the template allows: itself, or, when the template
+    rewrites earlier turns, one example per assistant turn (earlier answers kept as context with
+    "weight": 0), each rendered exactly as at inference."""
+    if example.get("messages") is None or not has_chat_template(tokenizer):
+        return [example]
+    try:
+        _plan(tokenizer, example)
+        return [example]
+    except HistoryRewriteError:
+        pass
+    messages = example["messages"]
+    out = []
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
+    for k, i in enumerate(answers, start=1):
+        part = [dict(m, weight=0) if m["role"] == "assistant" and j < i else m for j, m in enumerate(messages[: i + 1])]
+        meta = dict(example.get("metadata", {}), turn=k, turns=len(answers))
+        out.append(dict(example, messages=part, metadata=meta))
+    return out
 
 
 def encode_example(tokenizer, example: dict, max_length: int | None = None) -> dict:
     """Token ids and labels of one normalised example ({"messages": [...]} or {"text": ...}).
 
-    Returns input_ids, labels, and for the audit: length (before truncation), n_answers,
-    n_cut (answers max_length cuts), n_eot (answers ending with the end-of-turn token),
-    n_trained (trained tokens after truncation).
+    Returns input_ids, labels, and for the audit: length (before truncation), n_answers (trained
+    answers), n_cut (answers max_length cuts), n_eot (answers whose stop token is trained),
+    n_stop_appended (final answers whose stop token the template leaves off and was appended),
+    system_folded, n_trained (trained tokens after truncation). Raises TemplateError (or
+    HistoryRewriteError) when an answer or its stop token cannot be placed exactly.
     """
     if "messages" in example and example["messages"] is not None:
-        text, spans = assistant_spans(tokenizer, example["messages"])
+        text, turns, folded = _plan(tokenizer, example)
+        spans = [(t.start, t.end) for t in turns]
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         labels = [IGNORE_INDEX] * len(ids)
-        span_i = 0
+        answer_last_token = [-1] * len(spans)
         for t, (s, e) in enumerate(offsets):
-            while span_i < len(spans) and spans[span_i][1] <= s:
-                span_i += 1
-            if span_i < len(spans) and e > spans[span_i][0] and s < spans[span_i][1] and e > s:
-                labels[t] = ids[t]
-        n_eot = sum(1 for sp in spans if sp[2])
-        # Token index where each answer ends, to count the answers truncation would cut.
-        answer_last_token = []
-        for s0, e0, _ in spans:
-            last = max((t for t, (s, e) in enumerate(offsets) if e > s0 and s < e0), default=-1)
-            answer_last_token.append(last)
+            if e <= s:
+                continue
+            for k, (s0, e0) in enumerate(spans):
+                if e > s0 and s < e0:
+                    labels[t] = ids[t]
+                    answer_last_token[k] = t
         n_answers = len(spans)
+        n_eot = sum(1 for t in turns if t.stop is not None)
+        n_appended = sum(1 for t in turns if t.appended)
     else:
         text = example["text"]
         body = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -147,6 +334,7 @@ def encode_example(tokenizer, example: dict, max_length: int | None = None) -> d
         if tokenizer.bos_token_id is not None:
             labels[0] = IGNORE_INDEX
         n_answers, n_eot, answer_last_token = 1, int(tokenizer.eos_token_id is not None), [len(ids) - 1]
+        n_appended, folded = 0, False
     length = len(ids)
     n_cut = 0
     if max_length is not None and length > max_length:
@@ -159,6 +347,8 @@ def encode_example(tokenizer, example: dict, max_length: int | None = None) -> d
         "n_answers": n_answers,
         "n_cut": n_cut,
         "n_eot": n_eot,
+        "n_stop_appended": n_appended,
+        "system_folded": folded,
         "n_trained": sum(1 for x in labels if x != IGNORE_INDEX),
     }
 
@@ -172,9 +362,13 @@ def prompt_messages(messages: list[dict]) -> tuple[list[dict], str | None]:
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
-    """The text a model continues to answer `messages` (the generation prompt appended)."""
+    """The text a model continues to answer `messages` (the generation prompt appended; a system
+    message folded into the first user turn where the template refuses one, as in training)."""
+    messages, _ = prepare_messages(tokenizer, messages)
     return _render(tokenizer, messages, add_generation_prompt=True)
 
+
+# ----------------------------------------------------------------------------- prompt formats
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% if bos_token %}{{ bos_token }}{% endif %}"
@@ -183,6 +377,65 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
+
+_BOS = "{% if bos_token and bos_token != eos_token %}{{ bos_token }}{% endif %}"
+PROMPT_FORMATS = {
+    # The seeds' GPT-Neo prompt: "Question: ...\nAnswer:", the answer after a space, then eos.
+    "qa": (
+        _BOS + "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+        "{% elif message['role'] == 'user' %}{{ 'Question: ' + message['content'] + '\n' }}"
+        "{% elif message['role'] == 'assistant' %}{{ 'Answer: ' + message['content'] + eos_token + '\n' }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Answer:' }}{% endif %}"
+    ),
+    # Stanford Alpaca: a system message takes the place of the "Below is an instruction..." preamble.
+    "alpaca": (
+        _BOS + "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+        "{% elif message['role'] == 'assistant' %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+    ),
+    # ChatML; the turn ends with <|im_end|> when the vocabulary has it as a token, else with eos.
+    "chatml": (
+        _BOS + "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + EOT + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+}
+
+
+def prompt_format_template(tokenizer, prompt_format: str) -> str:
+    """The Jinja chat template of a named prompt format (qa, alpaca, chatml) or a custom Jinja string."""
+    if prompt_format == "chatml":
+        has_im_end = "<|im_end|>" in tokenizer.get_vocab()
+        eot = "'<|im_end|>'" if has_im_end else "eos_token"
+        return PROMPT_FORMATS["chatml"].replace("EOT", eot)
+    if prompt_format in PROMPT_FORMATS:
+        return PROMPT_FORMATS[prompt_format]
+    if "{{" in prompt_format or "{%" in prompt_format:
+        return prompt_format
+    raise ValueError(f"data.prompt_format: '{prompt_format}' is neither auto, "
+                     f"{', '.join(PROMPT_FORMATS)} nor a Jinja template")
+
+
+def apply_prompt_format(tokenizer, prompt_format: str | None = "auto") -> bool:
+    """Set the tokenizer's chat template from `data.prompt_format`.
+
+    auto: keep the model's own chat template; a tokenizer without one gets DEFAULT_CHAT_TEMPLATE
+    (`<|role|>` lines ending with eos). qa / alpaca / chatml / a Jinja string: that template,
+    replacing the model's. The template is saved with the adapter, so chat, merge and export
+    render conversations exactly as training did. Returns True when the template was changed.
+    """
+    if prompt_format in (None, "", "auto"):
+        return ensure_chat_template(tokenizer)
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has no eos token to end an answer with")
+    tokenizer.chat_template = prompt_format_template(tokenizer, prompt_format)
+    return True
 
 
 def ensure_chat_template(tokenizer) -> bool:
