@@ -40,6 +40,14 @@ class DataConfig:
     max_examples: int | None = _f(None, "Use at most this many training examples (None: all).")
     system_prompt: str | None = _f(None, "System message put before every conversation that has none.")
     seed: int = _f(42, "Seed of the train/eval split.")
+    prompt_format: str = _f("auto", "How conversations become text: auto (the model's chat template; a "
+                                    "generic <|role|> one ending turns with eos if it has none), qa "
+                                    "('Question: ...\\nAnswer: ...', for base models), alpaca ('### Instruction:' / "
+                                    "'### Response:'), chatml, or a Jinja chat template string. Saved with the "
+                                    "adapter, so chat and merge render the same way.")
+    allow_missing_stop: bool = _f(False, "Accept answers trained without an end-of-turn token (the template "
+                                         "writes none after them). Off: prepare stops, since such a model "
+                                         "never learns to stop; prefer another prompt_format.")
 
 
 @dataclass
@@ -346,6 +354,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         owner, f = fields[key]
         if getattr(owner, f.name) <= 0:
             raise ConfigError(f"{key}: must be positive, got {getattr(owner, f.name)}")
+    fmt = cfg.data.prompt_format
+    if fmt not in ("auto", "qa", "alpaca", "chatml") and "{{" not in fmt and "{%" not in fmt:
+        raise ConfigError(f"data.prompt_format: '{fmt}' is not one of auto, qa, alpaca, chatml, nor a Jinja template")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {cfg.data.eval_fraction}")
     if not 0.0 <= cfg.lora.dropout < 1.0:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .config import RunConfig, load_config, make_config, save_config
 from .errors import DataError, SFTError
-from .paths import resolve_repo_path, run_paths
+from .paths import REPO_ROOT, resolve_repo_path, run_paths
 
 # name -> (fields that identify it, one-line description for messages)
 FORMATS = {
@@ -476,19 +476,62 @@ def suggest_max_length(lengths: list[int], coverage: float = 0.99, multiple: int
     return max(multiple, int(math.ceil(p / multiple)) * multiple)
 
 
-def audit(prepared: Prepared, tokenizer, max_length: int, template_added: bool = False) -> dict:
-    """The pre-flight report: counts, lengths, truncation, trainable share, EOS, pad, template."""
-    from .tokenization import TemplateError, encode_example, end_of_turn_token
+def _example_error(prepared: Prepared, ex: dict, i: int, message: str) -> DataError:
+    where = ex.get("metadata", {})
+    turn = f" (assistant turn {where['turn']} of {where['turns']})" if "turn" in where else ""
+    return DataError(prepared.source, message + turn, line=where.get("line"),
+                     record=None if "line" in where else where.get("record", i))
+
+
+def split_examples_for(tokenizer, examples: list[dict]) -> list[dict]:
+    """`examples` with each conversation the chat template cannot train whole split per assistant turn."""
+    from .tokenization import split_for_template as split_one
+
+    return [part for ex in examples for part in split_one(tokenizer, ex)]
+
+
+def split_for_template(prepared: Prepared, tokenizer) -> int:
+    """Split, in place, the conversations the chat template cannot train whole (it rewrites earlier
+    turns, e.g. drops <think> blocks) into one example per assistant turn; returns how many were split."""
+    from .tokenization import TemplateError
+    from .tokenization import split_for_template as split_one
+
+    n_split = 0
+    for attr in ("train", "eval"):
+        out = []
+        for i, ex in enumerate(getattr(prepared, attr), start=1):
+            try:
+                parts = split_one(tokenizer, ex)
+            except TemplateError as e:
+                raise _example_error(prepared, ex, i, str(e)) from None
+            n_split += len(parts) > 1
+            out += parts
+        setattr(prepared, attr, out)
+    return n_split
+
+
+def audit(prepared: Prepared, tokenizer, max_length: int, template_added: bool = False,
+          allow_missing_stop: bool = False, n_split: int = 0) -> dict:
+    """The pre-flight report: counts, lengths, truncation, trainable share, EOS, pad, template.
+
+    Raises DataError naming the first example whose answer is trained without a stop token,
+    unless allow_missing_stop (data.allow_missing_stop).
+    """
+    from .tokenization import TemplateError, encode_example, end_of_turn_token, stop_token_ids
 
     def encode_all(examples):
         out = []
         for i, ex in enumerate(examples, start=1):
             try:
-                out.append(encode_example(tokenizer, ex, max_length))
+                enc = encode_example(tokenizer, ex, max_length)
             except TemplateError as e:
-                where = ex.get("metadata", {})
-                raise DataError(prepared.source, str(e), line=where.get("line"),
-                                record=None if "line" in where else where.get("record", i)) from None
+                raise _example_error(prepared, ex, i, str(e)) from None
+            if enc["n_eot"] < enc["n_answers"] and not allow_missing_stop:
+                raise _example_error(prepared, ex, i, (
+                    f"{enc['n_answers'] - enc['n_eot']} answer(s) would be trained without an end-of-turn token "
+                    "(the chat template writes none after them), so the model would not learn to stop: "
+                    "choose data.prompt_format (e.g. chatml) or set data.allow_missing_stop=true"))
+            out.append(enc)
         return out
 
     enc_train = encode_all(prepared.train)
@@ -501,6 +544,8 @@ def audit(prepared: Prepared, tokenizer, max_length: int, template_added: bool =
     trained = sum(e["n_trained"] for e in enc_train)
     kept = sum(min(e["length"], max_length) for e in enc_train)
     no_tokens = sum(1 for e in enc_train if e["n_trained"] == 0)
+    n_folded = sum(1 for e in enc_train + enc_eval if e["system_folded"])
+    n_appended = sum(e["n_stop_appended"] for e in enc_train)
     if trained == 0:
         raise DataError(prepared.source, f"nothing left to train on: with max_length={max_length} no answer "
                                          f"token of any training example is kept (raise train.max_length)")
@@ -520,8 +565,14 @@ def audit(prepared: Prepared, tokenizer, max_length: int, template_added: bool =
     if no_tokens:
         warnings.append(f"{no_tokens} training examples keep no answer token after truncation (they teach nothing)")
     if n_eot < n_answers:
-        warnings.append(f"{n_answers - n_eot} of {n_answers} answers do not end with an end-of-turn token: "
-                        "the model may not learn to stop")
+        warnings.append(f"{n_answers - n_eot} of {n_answers} answers are trained without an end-of-turn token "
+                        "(data.allow_missing_stop is on): the model may not learn to stop")
+    if n_folded:
+        warnings.append(f"the chat template accepts no system message: it was folded into the first user turn "
+                        f"of {n_folded} examples (chat does the same)")
+    if n_split:
+        warnings.append(f"the chat template rewrites earlier turns (e.g. drops <think> blocks): {n_split} "
+                        "conversations were split into one example per assistant turn, each rendered as at inference")
     if prepared.dropped_empty:
         warnings.append(f"{prepared.dropped_empty} records with empty answers were dropped")
     if prepared.duplicates:
@@ -557,7 +608,9 @@ def audit(prepared: Prepared, tokenizer, max_length: int, template_added: bool =
         "trainable_token_share": round(trained / max(1, kept), 4),
         "trained_tokens": trained,
         "end_of_turn": {"token": end_of_turn_token(tokenizer), "answers_ending_with_it": n_eot,
-                        "answers": n_answers},
+                        "answers": n_answers, "answers_without_stop": n_answers - n_eot,
+                        "stop_appended_to_final_answer": n_appended, "stop_token_ids": stop_token_ids(tokenizer)},
+        "template": {"system_folded_examples": n_folded, "conversations_split_per_turn": n_split},
         "pad_token": pad, "eos_token": eos, "pad_distinct_from_eos": pad is not None and pad != eos,
         "chat_template_present": not template_added,
         "warnings": warnings,
@@ -581,6 +634,8 @@ def audit_table(report: dict):
         ("suggested max_length (fits 99%)", tr["suggested_max_length"]),
         ("trainable-token share", f"{report['trainable_token_share']:.1%}"),
         ("answers ending with end-of-turn token", f"{eot['answers_ending_with_it']} of {eot['answers']} ({eot['token']})"),
+        ("system message folded into the first user turn", f"{report['template']['system_folded_examples']} examples"),
+        ("conversations split one assistant turn per example", report["template"]["conversations_split_per_turn"]),
         ("pad token distinct from eos", f"{report['pad_distinct_from_eos']} (pad={report['pad_token']!r}, eos={report['eos_token']!r})"),
         ("chat template present", report["chat_template_present"]),
         ("warnings", len(report["warnings"])),
@@ -637,7 +692,10 @@ def prepare(cfg: RunConfig, overwrite: bool = False) -> dict:
     d = cfg.data
     prepared = prepare_examples(d.path, d.format, d.eval_fraction, d.seed, d.max_examples, d.system_prompt)
     tokenizer, added = load_tokenizer(cfg)
-    report = audit(prepared, tokenizer, cfg.train.max_length, template_added=added)
+    n_split = split_for_template(prepared, tokenizer)
+    report = audit(prepared, tokenizer, cfg.train.max_length, template_added=added,
+                   allow_missing_stop=d.allow_missing_stop, n_split=n_split)
+    report["prompt_format"] = d.prompt_format
     if not prepared.eval and cfg.train.eval_strategy != "no":
         cfg.train.eval_strategy = "no"
         report["warnings"].append("train.eval_strategy set to 'no' since there is no evaluation split")
@@ -714,8 +772,13 @@ def token_length_figure(report: dict):
     return panel_figure("token_lengths", {"token_lengths": token_length_histogram(report)})
 
 
-def preview(run: str, index: int = 0, split: str = "train") -> str:
-    """One prepared example as the model sees it, trained tokens shown between « and »."""
+def preview(run: str, index: int | None = None, split: str = "train") -> str:
+    """One prepared example as the model sees it, trained tokens shown between « and ».
+
+    index None: the first example with the most trained answers (a multi-turn one when there is
+    one), so every answer's span and stop token can be checked by eye. An example split off a
+    conversation (templates that rewrite history) is headed by which assistant turn it trains.
+    """
     from .tokenization import IGNORE_INDEX, encode_example
 
     paths = run_paths(run)
@@ -724,8 +787,24 @@ def preview(run: str, index: int = 0, split: str = "train") -> str:
     examples = read_examples(paths.train_data if split == "train" else paths.eval_data)
     if not examples:
         return f"(no {split} examples)"
-    enc = encode_example(tokenizer, examples[index % len(examples)], cfg.train.max_length)
-    out, run_ids, trained = [], [], False
+    head = ""
+    if index is None:
+        def answers(ex):
+            return sum(m["role"] == "assistant" and m.get("weight", 1) != 0 for m in ex.get("messages") or [])
+
+        index = max(range(len(examples)), key=lambda i: (answers(examples[i]), -i))
+        if answers(examples[index]) < 2:  # show how a conversation is trained with a sample one
+            sample = REPO_ROOT / "data" / "examples" / "socratic_dialogues.json"
+            convs = split_examples_for(tokenizer, prepare_examples(str(sample), eval_fraction=0.0).train)
+            examples, index = convs, max(range(len(convs)), key=lambda i: (answers(convs[i]), -i))
+            head = f"(no multi-turn conversation in this run's data; one from {sample.name} with this run's template)\n"
+    example = examples[index % len(examples)]
+    enc = encode_example(tokenizer, example, cfg.train.max_length)
+    meta = example.get("metadata", {})
+    if "turn" in meta:
+        head += (f"(assistant turn {meta['turn']} of {meta['turns']} of a conversation the chat template rewrites; "
+                 "earlier answers are untrained context)\n")
+    out, run_ids, trained = [head], [], False
     for tid, lab in zip(enc["input_ids"], enc["labels"]):
         now = lab != IGNORE_INDEX
         if now != trained and run_ids:

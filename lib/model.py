@@ -31,7 +31,7 @@ from .config import load_config, save_config, set_value
 from .errors import ConfigError
 from .paths import require, run_paths
 from .tiny import resolve_model
-from .tokenization import ensure_chat_template
+from .tokenization import apply_prompt_format, ensure_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -503,8 +503,12 @@ def load_tokenizer(cfg, path: str | None = None):
         # Labels are built explicitly (padding is -100), so eos as pad does not stop the model learning eos.
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     try:
-        if ensure_chat_template(tok):
+        # The base model's tokenizer gets data.prompt_format; a saved adapter's keeps the template it was trained with.
+        fmt = "auto" if path is not None else getattr(cfg.data, "prompt_format", "auto")
+        if fmt == "auto" and ensure_chat_template(tok):
             logger.warning("%s has no chat template: using a plain one that ends each turn with eos", name)
+        elif fmt != "auto":
+            apply_prompt_format(tok, fmt)
     except ValueError as e:
         raise ConfigError(f"model.name_or_path: {e}") from None
     return tok

@@ -235,8 +235,9 @@ def _place_turn(tokenizer, messages, i: int, info: TemplateInfo, specials) -> _T
     else:
         start = _edge(tokenizer, messages, i, rendered, at_end=False)
         if start is None or start > end:
-            raise TemplateError(f"assistant message {n}: its generation prompt is not a prefix of the rendered "
-                                "conversation and its start cannot be placed exactly")
+            why = ("it drops or rewrites its <think> block" if "</think>" in content
+                   else "its generation prompt is not a prefix of the rendered conversation")
+            raise TemplateError(f"assistant message {n}: the start of the answer cannot be placed exactly ({why})")
     for m in messages:
         for s in (info.stop_last, info.stop_history):
             if s and s in m["content"]:
