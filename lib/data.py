@@ -642,6 +642,7 @@ def prepare(cfg: RunConfig, overwrite: bool = False) -> dict:
         cfg.train.eval_strategy = "no"
         report["warnings"].append("train.eval_strategy set to 'no' since there is no evaluation split")
     cfg.data.format = prepared.format if d.format == "auto" else d.format
+    check_training_settings(cfg, paths, has_eval=bool(prepared.eval))
 
     paths.root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.run}-prepare-", dir=paths.root.parent))
@@ -656,6 +657,17 @@ def prepare(cfg: RunConfig, overwrite: bool = False) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+def check_training_settings(cfg: RunConfig, paths, has_eval: bool) -> None:
+    """Refuse, before config.yaml is written, a setting training would refuse (layer names, optimizer,
+    scheduler, tracker...). The device-dependent ones (train.precision, model.attn_implementation)
+    are left to training, which may run on another machine (a GPU runtime)."""
+    from .config import apply_overrides
+    from .train import check_settings
+
+    neutral = apply_overrides(cfg, {"train.precision": "auto", "model.attn_implementation": "sdpa"})
+    check_settings(neutral, paths, has_eval=has_eval)
 
 
 def _install(tmp: Path, paths, new_hash: str, overwrite: bool) -> None:
