@@ -410,6 +410,38 @@ class Prepared:
     eval_from: str
     dropped_empty: int
     duplicates: int
+    notes: list[str] = field(default_factory=list)  # how the data's splits were used, for the audit
+
+
+def split_roles(loaded: Loaded) -> tuple[list[str], list[str], list[str]]:
+    """Which of the data's splits are trained on and which are kept for evaluation, and notes saying so.
+
+    Only the 'train' split is trained on (or the one split that is not an evaluation split, when
+    there is no 'train'); every evaluation split (test, validation, eval, valid, dev) is kept for
+    evaluation, never trained on; any other split is left out, with a note. Several splits none of
+    which is 'train' are refused: which one to train on would be a guess.
+    """
+    if not loaded.splits:
+        return [], [], []
+    evals = [s for s in loaded.splits if s in EVAL_SPLITS]
+    others = [s for s in loaded.splits if s not in EVAL_SPLITS]
+    if "train" in others:
+        train = ["train"]
+    elif len(others) <= 1:
+        train = others
+    else:
+        raise DataError(loaded.source, f"the data has the splits {', '.join(loaded.splits)} but none is named "
+                                       "'train': name the split to train on 'train'")
+    counts = {s: sum(1 for r in loaded.records if r.split == s) for s in loaded.splits}
+    notes = []
+    if len(evals) > 1:
+        notes.append(f"the data has {len(evals)} evaluation splits ({', '.join(evals)}): all are kept for "
+                     "evaluation, none is trained on")
+    for s in others:
+        if s not in train:
+            notes.append(f"split '{s}' ({counts[s]} records) is left out: neither trained nor evaluated on "
+                         "(only 'train' is trained on)")
+    return train, evals, notes
 
 
 def prepare_examples(source: str, fmt: str = "auto", eval_fraction: float = 0.1, seed: int = 42,
@@ -420,8 +452,11 @@ def prepare_examples(source: str, fmt: str = "auto", eval_fraction: float = 0.1,
         fmt = detect_format(loaded.records[0])
     elif fmt not in FORMATS:
         raise SFTError(f"unknown format '{fmt}' (formats: auto, {', '.join(FORMATS)})")
+    train_splits, eval_splits, notes = split_roles(loaded)
     examples, splits, dropped = [], [], 0
     for rec in loaded.records:
+        if loaded.splits and rec.split not in train_splits and rec.split not in eval_splits:
+            continue  # a split that is neither trained nor evaluated on (said in the notes)
         ex = normalise(rec, fmt)
         if is_empty(ex):
             dropped += 1
@@ -438,14 +473,19 @@ def prepare_examples(source: str, fmt: str = "auto", eval_fraction: float = 0.1,
         dups += k in seen
         seen.add(k)
 
-    eval_split = next((s for s in EVAL_SPLITS if s in loaded.splits), None)
-    if eval_split is not None:
-        train = [ex for ex, s in zip(examples, splits) if s != eval_split]
-        evals = [ex for ex, s in zip(examples, splits) if s == eval_split]
-        eval_from = f"the '{eval_split}' split of the data"
+    if eval_splits:
+        train = [ex for ex, s in zip(examples, splits) if s in train_splits]
+        evals = [ex for ex, s in zip(examples, splits) if s in eval_splits]
+        names = " and ".join(f"'{s}'" for s in eval_splits)
+        eval_from = f"the {names} split{'s' if len(eval_splits) > 1 else ''} of the data"
         if not train:
-            raise DataError(loaded.source, f"nothing left to train on: every record is in the '{eval_split}' split")
+            which = f"the {' or '.join(repr(s) for s in train_splits)} split" if train_splits else "a training split"
+            raise DataError(loaded.source, f"nothing left to train on: {which} holds no examples "
+                                           f"(the {names} split{'s are' if len(eval_splits) > 1 else ' is'} "
+                                           "kept for evaluation)")
     else:
+        train = [ex for ex, s in zip(examples, splits) if not loaded.splits or s in train_splits]
+        examples = train
         order = list(range(len(examples)))
         random.Random(seed).shuffle(order)
         n_eval = 0
@@ -457,7 +497,7 @@ def prepare_examples(source: str, fmt: str = "auto", eval_fraction: float = 0.1,
         eval_from = f"{n_eval} examples held out at random (data.eval_fraction={eval_fraction}, seed {seed})"
     if max_examples is not None:
         train = train[:max_examples]
-    return Prepared(train, evals, fmt, loaded.source, loaded.container, eval_from, dropped, dups)
+    return Prepared(train, evals, fmt, loaded.source, loaded.container, eval_from, dropped, dups, notes)
 
 
 # ----------------------------------------------------------------------------- audit
@@ -522,6 +562,7 @@ def audit(prepared: Prepared, tokenizer, max_length: int, template_added: bool =
     if n_eot < n_answers:
         warnings.append(f"{n_answers - n_eot} of {n_answers} answers do not end with an end-of-turn token: "
                         "the model may not learn to stop")
+    warnings.extend(prepared.notes)
     if prepared.dropped_empty:
         warnings.append(f"{prepared.dropped_empty} records with empty answers were dropped")
     if prepared.duplicates:
