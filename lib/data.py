@@ -137,20 +137,59 @@ def _read_csv(path: Path) -> Loaded:
     import io
 
     text = _read_text(path)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if not reader.fieldnames:
-        raise DataError(path, "the CSV file has no header row")
-    records = []
+    # strict: a quote that is never closed, or text after a closing quote, is an error (the default
+    # reader would swallow the rest of the file into one field).
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    records, header, start = [], None, 1
     try:
         for row in reader:
-            if None in row:
-                raise DataError(path, "more values than header columns", line=reader.line_num)
-            if not any((v or "").strip() for v in row.values()):
-                continue
-            records.append(RawRecord(dict(row), str(path), line=reader.line_num))
+            if header is None:
+                header = row
+                if not any(h.strip() for h in header):
+                    raise DataError(path, "the CSV file has no header row", line=1)
+            elif len(row) > len(header):
+                raise DataError(path, f"more values ({len(row)}) than header columns ({len(header)})", line=start)
+            elif any(v.strip() for v in row):
+                values = dict(zip(header, row + [None] * (len(header) - len(row))))
+                records.append(RawRecord(values, str(path), line=start))
+            start = reader.line_num + 1
     except csv.Error as e:
+        if "unexpected end of data" in str(e):
+            raise DataError(path, "unterminated quoted field (a \" that is never closed)",
+                            line=_open_quote_line(text, start)) from None
         raise DataError(path, f"invalid CSV ({e})", line=reader.line_num) from None
+    if header is None:
+        raise DataError(path, "the CSV file has no header row")
     return Loaded(records, str(path), "csv")
+
+
+def _open_quote_line(text: str, start: int) -> int:
+    """The line of the quote that opens the field left unterminated, in the record starting at line `start`."""
+    import io
+
+    lines = list(io.StringIO(text, newline=""))  # lines as the csv module counts them
+    pos = sum(len(line) for line in lines[:start - 1])
+    opened, field_start = None, True
+    while pos < len(text):
+        c = text[pos]
+        if opened is None:
+            if c == '"' and field_start:
+                opened, field_start = pos, False
+            else:
+                field_start = c in ",\r\n"
+        elif text.startswith('""', pos):
+            pos += 1  # an escaped quote inside the field
+        elif c == '"':
+            opened = None
+        pos += 1
+    if opened is None:
+        return start
+    done = 0
+    for n, line in enumerate(lines, start=1):
+        done += len(line)
+        if done > opened:
+            return n
+    return start
 
 
 def _read_parquet(path: Path) -> Loaded:
