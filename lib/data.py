@@ -17,9 +17,11 @@ written to the run directory unless everything succeeded.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -79,7 +81,10 @@ class Loaded:
 
 
 def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(path, f"cannot read the file ({e.strerror or e})") from None
     if not raw.strip():
         raise DataError(path, "the file is empty")
     if b"\x00" in raw[:8192]:
@@ -243,9 +248,37 @@ def _read_hub(dataset_id: str) -> Loaded:
     return _from_dataset_dict(dd, dataset_id, "hub")
 
 
+def _first_line(e) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _not_a_file(path: Path) -> str:
+    """Why a path that exists is neither a file nor a folder to read: what it is instead."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        if path.is_symlink():
+            if e.errno == errno.ELOOP:
+                return "a symbolic link loop: it never reaches a file"
+            return f"a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+        return f"cannot be read ({e.strerror or e})"
+    kinds = [(stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"not a regular file but {kind}: save the data to a file (.json, .jsonl, .csv, .parquet) first"
+
+
 def load_records(source: str) -> Loaded:
     """Read the records of a file, folder or Hub dataset id (no format check yet)."""
-    path = resolve_repo_path(source)
+    try:
+        path = resolve_repo_path(source)
+    except (OSError, RuntimeError) as e:  # RuntimeError: Python < 3.13 on a symbolic link loop
+        if isinstance(e, RuntimeError) or e.errno == errno.ELOOP:
+            raise DataError(source, "a symbolic link loop: it never reaches a file") from None
+        raise DataError(source, f"cannot follow this path ({_first_line(e)})") from None
     if path.is_dir():
         loaded = _read_folder(path)
     elif path.is_file():
@@ -256,6 +289,8 @@ def load_records(source: str) -> Loaded:
             raise DataError(path, f"unsupported file type '{suffix or '(none)'}' (use .json, .jsonl, .csv, "
                                   ".parquet, a datasets folder or a Hub dataset id)")
         loaded = readers[suffix](path)
+    elif os.path.lexists(path) or os.path.lexists(source):
+        raise DataError(source, _not_a_file(Path(source) if os.path.lexists(source) else path))
     elif _HUB_ID.match(str(source)) and not Path(str(source)).suffix:
         loaded = _read_hub(str(source))
     else:
