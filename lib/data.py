@@ -352,6 +352,29 @@ def _user_with_input(instruction: str, inp: str | None) -> str:
     return instruction if not (inp and inp.strip()) else f"{instruction}\n\n{inp}"
 
 
+def _text_parts(rec: RawRecord, parts: list, key: str) -> str:
+    """Content given as a list of parts (the OpenAI format, [{"type": "text", "text": ...}, ...]):
+    the text parts joined with newlines (as vLLM joins them). Any other part (image_url, image,
+    input_audio, file, refusal...) is refused: a text model cannot be trained on it."""
+    texts = []
+    for j, part in enumerate(parts, start=1):
+        where = f"{key}[{j}]"
+        if not isinstance(part, dict):
+            raise rec.error(f"expected a content part {{\"type\": \"text\", \"text\": ...}}, got {_type_name(part)}",
+                            field=where)
+        kind = part.get("type")
+        if kind != "text":
+            raise rec.error(f"a content part of type {kind!r}: only text parts can be trained on (remove "
+                            "images, audio and files from the data, or export it as text)", field=where)
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise rec.error(f"expected a string, got {_type_name(text)}", field=f"{where}.text")
+        texts.append(text)
+    if not texts:
+        raise rec.error("the list of content parts is empty", field=key)
+    return "\n".join(texts)
+
+
 def _check_messages(rec: RawRecord, messages, key: str, role_key="role", content_key="content",
                     role_map=None) -> list[dict]:
     if not isinstance(messages, list):
@@ -376,8 +399,11 @@ def _check_messages(rec: RawRecord, messages, key: str, role_key="role", content
         content = turn.get(content_key)
         if content is None:
             raise rec.error("missing content", field=f"{fname}.{content_key}")
+        if isinstance(content, list):
+            content = _text_parts(rec, content, f"{fname}.{content_key}")
         if not isinstance(content, str):
-            raise rec.error(f"expected a string, got {_type_name(content)}", field=f"{fname}.{content_key}")
+            raise rec.error(f"expected a string or a list of text parts, got {_type_name(content)}",
+                            field=f"{fname}.{content_key}")
         out.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise rec.error("the conversation has no assistant turn (nothing to learn from)", field=key)
