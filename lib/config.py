@@ -378,6 +378,18 @@ CHOICES = {
 }
 
 
+def undecodable(text: str) -> str | None:
+    """What makes `text` unusable as UTF-8 text, or None. Bytes a shell or terminal passed that are
+    not UTF-8 arrive as lone surrogates (Python's surrogateescape); they cannot be tokenized or saved."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        return f"not valid UTF-8 text ({byte} at character {e.start + 1}); use UTF-8 text"
+
+
 def allowed(f: dataclasses.Field) -> str:
     """The values a field accepts, in words ("in [0, 1)", ">= 1, or None"); '' if not restricted."""
     r = f.metadata.get("range")
@@ -394,10 +406,9 @@ def check_range(key: str, value, f: dataclasses.Field) -> None:
     if value is None or isinstance(value, bool):
         return
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ConfigError(f"{key}: not valid UTF-8 text (undecodable byte at character {e.start + 1})") from None
+        problem = undecodable(value)
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
         return
     if not isinstance(value, (int, float)):
         return
