@@ -631,6 +631,8 @@ def audit(prepared: Prepared, tokenizer, max_length: int, template_added: bool =
                                 record=None if "line" in where else where.get("record", i)) from None
         return out
 
+    if not prepared.train:
+        raise DataError(prepared.source, "no training examples")
     enc_train = encode_all(prepared.train)
     enc_eval = encode_all(prepared.eval)
     lengths = [e["length"] for e in enc_train]

@@ -267,11 +267,22 @@ def _write_jsonl(path: Path, rows) -> None:
 def load_tuned_model(cfg, adapter_dir):
     """The base model of `cfg` (quantized as configured) with the adapter of `adapter_dir` on top, in
     eval mode, and the tokenizer training saved beside the adapter (the base's if none was saved)."""
+    from .errors import ConfigError
     from .model import load_model_and_tokenizer, load_tokenizer
 
+    saved = None
+    if (Path(adapter_dir) / "tokenizer_config.json").exists():  # checked first: it fails fast
+        try:
+            saved = load_tokenizer(cfg, path=str(adapter_dir))
+        except ConfigError:  # the message would blame model.name_or_path: the adapter folder is at fault
+            files = sorted(p.name for p in Path(adapter_dir).iterdir()
+                           if p.name.startswith(("tokenizer", "vocab", "merges", "special")))
+            raise SFTError(
+                f"{adapter_dir}: the tokenizer saved with the adapter cannot be loaded (tokenizer files there: "
+                f"{', '.join(files)}): they are incomplete or damaged; train again (--retrain), or copy the "
+                "tokenizer files training saved back into it") from None
     model, tokenizer = load_model_and_tokenizer(cfg, for_training=False, adapter=adapter_dir)
-    if (Path(adapter_dir) / "tokenizer_config.json").exists():
-        tokenizer = load_tokenizer(cfg, path=str(adapter_dir))
+    tokenizer = saved if saved is not None else tokenizer
     model.eval()
     return model, tokenizer
 
