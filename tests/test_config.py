@@ -121,9 +121,7 @@ def test_every_numeric_field_has_a_range_in_its_metadata_and_help():
 
 @pytest.mark.parametrize("key", sorted(_numeric_fields()))
 def test_every_numeric_field_refuses_non_finite_and_out_of_range_values(key):
-    from lib.config import INT_MAX
-
-    from lib.config import _base_types
+    from lib.config import INT_MAX, _base_types
 
     f = _numeric_fields()[key]
     r, is_int = f.metadata["range"], int in _base_types(f.type)[0]
