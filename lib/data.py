@@ -8,8 +8,9 @@ Accepted record formats (detected from the fields, or forced with --format): soc
 messages (multi-turn; extra fields kept as metadata), sharegpt (`conversations`),
 prompt_completion, text. Containers: .json, .jsonl, .csv, .parquet, a `save_to_disk` folder, or
 a Hub dataset id. Everything becomes `{"messages": [...]}` except plain text (`{"text": ...}`,
-trained on every token). A given test split is kept as eval; otherwise a seeded fraction is held
-out. The audit, with the run's own tokenizer, goes to data/report.json.
+trained on every token); content given as OpenAI text parts is joined. With splits, only 'train'
+is trained on and every evaluation split (test, validation, ...) is kept as eval; otherwise a
+seeded fraction is held out. The audit, with the run's own tokenizer, goes to data/report.json.
 
 Bad input raises DataError naming the file, the line (or record) and the field; nothing is
 written to the run directory unless everything succeeded.
@@ -248,11 +249,6 @@ def _read_hub(dataset_id: str) -> Loaded:
     return _from_dataset_dict(dd, dataset_id, "hub")
 
 
-def _first_line(e) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _not_a_file(path: Path) -> str:
     """Why a path that exists is neither a file nor a folder to read: what it is instead."""
     import stat
@@ -278,7 +274,7 @@ def load_records(source: str) -> Loaded:
     except (OSError, RuntimeError) as e:  # RuntimeError: Python < 3.13 on a symbolic link loop
         if isinstance(e, RuntimeError) or e.errno == errno.ELOOP:
             raise DataError(source, "a symbolic link loop: it never reaches a file") from None
-        raise DataError(source, f"cannot follow this path ({_first_line(e)})") from None
+        raise DataError(source, f"cannot follow this path ({e.strerror or e})") from None
     if path.is_dir():
         loaded = _read_folder(path)
     elif path.is_file():
