@@ -18,9 +18,9 @@ tokens, no-repeat n-gram size, repetition penalty). A prompt longer than train.m
 is cut to its last max_length tokens (the latest turns and the generation prompt; a leading bos
 is kept), so one huge prompt cannot take unbounded memory and time; generation_metrics.json
 counts them (`prompts_cut`), as perplexity.json counts the examples cut (`examples_cut`).
-Metrics: BLEU (sacrebleu), ROUGE-L F1 (rouge-score), the stop rate (answers that ended with an end-of-turn / eos token rather than at
-the length limit) and a Socratic style score (share of answers that end with a question, questions
-per answer). The references get the style score too, as the target to compare with.
+Metrics: BLEU (sacrebleu), ROUGE-L F1 (rouge-score), the stop rate (answers that ended with an
+end-of-turn / eos token rather than at the length limit) and a Socratic style score (share of
+answers that end with a question, questions per answer). The references get the style score too, as the target to compare with.
 """
 
 from __future__ import annotations
