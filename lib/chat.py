@@ -26,7 +26,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .config import GenerationSettings
+from .config import GenerationSettings, undecodable
 from .errors import SFTError
 from .paths import require, run_paths
 from .tokenization import render_prompt
@@ -70,6 +70,11 @@ def conversation(history: list[dict], system: str | None = None) -> list[dict]:
                            "with role system, user or assistant")
     if not msgs or msgs[-1]["role"] != "user":
         raise SFTError("chat history: the last message must be the user's")
+    for i, m in enumerate(msgs + [{"role": "system", "content": system or ""}]):
+        problem = undecodable(m["content"])
+        if problem:
+            what = "the system prompt" if i == len(msgs) else f"message {i + 1}"
+            raise SFTError(f"chat: {what} is {problem}")
     if system and msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": system})
     return msgs
@@ -293,6 +298,10 @@ def run_chat(run: str, prompt: str | None = None, system: str | None = None, mer
 
     Returns the reply (with a prompt) or the conversation (after the loop).
     """
+    for what, text in (("--prompt", prompt), ("--system", system)):
+        problem = undecodable(text or "")
+        if problem:  # checked before the model loads
+            raise SFTError(f"chat: {what} is {problem}")
     session = load_session(run, merged=merged, system=system)
     if prompt is not None:
         parts = []
@@ -303,6 +312,8 @@ def run_chat(run: str, prompt: str | None = None, system: str | None = None, mer
         sys.stdout.write("\n")
         return "".join(parts).strip()
     print(f"chatting with {session.source} (/clear starts over, /exit or Ctrl-D quits)", file=sys.stderr)
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach the message check, not a traceback
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             text = input("you> ")
@@ -316,6 +327,10 @@ def run_chat(run: str, prompt: str | None = None, system: str | None = None, mer
             break
         if text == "/clear":
             session.clear()
+            continue
+        problem = undecodable(text)
+        if problem:
+            print(f"error: the message is {problem}; type it again", file=sys.stderr)
             continue
         sys.stdout.write("model> ")
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -23,6 +24,50 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts: [lo, hi] (ends open where said), plus special values `also`.
+
+    Kept in the field's metadata (`_f(..., range=Range(...))`), so the help text, `validate()` and
+    its messages share one source.
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple = ()
+
+    def ok(self, v) -> bool:
+        if v in self.also:
+            return True
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+    def __str__(self) -> str:
+        def n(v) -> str:
+            return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+        if self.lo is not None and self.hi is not None:
+            text = f"in {'(' if self.lo_open else '['}{n(self.lo)}, {n(self.hi)}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"{'>' if self.lo_open else '>='} {n(self.lo)}"
+        elif self.hi is not None:
+            text = f"{'<' if self.hi_open else '<='} {n(self.hi)}"
+        else:
+            text = "any number"
+        return text + "".join(f", or {n(a)}" for a in self.also)
+
+
+POSITIVE = Range(1)            # counts: 1, 2, ...
+NON_NEGATIVE = Range(0)
+ABOVE_ZERO = Range(0, lo_open=True)
+SHARE = Range(0, 1, hi_open=True)  # a fraction that must leave something: [0, 1)
+SEED = Range(0, 2**32 - 1)         # what numpy / transformers' set_seed accept
+INT_MAX = 2**31 - 1                # the largest count any int field takes (no field sets a bigger bound)
 
 
 def _f(default, help: str, **kw):
@@ -36,10 +81,10 @@ class DataConfig:
     path: str = _f("data/examples/socratic_questions.jsonl", "Local file or folder, or a Hub dataset id.")
     format: str = _f("auto", "Record format: auto, socratic, instruction_output, instruction_response, "
                              "qa_splits, messages, sharegpt, prompt_completion, text.")
-    eval_fraction: float = _f(0.1, "Share held out for evaluation when the data has no test split.")
-    max_examples: int | None = _f(None, "Use at most this many training examples (None: all).")
+    eval_fraction: float = _f(0.1, "Share held out for evaluation when the data has no test split.", range=SHARE)
+    max_examples: int | None = _f(None, "Use at most this many training examples (None: all).", range=POSITIVE)
     system_prompt: str | None = _f(None, "System message put before every conversation that has none.")
-    seed: int = _f(42, "Seed of the train/eval split.")
+    seed: int = _f(42, "Seed of the train/eval split.", range=SEED)
     prompt_format: str = _f("auto", "How conversations become text: auto (the model's chat template; a "
                                     "generic <|role|> one ending turns with eos if it has none), qa "
                                     "('Question: ...\\nAnswer: ...', for base models), alpaca ('### Instruction:' / "
@@ -70,9 +115,9 @@ class QuantConfig:
 
 @dataclass
 class LoraSettings:
-    r: int = _f(16, "Adapter rank: higher gives more capacity, more memory and a larger adapter.")
-    alpha: int = _f(32, "Scaling (alpha/r multiplies the update): higher learns faster, can destabilise.")
-    dropout: float = _f(0.05, "Dropout on the adapter input: regularises small data sets.")
+    r: int = _f(16, "Adapter rank: higher gives more capacity, more memory and a larger adapter.", range=POSITIVE)
+    alpha: int = _f(32, "Scaling (alpha/r multiplies the update): higher learns faster, can destabilise.", range=POSITIVE)
+    dropout: float = _f(0.05, "Dropout on the adapter input: regularises small data sets.", range=SHARE)
     bias: str = _f("none", "Train biases too: none, all, lora_only.")
     target_modules: str = _f("all-linear", "Layers to adapt: all-linear, attention (q,k,v,o), or a "
                                            "comma-separated list of module names.")
@@ -80,56 +125,57 @@ class LoraSettings:
 
 @dataclass
 class TrainConfig:
-    num_train_epochs: float = _f(3.0, "Passes over the training data (ignored when max_steps > 0).")
-    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: use epochs).")
-    learning_rate: float = _f(2e-4, "Peak learning rate: too high diverges, too low learns nothing.")
+    num_train_epochs: float = _f(3.0, "Passes over the training data (ignored when max_steps > 0).", range=ABOVE_ZERO)
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: use epochs).", range=Range(1, also=(-1,)))
+    learning_rate: float = _f(2e-4, "Peak learning rate: too high diverges, too low learns nothing.", range=Range(0, 1, lo_open=True))
     lr_scheduler_type: str = _f("cosine", "linear, cosine, cosine_with_restarts, constant, ...")
     num_cycles: int = _f(1, "Hard restarts of cosine_with_restarts: more restarts revisit high learning "
-                            "rates (can escape plateaus, can also undo progress).")
-    warmup_ratio: float = _f(0.03, "Share of steps spent warming the learning rate up.")
-    weight_decay: float = _f(0.0, "L2-style decay of the adapter weights.")
-    per_device_train_batch_size: int = _f(4, "Examples per step per device: more is faster, uses memory.")
-    per_device_eval_batch_size: int = _f(8, "Examples per evaluation batch.")
+                            "rates (can escape plateaus, can also undo progress).", range=POSITIVE)
+    warmup_ratio: float = _f(0.03, "Share of steps spent warming the learning rate up.", range=SHARE)
+    weight_decay: float = _f(0.0, "L2-style decay of the adapter weights.", range=Range(0, 1))
+    per_device_train_batch_size: int = _f(4, "Examples per step per device: more is faster, uses memory.", range=POSITIVE)
+    per_device_eval_batch_size: int = _f(8, "Examples per evaluation batch.", range=POSITIVE)
     gradient_accumulation_steps: int = _f(4, "Steps summed before an update: a larger effective batch "
-                                             "without more memory.")
-    max_length: int = _f(1024, "Tokens per example; longer ones are cut (the audit says how many).")
+                                             "without more memory.", range=POSITIVE)
+    max_length: int = _f(1024, "Tokens per example; longer ones are cut (the audit says how many).", range=POSITIVE)
     batching: str = _f("padding_free", "padding_free (exact, no padding), pad_longest, group_by_length, "
                                        "pad_max (pad to max_length: slow, for comparison).")
     optim: str = _f("adamw_torch", "Optimizer: adamw_torch, paged_adamw_8bit (GPU memory saver), ...")
-    max_grad_norm: float = _f(1.0, "Gradient clipping threshold.")
-    logging_steps: int = _f(10, "Log every N steps.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping threshold (0: no clipping).", range=NON_NEGATIVE)
+    logging_steps: int = _f(10, "Log every N steps.", range=POSITIVE)
     eval_strategy: str = _f("steps", "When to evaluate: steps, epoch, or no.")
-    eval_steps: int = _f(50, "Evaluate every N steps (with eval_strategy=steps).")
+    eval_steps: int = _f(50, "Evaluate every N steps (with eval_strategy=steps).", range=POSITIVE)
     save_strategy: str = _f("steps", "When to checkpoint: steps, epoch, or no.")
-    save_steps: int = _f(50, "Checkpoint every N steps (with save_strategy=steps).")
-    save_total_limit: int | None = _f(3, "Keep at most N checkpoints (None: keep all).")
+    save_steps: int = _f(50, "Checkpoint every N steps (with save_strategy=steps).", range=POSITIVE)
+    save_total_limit: int | None = _f(3, "Keep at most N checkpoints (None: keep all).", range=POSITIVE)
     load_best_model_at_end: bool = _f(False, "Finish with the checkpoint of lowest eval loss.")
     report_to: str = _f("none", "Experiment tracker: none, tensorboard, wandb (comma-separated).")
-    seed: int = _f(42, "Seed of initialisation, shuffling and dropout.")
+    seed: int = _f(42, "Seed of initialisation, shuffling and dropout.", range=SEED)
     precision: str = _f("auto", "auto (bf16 where supported, fp16 on older GPUs, fp32 on CPU), bf16, fp16, fp32.")
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = _f(8, "Examples per perplexity / generation batch.")
-    max_examples: int | None = _f(None, "Evaluate at most this many eval examples (None: all).")
-    generate_examples: int = _f(16, "Eval prompts to generate answers for (0: skip generation).")
+    batch_size: int = _f(8, "Examples per perplexity / generation batch.", range=POSITIVE)
+    max_examples: int | None = _f(None, "Evaluate at most this many eval examples (None: all).", range=POSITIVE)
+    generate_examples: int = _f(16, "Eval prompts to generate answers for (0: skip generation).", range=NON_NEGATIVE)
 
 
 @dataclass
 class GenerationSettings:
-    max_new_tokens: int = _f(128, "Longest answer: longer is slower and may ramble.")
+    max_new_tokens: int = _f(128, "Longest answer: longer is slower and may ramble.", range=POSITIVE)
     do_sample: bool = _f(False, "Sample (varied answers) instead of greedy decoding (repeatable).")
-    temperature: float = _f(0.7, "Sampling temperature: higher is more random.")
-    top_k: int = _f(50, "Sample from the k most likely tokens.")
-    top_p: float = _f(0.9, "Sample from the smallest set with this much probability.")
-    no_repeat_ngram_size: int = _f(0, "Forbid repeating n-grams of this size (0: off).")
-    repetition_penalty: float = _f(1.1, "Penalise repeated tokens (1.0: off).")
+    temperature: float = _f(0.7, "Sampling temperature (with do_sample): higher is more random; for "
+                                   "repeatable answers use do_sample=false, not 0.", range=ABOVE_ZERO)
+    top_k: int = _f(50, "Sample from the k most likely tokens (0: off).", range=NON_NEGATIVE)
+    top_p: float = _f(0.9, "Sample from the smallest set with this much probability.", range=Range(0, 1, lo_open=True))
+    no_repeat_ngram_size: int = _f(0, "Forbid repeating n-grams of this size (0: off).", range=NON_NEGATIVE)
+    repetition_penalty: float = _f(1.1, "Penalise repeated tokens (1.0: off, below 1 favours repeats).", range=ABOVE_ZERO)
 
 
 @dataclass
 class MergeSettings:
-    tolerance: float = _f(0.01, "Largest acceptable relative perplexity drift of the merged model.")
+    tolerance: float = _f(0.01, "Largest acceptable relative perplexity drift of the merged model.", range=NON_NEGATIVE)
 
 
 @dataclass
@@ -221,7 +267,10 @@ def _field_map(cfg: RunConfig) -> dict[str, tuple[object, dataclasses.Field]]:
 
 def field_help(cfg: RunConfig | None = None) -> dict[str, str]:
     """Every configurable key with its help text."""
-    return {k: f.metadata.get("help", "") for k, (_, f) in _field_map(cfg or RunConfig()).items()}
+    out = {}
+    for k, (_, f) in _field_map(cfg or RunConfig()).items():
+        out[k] = f.metadata.get("help", "") + (f" Allowed: {allowed(f)}." if allowed(f) else "")
+    return out
 
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
@@ -337,7 +386,51 @@ CHOICES = {
 }
 
 
+def undecodable(text: str) -> str | None:
+    """What makes `text` unusable as UTF-8 text, or None. Bytes a shell or terminal passed that are
+    not UTF-8 arrive as lone surrogates (Python's surrogateescape); they cannot be tokenized or saved."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        return f"not valid UTF-8 text ({byte} at character {e.start + 1}); use UTF-8 text"
+
+
+def allowed(f: dataclasses.Field) -> str:
+    """The values a field accepts, in words ("in [0, 1)", ">= 1, or None"); '' if not restricted."""
+    r = f.metadata.get("range")
+    if r is None:
+        return ""
+    return f"{r}, or None" if _base_types(f.type)[1] else str(r)
+
+
+def check_range(key: str, value, f: dataclasses.Field) -> None:
+    """Raise ConfigError naming `key` and its allowed values when `value` is out of the field's range.
+
+    Every number must be finite; an int at most INT_MAX; a string must be encodable text (no lone
+    surrogates, as a shell passes undecodable bytes)."""
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, str):
+        problem = undecodable(value)
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
+        return
+    if not isinstance(value, (int, float)):
+        return
+    r = f.metadata.get("range")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number{f' {allowed(f)}' if r else ''}, got {value}")
+    if r is not None and not r.ok(value):
+        raise ConfigError(f"{key}: must be {allowed(f)}, got {value!r}")
+    if isinstance(value, int) and abs(value) > INT_MAX and not (r is not None and r.hi is not None):
+        raise ConfigError(f"{key}: must be at most {INT_MAX}, got {value}")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
+    """Check every field: run name, choices, numeric ranges (Range in the field metadata), text."""
     from .paths import check_run_name
 
     check_run_name(cfg.run)
@@ -347,22 +440,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         value = getattr(owner, f.name)
         if value not in choices:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
-    positive = ["lora.r", "train.per_device_train_batch_size", "train.per_device_eval_batch_size",
-                "train.gradient_accumulation_steps", "train.max_length", "train.logging_steps",
-                "eval.batch_size", "generation.max_new_tokens"]
-    for key in positive:
-        owner, f = fields[key]
-        if getattr(owner, f.name) <= 0:
-            raise ConfigError(f"{key}: must be positive, got {getattr(owner, f.name)}")
+    for key, (owner, f) in fields.items():
+        check_range(key, getattr(owner, f.name), f)
     fmt = cfg.data.prompt_format
     if fmt not in ("auto", "qa", "alpaca", "chatml") and "{{" not in fmt and "{%" not in fmt:
         raise ConfigError(f"data.prompt_format: '{fmt}' is not one of auto, qa, alpaca, chatml, nor a Jinja template")
-    if not 0.0 <= cfg.data.eval_fraction < 1.0:
-        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {cfg.data.eval_fraction}")
-    if not 0.0 <= cfg.lora.dropout < 1.0:
-        raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
-    if cfg.train.learning_rate <= 0:
-        raise ConfigError(f"train.learning_rate: must be positive, got {cfg.train.learning_rate}")
     return cfg
 
 

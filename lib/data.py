@@ -8,8 +8,9 @@ Accepted record formats (detected from the fields, or forced with --format): soc
 messages (multi-turn; extra fields kept as metadata), sharegpt (`conversations`),
 prompt_completion, text. Containers: .json, .jsonl, .csv, .parquet, a `save_to_disk` folder, or
 a Hub dataset id. Everything becomes `{"messages": [...]}` except plain text (`{"text": ...}`,
-trained on every token). A given test split is kept as eval; otherwise a seeded fraction is held
-out. The audit, with the run's own tokenizer, goes to data/report.json.
+trained on every token); content given as OpenAI text parts is joined. With splits, only 'train'
+is trained on and every evaluation split (test, validation, ...) is kept as eval; otherwise a
+seeded fraction is held out. The audit, with the run's own tokenizer, goes to data/report.json.
 
 Bad input raises DataError naming the file, the line (or record) and the field; nothing is
 written to the run directory unless everything succeeded.
@@ -17,9 +18,11 @@ written to the run directory unless everything succeeded.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -79,7 +82,10 @@ class Loaded:
 
 
 def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(path, f"cannot read the file ({e.strerror or e})") from None
     if not raw.strip():
         raise DataError(path, "the file is empty")
     if b"\x00" in raw[:8192]:
@@ -137,20 +143,59 @@ def _read_csv(path: Path) -> Loaded:
     import io
 
     text = _read_text(path)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if not reader.fieldnames:
-        raise DataError(path, "the CSV file has no header row")
-    records = []
+    # strict: a quote that is never closed, or text after a closing quote, is an error (the default
+    # reader would swallow the rest of the file into one field).
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    records, header, start = [], None, 1
     try:
         for row in reader:
-            if None in row:
-                raise DataError(path, "more values than header columns", line=reader.line_num)
-            if not any((v or "").strip() for v in row.values()):
-                continue
-            records.append(RawRecord(dict(row), str(path), line=reader.line_num))
+            if header is None:
+                header = row
+                if not any(h.strip() for h in header):
+                    raise DataError(path, "the CSV file has no header row", line=1)
+            elif len(row) > len(header):
+                raise DataError(path, f"more values ({len(row)}) than header columns ({len(header)})", line=start)
+            elif any(v.strip() for v in row):
+                values = dict(zip(header, row + [None] * (len(header) - len(row))))
+                records.append(RawRecord(values, str(path), line=start))
+            start = reader.line_num + 1
     except csv.Error as e:
+        if "unexpected end of data" in str(e):
+            raise DataError(path, "unterminated quoted field (a \" that is never closed)",
+                            line=_open_quote_line(text, start)) from None
         raise DataError(path, f"invalid CSV ({e})", line=reader.line_num) from None
+    if header is None:
+        raise DataError(path, "the CSV file has no header row")
     return Loaded(records, str(path), "csv")
+
+
+def _open_quote_line(text: str, start: int) -> int:
+    """The line of the quote that opens the field left unterminated, in the record starting at line `start`."""
+    import io
+
+    lines = list(io.StringIO(text, newline=""))  # lines as the csv module counts them
+    pos = sum(len(line) for line in lines[:start - 1])
+    opened, field_start = None, True
+    while pos < len(text):
+        c = text[pos]
+        if opened is None:
+            if c == '"' and field_start:
+                opened, field_start = pos, False
+            else:
+                field_start = c in ",\r\n"
+        elif text.startswith('""', pos):
+            pos += 1  # an escaped quote inside the field
+        elif c == '"':
+            opened = None
+        pos += 1
+    if opened is None:
+        return start
+    done = 0
+    for n, line in enumerate(lines, start=1):
+        done += len(line)
+        if done > opened:
+            return n
+    return start
 
 
 def _read_parquet(path: Path) -> Loaded:
@@ -204,9 +249,32 @@ def _read_hub(dataset_id: str) -> Loaded:
     return _from_dataset_dict(dd, dataset_id, "hub")
 
 
+def _not_a_file(path: Path) -> str:
+    """Why a path that exists is neither a file nor a folder to read: what it is instead."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        if path.is_symlink():
+            if e.errno == errno.ELOOP:
+                return "a symbolic link loop: it never reaches a file"
+            return f"a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+        return f"cannot be read ({e.strerror or e})"
+    kinds = [(stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"not a regular file but {kind}: save the data to a file (.json, .jsonl, .csv, .parquet) first"
+
+
 def load_records(source: str) -> Loaded:
     """Read the records of a file, folder or Hub dataset id (no format check yet)."""
-    path = resolve_repo_path(source)
+    try:
+        path = resolve_repo_path(source)
+    except (OSError, RuntimeError) as e:  # RuntimeError: Python < 3.13 on a symbolic link loop
+        if isinstance(e, RuntimeError) or e.errno == errno.ELOOP:
+            raise DataError(source, "a symbolic link loop: it never reaches a file") from None
+        raise DataError(source, f"cannot follow this path ({e.strerror or e})") from None
     if path.is_dir():
         loaded = _read_folder(path)
     elif path.is_file():
@@ -217,6 +285,8 @@ def load_records(source: str) -> Loaded:
             raise DataError(path, f"unsupported file type '{suffix or '(none)'}' (use .json, .jsonl, .csv, "
                                   ".parquet, a datasets folder or a Hub dataset id)")
         loaded = readers[suffix](path)
+    elif os.path.lexists(path) or os.path.lexists(source):
+        raise DataError(source, _not_a_file(Path(source) if os.path.lexists(source) else path))
     elif _HUB_ID.match(str(source)) and not Path(str(source)).suffix:
         loaded = _read_hub(str(source))
     else:
@@ -278,6 +348,29 @@ def _user_with_input(instruction: str, inp: str | None) -> str:
     return instruction if not (inp and inp.strip()) else f"{instruction}\n\n{inp}"
 
 
+def _text_parts(rec: RawRecord, parts: list, key: str) -> str:
+    """Content given as a list of parts (the OpenAI format, [{"type": "text", "text": ...}, ...]):
+    the text parts joined with newlines (as vLLM joins them). Any other part (image_url, image,
+    input_audio, file, refusal...) is refused: a text model cannot be trained on it."""
+    texts = []
+    for j, part in enumerate(parts, start=1):
+        where = f"{key}[{j}]"
+        if not isinstance(part, dict):
+            raise rec.error(f"expected a content part {{\"type\": \"text\", \"text\": ...}}, got {_type_name(part)}",
+                            field=where)
+        kind = part.get("type")
+        if kind != "text":
+            raise rec.error(f"a content part of type {kind!r}: only text parts can be trained on (remove "
+                            "images, audio and files from the data, or export it as text)", field=where)
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise rec.error(f"expected a string, got {_type_name(text)}", field=f"{where}.text")
+        texts.append(text)
+    if not texts:
+        raise rec.error("the list of content parts is empty", field=key)
+    return "\n".join(texts)
+
+
 def _check_messages(rec: RawRecord, messages, key: str, role_key="role", content_key="content",
                     role_map=None) -> list[dict]:
     if not isinstance(messages, list):
@@ -302,8 +395,11 @@ def _check_messages(rec: RawRecord, messages, key: str, role_key="role", content
         content = turn.get(content_key)
         if content is None:
             raise rec.error("missing content", field=f"{fname}.{content_key}")
+        if isinstance(content, list):
+            content = _text_parts(rec, content, f"{fname}.{content_key}")
         if not isinstance(content, str):
-            raise rec.error(f"expected a string, got {_type_name(content)}", field=f"{fname}.{content_key}")
+            raise rec.error(f"expected a string or a list of text parts, got {_type_name(content)}",
+                            field=f"{fname}.{content_key}")
         out.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise rec.error("the conversation has no assistant turn (nothing to learn from)", field=key)
@@ -410,6 +506,38 @@ class Prepared:
     eval_from: str
     dropped_empty: int
     duplicates: int
+    notes: list[str] = field(default_factory=list)  # how the data's splits were used, for the audit
+
+
+def split_roles(loaded: Loaded) -> tuple[list[str], list[str], list[str]]:
+    """Which of the data's splits are trained on and which are kept for evaluation, and notes saying so.
+
+    Only the 'train' split is trained on (or the one split that is not an evaluation split, when
+    there is no 'train'); every evaluation split (test, validation, eval, valid, dev) is kept for
+    evaluation, never trained on; any other split is left out, with a note. Several splits none of
+    which is 'train' are refused: which one to train on would be a guess.
+    """
+    if not loaded.splits:
+        return [], [], []
+    evals = [s for s in loaded.splits if s in EVAL_SPLITS]
+    others = [s for s in loaded.splits if s not in EVAL_SPLITS]
+    if "train" in others:
+        train = ["train"]
+    elif len(others) <= 1:
+        train = others
+    else:
+        raise DataError(loaded.source, f"the data has the splits {', '.join(loaded.splits)} but none is named "
+                                       "'train': name the split to train on 'train'")
+    counts = {s: sum(1 for r in loaded.records if r.split == s) for s in loaded.splits}
+    notes = []
+    if len(evals) > 1:
+        notes.append(f"the data has {len(evals)} evaluation splits ({', '.join(evals)}): all are kept for "
+                     "evaluation, none is trained on")
+    for s in others:
+        if s not in train:
+            notes.append(f"split '{s}' ({counts[s]} records) is left out: neither trained nor evaluated on "
+                         "(only 'train' is trained on)")
+    return train, evals, notes
 
 
 def prepare_examples(source: str, fmt: str = "auto", eval_fraction: float = 0.1, seed: int = 42,
@@ -420,8 +548,11 @@ def prepare_examples(source: str, fmt: str = "auto", eval_fraction: float = 0.1,
         fmt = detect_format(loaded.records[0])
     elif fmt not in FORMATS:
         raise SFTError(f"unknown format '{fmt}' (formats: auto, {', '.join(FORMATS)})")
+    train_splits, eval_splits, notes = split_roles(loaded)
     examples, splits, dropped = [], [], 0
     for rec in loaded.records:
+        if loaded.splits and rec.split not in train_splits and rec.split not in eval_splits:
+            continue  # a split that is neither trained nor evaluated on (said in the notes)
         ex = normalise(rec, fmt)
         if is_empty(ex):
             dropped += 1
@@ -438,14 +569,19 @@ def prepare_examples(source: str, fmt: str = "auto", eval_fraction: float = 0.1,
         dups += k in seen
         seen.add(k)
 
-    eval_split = next((s for s in EVAL_SPLITS if s in loaded.splits), None)
-    if eval_split is not None:
-        train = [ex for ex, s in zip(examples, splits) if s != eval_split]
-        evals = [ex for ex, s in zip(examples, splits) if s == eval_split]
-        eval_from = f"the '{eval_split}' split of the data"
+    if eval_splits:
+        train = [ex for ex, s in zip(examples, splits) if s in train_splits]
+        evals = [ex for ex, s in zip(examples, splits) if s in eval_splits]
+        names = " and ".join(f"'{s}'" for s in eval_splits)
+        eval_from = f"the {names} split{'s' if len(eval_splits) > 1 else ''} of the data"
         if not train:
-            raise DataError(loaded.source, f"nothing left to train on: every record is in the '{eval_split}' split")
+            which = f"the {' or '.join(repr(s) for s in train_splits)} split" if train_splits else "a training split"
+            raise DataError(loaded.source, f"nothing left to train on: {which} holds no examples "
+                                           f"(the {names} split{'s are' if len(eval_splits) > 1 else ' is'} "
+                                           "kept for evaluation)")
     else:
+        train = [ex for ex, s in zip(examples, splits) if not loaded.splits or s in train_splits]
+        examples = train
         order = list(range(len(examples)))
         random.Random(seed).shuffle(order)
         n_eval = 0
@@ -457,7 +593,7 @@ def prepare_examples(source: str, fmt: str = "auto", eval_fraction: float = 0.1,
         eval_from = f"{n_eval} examples held out at random (data.eval_fraction={eval_fraction}, seed {seed})"
     if max_examples is not None:
         train = train[:max_examples]
-    return Prepared(train, evals, fmt, loaded.source, loaded.container, eval_from, dropped, dups)
+    return Prepared(train, evals, fmt, loaded.source, loaded.container, eval_from, dropped, dups, notes)
 
 
 # ----------------------------------------------------------------------------- audit
@@ -534,6 +670,8 @@ def audit(prepared: Prepared, tokenizer, max_length: int, template_added: bool =
             out.append(enc)
         return out
 
+    if not prepared.train:
+        raise DataError(prepared.source, "no training examples")
     enc_train = encode_all(prepared.train)
     enc_eval = encode_all(prepared.eval)
     lengths = [e["length"] for e in enc_train]
@@ -573,6 +711,7 @@ def audit(prepared: Prepared, tokenizer, max_length: int, template_added: bool =
     if n_split:
         warnings.append(f"the chat template rewrites earlier turns (e.g. drops <think> blocks): {n_split} "
                         "conversations were split into one example per assistant turn, each rendered as at inference")
+    warnings.extend(prepared.notes)
     if prepared.dropped_empty:
         warnings.append(f"{prepared.dropped_empty} records with empty answers were dropped")
     if prepared.duplicates:
@@ -700,6 +839,7 @@ def prepare(cfg: RunConfig, overwrite: bool = False) -> dict:
         cfg.train.eval_strategy = "no"
         report["warnings"].append("train.eval_strategy set to 'no' since there is no evaluation split")
     cfg.data.format = prepared.format if d.format == "auto" else d.format
+    check_training_settings(cfg, paths, has_eval=bool(prepared.eval))
 
     paths.root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.run}-prepare-", dir=paths.root.parent))
@@ -714,6 +854,17 @@ def prepare(cfg: RunConfig, overwrite: bool = False) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+def check_training_settings(cfg: RunConfig, paths, has_eval: bool) -> None:
+    """Refuse, before config.yaml is written, a setting training would refuse (layer names, optimizer,
+    scheduler, tracker...). The device-dependent ones (train.precision, model.attn_implementation)
+    are left to training, which may run on another machine (a GPU runtime)."""
+    from .config import apply_overrides
+    from .train import check_settings
+
+    neutral = apply_overrides(cfg, {"train.precision": "auto", "model.attn_implementation": "sdpa"})
+    check_settings(neutral, paths, has_eval=has_eval)
 
 
 def _install(tmp: Path, paths, new_hash: str, overwrite: bool) -> None:

@@ -14,10 +14,13 @@ It is computed batch by batch (one batch of logits in memory at a time) and summ
 
 Generation answers the first `eval.generate_examples` eval prompts with both models, batched with
 left padding, under `cfg.generation` (greedy or sampling, temperature, top-k, top-p, max new
-tokens, no-repeat n-gram size, repetition penalty). Metrics: BLEU (sacrebleu), ROUGE-L F1
-(rouge-score), the stop rate (answers that ended with an end-of-turn / eos token rather than at
-the length limit) and a Socratic style score (share of answers that end with a question, questions
-per answer). The references get the style score too, as the target to compare with.
+tokens, no-repeat n-gram size, repetition penalty). A prompt longer than train.max_length tokens
+is cut to its last max_length tokens (the latest turns and the generation prompt; a leading bos
+is kept), so one huge prompt cannot take unbounded memory and time; generation_metrics.json
+counts them (`prompts_cut`), as perplexity.json counts the examples cut (`examples_cut`).
+Metrics: BLEU (sacrebleu), ROUGE-L F1 (rouge-score), the stop rate (answers that ended with an
+end-of-turn / eos token rather than at the length limit) and a Socratic style score (share of
+answers that end with a question, questions per answer). The references get the style score too, as the target to compare with.
 """
 
 from __future__ import annotations
@@ -59,13 +62,15 @@ def perplexity(model, tokenizer, examples, batch_size: int = 8, max_length: int 
     """Perplexity of `model` over the trained (assistant) tokens of normalised `examples`.
 
     Returns {"loss": mean NLL per token (nats), "perplexity": exp(loss), "tokens": count,
-    "examples": examples that have at least one scored token}.
+    "examples": examples that have at least one scored token, "examples_cut": examples longer than
+    max_length, scored on their first max_length tokens only (as training cuts them)}.
     """
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     encoded = [encode_example(tokenizer, ex, max_length) for ex in examples]
+    n_cut = sum(1 for e in encoded if max_length is not None and e["length"] > max_length)
     # Token t is predicted from tokens < t, so a label at position 0 can never be scored.
     encoded = [e for e in encoded if any(x != IGNORE_INDEX for x in e["labels"][1:])]
     if not encoded:
@@ -101,7 +106,7 @@ def perplexity(model, tokenizer, examples, batch_size: int = 8, max_length: int 
         model.train(was_training)
     loss = total_nll / total_tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": total_tokens,
-            "examples": len(encoded)}
+            "examples": len(encoded), "examples_cut": n_cut}
 
 
 # ----------------------------------------------------------------------------- generation
@@ -135,13 +140,25 @@ def generation_kwargs(tokenizer, gen_cfg) -> dict:
     return kw
 
 
+def cut_prompt(ids: list[int], max_length: int | None, bos_token_id=None) -> list[int]:
+    """A prompt's token ids cut to at most `max_length`, keeping the end: the latest turns and the
+    generation prompt the answer follows. A leading bos token is kept in front."""
+    if max_length is None or len(ids) <= max_length:
+        return list(ids)
+    if bos_token_id is not None and ids and ids[0] == bos_token_id and max_length > 1:
+        return [ids[0]] + list(ids[len(ids) - (max_length - 1):])
+    return list(ids[len(ids) - max_length:])
+
+
 def generate_answers(model, tokenizer, conversations, gen_cfg, batch_size: int = 8, desc: str = "generate",
-                     progress: bool = True) -> list[dict]:
+                     progress: bool = True, max_length: int | None = None) -> list[dict]:
     """Answer each conversation (a list of messages ending with the user's turn).
 
     Returns [{"text": answer, "stopped": True if it ended with a stop token, False if it ran into
-    max_new_tokens}] in the order given. Prompts are rendered with the tokenizer's chat template and
-    left-padded, so a batch gives the same answers as one prompt at a time.
+    max_new_tokens, "prompt_cut": True if the prompt was longer than max_length}] in the order
+    given. Prompts are rendered with the tokenizer's chat template, cut to their last `max_length`
+    tokens (the context training saw; a long prompt would otherwise cost memory and time without
+    bound), and left-padded, so a batch gives the same answers as one prompt at a time.
     """
     import torch
     from tqdm.auto import tqdm
@@ -149,29 +166,34 @@ def generate_answers(model, tokenizer, conversations, gen_cfg, batch_size: int =
     kw = generation_kwargs(tokenizer, gen_cfg)
     stops = set(kw.get("eos_token_id") or [])
     device = _device(model)
-    prompts = [render_prompt(tokenizer, list(conv)) for conv in conversations]
+    pad = _pad_id(tokenizer)
+    prompts = []
+    for conv in conversations:
+        ids = tokenizer(render_prompt(tokenizer, list(conv)), add_special_tokens=False, verbose=False)["input_ids"]
+        if not ids:
+            raise SFTError("an evaluation prompt renders to no tokens")
+        prompts.append((cut_prompt(ids, max_length, tokenizer.bos_token_id), len(ids) > (max_length or len(ids))))
     out: list[dict] = []
-    side = tokenizer.padding_side
     was_training = model.training
     model.eval()
-    tokenizer.padding_side = "left"
     try:
         batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
-            if enc["input_ids"].shape[1] == 0:
-                raise SFTError("an evaluation prompt renders to no tokens")
-            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            width = max(len(ids) for ids, _ in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, (ids, _) in enumerate(batch):  # left padding: every prompt ends where generation starts
+                input_ids[row, width - len(ids):] = torch.tensor(ids)
+                mask[row, width - len(ids):] = 1
             with torch.no_grad():
-                seqs = model.generate(**enc, **kw)
-            new = seqs[:, enc["input_ids"].shape[1]:].tolist()
-            for tokens in new:
+                seqs = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kw)
+            new = seqs[:, width:].tolist()
+            for tokens, (_, was_cut) in zip(new, batch):
                 cut = next((i for i, t in enumerate(tokens) if t in stops), None)
                 answer = tokens if cut is None else tokens[:cut]
                 out.append({"text": tokenizer.decode(answer, skip_special_tokens=True).strip(),
-                            "stopped": cut is not None})
+                            "stopped": cut is not None, "prompt_cut": was_cut})
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
     return out
 
@@ -267,11 +289,22 @@ def _write_jsonl(path: Path, rows) -> None:
 def load_tuned_model(cfg, adapter_dir):
     """The base model of `cfg` (quantized as configured) with the adapter of `adapter_dir` on top, in
     eval mode, and the tokenizer training saved beside the adapter (the base's if none was saved)."""
+    from .errors import ConfigError
     from .model import load_model_and_tokenizer, load_tokenizer
 
+    saved = None
+    if (Path(adapter_dir) / "tokenizer_config.json").exists():  # checked first: it fails fast
+        try:
+            saved = load_tokenizer(cfg, path=str(adapter_dir))
+        except ConfigError:  # the message would blame model.name_or_path: the adapter folder is at fault
+            files = sorted(p.name for p in Path(adapter_dir).iterdir()
+                           if p.name.startswith(("tokenizer", "vocab", "merges", "special")))
+            raise SFTError(
+                f"{adapter_dir}: the tokenizer saved with the adapter cannot be loaded (tokenizer files there: "
+                f"{', '.join(files)}): they are incomplete or damaged; train again (--retrain), or copy the "
+                "tokenizer files training saved back into it") from None
     model, tokenizer = load_model_and_tokenizer(cfg, for_training=False, adapter=adapter_dir)
-    if (Path(adapter_dir) / "tokenizer_config.json").exists():
-        tokenizer = load_tokenizer(cfg, path=str(adapter_dir))
+    tokenizer = saved if saved is not None else tokenizer
     model.eval()
     return model, tokenizer
 
@@ -350,10 +383,10 @@ def run_evaluate(run: str, overrides=(), progress: bool = True) -> dict:
         torch.manual_seed(cfg.train.seed)
         with model.disable_adapter():
             answers["base"] = generate_answers(model, tokenizer, conversations, cfg.generation, bs,
-                                               desc="generate (base)", progress=progress)
+                                               desc="generate (base)", progress=progress, max_length=max_len)
         torch.manual_seed(cfg.train.seed)
         answers["tuned"] = generate_answers(model, tokenizer, conversations, cfg.generation, bs,
-                                            desc="generate (tuned)", progress=progress)
+                                            desc="generate (tuned)", progress=progress, max_length=max_len)
         for (index, prompt, reference), base, tuned in zip(chosen, answers["base"], answers["tuned"]):
             predictions.append({
                 "index": index,
@@ -364,11 +397,14 @@ def run_evaluate(run: str, overrides=(), progress: bool = True) -> dict:
                 "tuned": tuned["text"],
                 "base_stopped": base["stopped"],
                 "tuned_stopped": tuned["stopped"],
+                "prompt_cut": tuned["prompt_cut"],
             })
         scores = {m: generation_metrics(answers[m], references) for m in MODELS}
         signature = [scores[m].pop("bleu_signature") for m in MODELS][0]
         gen_metrics = {
             "examples": len(predictions),
+            "prompts_cut": sum(p["prompt_cut"] for p in predictions),
+            "max_length": max_len,
             "base": scores["base"],
             "tuned": scores["tuned"],
             "reference": style_scores(references),
@@ -386,6 +422,12 @@ def run_evaluate(run: str, overrides=(), progress: bool = True) -> dict:
     b, t = ppl["base"], ppl["tuned"]
     print(f"perplexity over {t['tokens']} answer tokens of {t['examples']} eval examples: "
           f"base {b['perplexity']:.2f}, tuned {t['perplexity']:.2f} ({ppl_seconds:.1f}s)")
+    if t.get("examples_cut"):
+        print(f"note: {t['examples_cut']} eval examples are longer than train.max_length={max_len}; perplexity "
+              "scores their first max_length tokens, as training saw them")
+    if gen_metrics is not None and gen_metrics["prompts_cut"]:
+        print(f"note: {gen_metrics['prompts_cut']} of {len(predictions)} generation prompts were longer than "
+              f"train.max_length={max_len} tokens and were cut to their last {max_len} (the latest turns)")
     if gen_metrics is not None:
         print(f"generated {len(predictions)} answers per model: BLEU base {gen_metrics['base']['bleu']:.1f} / "
               f"tuned {gen_metrics['tuned']['bleu']:.1f}, stop rate base {gen_metrics['base']['stop_rate']:.0%} / "

@@ -176,6 +176,23 @@ def target_modules(cfg):
     return names
 
 
+def check_target_modules(cfg, model_config=None) -> None:
+    """Raise ConfigError when a name in lora.target_modules is no linear layer of the base model.
+
+    Uses the model's config only (layers built on the meta device), so a bad name is refused
+    before any setting is saved or any weights load.
+    """
+    targets = target_modules(cfg)
+    if targets == "all-linear":
+        return
+    linears, _total = _cached_layers(model_config or load_model_config(cfg), cfg.model.trust_remote_code)
+    names = {n for n, *_ in linears} | {n.split(".")[-1] for n, *_ in linears} | {"lm_head"}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise ConfigError(f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are "
+                          f"{', '.join(sorted({n.split('.')[-1] for n, *_ in linears}))} (or use all-linear)")
+
+
 def lora_config(cfg):
     """The peft LoraConfig of the run."""
     from peft import LoraConfig
@@ -633,14 +650,19 @@ def _prod(shape) -> int:
 
 
 def update_config(run: str, overrides=()):
-    """Load outputs/<run>/config.yaml, apply overrides (as from a notebook or --set), save it back."""
+    """Load outputs/<run>/config.yaml, apply overrides (as from a notebook or --set), save it back.
+
+    Every setting is checked (ranges, and what training will need: layer names, optimizer,
+    scheduler...) before config.yaml is rewritten; a bad one leaves it as it was."""
     from .config import apply_overrides
+    from .train import check_settings
 
     paths = run_paths(run)
     require(paths, "config")
     cfg = load_config(paths.config)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
+        check_settings(cfg, paths)
         save_config(cfg, paths.config)
     return cfg
 

@@ -570,16 +570,18 @@ def _has_eval(cfg, paths) -> bool:
         return any(line.strip() for line in f)
 
 
-def check_settings(cfg, paths) -> None:
-    """Raise ConfigError for a setting training cannot use, without loading anything large."""
-    from .model import attn_implementation, device_info, precision, target_modules
+def check_settings(cfg, paths, has_eval: bool | None = None) -> None:
+    """Raise ConfigError for a setting training cannot use, without loading anything large.
+
+    has_eval: whether there is an evaluation split (default: read from the run's data)."""
+    from .model import attn_implementation, check_target_modules, device_info, precision
 
     info = device_info()
     precision(cfg, info)
     attn_implementation(cfg, info)
-    target_modules(cfg)
+    check_target_modules(cfg)
     build_collator(cfg, _NoTokenizer())
-    sft_config(cfg, paths.checkpoints, has_eval=_has_eval(cfg, paths))
+    sft_config(cfg, paths.checkpoints, has_eval=_has_eval(cfg, paths) if has_eval is None else has_eval)
 
 
 class _NoTokenizer:

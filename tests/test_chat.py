@@ -215,3 +215,34 @@ def test_missing_adapter_names_notebook_03(outputs):
     save_config(make_config("tiny", run="noadapter"), run_paths("noadapter").config)
     with pytest.raises(MissingStageError, match="03_train_sft"):
         load_session("noadapter")
+
+
+def test_prompt_that_is_not_utf8_is_one_error_line_before_the_model_loads(outputs, capsys):
+    from lib.__main__ import main
+
+    # A shell passes the byte 0xff as the lone surrogate U+DCFF (Python's surrogateescape).
+    assert main(["chat", "--run", "never-trained", "--prompt", "caf\udce9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: chat: --prompt is not valid UTF-8 text (byte 0xe9 at character 4); use UTF-8 text"
+    assert main(["chat", "--run", "never-trained", "--system", "\udcff", "--prompt", "hi"]) == 2
+    assert "--system is not valid UTF-8 text (byte 0xff" in capsys.readouterr().err
+
+
+def test_history_that_is_not_utf8_is_a_clear_error():
+    from lib.chat import conversation
+
+    with pytest.raises(SFTError, match=r"chat: message 2 is not valid UTF-8 text \(byte 0xff at character 3\)"):
+        conversation([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok\udcff"},
+                      {"role": "user", "content": "and?"}])
+
+
+def test_cli_chat_loop_skips_a_line_that_is_not_utf8(trained_run, monkeypatch, capsys):
+    from lib.__main__ import main
+
+    stdin = io.TextIOWrapper(io.BytesIO(b"\xff\xfe oops\nWhy is the sky blue?\n/exit\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert main(["chat", "--run", trained_run]) == 0
+    captured = capsys.readouterr()
+    assert "error: the message is not valid UTF-8 text (byte 0xff at character 1)" in captured.err
+    assert "Traceback" not in captured.err
+    assert captured.out.count("model> ") == 1  # the next line is answered

@@ -57,7 +57,7 @@ def test_overrides_convert_types():
     ("train.max_steps=ten", "train.max_steps: cannot use 'ten' (expected int)"),
     ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing: cannot use 'maybe'"),
     ("quant.mode=3bit", "quant.mode: '3bit' is not one of 4bit, 8bit, none"),
-    ("lora.r=0", "lora.r: must be positive"),
+    ("lora.r=0", "lora.r: must be >= 1, got 0"),
     ("train.max_length=None", "train.max_length: None is not allowed"),
     ("no-equals-sign", "not of the form key=value"),
 ])
@@ -94,3 +94,76 @@ def test_hf_token_sources_and_never_written(tmp_path, monkeypatch):
     assert hf_token() == "hf_secret_123"
     path = save_config(make_config("tiny"), tmp_path / "run")
     assert "hf_secret_123" not in path.read_text() and "token" not in {f for f in RunConfig.__dataclass_fields__}
+
+
+# ----------------------------------------------------------------------------- ranges of every field
+
+def _numeric_fields():
+    import dataclasses
+
+    from lib.config import _base_types, _field_map
+
+    out = {}
+    for key, (_, f) in _field_map(RunConfig()).items():
+        kinds = _base_types(f.type)[0]
+        if any(t in (int, float) for t in kinds) and bool not in kinds:
+            out[key] = f
+    assert dataclasses.is_dataclass(RunConfig) and len(out) > 25
+    return out
+
+
+def test_every_numeric_field_has_a_range_in_its_metadata_and_help():
+    helps = field_help()
+    for key, f in _numeric_fields().items():
+        assert f.metadata.get("range") is not None, key
+        assert "Allowed: " in helps[key], key
+
+
+@pytest.mark.parametrize("key", sorted(_numeric_fields()))
+def test_every_numeric_field_refuses_non_finite_and_out_of_range_values(key):
+    from lib.config import INT_MAX, _base_types
+
+    f = _numeric_fields()[key]
+    r, is_int = f.metadata["range"], int in _base_types(f.type)[0]
+    cfg = make_config("tiny")
+    bad = ["nan", "inf", "-inf"]
+    if r.lo is not None:
+        bad.append(str(r.lo if r.lo_open else r.lo - 1) if r.lo - 1 not in r.also else str(r.lo - 2))
+    if r.hi is not None:
+        bad.append(str(r.hi if r.hi_open else r.hi + 1))
+    elif is_int:
+        bad.append(str(INT_MAX + 1))
+    for value in bad:  # an int field refuses nan and inf as not an int
+        with pytest.raises(ConfigError, match=rf"^{key}: (must be |cannot use '(nan|inf|-inf)' \(expected int\))"):
+            apply_overrides(cfg, [f"{key}={value}"])
+    # the bounds themselves, where allowed, and the special values pass
+    good = [v for v in (r.lo if not r.lo_open else None, r.hi if not r.hi_open else None, *r.also) if v is not None]
+    for value in good:
+        apply_overrides(cfg, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.num_train_epochs=-3", "train.num_train_epochs: must be > 0, got -3.0"),
+    ("train.max_steps=0", "train.max_steps: must be >= 1, or -1, got 0"),
+    ("eval.max_examples=-3", "eval.max_examples: must be >= 1, or None, got -3"),
+    ("eval.max_examples=0", "eval.max_examples: must be >= 1, or None, got 0"),
+    ("eval.generate_examples=-1", "eval.generate_examples: must be >= 0, got -1"),
+    ("data.max_examples=0", "data.max_examples: must be >= 1, or None, got 0"),
+    ("train.learning_rate=nan", "train.learning_rate: must be a finite number in (0, 1], got nan"),
+    ("train.learning_rate=1e39", "train.learning_rate: must be in (0, 1], got 1e+39"),
+    ("generation.temperature=0", "generation.temperature: must be > 0, got 0.0"),
+    ("generation.top_k=-1", "generation.top_k: must be >= 0, got -1"),
+    ("generation.repetition_penalty=0", "generation.repetition_penalty: must be > 0, got 0.0"),
+    ("train.seed=-1", "train.seed: must be in [0, 4294967295], got -1"),
+    ("data.system_prompt=\udcff", "data.system_prompt: not valid UTF-8 text (byte 0xff at character 1); use UTF-8 text"),
+])
+def test_range_messages_name_the_key_and_the_allowed_values(override, message):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(make_config("tiny"), [override])
+    assert str(e.value) == message
+
+
+def test_a_non_finite_value_in_config_yaml_names_the_file(tmp_path):
+    (tmp_path / "config.yaml").write_text("train:\n  learning_rate: .nan\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"config.yaml: train.learning_rate: must be a finite number"):
+        load_config(tmp_path)

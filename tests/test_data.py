@@ -135,6 +135,76 @@ def test_every_container_gives_the_same_examples(tmp_path, container):
         assert len(p.eval) == 5  # the folder's test split is kept
 
 
+QA = [{"Question": f"Question {i}?", "Answer": f"Why {i}?"} for i in range(12)]
+
+
+def _qa_data(container: str, splits: dict, tmp_path: Path, monkeypatch) -> str:
+    """The Question/Answer rows of `splits` ({"train": rows, ...}) in a container with those splits."""
+    if container == "json":
+        path = tmp_path / "qa.json"
+        path.write_text(json.dumps(splits), encoding="utf-8")
+        return str(path)
+    from datasets import Dataset, DatasetDict
+
+    dd = DatasetDict({k: Dataset.from_list(v) for k, v in splits.items()})
+    if container == "save_to_disk":
+        dd.save_to_disk(str(tmp_path / "folder"))
+        return str(tmp_path / "folder")
+    import datasets  # the Hub: no network in tests, so load_dataset hands back the DatasetDict it would build
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, **kw: dd)
+    return "someone/qa-dataset"
+
+
+@pytest.mark.parametrize("container", ["json", "save_to_disk", "hub"])
+def test_validation_split_is_kept_for_evaluation_never_trained_on(container, tmp_path, monkeypatch):
+    splits = {"train": QA[:6], "validation": QA[6:9], "test": QA[9:]}
+    p = prepare_examples(_qa_data(container, splits, tmp_path, monkeypatch))
+    questions = {split: [r["Question"] for r in rows] for split, rows in splits.items()}
+    assert [e["messages"][0]["content"] for e in p.train] == questions["train"]
+    assert sorted(e["messages"][0]["content"] for e in p.eval) == sorted(questions["validation"] + questions["test"])
+    assert "'validation'" in p.eval_from and "'test'" in p.eval_from
+    assert any("validation" in n and "none is trained on" in n for n in p.notes)
+
+
+@pytest.mark.parametrize("container", ["json", "save_to_disk", "hub"])
+def test_a_split_that_is_neither_train_nor_eval_is_left_out(container, tmp_path, monkeypatch):
+    splits = {"train": QA[:6], "unsupervised": QA[6:9], "test": QA[9:]}
+    p = prepare_examples(_qa_data(container, splits, tmp_path, monkeypatch))
+    assert [e["messages"][0]["content"] for e in p.train] == [r["Question"] for r in QA[:6]]
+    assert [e["messages"][0]["content"] for e in p.eval] == [r["Question"] for r in QA[9:]]
+    assert any("split 'unsupervised' (3 records) is left out" in n for n in p.notes)
+
+
+def test_split_notes_reach_the_audit(tmp_path, outputs):
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps({"train": QA[:6], "validation": QA[6:9], "test": QA[9:]}), encoding="utf-8")
+    report = run_prepare("splits", str(path))
+    assert report["counts"] == {"train": 6, "eval": 6, "dropped_empty": 0, "duplicates": 0}
+    assert report["eval_from"] == "the 'validation' and 'test' splits of the data"
+    assert any("2 evaluation splits (validation, test)" in w for w in report["warnings"])
+    trained = read_examples(run_paths("splits").train_data)
+    assert [e["messages"][0]["content"] for e in trained] == [r["Question"] for r in QA[:6]]
+
+
+def test_text_parts_are_joined(tmp_path):
+    rows = [{"messages": [
+        {"role": "system", "content": [{"type": "text", "text": "Ask questions."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Why does ice float?"},
+                                     {"type": "text", "text": "Explain briefly."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "What happens to water when it freezes?"}]}]},
+        {"messages": [{"role": "user", "content": "Plain string content"},
+                      {"role": "assistant", "content": [{"type": "text", "text": "Still fine?"}]}]}]
+    path = tmp_path / "parts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    p = prepare_examples(str(path), eval_fraction=0.0)
+    assert [e["messages"] for e in p.train] == [
+        [{"role": "system", "content": "Ask questions."},
+         {"role": "user", "content": "Why does ice float?\nExplain briefly."},
+         {"role": "assistant", "content": "What happens to water when it freezes?"}],
+        [{"role": "user", "content": "Plain string content"}, {"role": "assistant", "content": "Still fine?"}]]
+
+
 def test_format_can_be_forced(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"instruction": "Why?", "output": "Because.", "text": "ignored"}) + "\n", encoding="utf-8")
@@ -179,6 +249,27 @@ BAD = {
     "not_objects": ("x.json", '[1, 2]', ["x.json: record 1: expected a JSON object"]),
     "only_a_question": ("x.jsonl", '{"instruction": "a", "input": "b"}\n', ["line 1: field 'output': missing answer"]),
     "unsupported_type": ("x.txt", "hello", ["x.txt: unsupported file type '.txt'"]),
+    # A quote never closed: the default csv reader swallowed the rest of the file into one answer.
+    "csv_unterminated_quote": ("x.csv", 'instruction,output\na,b\nc,"d\ne,f\ng,h\n',
+                               ["x.csv: line 3: unterminated quoted field"]),
+    "csv_unterminated_second_field": ("x.csv", 'instruction,output\n"a\nb",c\n"d\ne","f\ng,h\n',
+                                      ["x.csv: line 5: unterminated quoted field"]),
+    "csv_text_after_quote": ("x.csv", 'instruction,output\na,b\nc,"d"e\n', ["x.csv: line 3: invalid CSV"]),
+    "image_part": ("x.jsonl", json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                     {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]},
+        {"role": "assistant", "content": "What do you see?"}]}) + "\n",
+        ["x.jsonl: line 1: field 'messages[1].content[2]': a content part of type 'image_url'"]),
+    "empty_parts": ("x.jsonl", json.dumps({"messages": [{"role": "user", "content": []},
+                                                        {"role": "assistant", "content": "Why?"}]}) + "\n",
+                    ["x.jsonl: line 1: field 'messages[1].content': the list of content parts is empty"]),
+    "part_without_text": ("x.json", json.dumps([{"conversations": [
+        {"from": "human", "value": [{"type": "text", "text": 3}]}, {"from": "gpt", "value": "Why?"}]}]),
+        ["x.json: record 1: field 'conversations[1].value[1].text': expected a string, got a number"]),
+    "no_train_split": ("x.json", json.dumps({"first": [{"Question": "q", "Answer": "a"}],
+                                             "second": [{"Question": "q2", "Answer": "a2"}],
+                                             "test": [{"Question": "q3", "Answer": "a3"}]}),
+                       ["x.json: the data has the splits first, second, test but none is named 'train'"]),
 }
 
 
@@ -195,6 +286,41 @@ def test_bad_input_exits_2_with_one_clear_line_and_writes_nothing(case, tmp_path
         assert part in err, (part, err)
     assert not run_paths("bad").root.exists()
     assert not any(p.name.startswith(".bad") for p in outputs.iterdir())
+
+
+def _special(kind: str, tmp_path: Path) -> Path:
+    import os
+
+    path = tmp_path / "data.jsonl"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink_loop":
+        os.symlink(tmp_path / "other.jsonl", path)
+        os.symlink(path, tmp_path / "other.jsonl")
+    elif kind == "self_loop":
+        os.symlink(path, path)
+    elif kind == "broken_link":
+        os.symlink(tmp_path / "gone.jsonl", path)
+    elif kind == "link_to_fifo":
+        os.mkfifo(tmp_path / "pipe")
+        os.symlink(tmp_path / "pipe", path)
+    return path
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("fifo", "not a regular file but a named pipe (FIFO)"),
+    ("link_to_fifo", "not a regular file but a named pipe (FIFO)"),
+    ("symlink_loop", "a symbolic link loop"),
+    ("self_loop", "a symbolic link loop"),
+    ("broken_link", "a broken symbolic link (to "),
+])
+def test_data_path_that_is_no_file_says_what_it_is(kind, says, tmp_path, outputs, capsys):
+    path = _special(kind, tmp_path)
+    assert main(["prepare", "--run", "bad", "--data", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}: ") and "\n" not in err and "no such file" not in err
+    assert says in err
+    assert not run_paths("bad").root.exists()
 
 
 def test_missing_path_exits_2(outputs, capsys):

@@ -278,3 +278,78 @@ def test_missing_inputs_name_the_notebook_to_run(outputs):
         run_evaluate("untrained")
     assert main(["evaluate", "--run", "untrained"]) == 2
     assert not paths.eval_dir.exists()  # nothing half-written
+
+
+# ----------------------------------------------------------------------------- long prompts
+
+
+def test_cut_prompt_keeps_the_end_and_a_leading_bos():
+    from lib.evaluate import cut_prompt
+
+    assert cut_prompt(list(range(10)), 4, bos_token_id=0) == [0, 7, 8, 9]
+    assert cut_prompt(list(range(1, 11)), 4, bos_token_id=0) == [7, 8, 9, 10]
+    assert cut_prompt(list(range(10)), 10, bos_token_id=0) == list(range(10))
+    assert cut_prompt(list(range(10)), None) == list(range(10))
+
+
+def test_a_long_generation_prompt_is_cut_to_its_last_max_length_tokens(biased_model, tiny):
+    from lib.evaluate import cut_prompt
+    from lib.tokenization import render_prompt
+
+    _, tokenizer = tiny
+    model = biased_model
+    blank = [i for i in range(len(tokenizer)) if not tokenizer.decode([i], skip_special_tokens=True).strip()]
+    with torch.no_grad():
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[blank] = -100.0
+    long = [{"role": "user", "content": " ".join(f"word{i}" for i in range(3000))}]
+    prompts = [long, PROMPTS[0]]
+    settings = {"max_new_tokens": 5, "do_sample": False, "repetition_penalty": 1.0}
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        answers = generate_answers(model, tokenizer, prompts, settings, batch_size=2, progress=False, max_length=64)
+    finally:
+        hook.remove()
+    assert seen[0] == 64  # the first forward pass sees at most max_length prompt tokens
+    assert [a["prompt_cut"] for a in answers] == [True, False]
+    # The long prompt's answer is the answer to its cut ids, token by token.
+    ids = tokenizer(render_prompt(tokenizer, long), add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1000
+    cut = cut_prompt(ids, 64, tokenizer.bos_token_id)
+    assert cut[-20:] == ids[-20:] and len(cut) == 64
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([cut]), attention_mask=torch.ones(1, 64, dtype=torch.long),
+                             max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=stop_token_ids(tokenizer))
+    expected = tokenizer.decode(out[0, 64:].tolist(), skip_special_tokens=True).strip()
+    assert answers[0]["text"] == expected
+    # The short prompt is answered as without a limit.
+    assert answers[1] == generate_answers(model, tokenizer, [PROMPTS[0]], settings, progress=False)[0]
+
+
+def test_run_evaluate_counts_cut_prompts(trained_run):
+    run = copy_run(trained_run, "longprompt")
+    paths = run_paths(run)
+    rows = paths.eval_data.read_text(encoding="utf-8").splitlines()
+    long = {"messages": [{"role": "user", "content": "why " * 5000}, {"role": "assistant", "content": "Why not?"}]}
+    paths.eval_data.write_text("\n".join([json.dumps(long)] + rows[:2]) + "\n", encoding="utf-8")
+    run_evaluate(run, overrides=["eval.generate_examples=2", "generation.max_new_tokens=4"], progress=False)
+    gen = json.loads(paths.generation_metrics.read_text(encoding="utf-8"))
+    assert gen["prompts_cut"] == 1 and gen["max_length"] == 256
+    predictions = [json.loads(x) for x in paths.predictions.read_text(encoding="utf-8").splitlines()]
+    assert [p["prompt_cut"] for p in predictions] == [True, False]
+    ppl = json.loads(paths.perplexity.read_text(encoding="utf-8"))
+    assert ppl["tuned"]["examples_cut"] == 1 and ppl["base"]["examples_cut"] == 1
+
+
+def test_damaged_tokenizer_in_the_adapter_is_blamed_on_the_adapter(trained_run, capsys):
+    from lib.__main__ import main
+
+    run = copy_run(trained_run, "notokenizer")
+    adapter = run_paths(run).adapter
+    (adapter / "tokenizer.json").unlink()
+    assert main(["evaluate", "--run", run]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {adapter}: the tokenizer saved with the adapter cannot be loaded")
+    assert "model.name_or_path" not in err

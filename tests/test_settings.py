@@ -1,0 +1,112 @@
+"""Bad settings on the command line: every stage that takes --set refuses them with one line, exit
+status 2, no traceback, before anything is written (config.yaml and every other file unchanged)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SAMPLE, copy_run
+
+from lib.__main__ import main
+from lib.errors import ConfigError
+from lib.paths import run_paths
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Refused by the ranges in lib/config.py: every stage.
+RANGES = [
+    ("train.num_train_epochs=-3", "train.num_train_epochs: must be > 0, got -3.0"),
+    ("train.max_steps=0", "train.max_steps: must be >= 1, or -1, got 0"),
+    ("eval.max_examples=-3", "eval.max_examples: must be >= 1, or None, got -3"),
+    ("eval.max_examples=0", "eval.max_examples: must be >= 1, or None, got 0"),
+    ("eval.generate_examples=-1", "eval.generate_examples: must be >= 0, got -1"),
+    ("data.max_examples=0", "data.max_examples: must be >= 1, or None, got 0"),
+    ("train.learning_rate=nan", "train.learning_rate: must be a finite number in (0, 1], got nan"),
+    ("train.learning_rate=1e39", "train.learning_rate: must be in (0, 1], got 1e+39"),
+    ("generation.temperature=0", "generation.temperature: must be > 0, got 0.0"),
+    ("generation.top_k=-1", "generation.top_k: must be >= 0, got -1"),
+    ("generation.repetition_penalty=0", "generation.repetition_penalty: must be > 0, got 0.0"),
+    ("generation.top_p=0", "generation.top_p: must be in (0, 1], got 0.0"),
+    ("lora.dropout=1", "lora.dropout: must be in [0, 1), got 1.0"),
+    ("merge.tolerance=inf", "merge.tolerance: must be a finite number >= 0, got inf"),
+    ("data.system_prompt=\udcff", "data.system_prompt: not valid UTF-8 text (byte 0xff"),
+]
+# Refused by what training needs (the model's layers, transformers' names): the stages that save config.yaml.
+TRAINING = [
+    ("lora.target_modules=bogus", "lora.target_modules: bogus not in this model; its linear layers are "),
+    ("lora.target_modules=q_proj,nope", "lora.target_modules: nope not in this model"),
+    ("train.optim=bogus", "train.optim: bogus is not a valid"),
+    ("train.lr_scheduler_type=bogus", "train.lr_scheduler_type: bogus is not a valid"),
+]
+
+
+@pytest.fixture(scope="module")
+def run(trained_run) -> str:
+    """A copy of the trained run (so a wrongly accepted setting cannot spoil the shared one)."""
+    return copy_run(trained_run, "settings")
+
+
+def _files(root: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _refused(argv, message, capsys) -> None:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    # one line (a progress bar of the tiny model being built on first use may come before it)
+    lines = [line for line in err.splitlines() if "|" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert message in lines[0], (message, err)
+
+
+@pytest.mark.parametrize("setting, message", RANGES + TRAINING, ids=[s for s, _ in RANGES + TRAINING])
+def test_prepare_refuses_a_bad_setting_and_writes_nothing(setting, message, capsys):
+    _refused(["prepare", "--run", "bad-settings", "--data", str(SAMPLE), "--set", setting], message, capsys)
+    assert not run_paths("bad-settings").root.exists()
+
+
+@pytest.mark.parametrize("setting, message", RANGES + TRAINING, ids=[s for s, _ in RANGES + TRAINING])
+def test_train_refuses_a_bad_setting_before_config_yaml_is_written(run, setting, message, capsys):
+    before = _files(run_paths(run).root)
+    _refused(["train", "--run", run, "--set", setting], message, capsys)
+    assert _files(run_paths(run).root) == before
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "merge"])
+@pytest.mark.parametrize("setting, message", RANGES, ids=[s for s, _ in RANGES])
+def test_evaluate_and_merge_refuse_a_bad_setting(run, stage, setting, message, capsys):
+    before = _files(run_paths(run).root)
+    _refused([stage, "--run", run, "--set", setting], message, capsys)
+    assert _files(run_paths(run).root) == before
+
+
+def test_a_later_plain_train_still_works_after_a_refused_override(run, capsys):
+    assert main(["train", "--run", run, "--set", "lora.target_modules=bogus"]) == 2
+    capsys.readouterr()
+    assert main(["train", "--run", run]) == 0  # the finished run says so; config.yaml is still usable
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_notebook_02_update_config_checks_before_saving(run):
+    from lib.model import update_config
+
+    before = run_paths(run).config.read_bytes()
+    with pytest.raises(ConfigError, match="lora.target_modules: bogus not in this model"):
+        update_config(run, {"lora.target_modules": "bogus"})
+    assert run_paths(run).config.read_bytes() == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--set", "train.learning_rate=nan"], "error: train.learning_rate: must be a finite number"),
+    (["train", "--set", b"generation.temperature=0"], "error: generation.temperature: must be > 0"),
+    (["chat", "--prompt", b"\xff caf\xe9"], "error: chat: --prompt is not valid UTF-8 text (byte 0xff at character 1)"),
+])
+def test_cli_process_prints_one_line_and_no_traceback(run, argv, message):
+    r = subprocess.run([sys.executable, "-m", "lib", argv[0], "--run", run, *argv[1:]], capture_output=True, cwd=REPO)
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 2, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(message), err
