@@ -295,20 +295,28 @@ def _add_to_perplexity_json(paths, ppl: dict) -> None:
         finish(paths, "evaluate", manifest["outputs"], manifest.get("inputs"))
 
 
-def run_merge(run: str, overrides=()) -> dict:
+def run_merge(run: str, overrides=(), gate: bool = True) -> dict:
     """Entry point of notebook 06 and `python -m lib merge`: merge, check, return the report.
 
     overrides: ["merge.tolerance=0.02", ...] or {"merge.tolerance": 0.02} (None values keep the config's).
+    gate: raise QualityGateError (CLI exit 1) when the check fails and merge.fail_on_drift is true;
+    notebook 06 passes False to show the report first, and its check cell asserts gate_failure(report).
     """
     paths = run_paths(run)
     with run_lock(paths, "merge"):
         report = _run_merge(paths, run, overrides)
-    failed = report["warnings"]
-    if failed and report.get("fail_on_drift", True):
-        raise QualityGateError(
-            f"merge check failed: {failed[0]} (the merged model is in {paths.merged}; to accept it anyway, "
-            "set merge.fail_on_drift=false, e.g. `--set merge.fail_on_drift=false`)")
+    failure = gate_failure(report)
+    if gate and failure:
+        raise QualityGateError(failure)
     return report
+
+
+def gate_failure(report: dict) -> str | None:
+    """One line saying which figure missed which tolerance, or None when the check passed or is waived."""
+    if report["ok"] or not report.get("fail_on_drift", True):
+        return None
+    return (f"merge check failed: {report['warnings'][0]}; the merged model is kept in merged/ for inspection; "
+            "to accept it anyway set merge.fail_on_drift=false (`--set merge.fail_on_drift=false`)")
 
 
 def _run_merge(paths, run, overrides) -> dict:
