@@ -301,7 +301,7 @@ def _guarded_trainer_class():
             what = "loss" if bad_loss else "gradient norm"
             folder = Path(self.args.output_dir)
             if self.is_world_process_zero():
-                drop_checkpoints_from(folder, step - 1)
+                drop_checkpoints_from(folder, blow_up_start(self.state.log_history, step) - 1)
             raise TrainingError(non_finite_message(what, step, self.args, last_checkpoint(folder),
                                                    run=Path(self.args.output_dir).parent.name))
 
@@ -326,6 +326,17 @@ def _guarded_trainer_class():
             _print_main(f"learning rate changed since {Path(checkpoint).name}: {old:g} -> {new:g}")
 
     return GuardedSFTTrainer
+
+
+def blow_up_start(history: list[dict], failed_step: int) -> int:
+    """The step where the divergence that ended in a non-finite value at `failed_step` began: the first
+    logged gradient norm above 10x the median of the logged ones (the weights before it were sane)."""
+    norms = [(h["step"], h["grad_norm"]) for h in history if isinstance(h.get("grad_norm"), (int, float))]
+    finite_norms = sorted(v for _, v in norms if math.isfinite(v))
+    if len(finite_norms) < 3:
+        return failed_step
+    limit = 10 * finite_norms[len(finite_norms) // 2]
+    return min([s for s, v in norms if not (v <= limit)] + [failed_step])
 
 
 def drop_checkpoints_from(folder: Path, step: int) -> None:
