@@ -9,8 +9,11 @@
     python -m lib chat     --run NAME [--prompt TEXT] [--system TEXT]
     python -m lib pipeline --run NAME --data PATH [--profile P] [--set key=value ...]
 
-Exit status 0 on success; bad input (data, configuration, a stage not run yet) prints one line
-`error: ...` on stderr and exits 2, with no traceback.
+Exit status 0 on success; bad input (data, configuration, a stage not run yet, a damaged, stale or
+half-written result in the run directory, another process writing the same run) prints one line
+`error: ...` on stderr and exits 2, with no traceback. A quality gate that fails (the merge check:
+perplexity drift beyond merge.tolerance) prints one line and exits 1, unless
+`--set merge.fail_on_drift=false`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import argparse
 import os
 import sys
 
-from .errors import SFTError
+from .errors import QualityGateError, SFTError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,6 +103,10 @@ def main(argv=None) -> int:
         if rank in (None, "0"):
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except QualityGateError as e:  # the job ran, the result missed a stated tolerance
+        if os.environ.get("RANK") in (None, "0"):
+            print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

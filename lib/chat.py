@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from .config import GenerationSettings, undecodable
 from .errors import SFTError
 from .paths import require, run_paths
+from .rundir import check_fresh, check_trained
 from .tokenization import render_prompt
 
 DEFAULT_TIMEOUT = 120.0  # seconds the streamer waits for the next piece of text
@@ -206,12 +207,14 @@ def load_session(run: str, merged: bool = False, system: str | None = None) -> C
     cfg = load_config(paths.config)
     if merged:
         require(paths, "merged")
+        check_fresh(paths, "merge", paths.merged)  # not a merge of an adapter trained before a retrain
         from .merge import load_merged
 
         model, tokenizer = load_merged(paths.merged)
         source = str(paths.merged)
     else:
         require(paths, "adapter")
+        check_trained(paths)  # a damaged adapter is named, with the stage to rerun
         from .evaluate import load_tuned_model
 
         model, tokenizer = load_tuned_model(cfg, paths.adapter)  # the tokenizer training saved, with its template

@@ -176,6 +176,8 @@ class GenerationSettings:
 @dataclass
 class MergeSettings:
     tolerance: float = _f(0.01, "Largest acceptable relative perplexity drift of the merged model.", range=NON_NEGATIVE)
+    fail_on_drift: bool = _f(True, "A failed merge check (drift beyond merge.tolerance, or a tokenizer that "
+                                   "renders differently) stops with exit status 1; false: warn only.")
 
 
 @dataclass

@@ -33,6 +33,7 @@ from pathlib import Path
 from .config import RunConfig, load_config, make_config, save_config
 from .errors import DataError, SFTError
 from .paths import REPO_ROOT, resolve_repo_path, run_paths
+from .rundir import install, remove_leftovers, run_lock
 
 # name -> (fields that identify it, one-line description for messages)
 FORMATS = {
@@ -842,6 +843,13 @@ def prepare(cfg: RunConfig, overwrite: bool = False) -> dict:
     check_training_settings(cfg, paths, has_eval=bool(prepared.eval))
 
     paths.root.parent.mkdir(parents=True, exist_ok=True)
+    with run_lock(paths, "prepare"):
+        # staging folders of a prepare that was killed (no live writer: we hold the lock)
+        remove_leftovers(paths.root.parent, re.escape(f".{cfg.run}-prepare-") + r"[A-Za-z0-9_]{8}")
+        return _write_prepared(cfg, paths, prepared, report, overwrite)
+
+
+def _write_prepared(cfg, paths, prepared, report, overwrite) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.run}-prepare-", dir=paths.root.parent))
     try:
         (tmp / "data").mkdir()
@@ -885,10 +893,11 @@ def _install(tmp: Path, paths, new_hash: str, overwrite: bool) -> None:
                     "--overwrite on the command line)")
             shutil.rmtree(paths.root)
     paths.root.mkdir(parents=True, exist_ok=True)
-    paths.data_dir.mkdir(exist_ok=True)
-    for name in ("train.jsonl", "eval.jsonl", "report.json"):
-        (tmp / "data" / name).replace(paths.data_dir / name)
-    (tmp / "config.yaml").replace(paths.config)
+    # All four files as one: a kill between two moves leaves the stage marked interrupted, never a mixture.
+    moves = {paths.data_dir / n: tmp / "data" / n for n in ("train.jsonl", "eval.jsonl", "report.json")}
+    moves[paths.config] = tmp / "config.yaml"
+    data = paths.data_dir.name
+    install(paths, "prepare", moves, [f"{data}/train.jsonl", f"{data}/eval.jsonl", f"{data}/report.json"])
 
 
 def run_prepare(run: str, data: str | None = None, fmt: str = "auto", profile: str | None = None,

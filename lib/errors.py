@@ -37,3 +37,9 @@ class DataError(SFTError):
             parts.append(f"field '{field}'")
         self.detail = message
         super().__init__(": ".join(parts) + ": " + message)
+
+
+class QualityGateError(Exception):
+    """A result was computed but missed its stated tolerance (e.g. merge drift): the CLI exits 1.
+
+    Not an SFTError: the input was fine (exit 2 is for bad input); the outcome is not good enough."""

@@ -30,11 +30,22 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
 from .errors import MissingStageError, SFTError
 from .paths import require, run_paths
+from .rundir import (
+    check_fresh,
+    check_trained,
+    fingerprint,
+    install,
+    remove_leftovers,
+    run_lock,
+    write_atomic,
+    write_json,
+)
 from .tokenization import IGNORE_INDEX, encode_example, prompt_messages, render_prompt, stop_token_ids
 
 MODELS = ("base", "tuned")
@@ -270,20 +281,11 @@ def generation_metrics(predictions: list[dict], references: list[str]) -> dict:
 # ----------------------------------------------------------------------------- the stage
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+_write_json = write_json
 
 
 def _write_jsonl(path: Path, rows) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def load_tuned_model(cfg, adapter_dir):
@@ -340,14 +342,21 @@ def run_evaluate(run: str, overrides=(), progress: bool = True) -> dict:
     Returns {"perplexity": {"base": {...}, "tuned": {...}}, "generation": metrics (or None when
     eval.generate_examples is 0 or the data has no conversations), "predictions": rows}.
     """
+    paths = run_paths(run)
+    with run_lock(paths, "evaluate"):
+        return _run_evaluate(paths, run, overrides, progress)
+
+
+def _run_evaluate(paths, run, overrides, progress) -> dict:
     from .config import apply_overrides, load_config
     from .data import read_examples
 
-    paths = run_paths(run)
     require(paths, "config", "eval_data", "adapter")
     if not (paths.adapter / "adapter_config.json").exists():
         raise MissingStageError(f"{paths.adapter} holds no adapter (adapter_config.json): run notebook "
                                 f"03_train_sft first (or `python -m lib train --run {run}`)")
+    sources = {"prepare": fingerprint(paths, "prepare"), "train": check_trained(paths)}
+    remove_leftovers(paths.eval_dir, r"\.staging-\d+")  # of a killed evaluate (we hold the lock)
     cfg = apply_overrides(load_config(paths.config), overrides or [])
     examples = read_examples(paths.eval_data)
     if cfg.eval.max_examples is not None:
@@ -414,11 +423,20 @@ def run_evaluate(run: str, overrides=(), progress: bool = True) -> dict:
         }
     del model
     _release()
-    # Everything computed: now write (nothing half-written if anything above failed).
-    _write_json(paths.perplexity, ppl)
-    _write_jsonl(paths.predictions, predictions)
-    _write_json(paths.generation_metrics, gen_metrics if gen_metrics is not None else
-                {"examples": 0, "skipped": "eval.generate_examples is 0 or the eval data has no conversations"})
+    # Everything computed: now write, as one set (nothing half-written if anything above failed or
+    # the process is killed while the files are moved in: see lib/rundir.py).
+    staged = paths.eval_dir / f".staging-{os.getpid()}"
+    shutil.rmtree(staged, ignore_errors=True)
+    try:
+        _write_json(staged / paths.perplexity.name, ppl)
+        _write_jsonl(staged / paths.predictions.name, predictions)
+        _write_json(staged / paths.generation_metrics.name, gen_metrics if gen_metrics is not None else
+                    {"examples": 0, "skipped": "eval.generate_examples is 0 or the eval data has no conversations"})
+        targets = (paths.perplexity, paths.predictions, paths.generation_metrics)
+        install(paths, "evaluate", {t: staged / t.name for t in targets},
+                [str(t.relative_to(paths.root)) for t in targets], sources)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     b, t = ppl["base"], ppl["tuned"]
     print(f"perplexity over {t['tokens']} answer tokens of {t['examples']} eval examples: "
           f"base {b['perplexity']:.2f}, tuned {t['perplexity']:.2f} ({ppl_seconds:.1f}s)")
@@ -460,6 +478,7 @@ def metrics_table(run: str, styled: bool = False):
 
     paths = run_paths(run)
     require(paths, "perplexity", "generation_metrics")
+    check_fresh(paths, "evaluate", paths.eval_dir)
     ppl = _read_json(paths.perplexity)
     gen = _read_json(paths.generation_metrics)
     models = [m for m in ("base", "tuned", "merged") if isinstance(ppl.get(m), dict)]
@@ -496,6 +515,7 @@ def predictions_table(run: str, n: int = 5, styled: bool = False):
 
     paths = run_paths(run)
     require(paths, "predictions")
+    check_fresh(paths, "evaluate", paths.eval_dir)
     rows = read_examples(paths.predictions)[:n]
     cols = ["prompt", "reference", "base", "tuned"]
     df = pd.DataFrame([{c: r.get(c, "") for c in cols} for r in rows], columns=cols)

@@ -37,8 +37,9 @@ import warnings
 from pathlib import Path
 
 from .config import RunConfig, apply_overrides, load_config
-from .errors import SFTError
+from .errors import QualityGateError, SFTError
 from .paths import require, run_paths
+from .rundir import check_trained, finish, install, read_manifest, remove_leftovers, run_lock, write_json
 from .tokenization import IGNORE_INDEX, encode_example, prompt_messages, render_prompt
 
 LOGIT_SAMPLES = 4  # eval conversations whose logits are compared position by position
@@ -279,17 +280,6 @@ def merge_and_check(cfg: RunConfig, adapter_dir, eval_examples: list[dict], out_
     return report
 
 
-def _install(tmp: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.replace(old)
-    tmp.replace(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _add_to_perplexity_json(paths, ppl: dict) -> None:
     """Record the merged model's perplexity beside base and tuned in eval/perplexity.json (if there)."""
     if not paths.perplexity.exists():
@@ -299,18 +289,41 @@ def _add_to_perplexity_json(paths, ppl: dict) -> None:
     except ValueError:
         return
     data["merged"] = ppl
-    tmp = paths.perplexity.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    tmp.replace(paths.perplexity)
+    write_json(paths.perplexity, data)
+    manifest = read_manifest(paths, "evaluate")
+    if manifest is not None:  # the evaluation results now hold this figure too: record them as they are
+        finish(paths, "evaluate", manifest["outputs"], manifest.get("inputs"))
 
 
-def run_merge(run: str, overrides=()) -> dict:
+def run_merge(run: str, overrides=(), gate: bool = True) -> dict:
     """Entry point of notebook 06 and `python -m lib merge`: merge, check, return the report.
 
     overrides: ["merge.tolerance=0.02", ...] or {"merge.tolerance": 0.02} (None values keep the config's).
+    gate: raise QualityGateError (CLI exit 1) when the check fails and merge.fail_on_drift is true;
+    notebook 06 passes False to show the report first, and its check cell asserts gate_failure(report).
     """
     paths = run_paths(run)
+    with run_lock(paths, "merge"):
+        report = _run_merge(paths, run, overrides)
+    failure = gate_failure(report)
+    if gate and failure:
+        raise QualityGateError(failure)
+    return report
+
+
+def gate_failure(report: dict) -> str | None:
+    """One line saying which figure missed which tolerance, or None when the check passed or is waived."""
+    if report["ok"] or not report.get("fail_on_drift", True):
+        return None
+    return (f"merge check failed: {report['warnings'][0]}; the merged model is kept in merged/ for inspection; "
+            "to accept it anyway set merge.fail_on_drift=false (`--set merge.fail_on_drift=false`)")
+
+
+def _run_merge(paths, run, overrides) -> dict:
     require(paths, "config", "adapter", "eval_data")
+    trained = check_trained(paths)  # a damaged adapter is named, with the stage to rerun
+    # merge folders of a merge that was killed (as large as the model; no live writer: we hold the lock)
+    remove_leftovers(paths.root, r"\.merged-[A-Za-z0-9_]{8}|\.merged-old(-\d+)?")
     if isinstance(overrides, dict):
         overrides = {k: v for k, v in overrides.items() if v is not None}
     cfg = apply_overrides(load_config(paths.config), overrides or [])
@@ -324,7 +337,9 @@ def run_merge(run: str, overrides=()) -> dict:
 
     try:
         report = merge_and_check(cfg, paths.adapter, examples, tmp, split=split)
-        _install(tmp, paths.merged)
+        report["fail_on_drift"] = cfg.merge.fail_on_drift
+        write_json(tmp / "merge_report.json", report)
+        install(paths, "merge", {paths.merged: tmp}, [f"{paths.merged.name}/merge_report.json"], {"train": trained})
     except torch.cuda.OutOfMemoryError:
         raise MergeError(
             "out of GPU memory while merging: the base model in 16-bit does not fit on this GPU. Merge where "
@@ -338,7 +353,7 @@ def run_merge(run: str, overrides=()) -> dict:
           f"tolerance {report['tolerance'] * 100:.3g}%); max logit difference {lg['max_abs_diff_vs_adapter']:.3g} "
           f"vs adapter, {lg['max_abs_diff_vs_unmerged']:.2g} vs unmerged")
     for w in report["warnings"]:
-        warnings.warn(f"merge check: {w}", stacklevel=2)
+        warnings.warn(f"merge check: {w}", stacklevel=3)
         print(f"WARNING: merge check failed: {w}")
     return report
 

@@ -17,10 +17,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 from .errors import SFTError
 from .paths import require, run_paths
+from .rundir import (
+    check_fresh,
+    fingerprint,
+    inputs,
+    install,
+    remove_leftovers,
+    run_lock,
+    stale_inputs,
+    write_atomic,
+)
 
 STEP = "optimizer step"
 COLORS = {"train": "#1f77b4", "eval": "#d62728", "base": "#7f7f7f", "tuned": "#1f77b4", "merged": "#2ca02c",
@@ -110,8 +121,17 @@ def load_inputs(run: str) -> dict:
     """Everything the plots draw, read from the run directory."""
     paths = run_paths(run)
     require(paths, "metrics_csv")
+    fingerprint(paths, "train")  # the training logs are complete (not an interrupted or running training)
+    if paths.perplexity.exists():
+        check_fresh(paths, "evaluate", paths.eval_dir)  # eval/ of an adapter trained before a retrain
     ppl = _read_json(paths.perplexity)
     merge_report = _read_json(paths.merge_report)
+    if merge_report is not None and stale_inputs(paths, "merge"):
+        print(f"note: {paths.merged} was merged from an earlier adapter; its figures are left out "
+              f"(rerun notebook 06_merge_and_chat or `python -m lib merge --run {run}`)")
+        merge_report = None
+        if isinstance(ppl, dict):
+            ppl = {k: v for k, v in ppl.items() if k != "merged"}
     data_report = _read_json(paths.data_report)
     cfg = None
     if paths.config.exists():
@@ -386,9 +406,11 @@ def panel_figure(name: str, data: dict):
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    write_atomic(path, buf.getvalue())
     return path
 
 
@@ -398,14 +420,21 @@ def run_plots(run: str) -> list[Path]:
     plots/metrics_plot.png (the overview) comes first; then one PNG per panel that has data.
     """
     paths = run_paths(run)
-    data = load_inputs(run)
-    paths.plots.mkdir(parents=True, exist_ok=True)
-    written = [_save(overview_figure(data), paths.plots / "metrics_plot.png")]
-    for name in PANELS:
-        target = paths.plots / f"{name}.png"
-        if _has_data(name, data):
-            written.append(_save(panel_figure(name, data), target))
-        elif target.exists():
-            target.unlink()  # a stale panel of an earlier run
+    with run_lock(paths, "plot"):
+        data = load_inputs(run)
+        sources = inputs(paths, "prepare", "train", "evaluate", "merge")
+        # drawn into a staging folder that replaces plots/ as a whole (panels of an earlier run go with it)
+        remove_leftovers(paths.root, r"\.plots-staging-\d+|\.plots-old-\d+")
+        staged = paths.root / f".plots-staging-{os.getpid()}"
+        shutil.rmtree(staged, ignore_errors=True)
+        try:
+            names = ["metrics_plot"] + [n for n in PANELS if _has_data(n, data)]
+            _save(overview_figure(data), staged / "metrics_plot.png")
+            for name in names[1:]:
+                _save(panel_figure(name, data), staged / f"{name}.png")
+            install(paths, "plot", {paths.plots: staged}, [f"{paths.plots.name}/metrics_plot.png"], sources)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    written = [paths.plots / f"{n}.png" for n in names]
     print(f"wrote {len(written)} plots to {paths.plots}")
     return written

@@ -31,6 +31,17 @@ from pathlib import Path
 from .config import apply_overrides, load_config, save_config, to_dict
 from .errors import ConfigError, DataError, TrainingError
 from .paths import require, run_paths
+from .rundir import (
+    begin,
+    check_trained,
+    fingerprint,
+    finish,
+    is_pending,
+    replace,
+    run_lock,
+    write_atomic,
+    write_json,
+)
 from .tokenization import IGNORE_INDEX, TemplateError, encode_example
 
 METRIC_COLUMNS = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
@@ -213,12 +224,13 @@ def _metrics_callback_class():
                 self._rewrite([r for r in read_metrics_rows(self.path) if _num(r["step"]) <= resume_step])
 
         def _rewrite(self, rows):
-            tmp = self.path.with_suffix(".csv.tmp")
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-                w.writeheader()
-                w.writerows(rows)
-            tmp.replace(self.path)
+            import io
+
+            buf = io.StringIO(newline="")
+            w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+            write_atomic(self.path, buf.getvalue())
 
         def on_train_begin(self, args, state, control, **kw):
             self._last = (time.perf_counter(), state.num_input_tokens_seen)
@@ -287,9 +299,58 @@ def _guarded_trainer_class():
                     return
             step = self.state.global_step + 1
             what = "loss" if bad_loss else "gradient norm"
-            raise TrainingError(non_finite_message(what, step, self.args, last_checkpoint(Path(self.args.output_dir))))
+            folder = Path(self.args.output_dir)
+            if self.is_world_process_zero():
+                drop_checkpoints_from(folder, blow_up_start(self.state.log_history, step) - 1)
+            raise TrainingError(non_finite_message(what, step, self.args, last_checkpoint(folder),
+                                                   run=Path(self.args.output_dir).parent.name))
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            """Resume with the configured learning rate, also when it was changed since the checkpoint."""
+            super()._load_optimizer_and_scheduler(checkpoint)
+            sched = self.lr_scheduler
+            if checkpoint is None or not getattr(sched, "base_lrs", None):
+                return
+            old = sched.base_lrs[0]
+            new = self.args.learning_rate
+            if not old or math.isclose(old, new, rel_tol=1e-9):
+                return
+            ratio = new / old
+            sched.base_lrs = [lr * ratio for lr in sched.base_lrs]
+            if getattr(sched, "_last_lr", None):
+                sched._last_lr = [lr * ratio for lr in sched._last_lr]
+            for group in self.optimizer.param_groups:
+                group["lr"] *= ratio
+                if "initial_lr" in group:
+                    group["initial_lr"] *= ratio
+            _print_main(f"learning rate changed since {Path(checkpoint).name}: {old:g} -> {new:g}")
 
     return GuardedSFTTrainer
+
+
+def blow_up_start(history: list[dict], failed_step: int) -> int:
+    """The step where the divergence that ended in a non-finite value at `failed_step` began: the first
+    logged gradient norm above 10x the median of the logged ones (the weights before it were sane)."""
+    norms = [(h["step"], h["grad_norm"]) for h in history if isinstance(h.get("grad_norm"), (int, float))]
+    finite_norms = sorted(v for _, v in norms if math.isfinite(v))
+    if len(finite_norms) < 3:
+        return failed_step
+    limit = 10 * finite_norms[len(finite_norms) // 2]
+    return min([s for s, v in norms if not (v <= limit)] + [failed_step])
+
+
+def drop_checkpoints_from(folder: Path, step: int) -> None:
+    """Remove checkpoints saved at `step` or later: their weights led to a non-finite loss or gradient.
+
+    A checkpoint at step N holds the weights after N updates, which the loss of step N + 1 is computed
+    with; when step N + 1 is not finite, checkpoint-N is not a good one to resume from (its weights may
+    already be huge: the blow-up happens before the loss overflows)."""
+    if not Path(folder).is_dir():
+        return
+    for p in Path(folder).iterdir():
+        m = _CHECKPOINT.match(p.name)
+        if p.is_dir() and m and int(m.group(1)) >= step:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def build_trainer(cfg, model, tokenizer, train_dataset, eval_dataset=None, output_dir="checkpoints",
@@ -316,17 +377,22 @@ def build_trainer(cfg, model, tokenizer, train_dataset, eval_dataset=None, outpu
     return trainer
 
 
-def non_finite_message(what: str, step: int, args, checkpoint) -> str:
-    kept = (f"the last good checkpoint, {checkpoint.name}, is kept and a rerun resumes from it"
-            if checkpoint else "no checkpoint was saved before it")
+def non_finite_message(what: str, step: int, args, checkpoint, run: str = "RUN") -> str:
+    kept = (f"the last good checkpoint (finite weights and losses), {checkpoint.name}, is kept"
+            if checkpoint else "no good checkpoint was saved before it")
+    lower = f"{args.learning_rate / 10:.3g}"
+    how = (f"resume from it with a lower learning rate: `python -m lib train --run {run} --set "
+           f"train.learning_rate={lower}` (notebook 03: LEARNING_RATE = {lower})" if checkpoint else
+           f"train again with a lower learning rate: `python -m lib train --run {run} --retrain --set "
+           f"train.learning_rate={lower}`")
     tips = [f"a lower train.learning_rate (now {args.learning_rate:g})",
             "more warmup (train.warmup_ratio)",
             f"gradient clipping train.max_grad_norm=1.0 or lower (now {args.max_grad_norm:g})"]
     if args.fp16:
         tips.append("train.precision=bf16 (on a GPU that has it) or fp32 instead of fp16")
     tips.append("checking the data for empty or garbled answers")
-    return (f"training stopped at step {step}: the {what} is not finite (nan or inf); {kept}. "
-            f"Try {', '.join(tips)}; then rerun with retrain=True (--retrain) or resume after the change.")
+    return (f"training stopped at step {step}: the {what} is not finite (nan or inf); {kept}; {how}. "
+            f"Other remedies: {', '.join(tips[1:])}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,27 +405,45 @@ def checkpoint_problem(path: Path) -> str | None:
     if not state.exists():
         return "trainer_state.json is missing"
     try:
-        json.loads(state.read_text(encoding="utf-8"))
-    except (ValueError, OSError):
+        history = json.loads(state.read_text(encoding="utf-8")).get("log_history") or []
+    except (ValueError, OSError, AttributeError):
         return "trainer_state.json is unreadable"
+    for h in history:
+        if any(isinstance(h.get(k), float) and not math.isfinite(h[k]) for k in ("loss", "grad_norm", "eval_loss")):
+            return f"a non-finite loss or gradient norm was logged at step {h.get('step')}"
     weights = [path / n for n in ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")]
     weights = [w for w in weights if w.exists()]
     if not weights or not (path / "adapter_config.json").exists():
         return "the adapter weights are missing"
     if weights[0].suffix == ".safetensors":
         try:
+            import torch
             from safetensors import safe_open
 
             with safe_open(str(weights[0]), framework="pt") as f:
-                for k in f.keys():
-                    f.get_slice(k)
+                finite_weights = all(bool(torch.isfinite(f.get_tensor(k)).all()) for k in f.keys())
         except Exception:
             return f"{weights[0].name} is unreadable"
+        if not finite_weights:
+            return f"{weights[0].name} holds non-finite weights"
     for name in ("optimizer.pt", "scheduler.pt"):
         p = path / name
         if not p.exists() or p.stat().st_size == 0:
             return f"{name} is missing"
+        if not _readable_torch_file(p):
+            return f"{name} is truncated or unreadable"
     return None
+
+
+def _readable_torch_file(path: Path) -> bool:
+    """A torch.save file (a zip archive) whose members all read back with matching checksums."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return False
 
 
 def last_checkpoint(folder: Path, clean: bool = False) -> Path | None:
@@ -508,7 +592,8 @@ def _summary(trainer, cfg, counts, runtime_s, resumed_from) -> dict:
 
 
 def is_finished(paths) -> bool:
-    return paths.training_summary.exists() and (paths.adapter / "adapter_config.json").exists()
+    return (not is_pending(paths, "train") and paths.training_summary.exists()
+            and (paths.adapter / "adapter_config.json").exists())
 
 
 def _changed(old, new) -> list[str]:
@@ -532,12 +617,18 @@ def run_train(run: str, overrides=(), retrain: bool = False, callbacks=()) -> di
     Loads config.yaml, applies and saves `overrides`, needs the data of notebook 01, writes
     model/summary.json if notebook 02 has not run, trains (resuming from the last complete
     checkpoint), and saves the adapter, the logs and logs/training_summary.json. `callbacks`:
-    extra transformers TrainerCallbacks.
+    extra transformers TrainerCallbacks. Holds the run's lock throughout (lib/rundir.py).
     """
+    paths = run_paths(run)
+    with run_lock(paths, "train"):
+        return _run_train(paths, run, overrides, retrain, callbacks)
+
+
+def _run_train(paths, run, overrides, retrain, callbacks) -> dict:
     from accelerate import PartialState
 
-    paths = run_paths(run)
     require(paths, "config", "train_data", "eval_data")
+    fingerprint(paths, "prepare")  # the prepared data are complete and as prepare wrote them
     old = load_config(paths.config)
     cfg = apply_overrides(old, overrides) if overrides else old
     state = PartialState()
@@ -546,6 +637,7 @@ def run_train(run: str, overrides=(), retrain: bool = False, callbacks=()) -> di
         save_config(cfg, paths.config)
 
     if is_finished(paths) and not retrain:
+        check_trained(paths)  # a damaged adapter or summary is said, not reported as finished
         changes = _changed(json_config(paths), cfg)
         summary = json.loads(paths.training_summary.read_text(encoding="utf-8"))
         msg = f"run '{run}' has already finished training ({paths.training_summary})"
@@ -556,6 +648,8 @@ def run_train(run: str, overrides=(), retrain: bool = False, callbacks=()) -> di
             msg += "; retrain=True (--retrain) trains again from scratch"
         _print_main(msg)
         return summary
+    if state.is_main_process:
+        begin(paths, "train")  # until the end, adapter/ and logs/ are not a finished training
     if retrain and state.is_main_process:
         for p in (paths.checkpoints, paths.adapter, paths.logs):
             shutil.rmtree(p, ignore_errors=True)
@@ -649,10 +743,11 @@ def _train(cfg, paths, extra_callbacks, state) -> dict:
     summary = _summary(trainer, cfg, counts, runtime, resume.name if resume else None)
     if state.is_main_process:
         _save_adapter(trainer, cfg, paths, summary)
-        paths.logs.mkdir(parents=True, exist_ok=True)
-        tmp = paths.training_summary.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        tmp.replace(paths.training_summary)
+        write_json(paths.training_summary, summary)
+        finish(paths, "train", [paths.adapter.name + "/adapter_model.safetensors",
+                                paths.adapter.name + "/adapter_config.json",
+                                "logs/training_summary.json", "logs/training_metrics.csv"],
+               {"prepare": fingerprint(paths, "prepare", verify=False)})
         _print_main(f"trained {summary['global_step']} steps in {runtime:.1f} s; eval loss "
                     f"{summary['initial_eval_loss']} -> {summary['final_eval_loss']}; adapter in {paths.adapter}")
     state.wait_for_everyone()
@@ -667,8 +762,7 @@ def _save_adapter(trainer, cfg, paths, summary) -> None:
     trainer.processing_class.save_pretrained(str(tmp))
     (tmp / "README.md").write_text(_model_card(cfg, summary, _data_hash(paths)), encoding="utf-8")
     (tmp / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2), encoding="utf-8")
-    shutil.rmtree(paths.adapter, ignore_errors=True)
-    tmp.replace(paths.adapter)
+    replace(tmp, paths.adapter)
 
 
 def finite(x) -> bool:

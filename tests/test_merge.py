@@ -164,19 +164,32 @@ def test_template_round_trip_catches_a_different_template(merged_run):
     assert not diff["ok"] and any("render differ" in m for m in diff["mismatches"])
 
 
-def test_drift_beyond_tolerance_is_reported_loudly(merged_run, capsys):
-    from lib.merge import run_merge
+@pytest.mark.parametrize("waived", [False, True])
+def test_drift_beyond_tolerance_fails_the_gate_with_exit_1(trained_run, waived, capsys):
+    """A failed merge check exits 1 with one line naming the figure and the tolerance; an explicit
+    merge.fail_on_drift=false turns it into a warning (exit 0). Each case merges its own copy."""
+    from lib.__main__ import main
+    from lib.merge import gate_failure
     from lib.paths import run_paths
 
-    run, first = merged_run
-    with pytest.warns(UserWarning, match="drifts .* beyond merge.tolerance=1e-12"):
-        report = run_merge(run, overrides=["merge.tolerance=1e-12"])
-    assert report["ok"] is False and report["tolerance"] == 1e-12
-    assert "WARNING: merge check failed" in capsys.readouterr().out
-    assert json.loads(run_paths(run).merge_report.read_text())["ok"] is False
-    # the same merge gives the same figures
-    for m in ("merged", "adapter"):
-        assert report["perplexity"][m]["perplexity"] == pytest.approx(first["perplexity"][m]["perplexity"])
+    run = copy_run(trained_run, f"merge_gate_{waived}")
+    args = ["merge", "--run", run, "--set", "merge.tolerance=1e-12"]
+    if waived:
+        with pytest.warns(UserWarning, match="drifts .* beyond merge.tolerance=1e-12"):
+            assert main(args + ["--set", "merge.fail_on_drift=false"]) == 0
+    else:
+        assert main(args) == 1
+    out, err = capsys.readouterr()
+    assert "WARNING: merge check failed" in out and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error")]  # (the rest: progress bars)
+    if waived:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and lines[0].startswith("error: merge check failed: merged model's perplexity drifts")
+        assert "beyond merge.tolerance=1e-12" in lines[0] and "merge.fail_on_drift=false" in lines[0]
+    report = json.loads(run_paths(run).merge_report.read_text())  # kept for inspection either way
+    assert report["ok"] is False and report["tolerance"] == 1e-12 and report["fail_on_drift"] is (not waived)
+    assert (gate_failure(report) is None) is waived
 
 
 def test_missing_adapter_stops_with_the_notebook_to_run(outputs, capsys):
