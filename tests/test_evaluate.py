@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import copy_run
+from conftest import copy_run, reseal
 
 from lib.config import make_config, save_config
 from lib.errors import MissingStageError, SFTError
@@ -334,6 +334,7 @@ def test_run_evaluate_counts_cut_prompts(trained_run):
     rows = paths.eval_data.read_text(encoding="utf-8").splitlines()
     long = {"messages": [{"role": "user", "content": "why " * 5000}, {"role": "assistant", "content": "Why not?"}]}
     paths.eval_data.write_text("\n".join([json.dumps(long)] + rows[:2]) + "\n", encoding="utf-8")
+    reseal(run, "prepare", "train")
     run_evaluate(run, overrides=["eval.generate_examples=2", "generation.max_new_tokens=4"], progress=False)
     gen = json.loads(paths.generation_metrics.read_text(encoding="utf-8"))
     assert gen["prompts_cut"] == 1 and gen["max_length"] == 256
