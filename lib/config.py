@@ -127,7 +127,7 @@ class LoraSettings:
 class TrainConfig:
     num_train_epochs: float = _f(3.0, "Passes over the training data (ignored when max_steps > 0).", range=ABOVE_ZERO)
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: use epochs).", range=Range(1, also=(-1,)))
-    learning_rate: float = _f(2e-4, "Peak learning rate: too high diverges, too low learns nothing.", range=Range(0, 1, lo_open=True))
+    learning_rate: float = _f(2e-4, "Peak learning rate: too high diverges, too low learns nothing.", range=Range(0, 1e6, lo_open=True))
     lr_scheduler_type: str = _f("cosine", "linear, cosine, cosine_with_restarts, constant, ...")
     num_cycles: int = _f(1, "Hard restarts of cosine_with_restarts: more restarts revisit high learning "
                             "rates (can escape plateaus, can also undo progress).", range=POSITIVE)
