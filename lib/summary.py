@@ -64,7 +64,7 @@ def before_after(run: str, width: int = 100) -> str:
     head = f"Before / after fine-tuning: {model}, run {run}"
     if train.get("global_step"):
         epochs = train.get("epoch", 0)
-        head += (f" ({train['global_step']} steps, {epochs:g} epoch{'' if epochs == 1 else 's'}, "
+        head += (f" ({train['global_step']} steps, {epochs:.3g} epoch{'' if epochs == 1 else 's'}, "
                  f"{train.get('runtime_s', 0):.0f}s of training)")
     rows = [("", "base", "tuned"),
             ("eval perplexity (lower is better)", f"{ppl['base']['perplexity']:.2f}", f"{ppl['tuned']['perplexity']:.2f}")]
