@@ -37,7 +37,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import ConfigError
-from .paths import cache_dir
+from .paths import cache_dir, resolve_repo_path
 from .tiny import build_once, tiny_model_path
 
 SMOL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -140,11 +140,12 @@ def _local_gguf(path, gguf_file: str | None) -> Path:
         if folder.is_dir():
             return (folder / gguf_file).resolve()
         return _hub_file(str(path), gguf_file)
-    p = Path(str(path)).expanduser()
+    p = resolve_repo_path(path)  # relative to the working directory, else to the repo root
     if p.exists():
-        return p.resolve()
+        return p
     parts = str(path).split("/")
-    looks_like_hub = not p.is_absolute() and not str(path).startswith(".") and len(parts) >= 3
+    looks_like_hub = not Path(str(path)).expanduser().is_absolute() and not str(path).startswith(".") \
+        and len(parts) >= 3
     if looks_like_hub and not (Path.cwd() / parts[0]).exists():
         return _hub_file("/".join(parts[:2]), "/".join(parts[2:]))
     raise ConfigError(f"{path}: GGUF file not found")
