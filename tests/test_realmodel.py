@@ -206,10 +206,12 @@ def test_smol_learns_to_ask_and_to_stop(smol_run):
     assert sum(r["tuned_stopped"] for r in rows) == round(tuned["stop_rate"] * len(rows))
 
 
-@pytest.mark.slow
-def test_smol_merged_loads_with_plain_transformers_and_answers_as_the_adapter(smol_run):
+def merged_and_adapter_answers(run: str, n: int = 2, max_new_tokens: int = 40):
+    """Greedy token ids of the merged model (loaded with plain transformers) and of the same 16-bit base
+    with the adapter unmerged, for the first `n` eval prompts, under one explicit generation config
+    (the merged folder's own config carries the run's repetition penalty)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from lib.config import load_config
     from lib.data import read_examples
@@ -217,23 +219,34 @@ def test_smol_merged_loads_with_plain_transformers_and_answers_as_the_adapter(sm
     from lib.paths import run_paths
     from lib.tokenization import prompt_messages
 
-    paths = run_paths(smol_run)
+    paths = run_paths(run)
     merged = AutoModelForCausalLM.from_pretrained(paths.merged, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(paths.merged)
-    assert tok.pad_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
     adapter = load_16bit_with_adapter(load_config(paths.config), paths.adapter).eval()
-    eval_examples = read_examples(paths.eval_data)
-    for ex in eval_examples[:2]:
+    gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    out = []
+    for ex in read_examples(paths.eval_data)[:n]:
         prompt, _ = prompt_messages(ex["messages"])
         enc = tok.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        kw = dict(max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
         with torch.no_grad():
-            a = merged.generate(**enc, **kw)[0, enc["input_ids"].shape[1]:]
-            b = adapter.generate(**enc, **kw)[0, enc["input_ids"].shape[1]:]
-        assert a.tolist() == b.tolist()  # token by token, the same answer
+            a = merged.generate(**enc, generation_config=gc)[0, enc["input_ids"].shape[1]:]
+            b = adapter.generate(**enc, generation_config=gc)[0, enc["input_ids"].shape[1]:]
+        out.append((a.tolist(), b.tolist()))
+    return merged, tok, out
+
+
+@pytest.mark.slow
+def test_smol_merged_loads_with_plain_transformers_and_answers_as_the_adapter(smol_run):
+    from lib.paths import run_paths
+
+    merged, tok, answers = merged_and_adapter_answers(smol_run)
+    assert tok.pad_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    for a, b in answers:
+        assert len(a) > 0 and a == b  # token by token, the same answer
     stops = merged.generation_config.eos_token_id
     assert tok.eos_token_id in (stops if isinstance(stops, list) else [stops])  # stops on <|im_end|>
-    report = json.loads(paths.merge_report.read_text())
+    report = json.loads(run_paths(smol_run).merge_report.read_text())
     assert report["logits"]["max_abs_diff_vs_unmerged"] < 1e-3
 
 
