@@ -1,4 +1,5 @@
-# The two commands:  make demo  (the whole pipeline on the tiny offline model)  and  make test.
+# The two commands:  make demo  (the whole pipeline on SmolLM2-135M-Instruct, a real model, on the CPU)
+# and  make test.
 # Each creates .venv and installs what it needs first. On a machine without an NVIDIA GPU the
 # CPU build of torch is installed before anything else, since a plain `torch` requirement pulls
 # a multi-GB CUDA build. Override with e.g. `make test TORCH=torch==2.13.0 TORCH_INDEX=<PyTorch CPU wheel index>`.
@@ -8,9 +9,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
-RUN ?= demo
+RUN ?= demo-$(PROFILE)
 DATA ?= data/examples/socratic_questions.jsonl
-PROFILE ?= tiny
+PROFILE ?= smol
 
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
@@ -33,9 +34,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+# Every stage, ending with the before/after summary (perplexity, questions, stop rate, one prompt
+# answered by the base and the tuned model), then one chat reply. `make demo PROFILE=tiny`: seconds.
 demo: install
 	$(BIN)/python -m lib pipeline --run $(RUN) --data $(DATA) --profile $(PROFILE)
-	$(BIN)/python -m lib chat --run $(RUN) --prompt "Why do leaves change colour in autumn?"
+	@echo "Chat with the tuned model: you> Why do leaves change colour in autumn?"
+	@$(BIN)/python -m lib chat --run $(RUN) --prompt "Why do leaves change colour in autumn?"
 	@echo "Results: outputs/$(RUN)/ (adapter/, merged/, logs/, eval/, plots/metrics_plot.png)"
 
 # Unit tests, then the six notebooks in order on the tiny profile, in a clean outputs folder.

@@ -3,7 +3,8 @@
     python -m lib pipeline --run demo --data data/examples/socratic_questions.jsonl --profile tiny
 
 Stages: data (01), model (02), train (03), evaluate (04), plots (05), merge and chat (06).
-Shared: config (RunConfig and profiles), paths (run directories), tiny (the offline tiny model).
+Shared: config (RunConfig and profiles), paths (run directories), tiny (the offline tiny model),
+realmodel (SmolLM2 offline, GGUF files as input; resolve_model), summary (the before/after summary).
 """
 
 __version__ = "0.1.0"

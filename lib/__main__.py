@@ -8,6 +8,7 @@
     python -m lib merge    --run NAME [--set key=value ...]
     python -m lib chat     --run NAME [--prompt TEXT] [--system TEXT]
     python -m lib pipeline --run NAME --data PATH [--profile P] [--set key=value ...]
+    python -m lib summary  --run NAME      # before/after: perplexity, questions, stop rate, one prompt
 
 Exit status 0 on success; bad input (data, configuration, a stage not run yet, a damaged, stale or
 half-written result in the run directory, another process writing the same run) prints one line
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         if data:
             sp.add_argument("--data", required=True, help="a local file or folder, or a Hub dataset id")
             sp.add_argument("--format", default="auto", help="record format (default: detect)")
-            sp.add_argument("--profile", default=None, help="tiny, t4 or a100 (default: $SFT_PROFILE or tiny)")
+            sp.add_argument("--profile", default=None, help="tiny, smol, t4 or a100 (default: $SFT_PROFILE or tiny)")
         if sets:
             sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                             help="override a configuration key, e.g. train.learning_rate=1e-4")
@@ -52,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--prompt", default=None, help="one message; prints one reply (default: a chat loop)")
     ch.add_argument("--system", default=None, help="system prompt")
     ch.add_argument("--merged", action="store_true", help="use merged/ instead of base + adapter")
-    add("pipeline", "every stage in order", data=True)
+    add("pipeline", "every stage in order, then the before/after summary", data=True)
+    add("summary", "the before/after summary of an evaluated run", sets=False)
     return p
 
 
@@ -87,6 +89,10 @@ def run_command(args) -> int:
         from .chat import run_chat
 
         run_chat(args.run, prompt=args.prompt, system=args.system, merged=args.merged)
+    if cmd in ("summary", "pipeline"):
+        from .summary import before_after
+
+        print("\n" + before_after(args.run) + "\n")
     if cmd == "pipeline":
         from .paths import run_paths
 

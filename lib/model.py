@@ -30,7 +30,7 @@ from pathlib import Path
 from .config import load_config, save_config, set_value
 from .errors import ConfigError
 from .paths import require, run_paths
-from .tiny import resolve_model
+from .realmodel import resolve_model
 from .tokenization import apply_prompt_format, ensure_chat_template
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,8 @@ def outputs_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """Where built artefacts that do not belong to one run are cached (the tiny model)."""
+    """Where built artefacts that do not belong to one run are cached (the tiny model, SmolLM2, GGUF
+    files dequantized into model folders); SFT_CACHE_DIR moves it."""
     return Path(os.environ.get("SFT_CACHE_DIR") or outputs_dir() / ".cache").expanduser().resolve()
 
 

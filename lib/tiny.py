@@ -174,8 +174,10 @@ def tiny_model_path() -> Path:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """'tiny' -> the built tiny model folder; anything else unchanged (a Hub id or a path)."""
-    return str(tiny_model_path()) if name_or_path == "tiny" else name_or_path
+    """'tiny' -> the built tiny model folder; see lib.realmodel.resolve_model (smol, GGUF files)."""
+    from .realmodel import resolve_model as resolve
+
+    return resolve(name_or_path)
 
 
 if __name__ == "__main__":

