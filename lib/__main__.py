@@ -7,9 +7,12 @@
     python -m lib plot     --run NAME
     python -m lib merge    --run NAME [--set key=value ...]
     python -m lib chat     --run NAME [--prompt TEXT] [--system TEXT]
+    python -m lib export   --run NAME [--quant q8_0] [--set export.key=value ...] [--allow-drift]
+    python -m lib push     --run NAME --repo USER/NAME [--private] [--dry-run] [--include adapter,merged,gguf]
     python -m lib pipeline --run NAME --data PATH [--profile P] [--set key=value ...]
 
-Exit status 0 on success; bad input (data, configuration, a stage not run yet) prints one line
+Exit status 0 on success; 1 when the export's parity check fails (one line naming the figure and
+its tolerance; --allow-drift accepts it); bad input (data, configuration, a stage not run yet) prints one line
 `error: ...` on stderr and exits 2, with no traceback.
 """
 
@@ -49,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--prompt", default=None, help="one message; prints one reply (default: a chat loop)")
     ch.add_argument("--system", default=None, help="system prompt")
     ch.add_argument("--merged", action="store_true", help="use merged/ instead of base + adapter")
+    ex = add("export", "06: GGUF for llama.cpp / Ollama, a Modelfile and a parity check")
+    ex.add_argument("--quant", default=None, help="f16, q8_0, q4_k_m, ... (default: export.quant of the config)")
+    ex.add_argument("--allow-drift", action="store_true", help="exit 0 even when the parity check fails")
+    pu = add("push", "06: upload adapter, merged model and GGUF with a model card to the Hub", sets=False)
+    pu.add_argument("--repo", required=True, help="the Hub repository, user/name")
+    pu.add_argument("--private", action="store_true", help="create the repository private")
+    pu.add_argument("--dry-run", action="store_true", help="write the folder that would be uploaded, upload nothing")
+    pu.add_argument("--include", default=None, help="comma-separated: adapter, merged, gguf (default: those there)")
     add("pipeline", "every stage in order", data=True)
     return p
 
@@ -84,6 +95,19 @@ def run_command(args) -> int:
         from .chat import run_chat
 
         run_chat(args.run, prompt=args.prompt, system=args.system, merged=args.merged)
+    if cmd == "export":
+        from .export import run_export
+
+        report = run_export(args.run, quant=args.quant, overrides=args.overrides)
+        if not report["ok"] and not args.allow_drift:
+            print(f"error: parity check failed: {report['failures'][0]} (export/parity.json; --allow-drift "
+                  "accepts it)", file=sys.stderr)
+            return 1
+    if cmd == "push":
+        from .push import run_push
+
+        run_push(args.run, args.repo, private=args.private, dry_run=args.dry_run,
+                 include=args.include.split(",") if args.include else None)
     if cmd == "pipeline":
         from .paths import run_paths
 
