@@ -83,6 +83,22 @@ def llama_cpp_version() -> str:
             f"cores; on a CPU-only machine set CMAKE_ARGS=\"{PORTABLE_CMAKE_ARGS}\")") from None
 
 
+def ensure_llama_cpp() -> str:
+    """The installed llama-cpp-python version; in Colab, install it first (compiled for the CPU, portable:
+    about 10 minutes, once per Colab session). Elsewhere `make install` (pip install -e .[export]) does it."""
+    try:
+        return llama_cpp_version()
+    except ExportError:
+        if "google.colab" not in sys.modules:
+            raise
+    print("installing llama-cpp-python: compiling llama.cpp for the CPU (~10 min, once per session)...", flush=True)
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "llama-cpp-python>=0.3.36", "sentencepiece>=0.2"],
+                   check=True, env=dict(os.environ, CMAKE_ARGS=PORTABLE_CMAKE_ARGS))
+    print(f"installed in {(time.time() - started) / 60:.1f} min")
+    return llama_cpp_version()
+
+
 def converter_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "qlora-notebooks"
 
