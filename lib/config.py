@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+from .export import QUANT_TYPES
 
 
 def _f(default, help: str, **kw):
@@ -354,7 +355,7 @@ CHOICES = {
     "train.eval_strategy": ["steps", "epoch", "no"],
     "train.save_strategy": ["steps", "epoch", "no"],
     "train.precision": ["auto", "bf16", "fp16", "fp32"],
-    "export.quant": ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"],
+    "export.quant": list(QUANT_TYPES),
 }
 
 
@@ -382,6 +383,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {cfg.data.eval_fraction}")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    e = cfg.export
+    for key, value, hi in (("export.ppl_tolerance", e.ppl_tolerance, None), ("export.min_agreement", e.min_agreement, 1.0),
+                           ("export.stop_rate_tolerance", e.stop_rate_tolerance, 1.0)):
+        if value is not None and not (value >= 0 and (hi is None or value <= hi)):
+            raise ConfigError(f"{key}: must be in [0, {hi if hi is not None else 'inf'}], got {value}")
     if cfg.train.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate: must be positive, got {cfg.train.learning_rate}")
     return cfg
