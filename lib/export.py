@@ -423,8 +423,10 @@ def load_gguf(path, n_ctx: int):
     """A GGUF file in llama.cpp (llama-cpp-python), keeping the logits of every position."""
     from llama_cpp import Llama
 
+    # Half the cores: llama.cpp's threads wait for each other spinning, and next to torch's thread pool
+    # (already started by the transformers side) all cores made decoding ~10x slower on 2 cores.
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), logits_all=True, verbose=False,
-                 n_threads=os.cpu_count() or 1, seed=0)
+                 n_threads=max(1, (os.cpu_count() or 2) // 2), seed=0)
 
 
 def _gguf_is_eog(llm, token_id: int) -> bool:
@@ -499,7 +501,7 @@ def check_parity(model_dir, gguf_path, cfg, examples: list[dict], quant: str, pr
 
     from .chat import generate_reply
     from .config import GenerationSettings
-    from .evaluate import _eval_conversations, perplexity
+    from .evaluate import _eval_conversations, _release, perplexity
     from .merge import load_merged
     from .tokenization import render_prompt, stop_token_ids
 
@@ -510,38 +512,42 @@ def check_parity(model_dir, gguf_path, cfg, examples: list[dict], quant: str, pr
     model, tokenizer = load_merged(model_dir)
     chosen = _eval_conversations(examples)[:e.parity_examples]
     prompts = [tokenizer(render_prompt(tokenizer, c[1]), add_special_tokens=False)["input_ids"] for c in chosen]
+    stops = stop_token_ids(tokenizer)
+    pieces = template_pieces(tokenizer)
+    # transformers first, then llama.cpp: both spin up CPU threads, and interleaved they fight for the cores.
+    hf_answers = [generate_reply(model, tokenizer, c[1], settings=greedy)
+                  for c in tqdm(chosen, desc="greedy answers (transformers)", unit="prompt", disable=not progress)]
+    ppl_hf = perplexity(model, tokenizer, examples, cfg.eval.batch_size, max_length, desc="perplexity (transformers)",
+                        progress=progress)
+    del model
+    _release()
+
     n_ctx = max([max_length] + [len(p) + greedy.max_new_tokens + 1 for p in prompts]) + 8
     llm = load_gguf(gguf_path, n_ctx)
     add_bos = gguf_add_bos(llm)
-    pieces = template_pieces(tokenizer)
-
     same_prompt = same_gguf_template = same_modelfile = 0
-    hf_answers, ll_answers = [], []
-    for (_, messages, _), ids in tqdm(list(zip(chosen, prompts)), desc=f"parity ({quant})", unit="prompt",
-                                      disable=not progress):
+    ll_answers = []
+    for (_, messages, _), ids in tqdm(list(zip(chosen, prompts)), desc=f"greedy answers (llama.cpp, {quant})",
+                                      unit="prompt", disable=not progress):
         text = render_prompt(tokenizer, messages)
         same_prompt += llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids
         same_gguf_template += _gguf_template_ids(llm, messages) == ids
         if pieces is not None:
             ollama_text = (pieces["head"] if not add_bos else "") + render_with_pieces(pieces, messages)
             same_modelfile += llm.tokenize(ollama_text.encode("utf-8"), add_bos=add_bos, special=True) == ids
-        hf_answers.append(generate_reply(model, tokenizer, messages, settings=greedy))
-        ll_answers.append(llama_greedy(llm, ids, greedy.max_new_tokens))
+        ll_answers.append(llama_greedy(llm, ids, greedy.max_new_tokens))  # the same prompt ids on both sides
+    ppl_ll = llama_perplexity(llm, tokenizer, examples, max_length)
+    eog = {t: _gguf_is_eog(llm, t) for t in stops}
+    del llm
+
     k = max(len(chosen), 1)
     n = e.parity_tokens
     agree = sum(h["token_ids"][:n] == g["token_ids"][:n] for h, g in zip(hf_answers, ll_answers)) / k
     first_diff = [next((i for i, (a, b) in enumerate(zip(h["token_ids"], g["token_ids"])) if a != b), None)
                   for h, g in zip(hf_answers, ll_answers)]
-
-    ppl_hf = perplexity(model, tokenizer, examples, cfg.eval.batch_size, max_length, desc="perplexity (transformers)",
-                        progress=progress)
-    ppl_ll = llama_perplexity(llm, tokenizer, examples, max_length)
     drift = abs(ppl_ll["perplexity"] - ppl_hf["perplexity"]) / ppl_hf["perplexity"]
     stop_hf = sum(a["stopped"] for a in hf_answers) / k
     stop_ll = sum(a["stopped"] for a in ll_answers) / k
-    stops = stop_token_ids(tokenizer)
-    eog = {t: _gguf_is_eog(llm, t) for t in stops}
-    del llm, model
 
     ppl_tol, min_agree = tolerances(cfg, quant)
     failures = []
