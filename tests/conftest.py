@@ -124,7 +124,11 @@ def smol_dir(session_outputs) -> Path:
         pytest.skip("SmolLM2 GGUF not available")
 
     def build(path):
-        AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name).save_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name)  # dequantized to fp32
+        model.hf_quantizer = None  # the weights are plain tensors now; transformers still marks them "gguf"
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(path)
         AutoTokenizer.from_pretrained(str(folder), gguf_file=name).save_pretrained(path)
 
     return build_once(Path(os.environ["SFT_CACHE_DIR"]) / "smol-merged", build)

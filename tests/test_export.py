@@ -17,11 +17,17 @@ llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.slow
 
 
+# Fewer and shorter greedy answers than the defaults (8 prompts, up to 48 tokens): seconds, not a minute.
+QUICK = ["export.parity_examples=4", "generation.max_new_tokens=16", "export.parity_tokens=16"]
+
+
 @pytest.fixture(scope="module")
 def merged_run(trained_run) -> str:
+    from lib.evaluate import run_evaluate
     from lib.merge import run_merge
 
     run = copy_run(trained_run, "export_copy")
+    run_evaluate(run, overrides=["eval.generate_examples=2", "generation.max_new_tokens=8"], progress=False)
     run_merge(run)
     return run
 
@@ -30,7 +36,7 @@ def merged_run(trained_run) -> str:
 def f16_export(merged_run):
     from lib.export import run_export
 
-    return run_export(merged_run, quant="f16", progress=False)
+    return run_export(merged_run, quant="f16", overrides=QUICK, progress=False)
 
 
 def _gguf_fields(path: Path) -> dict:
@@ -44,7 +50,10 @@ def _cli(argv, capsys):
     from lib.__main__ import main
 
     rc = main(argv)
-    return rc, capsys.readouterr().err.strip().splitlines()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    # progress bars go to stderr too; the error itself is one line
+    return rc, [ln for ln in err.splitlines() if ln.startswith("error")]
 
 
 def test_f16_export_carries_template_and_stop_tokens_and_matches_transformers(merged_run, f16_export):
@@ -79,13 +88,13 @@ def test_f16_export_carries_template_and_stop_tokens_and_matches_transformers(me
 def test_modelfile_names_the_gguf_template_stops_and_settings(merged_run, f16_export):
     from transformers import AutoTokenizer
 
-    from lib.config import load_config
+    from lib.config import apply_overrides, load_config
     from lib.export import render_with_pieces, template_pieces
     from lib.paths import run_paths
     from lib.tokenization import render_prompt, stop_token_ids
 
     paths = run_paths(merged_run)
-    cfg = load_config(paths.config)
+    cfg = apply_overrides(load_config(paths.config), QUICK)  # the settings the export ran with
     text = (paths.root / "export" / "Modelfile").read_text()
     lines = text.splitlines()
     assert f"FROM ./{merged_run}-f16.gguf" in lines
@@ -107,7 +116,9 @@ def test_q8_0_via_the_cli_and_a_failed_parity_gate_exits_1_naming_the_figure(mer
     from lib.paths import run_paths
 
     export = run_paths(merged_run).root / "export"
-    rc, err = _cli(["export", "--run", merged_run, "--quant", "q8_0", "--set", "export.ppl_tolerance=1e-9"], capsys)
+    quick = [a for kv in QUICK for a in ("--set", kv)]
+    rc, err = _cli(["export", "--run", merged_run, "--quant", "q8_0", "--set", "export.ppl_tolerance=1e-9", *quick],
+                   capsys)
     assert rc == 1 and len(err) == 1
     assert err[0].startswith("error: parity check failed: perplexity drift") and "export.ppl_tolerance 1e-09" in err[0]
     q8, f16 = export / f"{merged_run}-q8_0.gguf", export / f"{merged_run}-f16.gguf"
