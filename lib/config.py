@@ -146,8 +146,8 @@ class ExportSettings:
                                            "merged model (transformers); None: by type (1% for f32/f16/bf16, 3% "
                                            "q8_0, 15% for 4-6 bit types).")
     min_agreement: float | None = _f(None, "Smallest share of greedy answers identical over parity_tokens; None: "
-                                           "by type (0.75 for f32/f16/bf16/q8_0, 0 for 4-6 bit types, whose "
-                                           "answers may fork early and still be good).")
+                                           "by type (0.75 for f32/f16/bf16; 0 for quantized types, whose greedy "
+                                           "answers fork at the first near-tie and may still be good).")
     stop_rate_tolerance: float = _f(0.25, "Largest difference of the stop rates (answers that end with an "
                                           "end-of-turn token) of llama.cpp and transformers.")
 

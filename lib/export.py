@@ -59,7 +59,9 @@ QUANT_TYPES = {
     "q4_0": (None, "LLAMA_FTYPE_MOSTLY_Q4_0"),
 }
 # Default tolerances by type: (relative perplexity drift, smallest greedy agreement).
-TOLERANCES = {"f32": (0.01, 0.75), "f16": (0.01, 0.75), "bf16": (0.01, 0.75), "q8_0": (0.03, 0.75)}
+# Greedy answers fork at the first near-tie, so quantized types are not held to an agreement (measured on
+# SmolLM2-135M: q8_0 drifts 0.34% in perplexity, yet 6 of 8 answers fork within 14 tokens).
+TOLERANCES = {"f32": (0.01, 0.75), "f16": (0.01, 0.75), "bf16": (0.01, 0.75), "q8_0": (0.03, 0.0)}
 LOW_BIT_TOLERANCE = (0.15, 0.0)
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 PORTABLE_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=OFF"
