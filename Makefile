@@ -9,6 +9,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
+# llama-cpp-python (the `export` extra) compiles llama.cpp, for the CPU only (the parity check
+# needs no GPU) and portable: a build for the build machine's own CPU (-DGGML_NATIVE=ON, the
+# default) crashed in llama_decode on a cloud VM. Takes ~7 min on 2 cores, once. Override with e.g. `make test LLAMA_CMAKE_ARGS=...`.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=OFF
 RUN ?= demo-$(PROFILE)
 DATA ?= data/examples/socratic_questions.jsonl
 PROFILE ?= smol
@@ -31,7 +35,9 @@ $(VENV)/.installed: pyproject.toml
 		echo "no GPU: installing the CPU build $(TORCH)"; \
 		$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
 	fi
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || echo "building llama-cpp-python (llama.cpp for the CPU, portable): ~7 min on 2 cores, once"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[dev,export]"
+	$(BIN)/python -c "from lib.export import converter_dir; print('llama.cpp converter:', converter_dir())"
 	touch $@
 
 # Every stage, ending with the before/after summary (perplexity, questions, stop rate, one prompt
@@ -40,7 +46,8 @@ demo: install
 	$(BIN)/python -m lib pipeline --run $(RUN) --data $(DATA) --profile $(PROFILE)
 	@echo "Chat with the tuned model: you> Why do leaves change colour in autumn?"
 	@$(BIN)/python -m lib chat --run $(RUN) --prompt "Why do leaves change colour in autumn?"
-	@echo "Results: outputs/$(RUN)/ (adapter/, merged/, logs/, eval/, plots/metrics_plot.png)"
+	$(BIN)/python -m lib export --run $(RUN)
+	@echo "Results: outputs/$(RUN)/ (adapter/, merged/, logs/, eval/, plots/metrics_plot.png, export/)"
 
 # Unit tests, then the six notebooks in order on the tiny profile, in a clean outputs folder.
 test: install lint test-unit test-notebooks

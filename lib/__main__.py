@@ -7,14 +7,17 @@
     python -m lib plot     --run NAME
     python -m lib merge    --run NAME [--set key=value ...]
     python -m lib chat     --run NAME [--prompt TEXT] [--system TEXT]
+    python -m lib export   --run NAME [--quant q8_0] [--set export.key=value ...] [--allow-drift]
+    python -m lib push     --run NAME --repo USER/NAME [--private] [--dry-run] [--include adapter,merged,gguf]
     python -m lib pipeline --run NAME --data PATH [--profile P] [--set key=value ...]
     python -m lib summary  --run NAME      # before/after: perplexity, questions, stop rate, one prompt
 
 Exit status 0 on success; bad input (data, configuration, a stage not run yet, a damaged, stale or
 half-written result in the run directory, another process writing the same run) prints one line
-`error: ...` on stderr and exits 2, with no traceback. A quality gate that fails (the merge check:
-perplexity drift beyond merge.tolerance) prints one line and exits 1, unless
-`--set merge.fail_on_drift=false`.
+`error: ...` on stderr and exits 2, with no traceback. A quality gate that fails prints one line
+naming the figure and its tolerance and exits 1: the merge check (perplexity drift beyond
+merge.tolerance; `--set merge.fail_on_drift=false` accepts it) and the export's parity check
+(`--allow-drift` accepts it).
 """
 
 from __future__ import annotations
@@ -53,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--prompt", default=None, help="one message; prints one reply (default: a chat loop)")
     ch.add_argument("--system", default=None, help="system prompt")
     ch.add_argument("--merged", action="store_true", help="use merged/ instead of base + adapter")
+    ex = add("export", "06: GGUF for llama.cpp / Ollama, a Modelfile and a parity check")
+    ex.add_argument("--quant", default=None, help="f16, q8_0, q4_k_m, ... (default: export.quant of the config)")
+    ex.add_argument("--allow-drift", action="store_true", help="exit 0 even when the parity check fails")
+    pu = add("push", "06: upload adapter, merged model and GGUF with a model card to the Hub", sets=False)
+    pu.add_argument("--repo", required=True, help="the Hub repository, user/name")
+    pu.add_argument("--private", action="store_true", help="create the repository private")
+    pu.add_argument("--dry-run", action="store_true", help="write the folder that would be uploaded, upload nothing")
+    pu.add_argument("--include", default=None, help="comma-separated: adapter, merged, gguf (default: those there)")
     add("pipeline", "every stage in order, then the before/after summary", data=True)
     add("summary", "the before/after summary of an evaluated run", sets=False)
     return p
@@ -93,6 +104,18 @@ def run_command(args) -> int:
         from .summary import before_after
 
         print("\n" + before_after(args.run) + "\n")
+    if cmd == "export":
+        from .export import run_export
+
+        report = run_export(args.run, quant=args.quant, overrides=args.overrides)
+        if not report["ok"] and not args.allow_drift:
+            raise QualityGateError(f"parity check failed: {report['failures'][0]} (export/parity.json; "
+                                   "--allow-drift accepts it)")
+    if cmd == "push":
+        from .push import run_push
+
+        run_push(args.run, args.repo, private=args.private, dry_run=args.dry_run,
+                 include=args.include.split(",") if args.include else None)
     if cmd == "pipeline":
         from .paths import run_paths
 

@@ -183,6 +183,25 @@ class MergeSettings:
 
 
 @dataclass
+class ExportSettings:
+    quant: str = _f("q8_0", "GGUF type of `python -m lib export`: f16 (lossless for fp16 weights, 2 bytes a "
+                            "weight), q8_0 (~1 byte, near-lossless), q6_k / q5_k_m / q4_k_m (smaller, faster, "
+                            "less faithful), f32, bf16, q4_0.")
+    parity_examples: int = _f(8, "Eval prompts answered by both llama.cpp and transformers in the parity check "
+                                 "(more: a surer figure, slower).", range=POSITIVE)
+    parity_tokens: int = _f(32, "Greedy answers agree when their first N tokens are identical; larger N is "
+                                "stricter (a near-tie late in an answer flips it).", range=POSITIVE)
+    ppl_tolerance: float | None = _f(None, "Largest relative perplexity drift of the GGUF (llama.cpp) from the "
+                                           "merged model (transformers); None: by type (1% for f32/f16/bf16, 3% "
+                                           "q8_0, 15% for 4-6 bit types).", range=NON_NEGATIVE)
+    min_agreement: float | None = _f(None, "Smallest share of greedy answers identical over parity_tokens; None: "
+                                           "by type (0.75 for f32/f16/bf16; 0 for quantized types, whose greedy "
+                                           "answers fork at the first near-tie and may still be good).", range=Range(0, 1))
+    stop_rate_tolerance: float = _f(0.25, "Largest difference of the stop rates (answers that end with an "
+                                          "end-of-turn token) of llama.cpp and transformers.", range=Range(0, 1))
+
+
+@dataclass
 class RunConfig:
     run: str = _f("demo", "Run name: outputs/<run>/ holds everything this run writes.")
     profile: str = _f("tiny", "Preset this configuration started from.")
@@ -194,6 +213,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     merge: MergeSettings = field(default_factory=MergeSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
 
 
 # Profiles: differences from the defaults above.
@@ -418,6 +438,7 @@ CHOICES = {
     "train.eval_strategy": ["steps", "epoch", "no"],
     "train.save_strategy": ["steps", "epoch", "no"],
     "train.precision": ["auto", "bf16", "fp16", "fp32"],
+    "export.quant": ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"],  # = lib.export.QUANT_TYPES (tested)
 }
 
 

@@ -15,12 +15,13 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 def test_environment_yml_names_the_same_dependencies_as_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = set(project["dependencies"]) | set(project["optional-dependencies"]["dev"])
+    extras = project["optional-dependencies"]
+    wanted = set(project["dependencies"]) | set(extras["dev"]) | set(extras["export"])
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     named = {p for p in pip if not p.startswith("-")}
     assert named == wanted, (sorted(named - wanted), sorted(wanted - named))
-    assert "-e .[dev]" in pip and "conda-forge" in env["channels"]
+    assert "-e .[dev,export]" in pip and "conda-forge" in env["channels"]
 
 
 def test_the_six_notebooks_exist_in_order():

@@ -1,0 +1,198 @@
+"""Share a run on the Hugging Face Hub: adapter, merged model and/or GGUF, with a model card.
+
+    python -m lib push --run demo --repo user/name [--private] [--dry-run] [--include adapter,merged,gguf]
+
+    from lib.push import run_push
+    folder = run_push("demo", "user/name", dry_run=True)   # outputs/demo/push/: exactly what would be uploaded
+
+The folder `outputs/<run>/push/` is built first and uploaded as it is (huggingface_hub
+`upload_folder`): the merged model at the top (so `from_pretrained("user/name")` loads it), the
+adapter in `adapter/`, the GGUF files, Modelfile and parity.json of export/ at the top, and a
+README.md model card stating the base model, the data hash, the configuration, the eval figures,
+the merge check and the parity figures. Files are hard-linked where possible (no second copy of
+a large model). The token comes from the environment, a `.env` file or Colab secrets
+(`lib.config.hf_token`) and is passed to huggingface_hub only, never written anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import ConfigError, MissingStageError, SFTError
+from .paths import run_paths
+
+PARTS = ("adapter", "merged", "gguf")
+_REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+
+
+class PushError(SFTError):
+    """The upload to the Hub failed (no token, offline, refused)."""
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def available_parts(paths) -> dict[str, list[Path]]:
+    """Which of adapter, merged, gguf the run has, with the files each contributes."""
+    out = {}
+    if (paths.adapter / "adapter_config.json").exists():
+        out["adapter"] = [p for p in paths.adapter.iterdir() if p.is_file()]
+    if (paths.merged / "config.json").exists():
+        out["merged"] = [p for p in paths.merged.iterdir() if p.is_file()]
+    export = paths.root / "export"
+    ggufs = sorted(export.glob("*.gguf")) if export.is_dir() else []
+    if ggufs:
+        out["gguf"] = ggufs + [p for p in (export / "Modelfile", export / "parity.json") if p.exists()]
+    return out
+
+
+def _fmt(x, spec=".4f"):
+    return format(x, spec) if isinstance(x, (int, float)) else "n/a"
+
+
+def model_card(cfg, paths, parts: list[str]) -> str:
+    """README.md of the pushed repository: what it is, how it was made, and how well it does."""
+    import yaml
+
+    from .config import to_dict
+
+    base = cfg.model.name_or_path
+    report = _read(paths.data_report) or {}
+    ppl = _read(paths.perplexity) or {}
+    gen = _read(paths.generation_metrics) or {}
+    merge = _read(paths.merge_report) or {}
+    parity = _read(paths.root / "export" / "parity.json") or {}
+    tags = ["qlora", "sft", "trl", "peft"] + (["gguf", "llama.cpp", "ollama"] if "gguf" in parts else [])
+    front = {"library_name": "transformers" if "merged" in parts else "peft", "tags": tags}
+    if base != "tiny":
+        front["base_model"] = base
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+             f"# {cfg.run}", "",
+             f"Supervised fine-tuning of `{base}` with QLoRA ({cfg.quant.mode} {cfg.quant.quant_type}, LoRA r="
+             f"{cfg.lora.r}, alpha={cfg.lora.alpha}), loss on assistant tokens only.", "",
+             f"- base model: `{base}`",
+             f"- data: `{cfg.data.path}`, data hash `{report.get('data_hash')}`",
+             f"- contents: {', '.join(parts)}", "", "## Evaluation", "",
+             "| model | perplexity (eval answers) |", "|---|---|"]
+    for m in ("base", "tuned", "merged"):
+        if isinstance(ppl.get(m), dict):
+            lines.append(f"| {m} | {_fmt(ppl[m].get('perplexity'))} |")
+    tuned = gen.get("tuned") if isinstance(gen, dict) else None
+    if isinstance(tuned, dict):
+        lines += ["", f"Generated answers ({gen.get('examples')} eval prompts): BLEU {_fmt(tuned.get('bleu'), '.1f')}, "
+                      f"ROUGE-L {_fmt(tuned.get('rouge_l'), '.3f')}, stop rate {_fmt(tuned.get('stop_rate'), '.0%')}."]
+    if merge:
+        lines += ["", f"Merge check: perplexity drift of the merged model from the adapter model "
+                      f"{_fmt(merge.get('relative_drift'), '.3%')} (tolerance {_fmt(merge.get('tolerance'), 'g')}), "
+                      f"{'ok' if merge.get('ok') else 'FAILED'}."]
+    if parity:
+        p, g, s = parity.get("perplexity", {}), parity.get("greedy", {}), parity.get("stop_rate", {})
+        lines += ["", f"## GGUF parity ({parity.get('gguf')}, llama.cpp vs transformers)", "",
+                  "| figure | llama.cpp | transformers | tolerance |", "|---|---|---|---|",
+                  f"| perplexity | {_fmt(p.get('llama_cpp', {}).get('perplexity'))} | "
+                  f"{_fmt(p.get('transformers', {}).get('perplexity'))} | drift {_fmt(p.get('relative_drift'), '.2%')} "
+                  f"<= {_fmt(p.get('tolerance'), 'g')} |",
+                  f"| greedy answers identical over {g.get('tokens')} tokens | {_fmt(g.get('agreement'), '.0%')} | | "
+                  f">= {_fmt(g.get('min_agreement'), 'g')} |",
+                  f"| stop rate | {_fmt(s.get('llama_cpp'), '.0%')} | {_fmt(s.get('transformers'), '.0%')} | "
+                  f"difference <= {_fmt(s.get('tolerance'), 'g')} |",
+                  f"| prompts tokenized identically | {parity.get('prompt_tokens', {}).get('identical')} of "
+                  f"{parity.get('prompts')} | | all |", "",
+                  f"Check: {'ok' if parity.get('ok') else 'FAILED: ' + '; '.join(parity.get('failures', []))}."]
+    lines += ["", "## Use", ""]
+    if "merged" in parts:
+        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  "model = AutoModelForCausalLM.from_pretrained('REPO')",
+                  "tokenizer = AutoTokenizer.from_pretrained('REPO')  # with the chat template used in training",
+                  "```", ""]
+    if "adapter" in parts:
+        lines += ["The LoRA adapter alone: `PeftModel.from_pretrained(base, 'REPO', subfolder='adapter')`.", ""]
+    if "gguf" in parts:
+        lines += ["GGUF: `llama-cli -m <file>.gguf`, or Ollama: download the .gguf and Modelfile, then "
+                  "`ollama create NAME -f Modelfile`.", ""]
+    lines += ["## Configuration", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip(),
+              "```", ""]
+    return "\n".join(lines)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def stage(run: str, repo: str, include=None) -> Path:
+    """Build outputs/<run>/push/: exactly the files that are uploaded."""
+    from .config import load_config
+
+    paths = run_paths(run)
+    cfg = load_config(paths.config)
+    have = available_parts(paths)
+    wanted = list(include) if include else [p for p in PARTS if p in have]
+    unknown = [p for p in wanted if p not in PARTS]
+    if unknown:
+        raise ConfigError(f"push --include: unknown part(s) {', '.join(unknown)} (choose from {', '.join(PARTS)})")
+    missing = [p for p in wanted if p not in have]
+    stage_of = {"adapter": "`python -m lib train`", "merged": "`python -m lib merge`", "gguf": "`python -m lib export`"}
+    if missing or not wanted:
+        first = missing[0] if missing else "adapter"
+        raise MissingStageError(f"{paths.root}: nothing to push for '{first}': run {stage_of[first]} --run {run} first")
+    tmp = Path(tempfile.mkdtemp(prefix=".push-", dir=paths.root))
+    try:
+        for part in wanted:
+            for f in have[part]:
+                if f.name.endswith(".tmp"):
+                    continue
+                _link_or_copy(f, tmp / ("adapter" if part == "adapter" else "") / f.name)
+        (tmp / "README.md").write_text(model_card(cfg, paths, wanted).replace("REPO", repo), encoding="utf-8")
+        target = paths.root / "push"
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
+
+
+def run_push(run: str, repo: str, private: bool = False, dry_run: bool = False, include=None) -> Path:
+    """Entry point of `python -m lib push` and notebook 06: stage the folder, then upload it (unless dry_run)."""
+    from .config import hf_token
+
+    if not isinstance(repo, str) or not _REPO.match(repo):
+        raise ConfigError(f"--repo: '{repo}' is not a Hub repository id of the form user/name")
+    folder = stage(run, repo, include)
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    if dry_run:
+        print(f"dry run: {len(files)} files in {folder} would be uploaded to {repo}: {', '.join(files)}")
+        return folder
+    token = hf_token()
+    if not token:
+        raise PushError("no Hugging Face token: set HF_TOKEN in the environment or a .env file, or add a Colab "
+                        "secret named HF_TOKEN (a token with write access)")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model",
+                                 commit_message=f"Upload {run} (qlora-notebooks)")
+    except Exception as e:  # offline, refused, no write access: one line, whatever the transport raised
+        raise PushError(f"upload to {repo} failed: {_first_line(e)[:300]}") from None
+    print(f"pushed {len(files)} files to https://huggingface.co/{repo} ({getattr(info, 'commit_url', '')})")
+    return folder
