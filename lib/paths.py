@@ -37,7 +37,7 @@ def resolve_repo_path(path) -> Path:
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Every file a run directory holds, by stage (see DESIGN.md)."""
+    """Every file a run directory holds, by stage (see the README's run directory section)."""
 
     root: Path
 

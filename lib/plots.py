@@ -14,12 +14,12 @@ notebooks show the saved files.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 from pathlib import Path
 
+from .config import load_config
 from .errors import SFTError
 from .paths import require, run_paths
 from .rundir import (
@@ -27,6 +27,7 @@ from .rundir import (
     fingerprint,
     inputs,
     install,
+    read_json,
     remove_leftovers,
     run_lock,
     stale_inputs,
@@ -45,13 +46,9 @@ PANELS = ["loss", "learning_rate", "grad_norm", "tokens_per_second", "perplexity
 # ----------------------------------------------------------------------------- inputs
 
 
-def _read_json(path: Path):
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SFTError(f"{path}: invalid JSON ({getattr(e, 'msg', e)})") from None
+def _read_optional(path: Path):
+    """A JSON result of a stage that may not have run yet: None when missing."""
+    return read_json(path) if path.exists() else None
 
 
 def read_metrics(path) -> dict:
@@ -81,20 +78,10 @@ def read_metrics(path) -> dict:
 
 def _merged_perplexity(ppl: dict | None, report: dict | None):
     """The merged model's perplexity from eval/perplexity.json or merged/merge_report.json, if any."""
-    if ppl and isinstance(ppl.get("merged"), dict) and "perplexity" in ppl["merged"]:
-        return ppl["merged"]["perplexity"]
-    if not isinstance(report, dict):
-        return None
-    for key in ("merged", "perplexity"):
-        v = report.get(key)
-        if isinstance(v, dict):
-            v = v.get("perplexity") if key == "merged" else v.get("merged")
-            if isinstance(v, dict):
-                v = v.get("perplexity")
-        if isinstance(v, (int, float)):
-            return float(v)
-    v = report.get("merged_perplexity")
-    return float(v) if isinstance(v, (int, float)) else None
+    for merged in ((ppl or {}).get("merged"), ((report or {}).get("perplexity") or {}).get("merged")):
+        if isinstance(merged, dict) and isinstance(merged.get("perplexity"), (int, float)):
+            return float(merged["perplexity"])
+    return None
 
 
 def token_length_histogram(report: dict | None):
@@ -105,7 +92,7 @@ def token_length_histogram(report: dict | None):
     max_length = report.get("max_length")
     if isinstance(tl, dict) and isinstance(tl.get("histogram"), dict):
         h = tl["histogram"]
-        edges, counts = h.get("bin_edges") or h.get("edges"), h.get("counts")
+        edges, counts = h.get("bin_edges"), h.get("counts")
         if edges and counts and len(edges) == len(counts) + 1:
             return list(edges), list(counts), max_length
     values = tl.get("values") if isinstance(tl, dict) else tl
@@ -124,19 +111,17 @@ def load_inputs(run: str) -> dict:
     fingerprint(paths, "train")  # the training logs are complete (not an interrupted or running training)
     if paths.perplexity.exists():
         check_fresh(paths, "evaluate", paths.eval_dir)  # eval/ of an adapter trained before a retrain
-    ppl = _read_json(paths.perplexity)
-    merge_report = _read_json(paths.merge_report)
+    ppl = _read_optional(paths.perplexity)
+    merge_report = _read_optional(paths.merge_report)
     if merge_report is not None and stale_inputs(paths, "merge"):
         print(f"note: {paths.merged} was merged from an earlier adapter; its figures are left out "
               f"(rerun notebook 06_merge_and_chat or `python -m lib merge --run {run}`)")
         merge_report = None
         if isinstance(ppl, dict):
             ppl = {k: v for k, v in ppl.items() if k != "merged"}
-    data_report = _read_json(paths.data_report)
+    data_report = _read_optional(paths.data_report)
     cfg = None
     if paths.config.exists():
-        from .config import load_config
-
         try:
             cfg = load_config(paths.config)
         except SFTError:
@@ -152,9 +137,9 @@ def load_inputs(run: str) -> dict:
         "run": run,
         "metrics": read_metrics(paths.metrics_csv),
         "perplexity": perplexities,
-        "generation": _read_json(paths.generation_metrics),
+        "generation": _read_optional(paths.generation_metrics),
         "token_lengths": token_length_histogram(data_report),
-        "summary": _read_json(paths.training_summary) or {},
+        "summary": _read_optional(paths.training_summary) or {},
         "config": cfg,
     }
 

@@ -75,6 +75,24 @@ def write_json(path, obj) -> Path:
     return write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def read_json(path, what: str = "") -> object:
+    """The JSON value in `path`. A missing or unreadable file raises SFTError naming the file (and `what`,
+    e.g. "rerun notebook 04_evaluate_perplexity", after a semicolon); check `exists()` first where a
+    missing file is normal."""
+    path = Path(path)
+    tail = f"; {what}" if what else ""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SFTError(f"{path}: not found{tail}") from None
+    except OSError as e:
+        raise SFTError(f"{path}: cannot read the file ({e.strerror or e}){tail}") from None
+    except UnicodeDecodeError as e:
+        raise SFTError(f"{path}: invalid JSON (not UTF-8 text: {e.reason}){tail}") from None
+    except json.JSONDecodeError as e:
+        raise SFTError(f"{path}: invalid JSON ({e.msg}){tail}") from None
+
+
 def replace(src, dst) -> None:
     """Move a file or folder `src` over `dst` (a folder is swapped in: the old one is removed after)."""
     src, dst = Path(src), Path(dst)

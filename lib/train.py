@@ -28,15 +28,29 @@ import time
 import warnings
 from pathlib import Path
 
-from .config import apply_overrides, load_config, save_config, to_dict
-from .errors import ConfigError, DataError, TrainingError
+from .config import apply_overrides, check_best_model, from_dict, load_config, save_config, to_dict
+from .errors import ConfigError, DataError, SFTError, TrainingError
+from .model import (
+    add_lora,
+    attn_implementation,
+    check_target_modules,
+    device_info,
+    load_model_and_tokenizer,
+    load_model_config,
+    parameter_counts,
+    precision,
+    write_summary,
+)
 from .paths import require, run_paths
+from .plots import load_inputs, panel_figure
+from .readers import read_examples
 from .rundir import (
     begin,
     check_trained,
     fingerprint,
     finish,
     is_pending,
+    read_json,
     replace,
     run_lock,
     write_atomic,
@@ -114,32 +128,28 @@ def _report_to(cfg) -> list[str] | str:
 
 
 def sft_config(cfg, output_dir, has_eval: bool = True, resuming: bool = False):
-    """TRL's SFTConfig from the run configuration."""
+    """TRL's SFTConfig from the run configuration (the cross-field rules checked first: config.check_best_model)."""
     from trl import SFTConfig
 
-    from .model import device_info, precision
-
-    t = cfg.train
-    info = device_info()
-    prec = precision(cfg, info)
-    eval_strategy = t.eval_strategy if has_eval else "no"
-    if t.load_best_model_at_end:
-        if eval_strategy == "no":
-            raise ConfigError("train.load_best_model_at_end needs an evaluation split and train.eval_strategy steps or epoch")
-        if t.save_strategy != eval_strategy:
-            raise ConfigError("train.load_best_model_at_end: train.save_strategy must equal train.eval_strategy "
-                              f"(now {t.save_strategy} and {eval_strategy})")
-        if eval_strategy == "steps" and t.save_steps % t.eval_steps:
-            raise ConfigError(f"train.load_best_model_at_end: train.save_steps ({t.save_steps}) must be a multiple "
-                              f"of train.eval_steps ({t.eval_steps})")
-    if not (0.0 <= t.warmup_ratio < 1.0):
-        raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    check_best_model(cfg, has_eval)
+    eval_strategy = cfg.train.eval_strategy if has_eval else "no"
     report_to = _report_to(cfg)
     if "tensorboard" in report_to:  # transformers 5 reads the folder from the environment
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(output_dir).parent / "logs" / "tensorboard")
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    kwargs = dict(
-        output_dir=str(output_dir),
+    kwargs = dict(output_dir=str(output_dir), report_to=report_to, run_name=cfg.run,
+                  **_optimizer_kwargs(cfg.train), **_schedule_kwargs(cfg.train, eval_strategy, resuming),
+                  **_device_kwargs(cfg), **_data_kwargs(cfg.train))
+    try:
+        return SFTConfig(**kwargs)
+    except (ValueError, TypeError) as e:
+        msg = str(e).splitlines()[0]
+        key = ("train.lr_scheduler_type" if "SchedulerType" in msg else "train.optim" if "OptimizerNames" in msg
+               else "train")
+        raise ConfigError(f"{key}: {msg}") from None
+
+
+def _optimizer_kwargs(t) -> dict:
+    return dict(
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
         learning_rate=t.learning_rate,
@@ -152,6 +162,13 @@ def sft_config(cfg, output_dir, has_eval: bool = True, resuming: bool = False):
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         optim=t.optim,
         max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+    )
+
+
+def _schedule_kwargs(t, eval_strategy: str, resuming: bool) -> dict:
+    """When to log, evaluate and save."""
+    return dict(
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         logging_first_step=True,
@@ -165,33 +182,37 @@ def sft_config(cfg, output_dir, has_eval: bool = True, resuming: bool = False):
         load_best_model_at_end=t.load_best_model_at_end,
         metric_for_best_model="eval_loss" if eval_strategy != "no" else None,
         greater_is_better=False if eval_strategy != "no" else None,
-        seed=t.seed,
-        report_to=report_to,
-        run_name=cfg.run,
+        disable_tqdm=False,
+    )
+
+
+def _device_kwargs(cfg) -> dict:
+    """Precision, device, activation checkpointing and distributed settings."""
+    info = device_info()
+    prec = precision(cfg, info)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return dict(
         bf16=prec == "bf16",
         fp16=prec == "fp16",
         use_cpu=info["device"] == "cpu",
         activation_checkpointing=cfg.model.gradient_checkpointing,  # transformers 5's name of gradient checkpointing
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.model.gradient_checkpointing else None,
-        include_num_input_tokens_seen="non_padding",
-        disable_tqdm=False,
         dataloader_pin_memory=info["device"] == "cuda",
         ddp_find_unused_parameters=False if distributed else None,
         ddp_backend=("gloo" if info["device"] == "cpu" else None) if distributed else None,
-        # Data: tokenized and truncated here; TRL keeps our labels.
+    )
+
+
+def _data_kwargs(t) -> dict:
+    """Data: tokenized and truncated here (encode_dataset); TRL keeps our labels."""
+    return dict(
         max_length=None,
         padding_free=t.batching == "padding_free",
         assistant_only_loss=False,
         completion_only_loss=False,
         train_sampling_strategy="group_by_length" if t.batching == "group_by_length" else "random",
+        include_num_input_tokens_seen="non_padding",
     )
-    try:
-        return SFTConfig(**kwargs)
-    except (ValueError, TypeError) as e:
-        msg = str(e).splitlines()[0]
-        key = ("train.lr_scheduler_type" if "SchedulerType" in msg else "train.optim" if "OptimizerNames" in msg
-               else "train")
-        raise ConfigError(f"{key}: {msg}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,24 +329,28 @@ def _guarded_trainer_class():
         def _load_optimizer_and_scheduler(self, checkpoint):
             """Resume with the configured learning rate, also when it was changed since the checkpoint."""
             super()._load_optimizer_and_scheduler(checkpoint)
-            sched = self.lr_scheduler
-            if checkpoint is None or not getattr(sched, "base_lrs", None):
-                return
-            old = sched.base_lrs[0]
-            new = self.args.learning_rate
-            if not old or math.isclose(old, new, rel_tol=1e-9):
-                return
-            ratio = new / old
-            sched.base_lrs = [lr * ratio for lr in sched.base_lrs]
-            if getattr(sched, "_last_lr", None):
-                sched._last_lr = [lr * ratio for lr in sched._last_lr]
-            for group in self.optimizer.param_groups:
-                group["lr"] *= ratio
-                if "initial_lr" in group:
-                    group["initial_lr"] *= ratio
-            _print_main(f"learning rate changed since {Path(checkpoint).name}: {old:g} -> {new:g}")
+            if checkpoint is not None:
+                _rescale_learning_rate(self.lr_scheduler, self.optimizer, self.args.learning_rate, checkpoint)
 
     return GuardedSFTTrainer
+
+
+def _rescale_learning_rate(sched, optimizer, new: float, checkpoint) -> None:
+    """Scale a resumed scheduler and optimizer to the learning rate `new` when the checkpoint's differs."""
+    if not getattr(sched, "base_lrs", None):
+        return
+    old = sched.base_lrs[0]
+    if not old or math.isclose(old, new, rel_tol=1e-9):
+        return
+    ratio = new / old
+    sched.base_lrs = [lr * ratio for lr in sched.base_lrs]
+    if getattr(sched, "_last_lr", None):
+        sched._last_lr = [lr * ratio for lr in sched._last_lr]
+    for group in optimizer.param_groups:
+        group["lr"] *= ratio
+        if "initial_lr" in group:
+            group["initial_lr"] *= ratio
+    _print_main(f"learning rate changed since {Path(checkpoint).name}: {old:g} -> {new:g}")
 
 
 def blow_up_start(history: list[dict], failed_step: int) -> int:
@@ -482,7 +507,7 @@ def _num(v):
         return None
 
 
-def read_metrics(run: str):
+def metrics_frame(run: str):
     """logs/training_metrics.csv as a pandas DataFrame."""
     import pandas as pd
 
@@ -493,8 +518,6 @@ def read_metrics(run: str):
 
 def loss_figure(run: str):
     """Training and evaluation loss against the step (the loss panel of notebook 05, as a Figure)."""
-    from .plots import load_inputs, panel_figure
-
     return panel_figure("loss", load_inputs(run))
 
 
@@ -512,8 +535,8 @@ def _versions() -> dict:
 
 def _data_hash(paths) -> str | None:
     try:
-        return json.loads(paths.data_report.read_text(encoding="utf-8")).get("data_hash")
-    except (OSError, ValueError):
+        return read_json(paths.data_report).get("data_hash")
+    except (SFTError, AttributeError):
         return None
 
 
@@ -638,8 +661,8 @@ def _run_train(paths, run, overrides, retrain, callbacks) -> dict:
 
     if is_finished(paths) and not retrain:
         check_trained(paths)  # a damaged adapter or summary is said, not reported as finished
-        changes = _changed(json_config(paths), cfg)
-        summary = json.loads(paths.training_summary.read_text(encoding="utf-8"))
+        changes = _changed(trained_config(paths), cfg)
+        summary = read_json(paths.training_summary)
         msg = f"run '{run}' has already finished training ({paths.training_summary})"
         if changes:
             msg += (f"; the changed settings ({'; '.join(changes)}) are saved but not applied: "
@@ -668,30 +691,20 @@ def check_settings(cfg, paths, has_eval: bool | None = None) -> None:
     """Raise ConfigError for a setting training cannot use, without loading anything large.
 
     has_eval: whether there is an evaluation split (default: read from the run's data)."""
-    from .model import attn_implementation, check_target_modules, device_info, precision
-
     info = device_info()
     precision(cfg, info)
     attn_implementation(cfg, info)
     check_target_modules(cfg)
-    build_collator(cfg, _NoTokenizer())
     sft_config(cfg, paths.checkpoints, has_eval=_has_eval(cfg, paths) if has_eval is None else has_eval)
 
 
-class _NoTokenizer:
-    pad_token_id = 0
-    eos_token_id = 0
-
-
-def json_config(paths):
-    """The configuration the finished run was trained with (saved in the adapter), else config.yaml."""
-    from .config import from_dict
-
+def trained_config(paths):
+    """The RunConfig the finished run was trained with (saved in the adapter), else config.yaml's."""
     trained = paths.adapter / "run_config.json"
     if trained.exists():
         try:
-            return from_dict(json.loads(trained.read_text(encoding="utf-8")), source=str(trained))
-        except Exception:
+            return from_dict(read_json(trained), source=str(trained))
+        except SFTError:
             pass
     return load_config(paths.config)
 
@@ -699,14 +712,11 @@ def json_config(paths):
 def _train(cfg, paths, extra_callbacks, state) -> dict:
     from transformers import set_seed
 
-    from .data import read_examples
-    from .model import add_lora, load_model_and_tokenizer, load_model_config, parameter_counts, write_summary
-
     with state.main_process_first():  # one process cleans incomplete checkpoints
         resume = last_checkpoint(paths.checkpoints, clean=state.is_main_process)
     resume_step = None
     if resume is not None:
-        resume_step = json.loads((resume / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+        resume_step = read_json(resume / "trainer_state.json")["global_step"]
         _print_main(f"resuming from {resume.name} (step {resume_step})")
 
     set_seed(cfg.train.seed)  # the LoRA initialisation draws from it
@@ -761,13 +771,9 @@ def _save_adapter(trainer, cfg, paths, summary) -> None:
     trainer.model.save_pretrained(str(tmp))
     trainer.processing_class.save_pretrained(str(tmp))
     (tmp / "README.md").write_text(_model_card(cfg, summary, _data_hash(paths)), encoding="utf-8")
-    (tmp / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2), encoding="utf-8")
+    write_json(tmp / "run_config.json", to_dict(cfg))
     replace(tmp, paths.adapter)
 
 
-def finite(x) -> bool:
-    return x is not None and math.isfinite(x)
-
-
 __all__ = ["encode_dataset", "build_collator", "sft_config", "build_trainer", "run_train", "last_checkpoint", "checkpoint_problem",
-           "read_metrics", "loss_figure", "CheckpointWarning", "IGNORE_INDEX"]
+           "metrics_frame", "loss_figure", "CheckpointWarning", "IGNORE_INDEX"]

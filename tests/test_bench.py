@@ -45,6 +45,7 @@ def test_lora_flops_and_peak_lookup():
     assert bench.peak_tflops("NVIDIA GeForce GTX 1080") is None
 
 
+@pytest.mark.slow  # trains a few steps per batching mode (~38 s on 2 CPU cores)
 def test_benchmark_runs_exact_and_counts_padding(outputs, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     out = tmp_path / "bench.json"
@@ -74,6 +75,7 @@ def test_benchmark_runs_exact_and_counts_padding(outputs, tmp_path, monkeypatch,
     assert {t["target"] for t in result["targets"]} >= {"default padding share", "default loss equals padded loss"}
 
 
+@pytest.mark.slow  # builds and trains a random-initialised architecture
 def test_arch_path_smoke(outputs, tmp_path, monkeypatch):
     """The GPU path (a random-initialised real architecture) on the CPU, shrunk to seconds."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

@@ -72,7 +72,7 @@ def test_config_rejects_an_unknown_prompt_format():
 
 def test_prompt_format_is_saved_in_the_run_and_used_by_the_tokenizer(outputs):
     from lib.config import load_config
-    from lib.data import load_tokenizer, run_prepare
+    from lib.data import run_prepare, tokenizer_with_template_flag
     from lib.paths import run_paths
     from lib.tokenization import PROMPT_FORMATS
 
@@ -80,7 +80,7 @@ def test_prompt_format_is_saved_in_the_run_and_used_by_the_tokenizer(outputs):
                          overrides=["data.prompt_format=qa"])
     assert report["prompt_format"] == "qa" and report["end_of_turn"]["answers_without_stop"] == 0
     cfg = load_config(run_paths("qa").config)
-    tok, _ = load_tokenizer(cfg)
+    tok, _ = tokenizer_with_template_flag(cfg)
     assert tok.chat_template == PROMPT_FORMATS["qa"]
 
 
