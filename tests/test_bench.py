@@ -45,6 +45,7 @@ def test_lora_flops_and_peak_lookup():
     assert bench.peak_tflops("NVIDIA GeForce GTX 1080") is None
 
 
+@pytest.mark.slow
 def test_benchmark_runs_exact_and_counts_padding(outputs, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     out = tmp_path / "bench.json"
