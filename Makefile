@@ -20,7 +20,7 @@ PROFILE ?= smol
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-unit test-notebooks bench lint clean strip
+.PHONY: install demo test test-fast test-unit test-notebooks bench lint clean strip
 
 install: $(VENV)/.installed
 
@@ -57,6 +57,11 @@ lint: install
 
 test-unit: install
 	$(BIN)/python -m pytest tests -q
+
+# The edit-test loop: unit tests without the slow ones (training, resume, the real model, the
+# benchmark) and without the notebooks.
+test-fast: install
+	$(BIN)/python -m pytest tests -q -m "not slow"
 
 test-notebooks: install
 	rm -rf outputs/_nbval

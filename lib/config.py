@@ -390,7 +390,9 @@ def set_value(cfg: RunConfig, key: str, raw) -> None:
 def apply_overrides(cfg: RunConfig, overrides) -> RunConfig:
     """A copy of cfg with ['section.key=value', ...] (as from `--set`) or {'section.key': value} applied.
 
-    The original is left unchanged, also when an override is rejected.
+    The one "None keeps" rule: a None value (a notebook parameter left at None) keeps the current
+    value of any key; the string form `key=none` is how a nullable key is set to None. Unknown keys
+    are refused either way. The original is left unchanged, also when an override is rejected.
     """
     cfg = copy.deepcopy(cfg)
     items = overrides.items() if isinstance(overrides, dict) else overrides or []
@@ -401,11 +403,8 @@ def apply_overrides(cfg: RunConfig, overrides) -> RunConfig:
             key, raw = item.split("=", 1)
         else:
             key, raw = item
-            # From a notebook's parameters: None on a field that cannot be None keeps the profile's value.
-            if raw is None and key.strip() in _field_map(cfg):
-                owner, f = _field_map(cfg)[key.strip()]
-                if not _base_types(f.type)[1]:
-                    continue
+        if raw is None and key.strip() in _field_map(cfg):
+            continue
         set_value(cfg, key.strip(), raw)
     validate(cfg)
     return cfg

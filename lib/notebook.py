@@ -1,20 +1,35 @@
-"""Notebook setup shared by the six notebooks (their cell 2).
+"""What the six notebooks share: the setup cell, the parameter vocabulary, the settings table.
 
     from lib.notebook import setup
     setup(mount_drive=False, seed=42)
 
-In Colab it installs the project's pinned packages (never torch: Colab's CUDA build is kept) and,
-if asked, mounts Google Drive and keeps the run directories there. Everywhere it seeds the random
-generators, quiets library noise, and prints where the results go and on what hardware.
+`setup` (cell 2): in Colab it installs the project's pinned packages (never torch: Colab's CUDA
+build is kept) and, if asked, mounts Google Drive and keeps the run directories there. Everywhere
+it moves to the repository root, seeds the random generators, quiets library noise, and prints
+where the results go and on what hardware.
+
+The parameter vocabulary, one rule: a parameter named SECTION_KEY is the configuration key
+`section.key` (`TRAIN_LEARNING_RATE` is `train.learning_rate`, `LORA_R` is `lora.r`), and its
+comment is that key's help text from `lib/config.py` (tests/test_notebooks.py checks both). None
+keeps the current value (the run's config.yaml; the profile's for a new run). Any other name
+(`RUN_NAME`, `RETRAIN`, ...) is a notebook-only knob and does not start with a section name.
+
+    OVERRIDES = notebook_overrides(globals())             # {"train.learning_rate": 1e-4, ...}
+    settings_table(RUN_NAME, OVERRIDES, ["train"])        # the values the stage will use
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 
-from .paths import REPO_ROOT, outputs_dir
+from .config import PROFILES, RunConfig, apply_overrides, field_help, load_config, make_config
+from .paths import REPO_ROOT, outputs_dir, run_paths
+
+# The configuration's sections, in order: data, model, quant, lora, train, eval, generation, merge.
+SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(getattr(RunConfig(), f.name)))
 
 
 def in_colab() -> bool:
@@ -45,6 +60,8 @@ def _show_short_errors() -> None:
 
 
 def setup(mount_drive: bool = False, seed: int = 42, install: bool = True) -> dict:
+    """The setup cell: work from the repository root, seed, and print the hardware and outputs folder."""
+    os.chdir(REPO_ROOT)  # relative paths (data/examples/...) as in the README
     quiet()
     _show_short_errors()
     if in_colab():
@@ -65,3 +82,45 @@ def setup(mount_drive: bool = False, seed: int = 42, install: bool = True) -> di
             "profile": os.environ.get("SFT_PROFILE", "tiny")}
     print(f"torch {info['torch']} on {device}; runs in {info['outputs']}; default profile {info['profile']}")
     return info
+
+
+def parameter_key(name: str) -> str | None:
+    """The configuration key a notebook parameter stands for ('TRAIN_LEARNING_RATE' -> 'train.learning_rate'),
+    or None for a notebook-only knob (a name that does not start with a section name and '_')."""
+    section, _, rest = name.partition("_")
+    return f"{section.lower()}.{rest.lower()}" if rest and section.lower() in SECTIONS else None
+
+
+def notebook_overrides(namespace: dict) -> dict[str, object]:
+    """The configuration overrides a parameters cell sets: every UPPER_CASE SECTION_KEY name of
+    `namespace` (a notebook's `globals()`), in the cell's order. None values are kept: they keep the
+    current value (`lib.config.apply_overrides`); an unknown key is refused there, naming it."""
+    return {parameter_key(n): v for n, v in namespace.items()
+            if n.isupper() and not n.startswith("_") and parameter_key(n)}
+
+
+def effective_config(run: str, overrides: dict, profile: str | None = None, new_run: bool = False):
+    """The configuration a stage will use: the run's config.yaml with the overrides applied, or, for
+    notebook 01 (`new_run`), a fresh one from the profile as `run_prepare` builds it."""
+    if new_run:
+        return make_config(profile, run=run, overrides=overrides)
+    return apply_overrides(load_config(run_paths(run).config), overrides)
+
+
+def settings_table(run: str, overrides: dict, sections, profile: str | None = None, new_run: bool = False):
+    """The values a stage will use, one row per key of `sections` and of the parameters: the notebook
+    parameter (if the cell has one), the value, the profile's value, and '*' where they differ."""
+    import pandas as pd
+
+    cfg = effective_config(run, overrides, profile, new_run)
+    base = make_config(cfg.profile if cfg.profile in PROFILES else None)
+    keys = [k for k in field_help() if k.split(".")[0] in sections]
+    keys += [k for k in overrides if k not in keys]
+    rows = []
+    for key in keys:
+        section, name = key.split(".")
+        value, default = getattr(getattr(cfg, section), name), getattr(getattr(base, section), name)
+        param = key.replace(".", "_").upper() if key in overrides else ""
+        rows.append({"key": key, "parameter": param, "value": repr(value),
+                     f"profile {base.profile}": repr(default), "differs": "*" if value != default else ""})
+    return pd.DataFrame(rows).set_index("key")

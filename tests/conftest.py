@@ -28,6 +28,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SFT_PROFILE", "tiny")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reverse", action="store_true",
+                     help="run the tests in reversed order (the suite must not depend on order)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse"):
+        items.reverse()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_outputs(tmp_path_factory) -> Path:
     """One outputs folder for the session-wide runs; built models stay in the persistent cache."""

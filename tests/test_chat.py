@@ -175,20 +175,27 @@ def test_cli_prompt_prints_one_reply(trained_run, capsys):
 
 
 def test_trained_model_generates_with_end_of_turn_stop(trained_run):
-    """On the trained run, the stop criteria hold the template's end-of-turn token, and a reply that
-    does not reach it runs exactly to max_new_tokens (the tiny model rarely learns to stop in a few
-    dozen steps; stopping itself is tested deterministically above)."""
-    from lib.chat import generate_reply, generation_config, load_session
+    """On the trained run, the stop criteria hold the template's end-of-turn token, and the reply is
+    the model's greedy continuation cut exactly at the first stop id, or at max_new_tokens when
+    there is none: compared with the same greedy continuation generated with no stop ids at all."""
+    from lib.chat import _inputs, conversation, generate_reply, generation_config, load_session
 
     session = load_session(trained_run)
     eot = session.tokenizer.convert_tokens_to_ids(end_of_turn_token(session.tokenizer))
-    gc = generation_config(session.settings, session.tokenizer, session.model.generation_config)
+    settings = GenerationSettings(max_new_tokens=12)
+    gc = generation_config(settings, session.tokenizer, session.model.generation_config)
     assert eot in gc.eos_token_id
-    r = generate_reply(session.model, session.tokenizer, HISTORY, settings=GenerationSettings(max_new_tokens=12))
-    if r["stopped"]:
-        assert r["token_ids"][-1] in gc.eos_token_id and eot not in r["token_ids"][:-1]
-    else:
-        assert r["n_tokens"] == 12 and eot not in r["token_ids"]
+    r = generate_reply(session.model, session.tokenizer, HISTORY, settings=settings)
+    unstopped = generation_config(settings, session.tokenizer, session.model.generation_config)
+    unstopped.eos_token_id = None  # the reference runs the full 12 tokens
+    inputs = _inputs(session.model, session.tokenizer, conversation(HISTORY, None))
+    with torch.no_grad():
+        full = session.model.generate(**inputs, generation_config=unstopped)[0, inputs["input_ids"].shape[1]:].tolist()
+    assert len(full) == 12
+    first_stop = next((i for i, t in enumerate(full) if t in gc.eos_token_id), None)
+    expected = full if first_stop is None else full[: first_stop + 1]
+    assert r["token_ids"] == expected and r["n_tokens"] == len(expected)
+    assert r["stopped"] is (first_stop is not None)
 
 
 def test_cli_chat_loop(trained_run, monkeypatch, capsys):

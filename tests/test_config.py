@@ -68,9 +68,15 @@ def test_bad_overrides_are_clear_errors(override, message):
     assert cfg == make_config("tiny")  # the original is left as it was
 
 
-def test_notebook_none_keeps_the_profile_value():
+def test_notebook_none_keeps_the_current_value():
     cfg = apply_overrides(make_config("t4"), {"train.max_length": None, "data.max_examples": None})
     assert cfg.train.max_length == 1024 and cfg.data.max_examples is None
+    # One rule for nullable keys too: None keeps a value set before; `key=none` clears it.
+    cfg = apply_overrides(make_config("t4", overrides=["data.max_examples=5"]), {"data.max_examples": None})
+    assert cfg.data.max_examples == 5
+    assert apply_overrides(cfg, ["data.max_examples=none"]).data.max_examples is None
+    with pytest.raises(ConfigError, match="unknown configuration key 'train.learning_rat'"):
+        apply_overrides(cfg, {"train.learning_rat": None})
 
 
 def test_unknown_key_in_yaml_names_the_file(tmp_path):

@@ -273,6 +273,7 @@ def _stop_at(step, exc):
     return StopAt()
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_same_adapter(prepared_run, trained_run):
     import torch
 
