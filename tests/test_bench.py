@@ -1,4 +1,4 @@
-"""The batching benchmark (bench/throughput.py) on a few steps: it runs, it is exact, it counts padding.
+"""The batching benchmark (bench/measure.py, CLI bench/throughput.py) on a few steps: it runs, it is exact, it counts padding.
 
 No timing assertions: the figures live in bench/RESULTS.md.
 """
@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from bench import measure
 from bench import throughput as bench
 
 
@@ -16,7 +17,7 @@ def test_plan_gives_every_setup_the_same_examples():
     from lib.errors import ConfigError
 
     lengths = [(i * 37) % 300 + 5 for i in range(160)]
-    plan = bench.plan_batches(lengths, batch_size=4, steps=5, seed=0)
+    plan = measure.plan_batches(lengths, batch_size=4, steps=5, seed=0)
     grouped = sorted(i for b in plan["grouped"] for i in b)
     sequential = [i for b in plan["sequential"] for i in b]
     assert grouped == sequential  # the same examples; the ungrouped setups see them in the pool's order
@@ -30,19 +31,19 @@ def test_plan_gives_every_setup_the_same_examples():
     longest = [max(lengths[i] for i in b) for b in plan["grouped"]]
     assert longest == sorted(longest, reverse=True) and longest[-1] < longest[0]
     with pytest.raises(ConfigError):
-        bench.plan_batches(lengths[:8], batch_size=4, steps=3)
+        measure.plan_batches(lengths[:8], batch_size=4, steps=3)
 
 
 def test_lora_flops_and_peak_lookup():
     est = {"architecture": {"hidden_size": 8, "vocab_size": 10, "num_heads": 2, "head_dim": 4, "num_layers": 3},
            "params_quantized": 100, "lora_params": 5}
     # per token: 4 * (100 + 8 * 10) + 6 * 5 = 750; attention: 3 * (2 * 2 * 4 * 3) * L^2 = 144 L^2
-    assert bench.lora_step_flops(est, [2, 3]) == 750 * 5 + 144 * (4 + 9)
-    assert bench.peak_tflops("Tesla T4") == 65.0
-    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
-    assert bench.peak_tflops("NVIDIA H200") == 989.0
-    assert bench.peak_tflops("NVIDIA GeForce GTX 1080") is None
+    assert measure.lora_step_flops(est, [2, 3]) == 750 * 5 + 144 * (4 + 9)
+    assert measure.peak_tflops("Tesla T4") == 65.0
+    assert measure.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert measure.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert measure.peak_tflops("NVIDIA H200") == 989.0
+    assert measure.peak_tflops("NVIDIA GeForce GTX 1080") is None
 
 
 @pytest.mark.slow  # trains a few steps per batching mode (~38 s on 2 CPU cores)
@@ -86,7 +87,7 @@ def test_arch_path_smoke(outputs, tmp_path, monkeypatch):
         "--examples", "8",
         "--modes", "pad_max", "padding_free",
     ])
-    result = bench.run_benchmark(opts, log=lambda s: None)
+    result = measure.run_benchmark(opts, log=lambda s: None)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(opts.model_path)
@@ -98,7 +99,7 @@ def test_arch_path_smoke(outputs, tmp_path, monkeypatch):
     assert rows["padding_free"]["padding_share"] == 0.0 < rows["pad_max"]["padding_share"]
     assert result["memory_estimate"]["estimate_gib"] > 0
     # A second run reuses the cached model folder.
-    assert bench.build_arch_model("qwen2.5-0.5b", result["arch_overrides"]) == opts.model_path
+    assert measure.build_arch_model("qwen2.5-0.5b", result["arch_overrides"]) == opts.model_path
 
 
 def test_bad_options_exit_2(capsys, monkeypatch):
