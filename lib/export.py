@@ -44,8 +44,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from .config import GenerationSettings, apply_overrides, load_config
 from .errors import MissingStageError, SFTError
+from .generation import eval_conversations, generate_reply
+from .loading import load_merged, release
 from .paths import REPO_ROOT, require, run_paths
+from .scoring import check_examples, perplexity
+from .tokenization import IGNORE_INDEX, encode_example, end_of_turn_token, render_prompt, stop_token_ids
 
 # name -> (the converter's --outtype, llama.cpp's quantizer ftype or None)
 QUANT_TYPES = {
@@ -309,7 +314,6 @@ def template_pieces(tokenizer) -> dict | None:
     `first` is text written before a first message that is not a system message (a template's
     default system prompt, as SmolLM2's and Qwen's).
     """
-    from .tokenization import end_of_turn_token
 
     def render(messages):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -385,8 +389,6 @@ def _quote(s: str) -> str:
 
 def modelfile_text(gguf_name: str, tokenizer, cfg, add_bos: bool) -> str:
     """An Ollama Modelfile: FROM the GGUF, TEMPLATE, a stop per end-of-turn token, SYSTEM, settings."""
-    from .tokenization import stop_token_ids
-
     g = cfg.generation
     lines = [f"# Ollama: ollama create {cfg.run} -f Modelfile && ollama run {cfg.run}",
              f"FROM ./{gguf_name}"]
@@ -439,7 +441,7 @@ def _gguf_is_eog(llm, token_id: int) -> bool:
 
 def llama_greedy(llm, prompt_ids: list[int], max_new_tokens: int) -> dict:
     """Greedy answer in llama.cpp (argmax of its logits, no repetition penalty); stops where llama.cpp
-    does, at a token the GGUF marks end-of-generation. Same shape as lib.chat.generate_reply."""
+    does, at a token the GGUF marks end-of-generation. Same shape as lib.generation.generate_reply."""
     import numpy as np
 
     llm.reset()
@@ -455,10 +457,8 @@ def llama_greedy(llm, prompt_ids: list[int], max_new_tokens: int) -> dict:
 
 
 def llama_perplexity(llm, tokenizer, examples, max_length) -> dict:
-    """Perplexity over the same answer tokens as lib.evaluate.perplexity, from llama.cpp's logits."""
+    """Perplexity over the same answer tokens as lib.scoring.perplexity, from llama.cpp's logits."""
     import numpy as np
-
-    from .tokenization import IGNORE_INDEX, encode_example
 
     nll, count = 0.0, 0
     for ex in examples:
@@ -501,18 +501,13 @@ def check_parity(model_dir, gguf_path, cfg, examples: list[dict], quant: str, pr
     """Compare the GGUF in llama.cpp with merged/ in transformers (see the module docstring)."""
     from tqdm.auto import tqdm
 
-    from .chat import generate_reply
-    from .config import GenerationSettings
-    from .evaluate import _eval_conversations, _release, perplexity
-    from .merge import load_merged
-    from .tokenization import render_prompt, stop_token_ids
 
     e = cfg.export
     max_length = cfg.train.max_length
     greedy = GenerationSettings(max_new_tokens=cfg.generation.max_new_tokens, do_sample=False,
                                 repetition_penalty=1.0, no_repeat_ngram_size=0)
     model, tokenizer = load_merged(model_dir)
-    chosen = _eval_conversations(examples)[:e.parity_examples]
+    chosen = eval_conversations(examples)[:e.parity_examples]
     prompts = [tokenizer(render_prompt(tokenizer, c[1]), add_special_tokens=False)["input_ids"] for c in chosen]
     stops = stop_token_ids(tokenizer)
     pieces = template_pieces(tokenizer)
@@ -522,7 +517,7 @@ def check_parity(model_dir, gguf_path, cfg, examples: list[dict], quant: str, pr
     ppl_hf = perplexity(model, tokenizer, examples, cfg.eval.batch_size, max_length, desc="perplexity (transformers)",
                         progress=progress)
     del model
-    _release()
+    release()
 
     n_ctx = max([max_length] + [len(p) + greedy.max_new_tokens + 1 for p in prompts]) + 8
     llm = load_gguf(gguf_path, n_ctx)
@@ -600,8 +595,6 @@ def run_export(run: str, quant: str | None = None, overrides=(), progress: bool 
     Writes export/<run>-<quant>.gguf, export/Modelfile and export/parity.json (a parity failure is
     reported, "ok": false, not raised; the CLI turns it into exit status 1).
     """
-    from .config import apply_overrides, load_config
-    from .merge import _check_examples
 
     paths = run_paths(run)
     require(paths, "config")
@@ -616,7 +609,7 @@ def run_export(run: str, quant: str | None = None, overrides=(), progress: bool 
         raise ExportError(f"unknown quantization type '{quant}' (one of {', '.join(QUANT_TYPES)})")
     llama_cpp_version()
     converter_dir()
-    examples, _ = _check_examples(paths, cfg)
+    examples, _ = check_examples(paths, cfg)
     export_dir = paths.root / "export"
     log_path = paths.logs / "export.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)

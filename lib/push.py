@@ -23,6 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .config import hf_token, load_config, to_dict
 from .errors import ConfigError, MissingStageError, SFTError
 from .paths import run_paths
 
@@ -62,8 +63,6 @@ def _fmt(x, spec=".4f"):
 def model_card(cfg, paths, parts: list[str]) -> str:
     """README.md of the pushed repository: what it is, how it was made, and how well it does."""
     import yaml
-
-    from .config import to_dict
 
     base = cfg.model.name_or_path
     report = _read(paths.data_report) or {}
@@ -134,8 +133,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def stage(run: str, repo: str, include=None) -> Path:
     """Build outputs/<run>/push/: exactly the files that are uploaded."""
-    from .config import load_config
-
     paths = run_paths(run)
     cfg = load_config(paths.config)
     have = available_parts(paths)
@@ -172,8 +169,6 @@ def _first_line(e: Exception) -> str:
 
 def run_push(run: str, repo: str, private: bool = False, dry_run: bool = False, include=None) -> Path:
     """Entry point of `python -m lib push` and notebook 06: stage the folder, then upload it (unless dry_run)."""
-    from .config import hf_token
-
     if not isinstance(repo, str) or not _REPO.match(repo):
         raise ConfigError(f"--repo: '{repo}' is not a Hub repository id of the form user/name")
     folder = stage(run, repo, include)
