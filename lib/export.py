@@ -497,27 +497,63 @@ def gguf_add_bos(llm) -> bool:
     return str(llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
 
 
+def _parity_failures(e, n_prompts, same_prompt, eog, ppl, greedy, stop) -> list[str]:
+    """One line per parity figure that misses its tolerance."""
+    drift, ppl_ll, ppl_hf, ppl_tol = ppl
+    agree, n, min_agree = greedy
+    stop_ll, stop_hf = stop
+    failures = []
+    if same_prompt < n_prompts:
+        failures.append(f"prompt tokens: {n_prompts - same_prompt} of {n_prompts} prompts tokenize differently "
+                        "in llama.cpp (must be 0)")
+    if not all(eog.values()):
+        failures.append(f"stop tokens: {[t for t, ok in eog.items() if not ok]} are not end-of-generation in the "
+                        "GGUF (llama.cpp would not stop there)")
+    if not drift <= ppl_tol:
+        failures.append(f"perplexity drift {drift:.2%} ({ppl_ll['perplexity']:.4f} llama.cpp vs "
+                        f"{ppl_hf['perplexity']:.4f} transformers) > export.ppl_tolerance {ppl_tol:g}")
+    if not agree >= min_agree:
+        failures.append(f"greedy agreement {agree:.0%} over the first {n} tokens < export.min_agreement {min_agree:g}")
+    if not abs(stop_ll - stop_hf) <= e.stop_rate_tolerance:
+        failures.append(f"stop rate {stop_ll:.0%} llama.cpp vs {stop_hf:.0%} transformers differs by more than "
+                        f"export.stop_rate_tolerance {e.stop_rate_tolerance:g}")
+    return failures
+
+
+def _first_differences(hf_answers, ll_answers) -> list:
+    """Per prompt, the first position where the two greedy answers differ (None: identical)."""
+    return [next((i for i, (a, b) in enumerate(zip(h["token_ids"], g["token_ids"])) if a != b), None)
+            for h, g in zip(hf_answers, ll_answers)]
+
+
+def _transformers_side(model_dir, chosen, examples, cfg, greedy, progress):
+    """merged/ in transformers: (tokenizer, prompt ids, greedy answers, perplexity)."""
+    from tqdm.auto import tqdm
+
+    model, tokenizer = load_merged(model_dir)
+    prompts = [tokenizer(render_prompt(tokenizer, c[1]), add_special_tokens=False)["input_ids"] for c in chosen]
+    hf_answers = [generate_reply(model, tokenizer, c[1], settings=greedy)
+                  for c in tqdm(chosen, desc="greedy answers (transformers)", unit="prompt", disable=not progress)]
+    ppl_hf = perplexity(model, tokenizer, examples, cfg.eval.batch_size, cfg.train.max_length,
+                        desc="perplexity (transformers)", progress=progress)
+    del model
+    release()
+    return tokenizer, prompts, hf_answers, ppl_hf
+
+
 def check_parity(model_dir, gguf_path, cfg, examples: list[dict], quant: str, progress: bool = True) -> dict:
     """Compare the GGUF in llama.cpp with merged/ in transformers (see the module docstring)."""
     from tqdm.auto import tqdm
-
 
     e = cfg.export
     max_length = cfg.train.max_length
     greedy = GenerationSettings(max_new_tokens=cfg.generation.max_new_tokens, do_sample=False,
                                 repetition_penalty=1.0, no_repeat_ngram_size=0)
-    model, tokenizer = load_merged(model_dir)
     chosen = eval_conversations(examples)[:e.parity_examples]
-    prompts = [tokenizer(render_prompt(tokenizer, c[1]), add_special_tokens=False)["input_ids"] for c in chosen]
+    # transformers first, then llama.cpp: both spin up CPU threads, and interleaved they fight for the cores.
+    tokenizer, prompts, hf_answers, ppl_hf = _transformers_side(model_dir, chosen, examples, cfg, greedy, progress)
     stops = stop_token_ids(tokenizer)
     pieces = template_pieces(tokenizer)
-    # transformers first, then llama.cpp: both spin up CPU threads, and interleaved they fight for the cores.
-    hf_answers = [generate_reply(model, tokenizer, c[1], settings=greedy)
-                  for c in tqdm(chosen, desc="greedy answers (transformers)", unit="prompt", disable=not progress)]
-    ppl_hf = perplexity(model, tokenizer, examples, cfg.eval.batch_size, max_length, desc="perplexity (transformers)",
-                        progress=progress)
-    del model
-    release()
 
     n_ctx = max([max_length] + [len(p) + greedy.max_new_tokens + 1 for p in prompts]) + 8
     llm = load_gguf(gguf_path, n_ctx)
@@ -537,31 +573,15 @@ def check_parity(model_dir, gguf_path, cfg, examples: list[dict], quant: str, pr
     eog = {t: _gguf_is_eog(llm, t) for t in stops}
     del llm
 
-    k = max(len(chosen), 1)
-    n = e.parity_tokens
+    k, n = max(len(chosen), 1), e.parity_tokens
     agree = sum(h["token_ids"][:n] == g["token_ids"][:n] for h, g in zip(hf_answers, ll_answers)) / k
-    first_diff = [next((i for i, (a, b) in enumerate(zip(h["token_ids"], g["token_ids"])) if a != b), None)
-                  for h, g in zip(hf_answers, ll_answers)]
+    first_diff = _first_differences(hf_answers, ll_answers)
     drift = abs(ppl_ll["perplexity"] - ppl_hf["perplexity"]) / ppl_hf["perplexity"]
     stop_hf = sum(a["stopped"] for a in hf_answers) / k
     stop_ll = sum(a["stopped"] for a in ll_answers) / k
-
     ppl_tol, min_agree = tolerances(cfg, quant)
-    failures = []
-    if same_prompt < len(chosen):
-        failures.append(f"prompt tokens: {len(chosen) - same_prompt} of {len(chosen)} prompts tokenize differently "
-                        "in llama.cpp (must be 0)")
-    if not all(eog.values()):
-        failures.append(f"stop tokens: {[t for t, ok in eog.items() if not ok]} are not end-of-generation in the "
-                        "GGUF (llama.cpp would not stop there)")
-    if not drift <= ppl_tol:
-        failures.append(f"perplexity drift {drift:.2%} ({ppl_ll['perplexity']:.4f} llama.cpp vs "
-                        f"{ppl_hf['perplexity']:.4f} transformers) > export.ppl_tolerance {ppl_tol:g}")
-    if not agree >= min_agree:
-        failures.append(f"greedy agreement {agree:.0%} over the first {n} tokens < export.min_agreement {min_agree:g}")
-    if not abs(stop_ll - stop_hf) <= e.stop_rate_tolerance:
-        failures.append(f"stop rate {stop_ll:.0%} llama.cpp vs {stop_hf:.0%} transformers differs by more than "
-                        f"export.stop_rate_tolerance {e.stop_rate_tolerance:g}")
+    failures = _parity_failures(e, len(chosen), same_prompt, eog, (drift, ppl_ll, ppl_hf, ppl_tol),
+                                (agree, n, min_agree), (stop_ll, stop_hf))
     return {
         "ok": not failures,
         "failures": failures,

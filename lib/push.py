@@ -93,6 +93,15 @@ def model_card(cfg, paths, parts: list[str]) -> str:
         lines += ["", f"Merge check: perplexity drift of the merged model from the adapter model "
                       f"{_fmt(merge.get('relative_drift'), '.3%')} (tolerance {_fmt(merge.get('tolerance'), 'g')}), "
                       f"{'ok' if merge.get('ok') else 'FAILED'}."]
+    lines += _parity_lines(parity)
+    lines += _use_lines(parts)
+    lines += ["## Configuration", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip(),
+              "```", ""]
+    return "\n".join(lines)
+
+
+def _parity_lines(parity: dict) -> list[str]:
+    lines = []
     if parity:
         p, g, s = parity.get("perplexity", {}), parity.get("greedy", {}), parity.get("stop_rate", {})
         lines += ["", f"## GGUF parity ({parity.get('gguf')}, llama.cpp vs transformers)", "",
@@ -107,7 +116,11 @@ def model_card(cfg, paths, parts: list[str]) -> str:
                   f"| prompts tokenized identically | {parity.get('prompt_tokens', {}).get('identical')} of "
                   f"{parity.get('prompts')} | | all |", "",
                   f"Check: {'ok' if parity.get('ok') else 'FAILED: ' + '; '.join(parity.get('failures', []))}."]
-    lines += ["", "## Use", ""]
+    return lines
+
+
+def _use_lines(parts: list[str]) -> list[str]:
+    lines = ["", "## Use", ""]
     if "merged" in parts:
         lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "model = AutoModelForCausalLM.from_pretrained('REPO')",
@@ -118,9 +131,7 @@ def model_card(cfg, paths, parts: list[str]) -> str:
     if "gguf" in parts:
         lines += ["GGUF: `llama-cli -m <file>.gguf`, or Ollama: download the .gguf and Modelfile, then "
                   "`ollama create NAME -f Modelfile`.", ""]
-    lines += ["## Configuration", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip(),
-              "```", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
