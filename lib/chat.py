@@ -12,7 +12,7 @@
 `chat(model, tokenizer, history, system=None, settings=None, stream=False)` renders the
 conversation with the tokenizer's own chat template (the one training used), generates with the
 run's `generation` settings and stops at the template's end-of-turn token
-(`lib.tokenization.stop_token_ids`, via `lib.evaluate.generation_kwargs`). With `stream=True` it returns an iterator of text pieces fed
+(`lib.tokenization.stop_token_ids`, via `lib.generation.generation_kwargs`). With `stream=True` it returns an iterator of text pieces fed
 by transformers' `TextIteratorStreamer` from a generation thread (with a timeout, so a stuck
 generation cannot hang the caller).
 """
@@ -20,136 +20,16 @@ generation cannot hang the caller).
 from __future__ import annotations
 
 import html
-import queue
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .config import GenerationSettings, undecodable
+from .config import GenerationSettings, load_config, undecodable
 from .errors import SFTError
+from .generation import DEFAULT_TIMEOUT, conversation, generate_reply, generation_config, stream_reply
+from .loading import load_merged, load_tuned_model
 from .paths import require, run_paths
 from .rundir import check_fresh, check_trained
-from .tokenization import render_prompt
-
-DEFAULT_TIMEOUT = 120.0  # seconds the streamer waits for the next piece of text
-
-
-def generation_config(settings: GenerationSettings | None, tokenizer, base=None):
-    """A transformers GenerationConfig from the run's `generation` settings.
-
-    The same keyword arguments as evaluation uses (`lib.evaluate.generation_kwargs`: stop at the
-    chat template's end-of-turn token and eos, sampling knobs only when sampling), on top of
-    `base` (the model's own generation config), whose eos ids are kept too.
-    """
-    from transformers import GenerationConfig
-
-    from .evaluate import generation_kwargs
-
-    gc = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
-    old = gc.eos_token_id
-    kw = generation_kwargs(tokenizer, settings or GenerationSettings())
-    gc.update(**kw)
-    eos = list(kw.get("eos_token_id") or [])
-    for tid in [old] if isinstance(old, int) else list(old or []):
-        if tid not in eos:
-            eos.append(tid)
-    gc.eos_token_id = eos or None
-    gc.max_length = None  # max_new_tokens decides
-    if tokenizer.bos_token_id is not None:
-        gc.bos_token_id = tokenizer.bos_token_id
-    return gc
-
-
-def conversation(history: list[dict], system: str | None = None) -> list[dict]:
-    """The messages the model answers: the system prompt (if any and not already there), then history."""
-    msgs = [dict(m) for m in history]
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                or not isinstance(m.get("content"), str):
-            raise SFTError(f"chat history: message {i + 1} is not a {{'role', 'content'}} dict "
-                           "with role system, user or assistant")
-    if not msgs or msgs[-1]["role"] != "user":
-        raise SFTError("chat history: the last message must be the user's")
-    for i, m in enumerate(msgs + [{"role": "system", "content": system or ""}]):
-        problem = undecodable(m["content"])
-        if problem:
-            what = "the system prompt" if i == len(msgs) else f"message {i + 1}"
-            raise SFTError(f"chat: {what} is {problem}")
-    if system and msgs[0]["role"] != "system":
-        msgs.insert(0, {"role": "system", "content": system})
-    return msgs
-
-
-def _inputs(model, tokenizer, messages):
-    text = render_prompt(tokenizer, messages)
-    # The template writes bos itself; adding special tokens again would double it.
-    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    return {k: v.to(model.device) for k, v in enc.items()}
-
-
-def generate_reply(model, tokenizer, history, system=None, settings=None) -> dict:
-    """One reply with its details: text, token ids, and whether it ended at a stop token."""
-    import torch
-
-    gc = generation_config(settings, tokenizer, getattr(model, "generation_config", None))
-    inputs = _inputs(model, tokenizer, conversation(history, system))
-    with torch.no_grad():
-        out = model.generate(**inputs, generation_config=gc)
-    new = out[0, inputs["input_ids"].shape[1]:].tolist()
-    stops = set(gc.eos_token_id or [])
-    stopped = bool(new) and new[-1] in stops
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    return {"text": text.strip(), "token_ids": new, "stopped": stopped, "n_tokens": len(new)}
-
-
-class _Cancel:
-    """A stopping criterion that ends generation when the reader of a stream goes away."""
-
-    def __init__(self):
-        self.event = threading.Event()
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def _stream(model, tokenizer, messages, gc, timeout) -> Iterator[str]:
-    import torch
-    from transformers import StoppingCriteriaList, TextIteratorStreamer
-
-    inputs = _inputs(model, tokenizer, messages)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=timeout, skip_special_tokens=True)
-    cancel = _Cancel()
-    failure: list[BaseException] = []
-
-    def work():
-        try:
-            with torch.no_grad():
-                model.generate(**inputs, generation_config=gc, streamer=streamer,
-                               stopping_criteria=StoppingCriteriaList([cancel]))
-        except BaseException as e:  # re-raised in the reader's thread below
-            failure.append(e)
-            streamer.end()
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        first = True
-        for piece in streamer:
-            if first:  # the template's newline after the role marker is not part of the answer
-                piece = piece.lstrip()
-                first = not piece
-            if piece:
-                yield piece
-    except queue.Empty:
-        raise SFTError(f"chat: no text from the model for {timeout:g} s (raise the timeout for a slow model)") from None
-    finally:
-        cancel.event.set()
-        thread.join(timeout=timeout)
-    if failure:
-        raise failure[0]
 
 
 def chat(model, tokenizer, history, system: str | None = None, settings: GenerationSettings | None = None,
@@ -162,7 +42,7 @@ def chat(model, tokenizer, history, system: str | None = None, settings: Generat
     if not stream:
         return generate_reply(model, tokenizer, history, system, settings)["text"]
     gc = generation_config(settings, tokenizer, getattr(model, "generation_config", None))
-    return _stream(model, tokenizer, conversation(history, system), gc, timeout)
+    return stream_reply(model, tokenizer, conversation(history, system), gc, timeout)
 
 
 @dataclass
@@ -200,23 +80,17 @@ class ChatSession:
 def load_session(run: str, merged: bool = False, system: str | None = None) -> ChatSession:
     """A chat session on the run's tuned model: base + adapter (the 4-bit base training used), or
     with merged=True the merged 16-bit model in merged/."""
-    from .config import load_config
-
     paths = run_paths(run)
     require(paths, "config")
     cfg = load_config(paths.config)
     if merged:
         require(paths, "merged")
         check_fresh(paths, "merge", paths.merged)  # not a merge of an adapter trained before a retrain
-        from .merge import load_merged
-
         model, tokenizer = load_merged(paths.merged)
         source = str(paths.merged)
     else:
         require(paths, "adapter")
         check_trained(paths)  # a damaged adapter is named, with the stage to rerun
-        from .evaluate import load_tuned_model
-
         model, tokenizer = load_tuned_model(cfg, paths.adapter)  # the tokenizer training saved, with its template
         source = f"{cfg.model.name_or_path} + {paths.adapter}"
     model.eval()

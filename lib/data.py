@@ -30,9 +30,9 @@ from pathlib import Path
 
 from .config import RunConfig, apply_overrides, load_config, make_config, save_config, validate
 from .errors import DataError, SFTError
-from .model import load_tokenizer
+from .figures import panel_figure, token_length_histogram
+from .loading import load_tokenizer
 from .paths import REPO_ROOT, run_paths
-from .plots import panel_figure, token_length_histogram
 from .readers import EVAL_SPLITS, Loaded, RawRecord, load_records, read_examples
 from .rundir import install, read_json, remove_leftovers, run_lock, write_json
 from .tokenization import (

@@ -2,17 +2,17 @@
 
     python -m lib evaluate --run demo [--set generation.do_sample=true --set eval.generate_examples=32]
 
-    from lib.evaluate import run_evaluate, perplexity, generate_answers
+    from lib.evaluate import run_evaluate, metrics_table, predictions_table
     result = run_evaluate("demo")          # writes eval/perplexity.json, predictions.jsonl, generation_metrics.json
 
 Both models are the same loaded weights: the 4-bit base with the trained adapter, and the base
 with the adapter switched off (peft's `disable_adapter()`), so the comparison costs one load.
 
-Perplexity is exp(total NLL / total tokens) over the assistant tokens of the eval split, the very
+Perplexity (lib/scoring.py) is exp(total NLL / total tokens) over the assistant tokens of the eval split, the very
 tokens the training loss sees (`lib.tokenization.encode_example` labels, cut at train.max_length).
 It is computed batch by batch (one batch of logits in memory at a time) and summed in float64.
 
-Generation answers the first `eval.generate_examples` eval prompts with both models, batched with
+Generation (lib/generation.py) answers the first `eval.generate_examples` eval prompts with both models, batched with
 left padding, under `cfg.generation` (greedy or sampling, temperature, top-k, top-p, max new
 tokens, no-repeat n-gram size, repetition penalty). A prompt longer than train.max_length tokens
 is cut to its last max_length tokens (the latest turns and the generation prompt; a leading bos
@@ -34,7 +34,11 @@ import shutil
 import time
 from pathlib import Path
 
+from .config import apply_overrides, load_config
+from .data import read_examples
 from .errors import MissingStageError, SFTError
+from .generation import eval_conversations, generate_answers
+from .loading import load_tuned_model, release
 from .paths import require, run_paths
 from .rundir import (
     check_fresh,
@@ -46,167 +50,9 @@ from .rundir import (
     write_atomic,
     write_json,
 )
-from .tokenization import IGNORE_INDEX, encode_example, prompt_messages, render_prompt, stop_token_ids
+from .scoring import perplexity
 
 MODELS = ("base", "tuned")
-
-
-# ----------------------------------------------------------------------------- perplexity
-
-
-def _device(model):
-    try:
-        return model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
-
-
-def _pad_id(tokenizer) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if tid is not None:
-            return tid
-    return 0
-
-
-def perplexity(model, tokenizer, examples, batch_size: int = 8, max_length: int | None = 1024,
-               desc: str = "perplexity", progress: bool = True) -> dict:
-    """Perplexity of `model` over the trained (assistant) tokens of normalised `examples`.
-
-    Returns {"loss": mean NLL per token (nats), "perplexity": exp(loss), "tokens": count,
-    "examples": examples that have at least one scored token, "examples_cut": examples longer than
-    max_length, scored on their first max_length tokens only (as training cuts them)}.
-    """
-    import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
-    encoded = [encode_example(tokenizer, ex, max_length) for ex in examples]
-    n_cut = sum(1 for e in encoded if max_length is not None and e["length"] > max_length)
-    # Token t is predicted from tokens < t, so a label at position 0 can never be scored.
-    encoded = [e for e in encoded if any(x != IGNORE_INDEX for x in e["labels"][1:])]
-    if not encoded:
-        raise SFTError("no assistant tokens to score in the evaluation examples "
-                       "(empty answers, or all cut by train.max_length)")
-    encoded.sort(key=lambda e: len(e["input_ids"]))  # similar lengths together: little padding
-    device = _device(model)
-    pad = _pad_id(tokenizer)
-    total_nll, total_tokens = 0.0, 0
-    was_training = model.training
-    model.eval()
-    batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
-    try:
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-            width = max(len(e["input_ids"]) for e in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, e in enumerate(batch):
-                n = len(e["input_ids"])
-                ids[row, :n] = torch.tensor(e["input_ids"])
-                labels[row, :n] = torch.tensor(e["labels"])
-                mask[row, :n] = 1
-            with torch.no_grad():
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                target = labels[:, 1:].to(logits.device)
-                for row in range(len(batch)):  # one row at a time in float32: bounded memory for big vocabularies
-                    total_nll += F.cross_entropy(logits[row, :-1].float(), target[row], ignore_index=IGNORE_INDEX,
-                                                 reduction="sum").item()
-                total_tokens += int((target != IGNORE_INDEX).sum())
-            del logits
-    finally:
-        model.train(was_training)
-    loss = total_nll / total_tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": total_tokens,
-            "examples": len(encoded), "examples_cut": n_cut}
-
-
-# ----------------------------------------------------------------------------- generation
-
-
-def _settings(gen_cfg) -> dict:
-    if dataclasses.is_dataclass(gen_cfg):
-        return dataclasses.asdict(gen_cfg)
-    return dict(gen_cfg or {})
-
-
-def generation_kwargs(tokenizer, gen_cfg) -> dict:
-    """Keyword arguments of `model.generate` for cfg.generation (a GenerationSettings or a dict)."""
-    s = _settings(gen_cfg)
-    kw = {
-        "max_new_tokens": int(s.get("max_new_tokens", 128)),
-        "do_sample": bool(s.get("do_sample", False)),
-        "repetition_penalty": float(s.get("repetition_penalty", 1.0)),
-        "pad_token_id": _pad_id(tokenizer),
-    }
-    stops = stop_token_ids(tokenizer)
-    if stops:
-        kw["eos_token_id"] = stops
-    if kw["do_sample"]:
-        kw.update(temperature=float(s.get("temperature", 1.0)), top_k=int(s.get("top_k", 50)),
-                  top_p=float(s.get("top_p", 1.0)))
-    else:  # greedy: the model's own sampling defaults (a Hub generation_config.json) must not leak in
-        kw.update(temperature=None, top_k=None, top_p=None)
-    if int(s.get("no_repeat_ngram_size", 0) or 0) > 0:
-        kw["no_repeat_ngram_size"] = int(s["no_repeat_ngram_size"])
-    return kw
-
-
-def cut_prompt(ids: list[int], max_length: int | None, bos_token_id=None) -> list[int]:
-    """A prompt's token ids cut to at most `max_length`, keeping the end: the latest turns and the
-    generation prompt the answer follows. A leading bos token is kept in front."""
-    if max_length is None or len(ids) <= max_length:
-        return list(ids)
-    if bos_token_id is not None and ids and ids[0] == bos_token_id and max_length > 1:
-        return [ids[0]] + list(ids[len(ids) - (max_length - 1):])
-    return list(ids[len(ids) - max_length:])
-
-
-def generate_answers(model, tokenizer, conversations, gen_cfg, batch_size: int = 8, desc: str = "generate",
-                     progress: bool = True, max_length: int | None = None) -> list[dict]:
-    """Answer each conversation (a list of messages ending with the user's turn).
-
-    Returns [{"text": answer, "stopped": True if it ended with a stop token, False if it ran into
-    max_new_tokens, "prompt_cut": True if the prompt was longer than max_length}] in the order
-    given. Prompts are rendered with the tokenizer's chat template, cut to their last `max_length`
-    tokens (the context training saw; a long prompt would otherwise cost memory and time without
-    bound), and left-padded, so a batch gives the same answers as one prompt at a time.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    kw = generation_kwargs(tokenizer, gen_cfg)
-    stops = set(kw.get("eos_token_id") or [])
-    device = _device(model)
-    pad = _pad_id(tokenizer)
-    prompts = []
-    for conv in conversations:
-        ids = tokenizer(render_prompt(tokenizer, list(conv)), add_special_tokens=False, verbose=False)["input_ids"]
-        if not ids:
-            raise SFTError("an evaluation prompt renders to no tokens")
-        prompts.append((cut_prompt(ids, max_length, tokenizer.bos_token_id), len(ids) > (max_length or len(ids))))
-    out: list[dict] = []
-    was_training = model.training
-    model.eval()
-    try:
-        batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-            width = max(len(ids) for ids, _ in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (ids, _) in enumerate(batch):  # left padding: every prompt ends where generation starts
-                input_ids[row, width - len(ids):] = torch.tensor(ids)
-                mask[row, width - len(ids):] = 1
-            with torch.no_grad():
-                seqs = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kw)
-            new = seqs[:, width:].tolist()
-            for tokens, (_, was_cut) in zip(new, batch):
-                cut = next((i for i, t in enumerate(tokens) if t in stops), None)
-                answer = tokens if cut is None else tokens[:cut]
-                out.append({"text": tokenizer.decode(answer, skip_special_tokens=True).strip(),
-                            "stopped": cut is not None, "prompt_cut": was_cut})
-    finally:
-        model.train(was_training)
-    return out
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -281,61 +127,6 @@ def generation_metrics(predictions: list[dict], references: list[str]) -> dict:
 # ----------------------------------------------------------------------------- the stage
 
 
-_write_json = write_json
-
-
-def _write_jsonl(path: Path, rows) -> None:
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def load_tuned_model(cfg, adapter_dir):
-    """The base model of `cfg` (quantized as configured) with the adapter of `adapter_dir` on top, in
-    eval mode, and the tokenizer training saved beside the adapter (the base's if none was saved)."""
-    from .errors import ConfigError
-    from .model import load_model_and_tokenizer, load_tokenizer
-
-    saved = None
-    if (Path(adapter_dir) / "tokenizer_config.json").exists():  # checked first: it fails fast
-        try:
-            saved = load_tokenizer(cfg, path=str(adapter_dir))
-        except ConfigError:  # the message would blame model.name_or_path: the adapter folder is at fault
-            files = sorted(p.name for p in Path(adapter_dir).iterdir()
-                           if p.name.startswith(("tokenizer", "vocab", "merges", "special")))
-            raise SFTError(
-                f"{adapter_dir}: the tokenizer saved with the adapter cannot be loaded (tokenizer files there: "
-                f"{', '.join(files)}): they are incomplete or damaged; train again (--retrain), or copy the "
-                "tokenizer files training saved back into it") from None
-    model, tokenizer = load_model_and_tokenizer(cfg, for_training=False, adapter=adapter_dir)
-    tokenizer = saved if saved is not None else tokenizer
-    model.eval()
-    return model, tokenizer
-
-
-def _release() -> None:
-    """Give the model's memory back (a notebook kernel lives on after the evaluation)."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _eval_conversations(examples):
-    """(index, prompt messages, reference) of eval examples that end with an assistant answer."""
-    out = []
-    for i, ex in enumerate(examples):
-        messages = ex.get("messages")
-        if not messages:
-            continue
-        prompt, reference = prompt_messages(messages)
-        if reference is None or not prompt:
-            continue
-        out.append((i, prompt, reference))
-    return out
-
-
 def run_evaluate(run: str, overrides=(), progress: bool = True) -> dict:
     """Entry point of notebook 04 and `python -m lib evaluate`.
 
@@ -348,25 +139,44 @@ def run_evaluate(run: str, overrides=(), progress: bool = True) -> dict:
 
 
 def _run_evaluate(paths, run, overrides, progress) -> dict:
-    from .config import apply_overrides, load_config
-    from .data import read_examples
+    sources = _check_inputs(paths, run)
+    cfg = apply_overrides(load_config(paths.config), overrides or [])
+    examples = _eval_examples(paths, cfg)
+    started = time.time()
+    model, tokenizer = load_tuned_model(cfg, paths.adapter)
+    ppl = _perplexities(model, tokenizer, examples, cfg, progress)
+    ppl_seconds = time.time() - started
+    predictions, gen_metrics = _generation(model, tokenizer, examples, cfg, progress)
+    del model
+    release()
+    _write_results(paths, sources, ppl, predictions, gen_metrics)
+    _print_results(ppl, ppl_seconds, predictions, gen_metrics, cfg.train.max_length)
+    return {"perplexity": ppl, "generation": gen_metrics, "predictions": predictions}
 
+
+def _check_inputs(paths, run) -> dict:
+    """The inputs are there and fresh; returns their fingerprints (the manifest's sources)."""
     require(paths, "config", "eval_data", "adapter")
     if not (paths.adapter / "adapter_config.json").exists():
         raise MissingStageError(f"{paths.adapter} holds no adapter (adapter_config.json): run notebook "
                                 f"03_train_sft first (or `python -m lib train --run {run}`)")
     sources = {"prepare": fingerprint(paths, "prepare"), "train": check_trained(paths)}
     remove_leftovers(paths.eval_dir, r"\.staging-\d+")  # of a killed evaluate (we hold the lock)
-    cfg = apply_overrides(load_config(paths.config), overrides or [])
+    return sources
+
+
+def _eval_examples(paths, cfg) -> list[dict]:
     examples = read_examples(paths.eval_data)
     if cfg.eval.max_examples is not None:
         examples = examples[:cfg.eval.max_examples]
     if not examples:
         raise SFTError(f"{paths.eval_data} holds no examples: prepare the data with data.eval_fraction > 0 "
                        "(notebook 01) to measure perplexity")
+    return examples
 
-    started = time.time()
-    model, tokenizer = load_tuned_model(cfg, paths.adapter)
+
+def _perplexities(model, tokenizer, examples, cfg, progress) -> dict:
+    """Perplexity of the tuned model, and of the base (the adapter switched off)."""
     bs, max_len = cfg.eval.batch_size, cfg.train.max_length
     ppl = {}
     ppl["tuned"] = perplexity(model, tokenizer, examples, bs, max_len, desc="perplexity (tuned)", progress=progress)
@@ -378,65 +188,83 @@ def _run_evaluate(paths, run, overrides, progress) -> dict:
             raise SFTError(f"the {m} model's eval loss is not finite ({ppl[m]['loss']}): a numerical overflow; "
                            "try quant.compute_dtype=bfloat16 (or float32), or a lower learning rate if only "
                            "the tuned model is affected")
-    ppl_seconds = time.time() - started
+    return ppl
 
+
+def _answers(model, tokenizer, conversations, cfg, progress) -> dict:
+    """Both models' answers, each from the same seed."""
+    import torch
+
+    bs, max_len = cfg.eval.batch_size, cfg.train.max_length
+    answers = {}
+    torch.manual_seed(cfg.train.seed)
+    with model.disable_adapter():
+        answers["base"] = generate_answers(model, tokenizer, conversations, cfg.generation, bs,
+                                           desc="generate (base)", progress=progress, max_length=max_len)
+    torch.manual_seed(cfg.train.seed)
+    answers["tuned"] = generate_answers(model, tokenizer, conversations, cfg.generation, bs,
+                                        desc="generate (tuned)", progress=progress, max_length=max_len)
+    return answers
+
+
+def _generation(model, tokenizer, examples, cfg, progress) -> tuple[list[dict], dict | None]:
+    """(predictions rows, generation metrics) for the first eval.generate_examples conversations."""
     started = time.time()
-    chosen = _eval_conversations(examples)[:max(0, cfg.eval.generate_examples)]
-    predictions, gen_metrics = [], None
-    if chosen:
-        import torch
+    chosen = eval_conversations(examples)[:max(0, cfg.eval.generate_examples)]
+    if not chosen:
+        return [], None
+    references = [c[2] for c in chosen]
+    answers = _answers(model, tokenizer, [c[1] for c in chosen], cfg, progress)
+    predictions = []
+    for (index, prompt, reference), base, tuned in zip(chosen, answers["base"], answers["tuned"]):
+        predictions.append({
+            "index": index,
+            "prompt": prompt[-1]["content"],
+            "messages": prompt,
+            "reference": reference,
+            "base": base["text"],
+            "tuned": tuned["text"],
+            "base_stopped": base["stopped"],
+            "tuned_stopped": tuned["stopped"],
+            "prompt_cut": tuned["prompt_cut"],
+        })
+    scores = {m: generation_metrics(answers[m], references) for m in MODELS}
+    signature = [scores[m].pop("bleu_signature") for m in MODELS][0]
+    return predictions, {
+        "examples": len(predictions),
+        "prompts_cut": sum(p["prompt_cut"] for p in predictions),
+        "max_length": cfg.train.max_length,
+        "base": scores["base"],
+        "tuned": scores["tuned"],
+        "reference": style_scores(references),
+        "bleu_signature": signature,
+        "generation": dataclasses.asdict(cfg.generation),
+        "seconds": round(time.time() - started, 2),
+    }
 
-        conversations = [c[1] for c in chosen]
-        references = [c[2] for c in chosen]
-        answers = {}
-        torch.manual_seed(cfg.train.seed)
-        with model.disable_adapter():
-            answers["base"] = generate_answers(model, tokenizer, conversations, cfg.generation, bs,
-                                               desc="generate (base)", progress=progress, max_length=max_len)
-        torch.manual_seed(cfg.train.seed)
-        answers["tuned"] = generate_answers(model, tokenizer, conversations, cfg.generation, bs,
-                                            desc="generate (tuned)", progress=progress, max_length=max_len)
-        for (index, prompt, reference), base, tuned in zip(chosen, answers["base"], answers["tuned"]):
-            predictions.append({
-                "index": index,
-                "prompt": prompt[-1]["content"],
-                "messages": prompt,
-                "reference": reference,
-                "base": base["text"],
-                "tuned": tuned["text"],
-                "base_stopped": base["stopped"],
-                "tuned_stopped": tuned["stopped"],
-                "prompt_cut": tuned["prompt_cut"],
-            })
-        scores = {m: generation_metrics(answers[m], references) for m in MODELS}
-        signature = [scores[m].pop("bleu_signature") for m in MODELS][0]
-        gen_metrics = {
-            "examples": len(predictions),
-            "prompts_cut": sum(p["prompt_cut"] for p in predictions),
-            "max_length": max_len,
-            "base": scores["base"],
-            "tuned": scores["tuned"],
-            "reference": style_scores(references),
-            "bleu_signature": signature,
-            "generation": dataclasses.asdict(cfg.generation),
-            "seconds": round(time.time() - started, 2),
-        }
-    del model
-    _release()
-    # Everything computed: now write, as one set (nothing half-written if anything above failed or
-    # the process is killed while the files are moved in: see lib/rundir.py).
+
+def _write_jsonl(path: Path, rows) -> None:
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _write_results(paths, sources, ppl, predictions, gen_metrics) -> None:
+    """Everything computed: now write, as one set (nothing half-written if anything before failed or
+    the process is killed while the files are moved in: see lib/rundir.py)."""
     staged = paths.eval_dir / f".staging-{os.getpid()}"
     shutil.rmtree(staged, ignore_errors=True)
     try:
-        _write_json(staged / paths.perplexity.name, ppl)
+        write_json(staged / paths.perplexity.name, ppl)
         _write_jsonl(staged / paths.predictions.name, predictions)
-        _write_json(staged / paths.generation_metrics.name, gen_metrics if gen_metrics is not None else
-                    {"examples": 0, "skipped": "eval.generate_examples is 0 or the eval data has no conversations"})
+        write_json(staged / paths.generation_metrics.name, gen_metrics if gen_metrics is not None else
+                   {"examples": 0, "skipped": "eval.generate_examples is 0 or the eval data has no conversations"})
         targets = (paths.perplexity, paths.predictions, paths.generation_metrics)
         install(paths, "evaluate", {t: staged / t.name for t in targets},
                 [str(t.relative_to(paths.root)) for t in targets], sources)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+
+
+def _print_results(ppl, ppl_seconds, predictions, gen_metrics, max_len) -> None:
     b, t = ppl["base"], ppl["tuned"]
     print(f"perplexity over {t['tokens']} answer tokens of {t['examples']} eval examples: "
           f"base {b['perplexity']:.2f}, tuned {t['perplexity']:.2f} ({ppl_seconds:.1f}s)")
@@ -450,13 +278,12 @@ def _run_evaluate(paths, run, overrides, progress) -> dict:
         print(f"generated {len(predictions)} answers per model: BLEU base {gen_metrics['base']['bleu']:.1f} / "
               f"tuned {gen_metrics['tuned']['bleu']:.1f}, stop rate base {gen_metrics['base']['stop_rate']:.0%} / "
               f"tuned {gen_metrics['tuned']['stop_rate']:.0%} ({gen_metrics['seconds']:.1f}s)")
-    return {"perplexity": ppl, "generation": gen_metrics, "predictions": predictions}
 
 
 # ----------------------------------------------------------------------------- notebook views
 
 
-def _read_json(path: Path):
+def _read_json(path: Path):  # TODO(lead): rundir.read_json(path, rerun="notebook 04_evaluate_perplexity") once it lands
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -510,8 +337,6 @@ def predictions_table(run: str, n: int = 5, styled: bool = False):
     styled: a pandas Styler that keeps line breaks and aligns text left, for notebooks.
     """
     import pandas as pd
-
-    from .data import read_examples
 
     paths = run_paths(run)
     require(paths, "predictions")

@@ -44,8 +44,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from .config import GenerationSettings, apply_overrides, load_config
 from .errors import MissingStageError, SFTError
+from .generation import eval_conversations, generate_reply
+from .loading import load_merged, release
 from .paths import REPO_ROOT, require, run_paths
+from .scoring import check_examples, perplexity
+from .tokenization import IGNORE_INDEX, encode_example, end_of_turn_token, render_prompt, stop_token_ids
 
 # name -> (the converter's --outtype, llama.cpp's quantizer ftype or None)
 QUANT_TYPES = {
@@ -309,7 +314,6 @@ def template_pieces(tokenizer) -> dict | None:
     `first` is text written before a first message that is not a system message (a template's
     default system prompt, as SmolLM2's and Qwen's).
     """
-    from .tokenization import end_of_turn_token
 
     def render(messages):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -385,8 +389,6 @@ def _quote(s: str) -> str:
 
 def modelfile_text(gguf_name: str, tokenizer, cfg, add_bos: bool) -> str:
     """An Ollama Modelfile: FROM the GGUF, TEMPLATE, a stop per end-of-turn token, SYSTEM, settings."""
-    from .tokenization import stop_token_ids
-
     g = cfg.generation
     lines = [f"# Ollama: ollama create {cfg.run} -f Modelfile && ollama run {cfg.run}",
              f"FROM ./{gguf_name}"]
@@ -439,7 +441,7 @@ def _gguf_is_eog(llm, token_id: int) -> bool:
 
 def llama_greedy(llm, prompt_ids: list[int], max_new_tokens: int) -> dict:
     """Greedy answer in llama.cpp (argmax of its logits, no repetition penalty); stops where llama.cpp
-    does, at a token the GGUF marks end-of-generation. Same shape as lib.chat.generate_reply."""
+    does, at a token the GGUF marks end-of-generation. Same shape as lib.generation.generate_reply."""
     import numpy as np
 
     llm.reset()
@@ -455,10 +457,8 @@ def llama_greedy(llm, prompt_ids: list[int], max_new_tokens: int) -> dict:
 
 
 def llama_perplexity(llm, tokenizer, examples, max_length) -> dict:
-    """Perplexity over the same answer tokens as lib.evaluate.perplexity, from llama.cpp's logits."""
+    """Perplexity over the same answer tokens as lib.scoring.perplexity, from llama.cpp's logits."""
     import numpy as np
-
-    from .tokenization import IGNORE_INDEX, encode_example
 
     nll, count = 0.0, 0
     for ex in examples:
@@ -497,32 +497,63 @@ def gguf_add_bos(llm) -> bool:
     return str(llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
 
 
+def _parity_failures(e, n_prompts, same_prompt, eog, ppl, greedy, stop) -> list[str]:
+    """One line per parity figure that misses its tolerance."""
+    drift, ppl_ll, ppl_hf, ppl_tol = ppl
+    agree, n, min_agree = greedy
+    stop_ll, stop_hf = stop
+    failures = []
+    if same_prompt < n_prompts:
+        failures.append(f"prompt tokens: {n_prompts - same_prompt} of {n_prompts} prompts tokenize differently "
+                        "in llama.cpp (must be 0)")
+    if not all(eog.values()):
+        failures.append(f"stop tokens: {[t for t, ok in eog.items() if not ok]} are not end-of-generation in the "
+                        "GGUF (llama.cpp would not stop there)")
+    if not drift <= ppl_tol:
+        failures.append(f"perplexity drift {drift:.2%} ({ppl_ll['perplexity']:.4f} llama.cpp vs "
+                        f"{ppl_hf['perplexity']:.4f} transformers) > export.ppl_tolerance {ppl_tol:g}")
+    if not agree >= min_agree:
+        failures.append(f"greedy agreement {agree:.0%} over the first {n} tokens < export.min_agreement {min_agree:g}")
+    if not abs(stop_ll - stop_hf) <= e.stop_rate_tolerance:
+        failures.append(f"stop rate {stop_ll:.0%} llama.cpp vs {stop_hf:.0%} transformers differs by more than "
+                        f"export.stop_rate_tolerance {e.stop_rate_tolerance:g}")
+    return failures
+
+
+def _first_differences(hf_answers, ll_answers) -> list:
+    """Per prompt, the first position where the two greedy answers differ (None: identical)."""
+    return [next((i for i, (a, b) in enumerate(zip(h["token_ids"], g["token_ids"])) if a != b), None)
+            for h, g in zip(hf_answers, ll_answers)]
+
+
+def _transformers_side(model_dir, chosen, examples, cfg, greedy, progress):
+    """merged/ in transformers: (tokenizer, prompt ids, greedy answers, perplexity)."""
+    from tqdm.auto import tqdm
+
+    model, tokenizer = load_merged(model_dir)
+    prompts = [tokenizer(render_prompt(tokenizer, c[1]), add_special_tokens=False)["input_ids"] for c in chosen]
+    hf_answers = [generate_reply(model, tokenizer, c[1], settings=greedy)
+                  for c in tqdm(chosen, desc="greedy answers (transformers)", unit="prompt", disable=not progress)]
+    ppl_hf = perplexity(model, tokenizer, examples, cfg.eval.batch_size, cfg.train.max_length,
+                        desc="perplexity (transformers)", progress=progress)
+    del model
+    release()
+    return tokenizer, prompts, hf_answers, ppl_hf
+
+
 def check_parity(model_dir, gguf_path, cfg, examples: list[dict], quant: str, progress: bool = True) -> dict:
     """Compare the GGUF in llama.cpp with merged/ in transformers (see the module docstring)."""
     from tqdm.auto import tqdm
-
-    from .chat import generate_reply
-    from .config import GenerationSettings
-    from .evaluate import _eval_conversations, _release, perplexity
-    from .merge import load_merged
-    from .tokenization import render_prompt, stop_token_ids
 
     e = cfg.export
     max_length = cfg.train.max_length
     greedy = GenerationSettings(max_new_tokens=cfg.generation.max_new_tokens, do_sample=False,
                                 repetition_penalty=1.0, no_repeat_ngram_size=0)
-    model, tokenizer = load_merged(model_dir)
-    chosen = _eval_conversations(examples)[:e.parity_examples]
-    prompts = [tokenizer(render_prompt(tokenizer, c[1]), add_special_tokens=False)["input_ids"] for c in chosen]
+    chosen = eval_conversations(examples)[:e.parity_examples]
+    # transformers first, then llama.cpp: both spin up CPU threads, and interleaved they fight for the cores.
+    tokenizer, prompts, hf_answers, ppl_hf = _transformers_side(model_dir, chosen, examples, cfg, greedy, progress)
     stops = stop_token_ids(tokenizer)
     pieces = template_pieces(tokenizer)
-    # transformers first, then llama.cpp: both spin up CPU threads, and interleaved they fight for the cores.
-    hf_answers = [generate_reply(model, tokenizer, c[1], settings=greedy)
-                  for c in tqdm(chosen, desc="greedy answers (transformers)", unit="prompt", disable=not progress)]
-    ppl_hf = perplexity(model, tokenizer, examples, cfg.eval.batch_size, max_length, desc="perplexity (transformers)",
-                        progress=progress)
-    del model
-    _release()
 
     n_ctx = max([max_length] + [len(p) + greedy.max_new_tokens + 1 for p in prompts]) + 8
     llm = load_gguf(gguf_path, n_ctx)
@@ -542,31 +573,15 @@ def check_parity(model_dir, gguf_path, cfg, examples: list[dict], quant: str, pr
     eog = {t: _gguf_is_eog(llm, t) for t in stops}
     del llm
 
-    k = max(len(chosen), 1)
-    n = e.parity_tokens
+    k, n = max(len(chosen), 1), e.parity_tokens
     agree = sum(h["token_ids"][:n] == g["token_ids"][:n] for h, g in zip(hf_answers, ll_answers)) / k
-    first_diff = [next((i for i, (a, b) in enumerate(zip(h["token_ids"], g["token_ids"])) if a != b), None)
-                  for h, g in zip(hf_answers, ll_answers)]
+    first_diff = _first_differences(hf_answers, ll_answers)
     drift = abs(ppl_ll["perplexity"] - ppl_hf["perplexity"]) / ppl_hf["perplexity"]
     stop_hf = sum(a["stopped"] for a in hf_answers) / k
     stop_ll = sum(a["stopped"] for a in ll_answers) / k
-
     ppl_tol, min_agree = tolerances(cfg, quant)
-    failures = []
-    if same_prompt < len(chosen):
-        failures.append(f"prompt tokens: {len(chosen) - same_prompt} of {len(chosen)} prompts tokenize differently "
-                        "in llama.cpp (must be 0)")
-    if not all(eog.values()):
-        failures.append(f"stop tokens: {[t for t, ok in eog.items() if not ok]} are not end-of-generation in the "
-                        "GGUF (llama.cpp would not stop there)")
-    if not drift <= ppl_tol:
-        failures.append(f"perplexity drift {drift:.2%} ({ppl_ll['perplexity']:.4f} llama.cpp vs "
-                        f"{ppl_hf['perplexity']:.4f} transformers) > export.ppl_tolerance {ppl_tol:g}")
-    if not agree >= min_agree:
-        failures.append(f"greedy agreement {agree:.0%} over the first {n} tokens < export.min_agreement {min_agree:g}")
-    if not abs(stop_ll - stop_hf) <= e.stop_rate_tolerance:
-        failures.append(f"stop rate {stop_ll:.0%} llama.cpp vs {stop_hf:.0%} transformers differs by more than "
-                        f"export.stop_rate_tolerance {e.stop_rate_tolerance:g}")
+    failures = _parity_failures(e, len(chosen), same_prompt, eog, (drift, ppl_ll, ppl_hf, ppl_tol),
+                                (agree, n, min_agree), (stop_ll, stop_hf))
     return {
         "ok": not failures,
         "failures": failures,
@@ -600,8 +615,6 @@ def run_export(run: str, quant: str | None = None, overrides=(), progress: bool 
     Writes export/<run>-<quant>.gguf, export/Modelfile and export/parity.json (a parity failure is
     reported, "ok": false, not raised; the CLI turns it into exit status 1).
     """
-    from .config import apply_overrides, load_config
-    from .merge import _check_examples
 
     paths = run_paths(run)
     require(paths, "config")
@@ -616,7 +629,7 @@ def run_export(run: str, quant: str | None = None, overrides=(), progress: bool 
         raise ExportError(f"unknown quantization type '{quant}' (one of {', '.join(QUANT_TYPES)})")
     llama_cpp_version()
     converter_dir()
-    examples, _ = _check_examples(paths, cfg)
+    examples, _ = check_examples(paths, cfg)
     export_dir = paths.root / "export"
     log_path = paths.logs / "export.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)

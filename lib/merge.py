@@ -28,7 +28,6 @@ Everything is written into a temporary folder first, then moved to merged/.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
@@ -38,8 +37,11 @@ from pathlib import Path
 
 from .config import RunConfig, apply_overrides, load_config
 from .errors import QualityGateError, SFTError
+from .generation import generation_config
+from .loading import load_16bit_with_adapter, load_merged, load_tokenizer, load_tuned_model, release
 from .paths import require, run_paths
 from .rundir import check_trained, finish, install, read_manifest, remove_leftovers, run_lock, write_json
+from .scoring import check_examples, perplexity
 from .tokenization import IGNORE_INDEX, encode_example, prompt_messages, render_prompt
 
 LOGIT_SAMPLES = 4  # eval conversations whose logits are compared position by position
@@ -86,32 +88,9 @@ def merge_adapter(peft_model):
     return peft_model.merge_and_unload()
 
 
-def load_16bit_with_adapter(cfg: RunConfig, adapter_dir):
-    """The run's base model unquantized (the compute dtype on a GPU: bf16, or fp16 on a T4; fp32 on
-    the CPU) with the adapter on top, unmerged."""
-    from .model import load_model_and_tokenizer
-
-    model, _ = load_model_and_tokenizer(apply_overrides(cfg, ["quant.mode=none"]), for_training=False,
-                                        adapter=str(adapter_dir))
-    return model
-
-
-def load_merged(path):
-    """A merged model folder loaded by path, as any user would: (model, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .model import _device_map, device_info
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", device_map=_device_map(device_info()))
-    model.eval()
-    return model, AutoTokenizer.from_pretrained(str(path))
-
-
 def save_merged(model, tokenizer, out_dir, settings=None) -> Path:
     """Save a merged model in safetensors with the tokenizer (and its chat template) and a
     generation config that stops at the end-of-turn token."""
-    from .chat import generation_config
-
     out_dir = Path(out_dir)
     model.generation_config = generation_config(settings, tokenizer, getattr(model, "generation_config", None))
     model.save_pretrained(out_dir)
@@ -176,88 +155,91 @@ def compare_logits(a: list, b: list) -> dict:
             "positions": n, "logit_scale": scale}
 
 
-def _release() -> None:
-    """Give memory of models dropped by the caller back (between the three models of the check)."""
-    import torch
+def _merge_and_save(cfg: RunConfig, adapter_dir, tokenizer, sample_examples, out_dir) -> tuple[list, str]:
+    """Merge into the 16-bit base and save; returns the unmerged base + adapter's answer logits (to
+    isolate the merge arithmetic) and the merged dtype."""
+    peft_model = load_16bit_with_adapter(cfg, adapter_dir)
+    dtype = peft_model.get_base_model().dtype
+    unmerged_logits = answer_logits(peft_model, tokenizer, sample_examples, cfg.train.max_length)
+    merged = merge_adapter(peft_model)
+    save_merged(merged, tokenizer, out_dir, cfg.generation)
+    del merged, peft_model
+    release()
+    return unmerged_logits, str(dtype).replace("torch.", "")
 
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+
+def _score_merged(out_dir, tokenizer, eval_examples, sample_examples, cfg) -> dict:
+    """The merged model as a user gets it (loaded by path): template round trip, perplexity, logits, eos."""
+    max_length = cfg.train.max_length
+    merged, merged_tok = load_merged(out_dir)
+    out = {"template": template_round_trip(tokenizer, merged_tok, eval_examples, max_length),
+           "ppl": perplexity(merged, merged_tok, eval_examples, cfg.eval.batch_size, max_length),
+           "logits": answer_logits(merged, merged_tok, sample_examples, max_length),
+           "eos": merged.generation_config.eos_token_id}
+    del merged
+    release()
+    return out
 
 
-def _check_examples(paths, cfg) -> tuple[list[dict], str]:
-    from .data import read_examples
-
-    examples = read_examples(paths.eval_data)
-    split = "eval"
-    if not examples:  # no eval split: check on training examples rather than on nothing
-        require(paths, "train_data")
-        examples = read_examples(paths.train_data)[:32]
-        split = "train (no eval split)"
-    if cfg.eval.max_examples:
-        examples = examples[: cfg.eval.max_examples]
-    if not examples:
-        raise MergeError(f"{paths.eval_data}: no examples to check the merged model on")
-    return examples, split
+def _score_adapter(cfg, adapter_dir, tokenizer, eval_examples, sample_examples) -> dict:
+    """The adapter model as training saw it (quantized base + adapter): perplexity, logits, quantization."""
+    max_length = cfg.train.max_length
+    adapter_model, _ = load_tuned_model(cfg, adapter_dir)
+    out = {"ppl": perplexity(adapter_model, tokenizer, eval_examples, cfg.eval.batch_size, max_length),
+           "logits": answer_logits(adapter_model, tokenizer, sample_examples, max_length),
+           "quant": quantization_of(adapter_model) or "none"}
+    del adapter_model
+    release()
+    return out
 
 
 def merge_and_check(cfg: RunConfig, adapter_dir, eval_examples: list[dict], out_dir,
                     samples: int = LOGIT_SAMPLES, split: str = "eval") -> dict:
     """Merge `adapter_dir` into the 16-bit base of `cfg`, save into `out_dir`, check, write the report."""
-    from .evaluate import load_tuned_model, perplexity
-    from .model import load_tokenizer
-
     out_dir = Path(out_dir)
-    max_length = cfg.train.max_length
-    batch_size = cfg.eval.batch_size
     sample_examples = eval_examples[:samples]
     tokenizer = load_tokenizer(cfg, path=str(adapter_dir))  # saved by training, with its chat template
+    unmerged_logits, dtype = _merge_and_save(cfg, adapter_dir, tokenizer, sample_examples, out_dir)
+    merged = _score_merged(out_dir, tokenizer, eval_examples, sample_examples, cfg)
+    adapter = _score_adapter(cfg, adapter_dir, tokenizer, eval_examples, sample_examples)
+    report = _report(cfg, merged, adapter, unmerged_logits)
+    report.update({
+        "merged_dtype": dtype,
+        "adapter_base_quantization": adapter["quant"],
+        "base_model": cfg.model.name_or_path,
+        "adapter": str(adapter_dir),
+        "split": split,
+        "examples": len(eval_examples),
+        "warnings": report.pop("warnings"),
+        "meaning": DRIFT_MEANING,
+    })
+    write_json(out_dir / "merge_report.json", report)
+    return report
 
-    # 1. Merge into the 16-bit base; logits of base + adapter (unmerged) first, to isolate the merge.
-    peft_model = load_16bit_with_adapter(cfg, adapter_dir)
-    dtype = peft_model.get_base_model().dtype
-    unmerged_logits = answer_logits(peft_model, tokenizer, sample_examples, max_length)
-    merged = merge_adapter(peft_model)
-    save_merged(merged, tokenizer, out_dir, cfg.generation)
-    del merged, peft_model
-    _release()
 
-    # 2. The merged model as a user gets it: loaded by path.
-    merged, merged_tok = load_merged(out_dir)
-    template = template_round_trip(tokenizer, merged_tok, eval_examples, max_length)
-    ppl_merged = perplexity(merged, merged_tok, eval_examples, batch_size, max_length)
-    merged_logits = answer_logits(merged, merged_tok, sample_examples, max_length)
-    eos = merged.generation_config.eos_token_id
-    del merged
-    _release()
-
-    # 3. The adapter model as training saw it (quantized base + adapter).
-    adapter_model, _ = load_tuned_model(cfg, adapter_dir)
-    ppl_adapter = perplexity(adapter_model, tokenizer, eval_examples, batch_size, max_length)
-    adapter_logits = answer_logits(adapter_model, tokenizer, sample_examples, max_length)
-    quant = quantization_of(adapter_model) or "none"
-    del adapter_model
-    _release()
-
+def _report(cfg, merged: dict, adapter: dict, unmerged_logits) -> dict:
+    """The figures of the check and the warnings they raise (in the report's key order)."""
+    ppl_merged, ppl_adapter = merged["ppl"], adapter["ppl"]
     drift = abs(ppl_merged["perplexity"] - ppl_adapter["perplexity"]) / ppl_adapter["perplexity"]
-    vs_adapter = compare_logits(merged_logits, adapter_logits)
-    vs_unmerged = compare_logits(merged_logits, unmerged_logits)
+    vs_adapter = compare_logits(merged["logits"], adapter["logits"])
+    vs_unmerged = compare_logits(merged["logits"], unmerged_logits)
     tol = cfg.merge.tolerance
     warnings_ = []
     if not drift <= tol:
         warnings_.append(
             f"merged model's perplexity drifts {drift:.2%} from the adapter model's "
             f"({ppl_merged['perplexity']:.4f} vs {ppl_adapter['perplexity']:.4f}), beyond merge.tolerance={tol:g}")
-    if not template["ok"]:
+    if not merged["template"]["ok"]:
         warnings_.append("the merged tokenizer does not render conversations as training did: "
-                         + "; ".join(template["mismatches"][:3]))
-    report = {
+                         + "; ".join(merged["template"]["mismatches"][:3]))
+    eos = merged["eos"]
+    return {
         "ok": not warnings_,
         "tolerance": tol,
         "relative_drift": drift,
         "perplexity": {"merged": ppl_merged, "adapter": ppl_adapter},
         "logits": {
-            "samples": len(sample_examples),
+            "samples": len(merged["logits"]),
             "positions": vs_adapter["positions"],
             "max_abs_diff_vs_adapter": vs_adapter["max_abs_diff"],
             "top1_agreement_vs_adapter": vs_adapter["top1_agreement"],
@@ -265,19 +247,10 @@ def merge_and_check(cfg: RunConfig, adapter_dir, eval_examples: list[dict], out_
             "top1_agreement_vs_unmerged": vs_unmerged["top1_agreement"],
             "max_abs_logit": vs_adapter["logit_scale"],
         },
-        "template": template,
+        "template": merged["template"],
         "eos_token_id": eos if isinstance(eos, list) else [eos],
-        "merged_dtype": str(dtype).replace("torch.", ""),
-        "adapter_base_quantization": quant,
-        "base_model": cfg.model.name_or_path,
-        "adapter": str(adapter_dir),
-        "split": split,
-        "examples": len(eval_examples),
         "warnings": warnings_,
-        "meaning": DRIFT_MEANING,
     }
-    (out_dir / "merge_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    return report
 
 
 def _add_to_perplexity_json(paths, ppl: dict) -> None:
@@ -327,7 +300,7 @@ def _run_merge(paths, run, overrides) -> dict:
     if isinstance(overrides, dict):
         overrides = {k: v for k, v in overrides.items() if v is not None}
     cfg = apply_overrides(load_config(paths.config), overrides or [])
-    examples, split = _check_examples(paths, cfg)
+    examples, split = check_examples(paths, cfg)
     paths.root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=paths.root))
     umask = os.umask(0)

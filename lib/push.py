@@ -23,6 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .config import hf_token, load_config, to_dict
 from .errors import ConfigError, MissingStageError, SFTError
 from .paths import run_paths
 
@@ -63,8 +64,6 @@ def model_card(cfg, paths, parts: list[str]) -> str:
     """README.md of the pushed repository: what it is, how it was made, and how well it does."""
     import yaml
 
-    from .config import to_dict
-
     base = cfg.model.name_or_path
     report = _read(paths.data_report) or {}
     ppl = _read(paths.perplexity) or {}
@@ -94,6 +93,15 @@ def model_card(cfg, paths, parts: list[str]) -> str:
         lines += ["", f"Merge check: perplexity drift of the merged model from the adapter model "
                       f"{_fmt(merge.get('relative_drift'), '.3%')} (tolerance {_fmt(merge.get('tolerance'), 'g')}), "
                       f"{'ok' if merge.get('ok') else 'FAILED'}."]
+    lines += _parity_lines(parity)
+    lines += _use_lines(parts)
+    lines += ["## Configuration", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip(),
+              "```", ""]
+    return "\n".join(lines)
+
+
+def _parity_lines(parity: dict) -> list[str]:
+    lines = []
     if parity:
         p, g, s = parity.get("perplexity", {}), parity.get("greedy", {}), parity.get("stop_rate", {})
         lines += ["", f"## GGUF parity ({parity.get('gguf')}, llama.cpp vs transformers)", "",
@@ -108,7 +116,11 @@ def model_card(cfg, paths, parts: list[str]) -> str:
                   f"| prompts tokenized identically | {parity.get('prompt_tokens', {}).get('identical')} of "
                   f"{parity.get('prompts')} | | all |", "",
                   f"Check: {'ok' if parity.get('ok') else 'FAILED: ' + '; '.join(parity.get('failures', []))}."]
-    lines += ["", "## Use", ""]
+    return lines
+
+
+def _use_lines(parts: list[str]) -> list[str]:
+    lines = ["", "## Use", ""]
     if "merged" in parts:
         lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "model = AutoModelForCausalLM.from_pretrained('REPO')",
@@ -119,9 +131,7 @@ def model_card(cfg, paths, parts: list[str]) -> str:
     if "gguf" in parts:
         lines += ["GGUF: `llama-cli -m <file>.gguf`, or Ollama: download the .gguf and Modelfile, then "
                   "`ollama create NAME -f Modelfile`.", ""]
-    lines += ["## Configuration", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip(),
-              "```", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -134,8 +144,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def stage(run: str, repo: str, include=None) -> Path:
     """Build outputs/<run>/push/: exactly the files that are uploaded."""
-    from .config import load_config
-
     paths = run_paths(run)
     cfg = load_config(paths.config)
     have = available_parts(paths)
@@ -172,8 +180,6 @@ def _first_line(e: Exception) -> str:
 
 def run_push(run: str, repo: str, private: bool = False, dry_run: bool = False, include=None) -> Path:
     """Entry point of `python -m lib push` and notebook 06: stage the folder, then upload it (unless dry_run)."""
-    from .config import hf_token
-
     if not isinstance(repo, str) or not _REPO.match(repo):
         raise ConfigError(f"--repo: '{repo}' is not a Hub repository id of the form user/name")
     folder = stage(run, repo, include)

@@ -18,6 +18,7 @@ import json
 import textwrap
 from pathlib import Path
 
+from .data import read_examples
 from .errors import SFTError
 from .paths import require, run_paths
 
@@ -51,8 +52,6 @@ def _answer(label: str, text: str, stopped: bool, width: int) -> list[str]:
 
 def before_after(run: str, width: int = 100) -> str:
     """The run's before/after summary as text (see the module docstring)."""
-    from .data import read_examples
-
     paths = run_paths(run)
     require(paths, "perplexity", "generation_metrics")
     ppl = _read(paths.perplexity)

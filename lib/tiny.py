@@ -173,12 +173,5 @@ def tiny_model_path() -> Path:
     return build_once(cache_dir() / f"tiny-{_fingerprint(_corpus())}", build)
 
 
-def resolve_model(name_or_path: str) -> str:
-    """'tiny' -> the built tiny model folder; see lib.realmodel.resolve_model (smol, GGUF files)."""
-    from .realmodel import resolve_model as resolve
-
-    return resolve(name_or_path)
-
-
 if __name__ == "__main__":
     print(tiny_model_path())

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .config import apply_overrides, check_best_model, from_dict, load_config, save_config, to_dict
 from .errors import ConfigError, DataError, SFTError, TrainingError
+from .figures import load_inputs, panel_figure
 from .model import (
     add_lora,
     attn_implementation,
@@ -42,7 +43,6 @@ from .model import (
     write_summary,
 )
 from .paths import require, run_paths
-from .plots import load_inputs, panel_figure
 from .readers import read_examples
 from .rundir import (
     begin,

@@ -15,12 +15,13 @@ import pytest
 
 LIB = Path(__file__).resolve().parent.parent / "lib"
 STAGES = {"data": 0, "model": 1, "train": 2, "evaluate": 3, "plots": 4, "merge": 5, "chat": 6, "export": 6,
-          "summary": 6}  # summary: the before/after report that ends the pipeline
-SHARED = {"config", "paths", "rundir", "errors", "tokenization", "tiny", "realmodel", "loading",
-          "generation", "memory", "notebook", "attention"}
+          "summary": 6, "push": 6}  # summary: the before/after report that ends the pipeline
+SHARED = {"config", "paths", "rundir", "errors", "tokenization", "tiny", "realmodel", "loading", "figures",
+          "generation", "memory", "notebook", "attention", "scoring", "readers"}
 MAX_FUNCTION_LINES = 60
 
-XFAIL = pytest.mark.xfail(strict=False, reason="issue 12: lands with the loading/generation split")
+XFAIL = pytest.mark.xfail(strict=True, reason="issue 12 (open): data and model still call train.check_settings "
+                                             "(model <-> train); the only violation left")
 
 
 def modules() -> dict[str, ast.Module]:
@@ -90,7 +91,6 @@ def test_no_stage_imports_a_later_stage():
     assert not unknown, f"modules with no place in the stage order (add to STAGES or SHARED): {unknown}"
 
 
-@XFAIL
 def test_every_function_in_lib_is_short():
     long = []
     for name, tree in modules().items():

@@ -72,7 +72,8 @@ def chain(tiny_tokenizer):
 
 
 def test_reply_stops_at_end_of_turn(tiny_tokenizer, chain):
-    from lib.chat import chat, generate_reply
+    from lib.chat import chat
+    from lib.generation import generate_reply
 
     model, eot = chain_model(tiny_tokenizer, chain)
     settings = GenerationSettings(max_new_tokens=20)
@@ -85,7 +86,7 @@ def test_reply_stops_at_end_of_turn(tiny_tokenizer, chain):
 
 
 def test_reply_without_end_of_turn_runs_to_max_new_tokens(tiny_tokenizer, chain):
-    from lib.chat import generate_reply
+    from lib.generation import generate_reply
 
     model, eot = chain_model(tiny_tokenizer, chain, end_with_eot=False)
     r = generate_reply(model, tiny_tokenizer, HISTORY, settings=GenerationSettings(max_new_tokens=11))
@@ -178,7 +179,8 @@ def test_trained_model_generates_with_end_of_turn_stop(trained_run):
     """On the trained run, the stop criteria hold the template's end-of-turn token, and the reply is
     the model's greedy continuation cut exactly at the first stop id, or at max_new_tokens when
     there is none: compared with the same greedy continuation generated with no stop ids at all."""
-    from lib.chat import _inputs, conversation, generate_reply, generation_config, load_session
+    from lib.chat import load_session
+    from lib.generation import _inputs, conversation, generate_reply, generation_config
 
     session = load_session(trained_run)
     eot = session.tokenizer.convert_tokens_to_ids(end_of_turn_token(session.tokenizer))

@@ -13,18 +13,18 @@ from lib.config import make_config, save_config
 from lib.errors import MissingStageError, SFTError
 from lib.evaluate import (
     count_questions,
-    generate_answers,
     generation_metrics,
     is_question,
     metrics_table,
-    perplexity,
     predictions_table,
     run_evaluate,
     style_scores,
     text_metrics,
 )
-from lib.model import load_model_and_tokenizer
+from lib.generation import generate_answers
+from lib.loading import load_model_and_tokenizer
 from lib.paths import run_paths
+from lib.scoring import perplexity
 from lib.tokenization import IGNORE_INDEX, encode_example, stop_token_ids
 
 EXAMPLES = [
@@ -284,7 +284,7 @@ def test_missing_inputs_name_the_notebook_to_run(outputs):
 
 
 def test_cut_prompt_keeps_the_end_and_a_leading_bos():
-    from lib.evaluate import cut_prompt
+    from lib.generation import cut_prompt
 
     assert cut_prompt(list(range(10)), 4, bos_token_id=0) == [0, 7, 8, 9]
     assert cut_prompt(list(range(1, 11)), 4, bos_token_id=0) == [7, 8, 9, 10]
@@ -293,7 +293,7 @@ def test_cut_prompt_keeps_the_end_and_a_leading_bos():
 
 
 def test_a_long_generation_prompt_is_cut_to_its_last_max_length_tokens(biased_model, tiny):
-    from lib.evaluate import cut_prompt
+    from lib.generation import cut_prompt
     from lib.tokenization import render_prompt
 
     _, tokenizer = tiny

@@ -89,9 +89,10 @@ def test_merged_loads_by_path_and_matches_the_adapter_model(merged_run):
 
     from lib.config import load_config
     from lib.data import read_examples
-    from lib.evaluate import load_tuned_model, perplexity
+    from lib.loading import load_tuned_model
     from lib.merge import answer_logits, quantization_of
     from lib.paths import run_paths
+    from lib.scoring import perplexity
 
     run, report = merged_run
     paths = run_paths(run)
@@ -133,7 +134,7 @@ def test_merged_loads_without_this_project(merged_run, tmp_path):
 
 def test_merging_into_a_4bit_base_is_refused(trained_run):
     from lib.config import load_config
-    from lib.evaluate import load_tuned_model
+    from lib.loading import load_tuned_model
     from lib.merge import MergeError, merge_adapter
     from lib.paths import run_paths
 

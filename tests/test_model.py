@@ -16,7 +16,8 @@ A100 = {"device": "cuda", "index": 0, "name": "NVIDIA A100", "capability": [8, 0
 
 
 def test_compute_dtype_and_precision_follow_the_hardware():
-    from lib.model import compute_dtype_name, precision
+    from lib.loading import compute_dtype_name
+    from lib.model import precision
 
     cfg = make_config("t4", overrides={"quant.compute_dtype": "auto", "train.precision": "auto"})
     assert compute_dtype_name(cfg, A100) == "bfloat16" and precision(cfg, A100) == "bf16"
@@ -31,7 +32,7 @@ def test_compute_dtype_and_precision_follow_the_hardware():
 def test_quantization_configs():
     import torch
 
-    from lib.model import quantization_config
+    from lib.loading import quantization_config
 
     q = quantization_config(make_config("tiny"), CPU)
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
@@ -45,7 +46,7 @@ def test_quantization_configs():
 
 
 def test_lora_config_targets():
-    from lib.model import lora_config
+    from lib.loading import lora_config
 
     c = lora_config(make_config("tiny", overrides={"lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.1}))
     assert (c.r, c.lora_alpha, c.lora_dropout, c.bias) == (8, 16, 0.1, "none")
@@ -57,7 +58,7 @@ def test_lora_config_targets():
 
 
 def test_attention_implementation():
-    from lib.model import attn_implementation
+    from lib.loading import attn_implementation
 
     cfg = make_config("tiny")  # padding-free batching: sdpa run per packed sequence
     assert attn_implementation(cfg, CPU) == "sdpa_packed"
@@ -81,7 +82,7 @@ def _small_llama():
 
 
 def test_memory_estimate_matches_a_hand_computation(monkeypatch):
-    import lib.model as m
+    import lib.memory as m
 
     monkeypatch.setattr(m, "device_info", lambda: CPU)
     cfg = make_config("tiny", overrides={
@@ -124,7 +125,7 @@ def test_memory_estimate_matches_a_hand_computation(monkeypatch):
 def test_memory_estimate_of_a_model_too_large_for_a_t4_suggests_fixes(monkeypatch):
     from transformers import LlamaConfig
 
-    import lib.model as m
+    import lib.memory as m
 
     monkeypatch.setattr(m, "device_info", lambda: CPU)
     seven_b = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -147,7 +148,7 @@ def test_memory_estimate_of_a_model_too_large_for_a_t4_suggests_fixes(monkeypatc
 
 
 def test_unknown_gpu_is_a_config_error():
-    from lib.model import estimate_memory
+    from lib.memory import estimate_memory
 
     with pytest.raises(ConfigError, match="model.gpu"):
         estimate_memory(_small_llama(), make_config("tiny", overrides={"model.gpu": "RTX9090"}))
@@ -164,7 +165,8 @@ def tiny_cfg(session_outputs):
 def test_load_tiny_model_in_4bit_for_training(tiny_cfg):
     import torch
 
-    from lib.model import add_lora, load_model_and_tokenizer, parameter_counts
+    from lib.loading import add_lora, load_model_and_tokenizer
+    from lib.model import parameter_counts
 
     model, tok = load_model_and_tokenizer(tiny_cfg, for_training=True)
     assert model.is_loaded_in_4bit
@@ -202,7 +204,7 @@ def test_gradients_are_the_same_after_an_evaluation(tiny_cfg):
 
 
 def test_load_for_inference_is_in_eval_mode(tiny_cfg):
-    from lib.model import load_model_and_tokenizer
+    from lib.loading import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(tiny_cfg, for_training=False)
     assert not model.training and model.is_loaded_in_4bit

@@ -10,8 +10,9 @@ from conftest import copy_run
 from matplotlib.image import imread
 
 from lib.errors import MissingStageError, SFTError
+from lib.figures import PANELS, load_inputs, token_length_histogram
 from lib.paths import run_paths
-from lib.plots import PANELS, load_inputs, run_plots, token_length_histogram
+from lib.plots import run_plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -215,7 +215,7 @@ def merged_and_adapter_answers(run: str, n: int = 2, max_new_tokens: int = 40):
 
     from lib.config import load_config
     from lib.data import read_examples
-    from lib.merge import load_16bit_with_adapter
+    from lib.loading import load_16bit_with_adapter
     from lib.paths import run_paths
     from lib.tokenization import prompt_messages
 

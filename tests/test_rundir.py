@@ -192,7 +192,7 @@ def test_results_of_an_earlier_adapter_are_refused_after_retrain(outputs, capsys
     """The pipeline stops at a failed merge gate (exit 1); after `train --retrain` plot, the eval
     tables and chat --merged refuse the old results until the stage that makes them runs again."""
     from lib.evaluate import metrics_table
-    from lib.plots import load_inputs
+    from lib.figures import load_inputs
 
     run = "retrained"
     quick = ["train.max_steps=4", "train.eval_steps=2", "train.save_steps=2", "train.logging_steps=1",

@@ -1,0 +1,354 @@
+"""Every way a model is loaded, and where it is placed.
+
+    from lib.loading import load_model_and_tokenizer, load_tuned_model, load_merged
+    model, tokenizer = load_model_and_tokenizer(cfg)               # 4-bit base, ready for LoRA (02, 03)
+    model, tokenizer = load_tuned_model(cfg, paths.adapter)         # 4-bit base + adapter, eval mode (04, chat)
+    peft_model = load_16bit_with_adapter(cfg, paths.adapter)        # unquantized base + adapter (merge)
+    model, tokenizer = load_merged(paths.merged)                    # a merged folder by path (merge, chat, export)
+
+The compute dtype follows the hardware: bf16 at CUDA compute capability >= 8, fp16 on older
+GPUs (a T4), fp32 on the CPU, where bitsandbytes runs NF4 too. The tiny and real-model caches
+(lib.tiny, lib.realmodel) are reached through `lib.realmodel.resolve_model`.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+from .attention import register as register_packed_sdpa
+from .config import apply_overrides, hf_token
+from .errors import ConfigError, SFTError
+from .realmodel import resolve_model
+from .tokenization import apply_prompt_format, ensure_chat_template
+
+logger = logging.getLogger(__name__)
+
+GIB = 1024**3
+ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+# --------------------------------------------------------------------------------------------
+# Hardware, dtypes and placement
+
+
+def device_info() -> dict:
+    """What this process runs on: device type, GPU name, compute capability, memory."""
+    import torch
+
+    if torch.cuda.is_available():
+        idx = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        props = torch.cuda.get_device_properties(idx)
+        return {
+            "device": "cuda",
+            "index": idx,
+            "name": props.name,
+            "capability": list(torch.cuda.get_device_capability(idx)),
+            "memory_gb": round(props.total_memory / GIB, 2),
+            "count": torch.cuda.device_count(),
+        }
+    return {"device": "cpu", "name": "CPU", "capability": None, "memory_gb": None, "count": 0}
+
+
+def bf16_ok(info: dict) -> bool:
+    """bf16 compute is supported: a GPU of compute capability >= 8."""
+    return info["device"] == "cuda" and info["capability"][0] >= 8
+
+
+def device_map(info: dict) -> dict:
+    """The `device_map` of from_pretrained: the whole model on this process's GPU, or on the CPU."""
+    if info["device"] == "cuda":
+        return {"": info["index"]}
+    return {"": "cpu"}
+
+
+def compute_dtype_name(cfg, info: dict | None = None) -> str:
+    """quant.compute_dtype resolved: bfloat16 at compute capability >= 8, float16 on older GPUs, float32 on CPU."""
+    info = info or device_info()
+    if cfg.quant.compute_dtype != "auto":
+        return cfg.quant.compute_dtype
+    if info["device"] == "cuda":
+        return "bfloat16" if bf16_ok(info) else "float16"
+    return "float32"
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def attn_implementation(cfg, info: dict | None = None) -> str:
+    """model.attn_implementation resolved: 'auto' is flash_attention_2 where installed and supported, else sdpa."""
+    info = info or device_info()
+    want = cfg.model.attn_implementation
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if want == "auto":
+        if has_flash and bf16_ok(info):
+            return "flash_attention_2"
+        want = "sdpa"
+    if want.startswith("flash_attention"):
+        if not has_flash and want == "flash_attention_2":
+            raise ConfigError(
+                "model.attn_implementation: flash_attention_2 is not installed (pip install flash-attn "
+                "--no-build-isolation, on an Ampere or newer GPU); use sdpa or auto"
+            )
+        if info["device"] != "cuda":
+            raise ConfigError(f"model.attn_implementation: {want} needs a GPU; use sdpa on the CPU")
+    elif want not in ("sdpa", "eager"):
+        raise ConfigError(
+            f"model.attn_implementation: '{want}' is not one of auto, sdpa, eager, flash_attention_2"
+        )
+    if want == "sdpa" and cfg.train.batching == "padding_free":
+        return register_packed_sdpa()  # sdpa per packed sequence: exact, and no (sum of lengths)^2 mask
+    return want
+
+
+def release() -> None:
+    """Give the memory of models the caller dropped back (a notebook kernel lives on)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# Quantization and LoRA configuration
+
+
+def quantization_config(cfg, info: dict | None = None):
+    """The BitsAndBytesConfig of quant.mode: 4bit (NF4/FP4, double quantization), 8bit, or None."""
+    from transformers import BitsAndBytesConfig
+
+    mode = cfg.quant.mode
+    if mode == "none":
+        return None
+    if mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if mode == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quant.quant_type,
+            bnb_4bit_use_double_quant=cfg.quant.double_quant,
+            bnb_4bit_compute_dtype=torch_dtype(compute_dtype_name(cfg, info)),
+            bnb_4bit_quant_storage="uint8",
+        )
+    raise ConfigError(f"quant.mode: '{mode}' is not one of 4bit, 8bit, none")
+
+
+def target_modules(cfg):
+    """lora.target_modules as peft wants it: 'all-linear', or a list of module names."""
+    spec = cfg.lora.target_modules.strip()
+    if spec.lower() in ("all-linear", "all_linear", "all"):
+        return "all-linear"
+    if spec.lower() in ("attention", "attn"):
+        return list(ATTENTION_MODULES)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise ConfigError("lora.target_modules: empty; use all-linear, attention, or module names")
+    return names
+
+
+def lora_config(cfg):
+    """The peft LoraConfig of the run."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        bias=cfg.lora.bias,
+        target_modules=target_modules(cfg),
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(model, cfg):
+    """Wrap the base model with the run's LoRA adapters (fp32 trainable weights)."""
+    from peft import get_peft_model
+
+    targets = target_modules(cfg)
+    if targets != "all-linear":
+        names = {n.split(".")[-1] for n, _ in model.named_modules()}
+        missing = [t for t in targets if t not in names]
+        if missing:
+            import torch
+
+            linear = sorted({n.split(".")[-1] for n, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__}
+                            - {"lm_head"})
+            raise ConfigError(
+                f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are "
+                f"{', '.join(linear)} (or use all-linear)"
+            )
+    return get_peft_model(model, lora_config(cfg))  # peft's FutureWarning: silenced in lib/__init__.py
+
+
+# --------------------------------------------------------------------------------------------
+# Config and tokenizer
+
+
+def first_line(e) -> str:
+    """The first line of an exception's message (its type name if it has none)."""
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def load_model_config(cfg):
+    """The base model's transformers config (a few KB; no weights)."""
+    from transformers import AutoConfig
+
+    name = resolve_model(cfg.model.name_or_path)
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code, token=hf_token())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path: cannot load the config of '{cfg.model.name_or_path}' ({first_line(e)})") from None
+
+
+def load_tokenizer(cfg, path: str | None = None):
+    """The tokenizer of the base model (or of `path`), with a pad token and a chat template."""
+    from transformers import AutoTokenizer
+
+    name = path or resolve_model(cfg.model.name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code, token=hf_token())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path: cannot load the tokenizer of '{name}' ({first_line(e)})") from None
+    if tok.pad_token is None:
+        # Labels are built explicitly (padding is -100), so eos as pad does not stop the model learning eos.
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    try:
+        # The base model's tokenizer gets data.prompt_format; a saved adapter's keeps the template it was trained with.
+        fmt = "auto" if path is not None else getattr(cfg.data, "prompt_format", "auto")
+        if fmt == "auto" and ensure_chat_template(tok):
+            logger.warning("%s has no chat template: using a plain one that ends each turn with eos", name)
+        elif fmt != "auto":
+            apply_prompt_format(tok, fmt)
+    except ValueError as e:
+        raise ConfigError(f"model.name_or_path: {e}") from None
+    return tok
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+def _pretrained_kwargs(cfg, info: dict, qconf) -> dict:
+    import torch
+
+    dtype = torch_dtype(compute_dtype_name(cfg, info)) if info["device"] == "cuda" else torch.float32
+    kwargs = dict(
+        dtype=dtype,
+        attn_implementation=attn_implementation(cfg, info),
+        trust_remote_code=cfg.model.trust_remote_code,
+        device_map=device_map(info),
+        token=hf_token(),
+    )
+    if qconf is not None:
+        kwargs["quantization_config"] = qconf
+    return kwargs
+
+
+def _prepare_for_training(model, cfg, quantized: bool):
+    """Frozen base, fp32 norms and gradient checkpointing (peft's k-bit preparation when quantized)."""
+    keep_4bit_layout_for_training(model)
+    gc_kwargs = {"use_reentrant": False}
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs=gc_kwargs,
+        )
+    elif cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    if cfg.model.gradient_checkpointing:
+        model.config.use_cache = False
+    return model
+
+
+def load_model_and_tokenizer(cfg, for_training: bool = True, adapter=None):
+    """The base model (quantized per quant.mode) and its tokenizer.
+
+    for_training: prepare_model_for_kbit_training (frozen base, fp32 norms, gradient
+    checkpointing if asked); otherwise eval mode. adapter: a folder with a trained peft adapter
+    to load on top (trainable when for_training). Without an adapter, add one with add_lora().
+    """
+    from transformers import AutoModelForCausalLM
+
+    info = device_info()
+    name = resolve_model(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(cfg)
+    qconf = quantization_config(cfg, info)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **_pretrained_kwargs(cfg, info, qconf))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path: cannot load '{cfg.model.name_or_path}' ({first_line(e)})") from None
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if for_training:
+        model = _prepare_for_training(model, cfg, qconf is not None)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=for_training)
+    if not for_training:
+        model.eval()
+    return model, tokenizer
+
+
+def keep_4bit_layout_for_training(model) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, a Linear4bit run in eval mode without gradients (an evaluation
+    during training) repacks its weights for a kernel that has no backward; training after that
+    silently gets wrong gradients through the frozen base layers. Returns the layers changed.
+    """
+    n = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def load_tuned_model(cfg, adapter_dir):
+    """The base model of `cfg` (quantized as configured) with the adapter of `adapter_dir` on top, in
+    eval mode, and the tokenizer training saved beside the adapter (the base's if none was saved)."""
+    saved = None
+    if (Path(adapter_dir) / "tokenizer_config.json").exists():  # checked first: it fails fast
+        try:
+            saved = load_tokenizer(cfg, path=str(adapter_dir))
+        except ConfigError:  # the message would blame model.name_or_path: the adapter folder is at fault
+            files = sorted(p.name for p in Path(adapter_dir).iterdir()
+                           if p.name.startswith(("tokenizer", "vocab", "merges", "special")))
+            raise SFTError(
+                f"{adapter_dir}: the tokenizer saved with the adapter cannot be loaded (tokenizer files there: "
+                f"{', '.join(files)}): they are incomplete or damaged; train again (--retrain), or copy the "
+                "tokenizer files training saved back into it") from None
+    model, tokenizer = load_model_and_tokenizer(cfg, for_training=False, adapter=adapter_dir)
+    tokenizer = saved if saved is not None else tokenizer
+    model.eval()
+    return model, tokenizer
+
+
+def load_16bit_with_adapter(cfg, adapter_dir):
+    """The run's base model unquantized (the compute dtype on a GPU: bf16, or fp16 on a T4; fp32 on
+    the CPU) with the adapter on top, unmerged."""
+    model, _ = load_model_and_tokenizer(apply_overrides(cfg, ["quant.mode=none"]), for_training=False,
+                                        adapter=str(adapter_dir))
+    return model
+
+
+def load_merged(path):
+    """A merged model folder loaded by path, as any user would: (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", device_map=device_map(device_info()))
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(str(path))
