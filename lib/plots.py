@@ -19,7 +19,6 @@ from .rundir import inputs, install, remove_leftovers, run_lock, write_atomic
 
 
 def _save(fig, path: Path) -> Path:
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     write_atomic(path, buf.getvalue())
