@@ -44,7 +44,7 @@ from .tokenization import (
     stop_token_ids,
 )
 from .tokenization import split_for_template as split_for_turns
-from .train import check_settings
+from .trainer_args import check_settings
 
 __all__ = ["FORMATS", "EVAL_SPLITS", "Loaded", "RawRecord", "load_records", "read_examples", "detect_format",
            "normalise", "prepare_examples", "audit", "audit_table", "run_prepare", "preview"]

@@ -17,52 +17,16 @@ from .loading import (
     GIB,
     add_lora,
     attn_implementation,
-    bf16_ok,
     compute_dtype_name,
     device_info,
     load_model_and_tokenizer,
     load_model_config,
-    target_modules,
 )
-from .memory import cached_layers, estimate_memory
+from .memory import estimate_memory
 from .paths import require, run_paths
 from .realmodel import resolve_model
 from .rundir import write_json
-
-
-def precision(cfg, info: dict | None = None) -> str:
-    """train.precision resolved to bf16, fp16 or fp32 (mixed precision of the trainer)."""
-    info = info or device_info()
-    p = cfg.train.precision
-    if p == "auto":
-        if info["device"] != "cuda":
-            return "fp32"
-        return "bf16" if bf16_ok(info) else "fp16"
-    if info["device"] == "cuda" and p == "bf16" and not bf16_ok(info):
-        raise ConfigError(
-            f"train.precision: bf16 needs compute capability >= 8, but {info['name']} has "
-            f"{'.'.join(map(str, info['capability']))}: use fp16 (or auto)"
-        )
-    if info["device"] != "cuda" and p == "fp16":
-        raise ConfigError("train.precision: fp16 mixed precision needs a GPU; use fp32 (or auto) on the CPU")
-    return p
-
-
-def check_target_modules(cfg, model_config=None) -> None:
-    """Raise ConfigError when a name in lora.target_modules is no linear layer of the base model.
-
-    Uses the model's config only (layers built on the meta device), so a bad name is refused
-    before any setting is saved or any weights load.
-    """
-    targets = target_modules(cfg)
-    if targets == "all-linear":
-        return
-    linears, _total = cached_layers(model_config or load_model_config(cfg), cfg.model.trust_remote_code)
-    names = {n for n, *_ in linears} | {n.split(".")[-1] for n, *_ in linears} | {"lm_head"}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        raise ConfigError(f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are "
-                          f"{', '.join(sorted({n.split('.')[-1] for n, *_ in linears}))} (or use all-linear)")
+from .trainer_args import check_settings, precision
 
 
 def parameter_counts(model) -> dict:
@@ -96,7 +60,6 @@ def update_config(run: str, overrides=()):
 
     Every setting is checked (ranges, and what training will need: layer names, optimizer,
     scheduler...) before config.yaml is rewritten; a bad one leaves it as it was."""
-    from .train import check_settings  # TODO(lead): config.validate once the cross-field checks move there
 
     paths = run_paths(run)
     require(paths, "config")

@@ -28,18 +28,14 @@ import time
 import warnings
 from pathlib import Path
 
-from .config import apply_overrides, check_best_model, from_dict, load_config, save_config, to_dict
+from .config import apply_overrides, from_dict, load_config, save_config, to_dict
 from .errors import ConfigError, DataError, SFTError, TrainingError
 from .figures import load_inputs, panel_figure
 from .model import (
     add_lora,
-    attn_implementation,
-    check_target_modules,
-    device_info,
     load_model_and_tokenizer,
     load_model_config,
     parameter_counts,
-    precision,
     write_summary,
 )
 from .paths import require, run_paths
@@ -57,6 +53,7 @@ from .rundir import (
     write_json,
 )
 from .tokenization import IGNORE_INDEX, TemplateError, encode_example
+from .trainer_args import check_settings, has_eval_data, sft_config
 
 METRIC_COLUMNS = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
                   "tokens_per_second", "peak_memory_mb"]
@@ -112,107 +109,6 @@ def build_collator(cfg, tokenizer):
 
 # --------------------------------------------------------------------------------------------
 # Trainer configuration
-
-
-def _report_to(cfg) -> list[str] | str:
-    import importlib.util
-
-    wanted = [s.strip() for s in cfg.train.report_to.split(",") if s.strip() and s.strip() != "none"]
-    for w in wanted:
-        module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}.get(w)
-        if module is None:
-            raise ConfigError(f"train.report_to: '{w}' is not one of none, tensorboard, wandb, mlflow, trackio")
-        if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"train.report_to: {w} is not installed (pip install {module})")
-    return wanted or "none"
-
-
-def sft_config(cfg, output_dir, has_eval: bool = True, resuming: bool = False):
-    """TRL's SFTConfig from the run configuration (the cross-field rules checked first: config.check_best_model)."""
-    from trl import SFTConfig
-
-    check_best_model(cfg, has_eval)
-    eval_strategy = cfg.train.eval_strategy if has_eval else "no"
-    report_to = _report_to(cfg)
-    if "tensorboard" in report_to:  # transformers 5 reads the folder from the environment
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(output_dir).parent / "logs" / "tensorboard")
-    kwargs = dict(output_dir=str(output_dir), report_to=report_to, run_name=cfg.run,
-                  **_optimizer_kwargs(cfg.train), **_schedule_kwargs(cfg.train, eval_strategy, resuming),
-                  **_device_kwargs(cfg), **_data_kwargs(cfg.train))
-    try:
-        return SFTConfig(**kwargs)
-    except (ValueError, TypeError) as e:
-        msg = str(e).splitlines()[0]
-        key = ("train.lr_scheduler_type" if "SchedulerType" in msg else "train.optim" if "OptimizerNames" in msg
-               else "train")
-        raise ConfigError(f"{key}: {msg}") from None
-
-
-def _optimizer_kwargs(t) -> dict:
-    return dict(
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
-        lr_scheduler_kwargs={"num_cycles": t.num_cycles} if t.lr_scheduler_type == "cosine_with_restarts" else {},
-        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a share of the steps
-        weight_decay=t.weight_decay,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        optim=t.optim,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
-    )
-
-
-def _schedule_kwargs(t, eval_strategy: str, resuming: bool) -> dict:
-    """When to log, evaluate and save."""
-    return dict(
-        logging_strategy="steps",
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        logging_nan_inf_filter=False,  # a non-finite loss must show, not be averaged away
-        eval_strategy=eval_strategy,
-        eval_steps=t.eval_steps if eval_strategy == "steps" else None,
-        eval_on_start=eval_strategy != "no" and not resuming,  # the baseline eval loss at step 0
-        save_strategy=t.save_strategy,
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        load_best_model_at_end=t.load_best_model_at_end,
-        metric_for_best_model="eval_loss" if eval_strategy != "no" else None,
-        greater_is_better=False if eval_strategy != "no" else None,
-        disable_tqdm=False,
-    )
-
-
-def _device_kwargs(cfg) -> dict:
-    """Precision, device, activation checkpointing and distributed settings."""
-    info = device_info()
-    prec = precision(cfg, info)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return dict(
-        bf16=prec == "bf16",
-        fp16=prec == "fp16",
-        use_cpu=info["device"] == "cpu",
-        activation_checkpointing=cfg.model.gradient_checkpointing,  # transformers 5's name of gradient checkpointing
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.model.gradient_checkpointing else None,
-        dataloader_pin_memory=info["device"] == "cuda",
-        ddp_find_unused_parameters=False if distributed else None,
-        ddp_backend=("gloo" if info["device"] == "cpu" else None) if distributed else None,
-    )
-
-
-def _data_kwargs(t) -> dict:
-    """Data: tokenized and truncated here (encode_dataset); TRL keeps our labels."""
-    return dict(
-        max_length=None,
-        padding_free=t.batching == "padding_free",
-        assistant_only_loss=False,
-        completion_only_loss=False,
-        train_sampling_strategy="group_by_length" if t.batching == "group_by_length" else "random",
-        include_num_input_tokens_seen="non_padding",
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -680,24 +576,6 @@ def _run_train(paths, run, overrides, retrain, callbacks) -> dict:
     return _train(cfg, paths, callbacks, state)
 
 
-def _has_eval(cfg, paths) -> bool:
-    if cfg.train.eval_strategy == "no" or not paths.eval_data.exists():
-        return False
-    with open(paths.eval_data, encoding="utf-8") as f:
-        return any(line.strip() for line in f)
-
-
-def check_settings(cfg, paths, has_eval: bool | None = None) -> None:
-    """Raise ConfigError for a setting training cannot use, without loading anything large.
-
-    has_eval: whether there is an evaluation split (default: read from the run's data)."""
-    info = device_info()
-    precision(cfg, info)
-    attn_implementation(cfg, info)
-    check_target_modules(cfg)
-    sft_config(cfg, paths.checkpoints, has_eval=_has_eval(cfg, paths) if has_eval is None else has_eval)
-
-
 def trained_config(paths):
     """The RunConfig the finished run was trained with (saved in the adapter), else config.yaml's."""
     trained = paths.adapter / "run_config.json"
@@ -732,7 +610,7 @@ def _train(cfg, paths, extra_callbacks, state) -> dict:
     eval_ds = encode_dataset(tokenizer, read_examples(paths.eval_data), cfg.train.max_length, paths.eval_data)
     if len(train_ds) == 0:
         raise DataError(paths.train_data, "no example has a trained token (check the data and train.max_length)")
-    has_eval = len(eval_ds) > 0 and _has_eval(cfg, paths)
+    has_eval = len(eval_ds) > 0 and has_eval_data(cfg, paths)
 
     callbacks = list(extra_callbacks)
     if state.is_main_process:

@@ -17,7 +17,7 @@ A100 = {"device": "cuda", "index": 0, "name": "NVIDIA A100", "capability": [8, 0
 
 def test_compute_dtype_and_precision_follow_the_hardware():
     from lib.loading import compute_dtype_name
-    from lib.model import precision
+    from lib.trainer_args import precision
 
     cfg = make_config("t4", overrides={"quant.compute_dtype": "auto", "train.precision": "auto"})
     assert compute_dtype_name(cfg, A100) == "bfloat16" and precision(cfg, A100) == "bf16"

@@ -119,7 +119,7 @@ def test_encode_dataset_drops_examples_without_trained_tokens(lora_model):
 
 
 def test_sft_config_follows_the_run_configuration(tmp_path):
-    from lib.train import sft_config
+    from lib.trainer_args import sft_config
 
     cfg = make_config("tiny", overrides={
         "train.num_train_epochs": 5, "train.learning_rate": 1e-4, "train.lr_scheduler_type": "cosine_with_restarts",
@@ -154,7 +154,7 @@ def test_cosine_with_restarts_restarts_num_cycles_times(tmp_path):
     import torch
     from transformers import get_scheduler
 
-    from lib.train import sft_config
+    from lib.trainer_args import sft_config
 
     cfg = make_config("tiny", overrides={"train.lr_scheduler_type": "cosine_with_restarts", "train.num_cycles": 3})
     a = sft_config(cfg, tmp_path / "checkpoints")
@@ -172,7 +172,7 @@ def test_cosine_with_restarts_restarts_num_cycles_times(tmp_path):
 def test_report_to_a_tracker_that_is_not_installed_is_a_config_error(tmp_path):
     import importlib.util
 
-    from lib.train import sft_config
+    from lib.trainer_args import sft_config
 
     missing = next((t for t in ("wandb", "mlflow", "trackio") if importlib.util.find_spec(t) is None), None)
     if missing is None:
