@@ -45,6 +45,7 @@ from .rundir import (
     check_trained,
     fingerprint,
     install,
+    read_json,
     remove_leftovers,
     run_lock,
     write_atomic,
@@ -283,13 +284,6 @@ def _print_results(ppl, ppl_seconds, predictions, gen_metrics, max_len) -> None:
 # ----------------------------------------------------------------------------- notebook views
 
 
-def _read_json(path: Path):  # TODO(lead): rundir.read_json(path, rerun="notebook 04_evaluate_perplexity") once it lands
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise SFTError(f"{path}: invalid JSON ({e.msg}); rerun notebook 04_evaluate_perplexity") from None
-
-
 def _styled(df, formats: dict | None = None):
     sty = df.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left", "vertical-align": "top"})
     sty = sty.set_table_styles([{"selector": "th", "props": [("text-align", "left")]}])
@@ -306,8 +300,8 @@ def metrics_table(run: str, styled: bool = False):
     paths = run_paths(run)
     require(paths, "perplexity", "generation_metrics")
     check_fresh(paths, "evaluate", paths.eval_dir)
-    ppl = _read_json(paths.perplexity)
-    gen = _read_json(paths.generation_metrics)
+    ppl = _read_eval_json(paths.perplexity)
+    gen = _read_eval_json(paths.generation_metrics)
     models = [m for m in ("base", "tuned", "merged") if isinstance(ppl.get(m), dict)]
     rows = {
         "perplexity (lower is better)": {m: ppl[m]["perplexity"] for m in models},
@@ -354,3 +348,7 @@ def predictions_table(run: str, n: int = 5, styled: bool = False):
         view[f"{m} stopped"] = view[f"{m} stopped"].map(
             lambda x: "yes" if x else "no: cut at max_new_tokens")
     return _styled(view)
+
+
+def _read_eval_json(path):
+    return read_json(path, "rerun notebook 04_evaluate_perplexity")

@@ -16,7 +16,6 @@ a large model). The token comes from the environment, a `.env` file or Colab sec
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 from .config import hf_token, load_config, to_dict
 from .errors import ConfigError, MissingStageError, SFTError
 from .paths import run_paths
+from .rundir import read_json
 
 PARTS = ("adapter", "merged", "gguf")
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
@@ -36,10 +36,8 @@ class PushError(SFTError):
 
 
 def _read(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    """A figure file for the model card: None when the stage has not run (a damaged one is an error)."""
+    return read_json(path, "rerun the stage that writes it") if path.exists() else None
 
 
 def available_parts(paths) -> dict[str, list[Path]]:

@@ -14,20 +14,11 @@ answered by the base and the tuned model side by side.
 
 from __future__ import annotations
 
-import json
 import textwrap
-from pathlib import Path
 
 from .data import read_examples
-from .errors import SFTError
 from .paths import require, run_paths
-
-
-def _read(path: Path):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise SFTError(f"{path}: invalid JSON ({e.msg}); rerun the stage that writes it") from None
+from .rundir import read_json
 
 
 def _pct(x) -> str:
@@ -54,10 +45,10 @@ def before_after(run: str, width: int = 100) -> str:
     """The run's before/after summary as text (see the module docstring)."""
     paths = run_paths(run)
     require(paths, "perplexity", "generation_metrics")
-    ppl = _read(paths.perplexity)
-    gen = _read(paths.generation_metrics)
-    train = _read(paths.training_summary) if paths.training_summary.exists() else {}
-    merged = _read(paths.merge_report) if paths.merge_report.exists() else None
+    ppl = _read_result(paths.perplexity)
+    gen = _read_result(paths.generation_metrics)
+    train = _read_result(paths.training_summary) if paths.training_summary.exists() else {}
+    merged = _read_result(paths.merge_report) if paths.merge_report.exists() else None
 
     model = train.get("model") or "?"
     head = f"Before / after fine-tuning: {model}, run {run}"
@@ -97,3 +88,7 @@ def before_after(run: str, width: int = 100) -> str:
         lines += _answer("base", ex.get("base", ""), bool(ex.get("base_stopped")), width)
         lines += _answer("tuned", ex.get("tuned", ""), bool(ex.get("tuned_stopped")), width)
     return "\n".join(lines)
+
+
+def _read_result(path):
+    return read_json(path, "rerun the stage that writes it")
