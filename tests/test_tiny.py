@@ -23,8 +23,10 @@ def test_build_is_deterministic(tmp_path):
 
 
 def test_cached_and_loaded_by_path():
+    from lib.realmodel import resolve_model
+
     path = tiny.tiny_model_path()
-    assert tiny.tiny_model_path() == path and tiny.resolve_model("tiny") == str(path)
+    assert tiny.tiny_model_path() == path and resolve_model("tiny") == str(path)
     tok = AutoTokenizer.from_pretrained(path)
     assert len({tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}) == 3
     assert tok.chat_template and "<|assistant|>" in tok.apply_chat_template(

@@ -116,7 +116,7 @@ def test_prepared_examples_of_the_pipeline(prepared_run):
     """The run's own train.jsonl (made by run_prepare), tokenized as training does."""
     from lib.config import load_config
     from lib.data import read_examples
-    from lib.model import load_tokenizer
+    from lib.loading import load_tokenizer
     from lib.paths import run_paths
 
     paths = run_paths(prepared_run)
