@@ -20,9 +20,10 @@ PROFILE ?= smol
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast test-unit test-notebooks bench lint clean strip
+.PHONY: install install-export demo export test test-fast test-unit test-notebooks bench lint clean strip
 
 install: $(VENV)/.installed
+install-export: $(VENV)/.installed-export
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,11 @@ $(VENV)/.installed: pyproject.toml
 		echo "no GPU: installing the CPU build $(TORCH)"; \
 		$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
 	fi
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+# The `export` extra on top: llama-cpp-python and llama.cpp's converter (GGUF export, parity check, tests).
+$(VENV)/.installed-export: $(VENV)/.installed
 	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || echo "building llama-cpp-python (llama.cpp for the CPU, portable): ~7 min on 2 cores, once"
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[dev,export]"
 	$(BIN)/python -c "from lib.export import converter_dir; print('llama.cpp converter:', converter_dir())"
@@ -46,24 +52,29 @@ demo: install
 	$(BIN)/python -m lib pipeline --run $(RUN) --data $(DATA) --profile $(PROFILE)
 	@echo "Chat with the tuned model: you> Why do leaves change colour in autumn?"
 	@$(BIN)/python -m lib chat --run $(RUN) --prompt "Why do leaves change colour in autumn?"
-	$(BIN)/python -m lib export --run $(RUN)
+	@if $(BIN)/python -c "import llama_cpp" 2>/dev/null; then $(BIN)/python -m lib export --run $(RUN); \
+	else echo "GGUF for llama.cpp / Ollama: make export (builds llama.cpp once, ~7 min on 2 cores)"; fi
 	@echo "Results: outputs/$(RUN)/ (adapter/, merged/, logs/, eval/, plots/metrics_plot.png, export/)"
 
-# Unit tests, then the six notebooks in order on the tiny profile, in a clean outputs folder.
-test: install lint test-unit test-notebooks
+# The demo run as a GGUF with an Ollama Modelfile and the parity check (after make demo).
+export: install-export
+	$(BIN)/python -m lib export --run $(RUN)
 
-lint: install
+# Unit tests, then the six notebooks in order on the tiny profile, in a clean outputs folder.
+test: install-export lint test-unit test-notebooks
+
+lint: install-export
 	$(BIN)/ruff check lib tests bench
 
-test-unit: install
+test-unit: install-export
 	$(BIN)/python -m pytest tests -q
 
 # The edit-test loop: unit tests without the slow ones (training, resume, the real model, the
 # benchmark) and without the notebooks.
-test-fast: install
+test-fast: install-export
 	$(BIN)/python -m pytest tests -q -m "not slow"
 
-test-notebooks: install
+test-notebooks: install-export
 	rm -rf outputs/_nbval
 	SFT_OUTPUTS_DIR=$(CURDIR)/outputs/_nbval SFT_PROFILE=tiny \
 		$(BIN)/python -m pytest --nbval --nbval-current-env notebooks/ -q -p no:cacheprovider
