@@ -54,7 +54,7 @@ demo: install
 	@$(BIN)/python -m lib chat --run $(RUN) --prompt "Why do leaves change colour in autumn?"
 	@if $(BIN)/python -c "import llama_cpp" 2>/dev/null; then $(BIN)/python -m lib export --run $(RUN); \
 	else echo "GGUF for llama.cpp / Ollama: make export (builds llama.cpp once, ~7 min on 2 cores)"; fi
-	@echo "Results: outputs/$(RUN)/ (adapter/, merged/, logs/, eval/, plots/metrics_plot.png, export/)"
+	@echo "Results: outputs/$(RUN)/ (adapter/, merged/, logs/, eval/, plots/metrics_plot.png; export/ after make export)"
 
 # The demo run as a GGUF with an Ollama Modelfile and the parity check (after make demo).
 export: install-export
