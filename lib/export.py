@@ -49,6 +49,7 @@ from .errors import MissingStageError, SFTError
 from .generation import eval_conversations, generate_reply
 from .loading import load_merged, release
 from .paths import REPO_ROOT, require, run_paths
+from .rundir import check_fresh, inputs, install, remove_leftovers, run_lock
 from .scoring import check_examples, perplexity
 from .tokenization import IGNORE_INDEX, encode_example, end_of_turn_token, render_prompt, stop_token_ids
 
@@ -621,19 +622,24 @@ def run_export(run: str, quant: str | None = None, overrides=(), progress: bool 
     if not (paths.merged / "config.json").exists():
         raise MissingStageError(f"{paths.merged} holds no merged model: run notebook 06_merge_and_chat's merge "
                                 f"first (or `python -m lib merge --run {run}`)")
-    if isinstance(overrides, dict):
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-    cfg = apply_overrides(load_config(paths.config), overrides or [])
+    check_fresh(paths, "merge", paths.merged)  # a merged model of an earlier adapter is refused
+    cfg = apply_overrides(load_config(paths.config), overrides or [])  # its one "None keeps" rule
     quant = (quant or cfg.export.quant).lower()
     if quant not in QUANT_TYPES:
         raise ExportError(f"unknown quantization type '{quant}' (one of {', '.join(QUANT_TYPES)})")
     llama_cpp_version()
     converter_dir()
     examples, _ = check_examples(paths, cfg)
-    export_dir = paths.root / "export"
     log_path = paths.logs / "export.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("", encoding="utf-8")
+    with run_lock(paths, "export"):
+        remove_leftovers(paths.root, r"\.export-\w{8}")  # staging folders of a killed export
+        return _export(paths, cfg, quant, examples, log_path, progress)
+
+
+def _export(paths, cfg, quant, examples, log_path, progress) -> dict:
+    run, export_dir = paths.root.name, paths.root / "export"
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=paths.root))
     name = gguf_name(run, quant)
     started = time.time()
@@ -652,9 +658,9 @@ def run_export(run: str, quant: str | None = None, overrides=(), progress: bool 
         (tmp / "Modelfile").write_text(modelfile_text(name, tokenizer, cfg, report["add_bos"]), encoding="utf-8")
         report["seconds"] = round(time.time() - started, 1)
         (tmp / "parity.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-        export_dir.mkdir(parents=True, exist_ok=True)
-        for f in (name, "Modelfile", "parity.json"):  # each file complete, by rename; the report last
-            os.replace(tmp / f, export_dir / f)
+        files = (name, "Modelfile", "parity.json")  # installed as one set, with a manifest (lib/rundir.py)
+        install(paths, "export", {export_dir / f: tmp / f for f in files},
+                [f"export/{f}" for f in files], inputs(paths, "merge"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     p = report["perplexity"]
