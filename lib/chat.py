@@ -181,40 +181,47 @@ def run_chat(run: str, prompt: str | None = None, system: str | None = None, mer
             raise SFTError(f"chat: {what} is {problem}")
     session = load_session(run, merged=merged, system=system)
     if prompt is not None:
-        parts = []
-        for piece in session.stream(prompt):
-            parts.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        reply = _print_stream(session, prompt)
         sys.stdout.write("\n")
-        return "".join(parts).strip()
+        return reply.strip()
     print(f"chatting with {session.source} (/clear starts over, /exit or Ctrl-D quits)", file=sys.stderr)
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach the message check, not a traceback
         sys.stdin.reconfigure(errors="surrogateescape")
-    while True:
-        try:
-            text = input("you> ")
-        except EOFError:
-            print(file=sys.stderr)
-            break
-        text = text.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit"):
-            break
+    while (text := _read_message()) is not None:
         if text == "/clear":
             session.clear()
-            continue
-        problem = undecodable(text)
-        if problem:
-            print(f"error: the message is {problem}; type it again", file=sys.stderr)
-            continue
-        sys.stdout.write("model> ")
-        try:
-            for piece in session.stream(text):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            sys.stdout.write(" [interrupted]")
-        sys.stdout.write("\n")
+        elif text:
+            sys.stdout.write("model> ")
+            try:
+                _print_stream(session, text)
+            except KeyboardInterrupt:
+                sys.stdout.write(" [interrupted]")
+            sys.stdout.write("\n")
     return session.history
+
+
+def _print_stream(session, text: str) -> str:
+    """Print the reply to `text` piece by piece as it is generated; return it whole."""
+    parts = []
+    for piece in session.stream(text):
+        parts.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    return "".join(parts)
+
+
+def _read_message() -> str | None:
+    """The next terminal message, stripped: None to quit (/exit, /quit, Ctrl-D), "" for nothing to answer
+    (an empty line, or text that is not valid UTF-8: said on stderr)."""
+    try:
+        text = input("you> ").strip()
+    except EOFError:
+        print(file=sys.stderr)
+        return None
+    if text in ("/exit", "/quit"):
+        return None
+    problem = undecodable(text)
+    if problem:
+        print(f"error: the message is {problem}; type it again", file=sys.stderr)
+        return ""
+    return text

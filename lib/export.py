@@ -40,7 +40,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +48,16 @@ from .errors import MissingStageError, SFTError
 from .generation import eval_conversations, generate_reply
 from .loading import load_merged, release
 from .paths import REPO_ROOT, require, run_paths
-from .rundir import check_fresh, inputs, install, remove_leftovers, run_lock
+from .rundir import (
+    check_fresh,
+    inputs,
+    install,
+    remove_leftovers,
+    run_lock,
+    staging,
+    write_atomic,
+    write_json,
+)
 from .scoring import check_examples, perplexity
 from .tokenization import IGNORE_INDEX, encode_example, end_of_turn_token, render_prompt, stop_token_ids
 
@@ -120,9 +128,7 @@ def _fetch_converter(version: str, target: Path) -> None:
     """pip download the llama-cpp-python sdist and extract vendor/llama.cpp's converter into `target`."""
     import tarfile
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
-    try:
+    with staging(target.parent, ".fetch-") as tmp:
         print(f"fetching llama.cpp's converter: the llama-cpp-python {version} source distribution (76 MB, once)")
         proc = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", "-q",
@@ -155,8 +161,6 @@ def _fetch_converter(version: str, target: Path) -> None:
         except OSError:  # another process won the race
             if not _has_converter(target):
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def converter_dir(fetch: bool = True) -> Path:
@@ -616,12 +620,31 @@ def run_export(run: str, quant: str | None = None, overrides=(), progress: bool 
     Writes export/<run>-<quant>.gguf, export/Modelfile and export/parity.json (a parity failure is
     reported, "ok": false, not raised; the CLI turns it into exit status 1).
     """
-
     paths = run_paths(run)
+    cfg, quant = _export_settings(paths, quant, overrides)
+    examples, _ = check_examples(paths, cfg)
+    log_path = write_atomic(paths.logs / "export.log", "")
+    with run_lock(paths, "export"):
+        remove_leftovers(paths.root, r"\.export-\w{8}")  # staging folders of a killed export
+        with staging(paths.root, ".export-") as tmp:
+            started = time.time()
+            name = _build_gguf(paths.merged, tmp, gguf_name(run, quant), quant, log_path)
+            print(f"parity check: llama.cpp vs transformers on {cfg.export.parity_examples} eval prompts...", flush=True)
+            report = check_parity(paths.merged, tmp / name, cfg, examples, quant, progress=progress)
+            report["seconds"] = round(time.time() - started, 1)
+            modelfile = modelfile_text(name, _merged_tokenizer(paths.merged), cfg, report["add_bos"])
+            _install_export(paths, tmp, name, modelfile, report)
+    _print_export(paths.root / "export" / name, report)
+    return report
+
+
+def _export_settings(paths, quant: str | None, overrides) -> tuple:
+    """The run's configuration and GGUF type, after checking that export can run: a fresh merged
+    model, a known type, llama.cpp and its converter."""
     require(paths, "config")
     if not (paths.merged / "config.json").exists():
         raise MissingStageError(f"{paths.merged} holds no merged model: run notebook 06_merge_and_chat's merge "
-                                f"first (or `python -m lib merge --run {run}`)")
+                                f"first (or `python -m lib merge --run {paths.root.name}`)")
     check_fresh(paths, "merge", paths.merged)  # a merged model of an earlier adapter is refused
     cfg = apply_overrides(load_config(paths.config), overrides or [])  # its one "None keeps" rule
     quant = (quant or cfg.export.quant).lower()
@@ -629,48 +652,38 @@ def run_export(run: str, quant: str | None = None, overrides=(), progress: bool 
         raise ExportError(f"unknown quantization type '{quant}' (one of {', '.join(QUANT_TYPES)})")
     llama_cpp_version()
     converter_dir()
-    examples, _ = check_examples(paths, cfg)
-    log_path = paths.logs / "export.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_text("", encoding="utf-8")
-    with run_lock(paths, "export"):
-        remove_leftovers(paths.root, r"\.export-\w{8}")  # staging folders of a killed export
-        return _export(paths, cfg, quant, examples, log_path, progress)
+    return cfg, quant
 
 
-def _export(paths, cfg, quant, examples, log_path, progress) -> dict:
-    run, export_dir = paths.root.name, paths.root / "export"
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=paths.root))
-    name = gguf_name(run, quant)
-    started = time.time()
-    try:
-        outtype = QUANT_TYPES[quant][0] or intermediate_type(paths.merged)
-        print(f"converting {paths.merged} to a {outtype} GGUF (llama.cpp convert_hf_to_gguf.py)...", flush=True)
-        full = convert(paths.merged, tmp / (name if QUANT_TYPES[quant][1] is None else f"{run}-{outtype}.gguf"),
-                       outtype, log_path)
-        if QUANT_TYPES[quant][1] is not None:
-            print(f"quantizing to {quant} (llama.cpp llama_model_quantize)...", flush=True)
-            quantize(full, tmp / name, quant, log_path)
-            full.unlink()
-        tokenizer = _merged_tokenizer(paths.merged)
-        print(f"parity check: llama.cpp vs transformers on {cfg.export.parity_examples} eval prompts...", flush=True)
-        report = check_parity(paths.merged, tmp / name, cfg, examples, quant, progress=progress)
-        (tmp / "Modelfile").write_text(modelfile_text(name, tokenizer, cfg, report["add_bos"]), encoding="utf-8")
-        report["seconds"] = round(time.time() - started, 1)
-        (tmp / "parity.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-        files = (name, "Modelfile", "parity.json")  # installed as one set, with a manifest (lib/rundir.py)
-        install(paths, "export", {export_dir / f: tmp / f for f in files},
-                [f"export/{f}" for f in files], inputs(paths, "merge"))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _build_gguf(merged: Path, tmp: Path, name: str, quant: str, log_path: Path) -> str:
+    """tmp/name: merged/ converted by llama.cpp's converter, then quantized when the type needs it."""
+    outtype, quantized = QUANT_TYPES[quant][0] or intermediate_type(merged), QUANT_TYPES[quant][1] is not None
+    print(f"converting {merged} to a {outtype} GGUF (llama.cpp convert_hf_to_gguf.py)...", flush=True)
+    full = convert(merged, tmp / (f"{name[:-len('.gguf')]}-{outtype}.gguf" if quantized else name), outtype, log_path)
+    if quantized:
+        print(f"quantizing to {quant} (llama.cpp llama_model_quantize)...", flush=True)
+        quantize(full, tmp / name, quant, log_path)
+        full.unlink()
+    return name
+
+
+def _install_export(paths, tmp: Path, name: str, modelfile: str, report: dict) -> None:
+    """The GGUF, its Modelfile and parity.json moved into export/ as one set, with a manifest (lib/rundir.py)."""
+    (tmp / "Modelfile").write_text(modelfile, encoding="utf-8")
+    write_json(tmp / "parity.json", report)
+    files = (name, "Modelfile", "parity.json")
+    install(paths, "export", {paths.root / "export" / f: tmp / f for f in files},
+            [f"export/{f}" for f in files], inputs(paths, "merge"))
+
+
+def _print_export(gguf: Path, report: dict) -> None:
     p = report["perplexity"]
-    print(f"exported {export_dir / name} ({report['gguf_mb']} MB): perplexity {p['llama_cpp']['perplexity']:.4f} "
+    print(f"exported {gguf} ({report['gguf_mb']} MB): perplexity {p['llama_cpp']['perplexity']:.4f} "
           f"llama.cpp vs {p['transformers']['perplexity']:.4f} transformers (drift {p['relative_drift']:.2%}), "
           f"greedy agreement {report['greedy']['agreement']:.0%} over {report['greedy']['tokens']} tokens, stop rate "
           f"{report['stop_rate']['llama_cpp']:.0%} vs {report['stop_rate']['transformers']:.0%}")
     for f in report["failures"]:
         print(f"WARNING: parity check failed: {f}")
-    return report
 
 
 def _merged_tokenizer(folder):

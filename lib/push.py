@@ -19,13 +19,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from .config import hf_token, load_config, to_dict
 from .errors import ConfigError, MissingStageError, SFTError
 from .paths import run_paths
-from .rundir import read_json
+from .rundir import read_json, replace, staging
 
 PARTS = ("adapter", "merged", "gguf")
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
@@ -154,21 +153,15 @@ def stage(run: str, repo: str, include=None) -> Path:
     if missing or not wanted:
         first = missing[0] if missing else "adapter"
         raise MissingStageError(f"{paths.root}: nothing to push for '{first}': run {stage_of[first]} --run {run} first")
-    tmp = Path(tempfile.mkdtemp(prefix=".push-", dir=paths.root))
-    try:
+    with staging(paths.root, ".push-") as tmp:
         for part in wanted:
             for f in have[part]:
                 if f.name.endswith(".tmp"):
                     continue
                 _link_or_copy(f, tmp / ("adapter" if part == "adapter" else "") / f.name)
         (tmp / "README.md").write_text(model_card(cfg, paths, wanted).replace("REPO", repo), encoding="utf-8")
-        target = paths.root / "push"
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        replace(tmp, paths.root / "push")
+    return paths.root / "push"
 
 
 def _first_line(e: Exception) -> str:

@@ -113,6 +113,21 @@ def _umask() -> int:
     return m
 
 
+@contextlib.contextmanager
+def staging(folder, prefix: str):
+    """A fresh folder inside `folder` (named prefix + 8 random characters, with the permissions of any
+    folder the user makes) to build results in before `install` moves them in; removed on the way out,
+    whatever happens. `remove_leftovers(folder, re.escape(prefix) + r"\\w{8}")` clears a killed writer's."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def remove_leftovers(folder, pattern: str) -> list[Path]:
     """Remove what a killed writer left in `folder`: entries whose name fully matches the regex `pattern`.
 
