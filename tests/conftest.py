@@ -21,6 +21,27 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "examples" / "socratic_questions.jsonl"
 
+# Settings refused by the ranges in lib/config.py, with the whole one-line message: the config
+# tests check the message, tests/test_settings.py that every stage refuses them the same way.
+BAD_RANGES = [
+    ("train.num_train_epochs=-3", "train.num_train_epochs: must be > 0, got -3.0"),
+    ("train.max_steps=0", "train.max_steps: must be >= 1, or -1, got 0"),
+    ("eval.max_examples=-3", "eval.max_examples: must be >= 1, or None, got -3"),
+    ("eval.max_examples=0", "eval.max_examples: must be >= 1, or None, got 0"),
+    ("eval.generate_examples=-1", "eval.generate_examples: must be >= 0, got -1"),
+    ("data.max_examples=0", "data.max_examples: must be >= 1, or None, got 0"),
+    ("train.learning_rate=nan", "train.learning_rate: must be a finite number in (0, 1000000], got nan"),
+    ("train.learning_rate=1e39", "train.learning_rate: must be in (0, 1000000], got 1e+39"),
+    ("generation.temperature=0", "generation.temperature: must be > 0, got 0.0"),
+    ("generation.top_k=-1", "generation.top_k: must be >= 0, got -1"),
+    ("generation.repetition_penalty=0", "generation.repetition_penalty: must be > 0, got 0.0"),
+    ("generation.top_p=0", "generation.top_p: must be in (0, 1], got 0.0"),
+    ("lora.dropout=1", "lora.dropout: must be in [0, 1), got 1.0"),
+    ("merge.tolerance=inf", "merge.tolerance: must be a finite number >= 0, got inf"),
+    ("train.seed=-1", "train.seed: must be in [0, 4294967295], got -1"),
+    ("data.system_prompt=\udcff", "data.system_prompt: not valid UTF-8 text (byte 0xff at character 1); use UTF-8 text"),
+]
+
 # Quiet, offline, deterministic.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

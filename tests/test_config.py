@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import BAD_RANGES
 
 from lib.config import (
     PROFILES,
@@ -148,21 +149,7 @@ def test_every_numeric_field_refuses_non_finite_and_out_of_range_values(key):
         apply_overrides(cfg, [f"{key}={value}"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.num_train_epochs=-3", "train.num_train_epochs: must be > 0, got -3.0"),
-    ("train.max_steps=0", "train.max_steps: must be >= 1, or -1, got 0"),
-    ("eval.max_examples=-3", "eval.max_examples: must be >= 1, or None, got -3"),
-    ("eval.max_examples=0", "eval.max_examples: must be >= 1, or None, got 0"),
-    ("eval.generate_examples=-1", "eval.generate_examples: must be >= 0, got -1"),
-    ("data.max_examples=0", "data.max_examples: must be >= 1, or None, got 0"),
-    ("train.learning_rate=nan", "train.learning_rate: must be a finite number in (0, 1000000], got nan"),
-    ("train.learning_rate=1e39", "train.learning_rate: must be in (0, 1000000], got 1e+39"),
-    ("generation.temperature=0", "generation.temperature: must be > 0, got 0.0"),
-    ("generation.top_k=-1", "generation.top_k: must be >= 0, got -1"),
-    ("generation.repetition_penalty=0", "generation.repetition_penalty: must be > 0, got 0.0"),
-    ("train.seed=-1", "train.seed: must be in [0, 4294967295], got -1"),
-    ("data.system_prompt=\udcff", "data.system_prompt: not valid UTF-8 text (byte 0xff at character 1); use UTF-8 text"),
-])
+@pytest.mark.parametrize("override, message", BAD_RANGES, ids=[s for s, _ in BAD_RANGES])
 def test_range_messages_name_the_key_and_the_allowed_values(override, message):
     with pytest.raises(ConfigError) as e:
         apply_overrides(make_config("tiny"), [override])

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE, copy_run
+from conftest import BAD_RANGES, SAMPLE, copy_run
 
 from lib.__main__ import main
 from lib.errors import ConfigError
@@ -16,24 +16,7 @@ from lib.paths import run_paths
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Refused by the ranges in lib/config.py: every stage.
-RANGES = [
-    ("train.num_train_epochs=-3", "train.num_train_epochs: must be > 0, got -3.0"),
-    ("train.max_steps=0", "train.max_steps: must be >= 1, or -1, got 0"),
-    ("eval.max_examples=-3", "eval.max_examples: must be >= 1, or None, got -3"),
-    ("eval.max_examples=0", "eval.max_examples: must be >= 1, or None, got 0"),
-    ("eval.generate_examples=-1", "eval.generate_examples: must be >= 0, got -1"),
-    ("data.max_examples=0", "data.max_examples: must be >= 1, or None, got 0"),
-    ("train.learning_rate=nan", "train.learning_rate: must be a finite number in (0, 1000000], got nan"),
-    ("train.learning_rate=1e39", "train.learning_rate: must be in (0, 1000000], got 1e+39"),
-    ("generation.temperature=0", "generation.temperature: must be > 0, got 0.0"),
-    ("generation.top_k=-1", "generation.top_k: must be >= 0, got -1"),
-    ("generation.repetition_penalty=0", "generation.repetition_penalty: must be > 0, got 0.0"),
-    ("generation.top_p=0", "generation.top_p: must be in (0, 1], got 0.0"),
-    ("lora.dropout=1", "lora.dropout: must be in [0, 1), got 1.0"),
-    ("merge.tolerance=inf", "merge.tolerance: must be a finite number >= 0, got inf"),
-    ("data.system_prompt=\udcff", "data.system_prompt: not valid UTF-8 text (byte 0xff"),
-]
+RANGES = BAD_RANGES  # refused by the ranges in lib/config.py: every stage
 # Refused by what training needs (the model's layers, transformers' names): the stages that save config.yaml.
 TRAINING = [
     ("lora.target_modules=bogus", "lora.target_modules: bogus not in this model; its linear layers are "),
