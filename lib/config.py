@@ -125,6 +125,22 @@ class LoraSettings:
     bias: str = _f("none", "Train biases too: none, all, lora_only.")
     target_modules: str = _f("all-linear", "Layers to adapt: all-linear, attention (q,k,v,o), or a "
                                            "comma-separated list of module names.")
+    use_dora: bool = _f(False, "DoRA: also learn a magnitude per output row (weight-decomposed LoRA): often "
+                               "closer to full fine-tuning at low rank; each step is slower (the base weight is "
+                               "dequantized to take its row norms) and needs a little more memory. Merges exactly.")
+    use_rslora: bool = _f(False, "rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r, so high ranks keep "
+                                 "learning; at r=16 the same alpha gives a 4x larger update: lower alpha or the "
+                                 "learning rate.")
+    init: str = _f("default", "Adapter initialisation: default (B=0: the model starts as the base), pissa (A, B "
+                              "from the top singular vectors of the weights: faster convergence; needs quant.mode="
+                              "none), olora (from a QR decomposition; works on a 4-bit base), loftq (A, B cancel the "
+                              "4-bit quantization error at the start; needs quant.mode=4bit; merged into the "
+                              "dequantized 4-bit base). pissa/olora are saved converted to a plain LoRA of rank "
+                              "2r on the original base.")
+    loraplus_lr_ratio: float | None = _f(None, "LoRA+: the B matrices (and DoRA magnitudes) learn this many times "
+                                               "faster than A (the paper suggests 16): faster convergence, too "
+                                               "large destabilises; None: off (one learning rate).",
+                                         range=Range(1))
 
 
 @dataclass
@@ -431,6 +447,7 @@ CHOICES = {
     "quant.quant_type": ["nf4", "fp4"],
     "quant.compute_dtype": ["auto", "bfloat16", "float16", "float32"],
     "lora.bias": ["none", "all", "lora_only"],
+    "lora.init": ["default", "pissa", "olora", "loftq"],
     "train.batching": ["padding_free", "pad_longest", "group_by_length", "pad_max"],
     "train.eval_strategy": ["steps", "epoch", "no"],
     "train.save_strategy": ["steps", "epoch", "no"],
@@ -498,6 +515,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if fmt not in ("auto", "qa", "alpaca", "chatml") and "{{" not in fmt and "{%" not in fmt:
         raise ConfigError(f"data.prompt_format: '{fmt}' is not one of auto, qa, alpaca, chatml, nor a Jinja template")
     check_best_model(cfg)
+    check_adapter(cfg)
     return cfg
 
 
@@ -516,6 +534,41 @@ def check_best_model(cfg: RunConfig, has_eval: bool = True) -> None:
     if eval_strategy == "steps" and t.save_steps % t.eval_steps:
         raise ConfigError(f"train.load_best_model_at_end: train.save_steps ({t.save_steps}) must be a multiple "
                           f"of train.eval_steps ({t.eval_steps})")
+
+
+# The optimizers LoRA+ (lora.loraplus_lr_ratio) can build itself: peft's create_loraplus_optimizer takes
+# an optimizer class, which transformers' Trainer.get_optimizer_cls_and_kwargs gives for these names.
+LORAPLUS_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit",
+                       "paged_adamw_32bit", "paged_adamw", "sgd", "adagrad", "rmsprop")
+
+
+def adapter_conflict(cfg: RunConfig) -> str | None:
+    """Why peft (or bitsandbytes) cannot train, save or merge this adapter combination, naming both
+    settings; None when it can. Checked in validate(), so nothing loads before it is refused."""
+    lo, q = cfg.lora, cfg.quant
+    if lo.init == "pissa" and q.mode != "none":
+        return (f"lora.init=pissa with quant.mode={q.mode}: peft computes PiSSA's SVD on 16/32-bit weights and "
+                "refuses bitsandbytes ones; use quant.mode=none, or lora.init=olora on a quantized base")
+    if lo.init == "loftq" and q.mode != "4bit":
+        return (f"lora.init=loftq with quant.mode={q.mode}: LoftQ cancels the 4-bit quantization error, so it "
+                "needs quant.mode=4bit")
+    if lo.use_dora and lo.init in ("pissa", "olora"):
+        return (f"lora.use_dora with lora.init={lo.init}: peft converts a {lo.init}-initialised adapter for the "
+                "original base from A and B only and drops DoRA's magnitudes, so the saved adapter could not be merged; use one "
+                "of the two")
+    if lo.use_dora and lo.init == "loftq":
+        return ("lora.use_dora with lora.init=loftq: DoRA's magnitudes are computed before LoftQ replaces A and "
+                "B, so they would not match; use one of the two")
+    if lo.loraplus_lr_ratio is not None and cfg.train.optim not in LORAPLUS_OPTIMIZERS:
+        return (f"lora.loraplus_lr_ratio with train.optim={cfg.train.optim}: LoRA+ builds the optimizer itself "
+                f"and supports {', '.join(LORAPLUS_OPTIMIZERS)}")
+    return None
+
+
+def check_adapter(cfg: RunConfig) -> None:
+    problem = adapter_conflict(cfg)
+    if problem:
+        raise ConfigError(problem)
 
 
 def to_dict(cfg: RunConfig) -> dict:

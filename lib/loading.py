@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 GIB = 1024**3
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Initialisations that move the principal part of each base weight into A and B (the base keeps the
+# residual): their adapters are saved converted to a plain LoRA of the original base (save_adapter).
+MUTATING_INITS = ("pissa", "olora")
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,7 +167,24 @@ def lora_config(cfg):
         bias=cfg.lora.bias,
         target_modules=target_modules(cfg),
         task_type="CAUSAL_LM",
+        use_dora=cfg.lora.use_dora,
+        use_rslora=cfg.lora.use_rslora,
+        # loftq: peft's own LoftQ code needs CUDA and ignores the scaling; loftq_initialise replaces B=0 after.
+        init_lora_weights=cfg.lora.init if cfg.lora.init in MUTATING_INITS else True,
     )
+
+
+def adapter_variant(cfg) -> str:
+    """The adapter variant in words: 'LoRA', or e.g. 'DoRA, rsLoRA, OLoRA init, LoRA+ (B lr x16)'."""
+    lo = cfg.lora
+    parts = ["DoRA" if lo.use_dora else "LoRA"]
+    if lo.use_rslora:
+        parts.append("rsLoRA (alpha/sqrt(r))")
+    if lo.init != "default":
+        parts.append({"pissa": "PiSSA", "olora": "OLoRA", "loftq": "LoftQ"}[lo.init] + " init")
+    if lo.loraplus_lr_ratio is not None:
+        parts.append(f"LoRA+ (B learning rate x{lo.loraplus_lr_ratio:g})")
+    return ", ".join(parts)
 
 
 def add_lora(model, cfg):
@@ -185,7 +205,45 @@ def add_lora(model, cfg):
                 f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are "
                 f"{', '.join(linear)} (or use all-linear)"
             )
-    return get_peft_model(model, lora_config(cfg))  # peft's FutureWarning: silenced in lib/__init__.py
+    model = get_peft_model(model, lora_config(cfg))  # peft's FutureWarning: silenced in lib/__init__.py
+    if cfg.lora.init == "loftq":
+        loftq_initialise(model, resolve_model(cfg.model.name_or_path))
+    return model
+
+
+def loftq_initialise(peft_model, model_path: str, adapter: str = "default") -> int:
+    """LoftQ on a bitsandbytes 4-bit base: A and B start as the best rank-r approximation (SVD) of the
+    quantization error W - dequant(Q(W)), divided by the LoRA scaling, so that at the start the
+    quantized base plus the adapter is as close to the original weights as rank r allows.
+
+    peft's replace_lora_weights_loftq does the same, but on CUDA only (its device is hard-coded) and
+    without the scaling (peft issue #1982: exact only at alpha/r = 1); this follows it, reading the
+    original weights with peft's loader, on any device. Returns the layers initialised.
+    """
+    import bitsandbytes as bnb
+    import torch
+    from peft.tuners.lora import Linear4bit
+    from peft.utils.loftq_utils import _SafetensorLoader
+
+    local = model_path if Path(model_path).is_dir() else None
+    loader = _SafetensorLoader(peft_model, local)
+    prefix, n = "base_model.model.", 0
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, Linear4bit) or adapter not in module.lora_A:
+            continue
+        weight = loader.get_tensor(name[len(prefix):] + ".weight").to(module.weight.device, torch.float32)
+        quantized = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        u, s, vh = torch.linalg.svd(weight - quantized, full_matrices=False)
+        r = module.r[adapter]
+        root = torch.sqrt(s[:r])
+        a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        with torch.no_grad():
+            a.copy_((root[:, None] * vh[:r]).to(a.dtype))
+            b.copy_((u[:, :r] * root[None, :] / module.scaling[adapter]).to(b.dtype))
+        n += 1
+    if n == 0:
+        raise ConfigError("lora.init=loftq: no 4-bit LoRA layer found (LoftQ needs quant.mode=4bit)")
+    return n
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,9 +397,23 @@ def load_tuned_model(cfg, adapter_dir):
 
 def load_16bit_with_adapter(cfg, adapter_dir):
     """The run's base model unquantized (the compute dtype on a GPU: bf16, or fp16 on a T4; fp32 on
-    the CPU) with the adapter on top, unmerged."""
-    model, _ = load_model_and_tokenizer(apply_overrides(cfg, ["quant.mode=none"]), for_training=False,
-                                        adapter=str(adapter_dir))
+    the CPU) with the adapter on top, unmerged.
+
+    A LoftQ adapter (lora.init=loftq) was made to correct the 4-bit weights: its base is the 4-bit
+    model dequantized (what training saw, exactly), not the original weights it would correct twice.
+    """
+    if cfg.lora.init != "loftq":
+        model, _ = load_model_and_tokenizer(apply_overrides(cfg, ["quant.mode=none"]), for_training=False,
+                                            adapter=str(adapter_dir))
+        return model
+    from peft import PeftModel
+
+    base, _ = load_model_and_tokenizer(cfg, for_training=False)
+    info = device_info()
+    base = base.dequantize(dtype=torch_dtype(compute_dtype_name(cfg, info)) if info["device"] == "cuda" else None)
+    base.is_loaded_in_4bit = False  # transformers' dequantize leaves the flag set
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model.eval()
     return model
 
 

@@ -158,6 +158,8 @@ def _activation_parts(cfg, arch: dict, targets, act_bytes: int) -> dict:
     tokens = cfg.train.per_device_train_batch_size * cfg.train.max_length
     lora_act = sum(i for _, i, _ in targets) if cfg.lora.dropout > 0 else 0  # dropout copies of the inputs
     lora_act += len(targets) * cfg.lora.r
+    if cfg.lora.use_dora:  # DoRA keeps the base and the LoRA outputs of each layer for its magnitude's gradient
+        lora_act += sum(2 * o for _, _, o in targets)
     per_layer = activation_elements_per_token_layer(arch) + lora_act / max(arch["num_layers"], 1)
     no_ckpt = tokens * arch["num_layers"] * per_layer * act_bytes
     # With checkpointing: each layer's input is kept, one layer at a time is recomputed in backward.
@@ -175,6 +177,8 @@ def _parts(cfg, linears, total_params, targets, arch, act_bytes) -> tuple[dict, 
     other = total_params - quantized  # embeddings, norms, an untied LM head: kept in 16/32 bits
     weights, consts, others = _weight_parts(cfg, linears, quantized, other, act_bytes)
     lora_params = sum(cfg.lora.r * (i + o) for _, i, o in targets)
+    if cfg.lora.use_dora:
+        lora_params += sum(o for _, _, o in targets)  # DoRA: one trainable magnitude per output row
     act = _activation_parts(cfg, arch, targets, act_bytes)
     parts = {
         "weights": weights + others,
@@ -184,9 +188,19 @@ def _parts(cfg, linears, total_params, targets, arch, act_bytes) -> tuple[dict, 
         "optimizer": lora_params * _optimizer_bytes_per_param(cfg.train.optim),
         "activations": act["with"] if cfg.model.gradient_checkpointing else act["without"],
         "logits": act["logits"],
+        "dora_weight": _dora_weight_bytes(cfg, targets, act_bytes),
     }
     parts["overhead"] = CUDA_CONTEXT_GIB * GIB + FRAGMENTATION * sum(parts.values())
     return parts, {**act, "quantized": quantized, "other": other, "lora_params": lora_params}
+
+
+def _dora_weight_bytes(cfg, targets, act_bytes: int) -> int:
+    """DoRA's per-layer temporaries (peft's DoraLinearLayer.forward): to take the row norms of W + s*B@A it
+    dequantizes the base weight (compute dtype), builds B@A (fp32) and their sum (fp32), one layer at a
+    time: the largest adapted layer counts."""
+    if not cfg.lora.use_dora or not targets:
+        return 0
+    return max(i * o for _, i, o in targets) * (act_bytes + 4 + 4)
 
 
 # --------------------------------------------------------------------------------------------

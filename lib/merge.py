@@ -206,6 +206,8 @@ def merge_and_check(cfg: RunConfig, adapter_dir, eval_examples: list[dict], out_
     report.update({
         "merged_dtype": dtype,
         "adapter_base_quantization": adapter["quant"],
+        # LoftQ adapters correct the 4-bit weights, so they merge into those, dequantized (lib.loading)
+        "merge_base": "dequantized 4-bit (LoftQ)" if cfg.lora.init == "loftq" else "original weights",
         "base_model": cfg.model.name_or_path,
         "adapter": str(adapter_dir),
         "split": split,

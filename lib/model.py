@@ -15,6 +15,7 @@ from .config import apply_overrides, load_config, save_config
 from .errors import ConfigError
 from .loading import (
     GIB,
+    adapter_variant,
     add_lora,
     attn_implementation,
     compute_dtype_name,
@@ -85,7 +86,9 @@ def build_summary(cfg, model, footprint: int, est: dict) -> dict:
         "architecture": type(model.get_base_model()).__name__,
         **counts,
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout, "bias": cfg.lora.bias,
-                 "target_modules": lora_modules, "adapted_layers": est["lora_modules"]},
+                 "target_modules": lora_modules, "adapted_layers": est["lora_modules"],
+                 "variant": adapter_variant(cfg), "use_dora": cfg.lora.use_dora, "use_rslora": cfg.lora.use_rslora,
+                 "init": cfg.lora.init, "loraplus_lr_ratio": cfg.lora.loraplus_lr_ratio},
         "quantization": {"mode": q.mode, "quant_type": q.quant_type if q.mode == "4bit" else None,
                          "double_quant": q.double_quant if q.mode == "4bit" else None,
                          "compute_dtype": compute_dtype_name(cfg, info)},
@@ -151,6 +154,7 @@ def model_table(summary: dict):
         ("gradient checkpointing", summary["gradient_checkpointing"]),
         ("LoRA", f"r={summary['lora']['r']}, alpha={summary['lora']['alpha']}, dropout={summary['lora']['dropout']}, "
                  f"bias={summary['lora']['bias']}"),
+        ("adapter variant", summary["lora"].get("variant", "LoRA")),
         ("LoRA targets", f"{summary['lora']['adapted_layers']} layers: {','.join(summary['lora']['target_modules'])}"),
         ("trainable parameters", f"{summary['trainable_params']:,} ({summary['trainable_percent']:.3f}%)"),
         ("total parameters", f"{summary['total_params']:,}"),

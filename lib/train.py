@@ -31,6 +31,7 @@ from pathlib import Path
 from .config import apply_overrides, from_dict, load_config, save_config, to_dict
 from .errors import ConfigError, DataError, SFTError, TrainingError
 from .figures import load_inputs, panel_figure
+from .loading import MUTATING_INITS, adapter_variant
 from .model import (
     add_lora,
     load_model_and_tokenizer,
@@ -281,9 +282,11 @@ def build_trainer(cfg, model, tokenizer, train_dataset, eval_dataset=None, outpu
 
     args = sft_config(cfg, output_dir, has_eval=eval_dataset is not None and len(eval_dataset) > 0,
                       resuming=resuming)
+    optimizer = loraplus_optimizer(cfg, model, args) if cfg.lora.loraplus_lr_ratio is not None else None
     trainer = _guarded_trainer_class()(
         model=model,
         args=args,
+        optimizers=(optimizer, None),  # None: the Trainer's own optimizer; the scheduler is always its own
         data_collator=None if cfg.train.batching == "padding_free" else build_collator(cfg, tokenizer),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset if args.eval_strategy != "no" else None,
@@ -296,6 +299,21 @@ def build_trainer(cfg, model, tokenizer, train_dataset, eval_dataset=None, outpu
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     return trainer
+
+
+def loraplus_optimizer(cfg, model, args):
+    """LoRA+ (lora.loraplus_lr_ratio): peft's create_loraplus_optimizer with the optimizer class and
+    settings train.optim names (transformers' own mapping): A at the learning rate, B (and DoRA's
+    magnitudes) at ratio x the learning rate. The Trainer's scheduler then scales every group alike,
+    and a checkpoint's optimizer.pt restores its state as for any optimizer."""
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import Trainer
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+    return create_loraplus_optimizer(model=model, optimizer_cls=optimizer_cls, lr=args.learning_rate,
+                                     loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,
+                                     loraplus_weight_decay=args.weight_decay, **kwargs)
 
 
 def non_finite_message(what: str, step: int, args, checkpoint, run: str = "RUN") -> str:
@@ -453,6 +471,7 @@ def _model_card(cfg, summary: dict, data_hash: str | None) -> str:
         f"Supervised fine-tuning of `{base}` with QLoRA ({cfg.quant.mode}, LoRA r={cfg.lora.r}, "
         f"alpha={cfg.lora.alpha}, targets {cfg.lora.target_modules}), loss on assistant tokens only.",
         "",
+        f"- adapter: {adapter_variant(cfg)}" + _init_note(cfg),
         f"- data: `{cfg.data.path}` (format {cfg.data.format}), data hash `{data_hash}`",
         f"- steps: {summary.get('global_step')}, epochs: {summary.get('epoch')}, "
         f"tokens trained on: {summary.get('train_tokens')}",
@@ -480,6 +499,15 @@ def _model_card(cfg, summary: dict, data_hash: str | None) -> str:
     return "\n".join(lines)
 
 
+def _init_note(cfg) -> str:
+    if cfg.lora.init in MUTATING_INITS:
+        return (f"; saved converted to a plain LoRA of rank {2 * cfg.lora.r} on the original base (peft's "
+                "path_initial_model_for_weight_conversion)")
+    if cfg.lora.init == "loftq":
+        return "; made for the 4-bit NF4 base: merge it into the dequantized 4-bit weights (lib.merge does)"
+    return ""
+
+
 def _summary(trainer, cfg, counts, runtime_s, resumed_from) -> dict:
     hist = trainer.state.log_history
     train_losses = [h["loss"] for h in hist if "loss" in h]
@@ -502,6 +530,7 @@ def _summary(trainer, cfg, counts, runtime_s, resumed_from) -> dict:
         **counts,
         "world_size": trainer.args.world_size,
         "batching": cfg.train.batching,
+        "adapter_variant": adapter_variant(cfg),
         "versions": _versions(),
     }
 
@@ -602,6 +631,8 @@ def _train(cfg, paths, extra_callbacks, state) -> dict:
     footprint = model.get_memory_footprint()
     set_seed(cfg.train.seed)
     model = add_lora(model, cfg)
+    if cfg.lora.init in MUTATING_INITS and state.is_main_process:  # what the saved adapter is converted against
+        model.save_pretrained(str(initial_adapter_dir(paths)))
     counts = parameter_counts(model)
     if state.is_main_process and not paths.model_summary.exists():
         write_summary(paths, cfg, model, footprint, load_model_config(cfg))
@@ -642,11 +673,19 @@ def _train(cfg, paths, extra_callbacks, state) -> dict:
     return summary
 
 
+def initial_adapter_dir(paths) -> Path:
+    """The adapter as initialised (pissa/olora), before any step: beside the checkpoints, not one of them."""
+    return paths.checkpoints / "initial-adapter"
+
+
 def _save_adapter(trainer, cfg, paths, summary) -> None:
     """adapter/: peft weights, tokenizer (with its chat template), model card; written aside, then moved in."""
     tmp = paths.adapter.with_name(paths.adapter.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(str(tmp))
+    convert = {}
+    if cfg.lora.init in MUTATING_INITS:  # a plain LoRA (rank 2r) of the original base, which every stage loads
+        convert["path_initial_model_for_weight_conversion"] = str(initial_adapter_dir(paths))
+    trainer.model.save_pretrained(str(tmp), **convert)
     trainer.processing_class.save_pretrained(str(tmp))
     (tmp / "README.md").write_text(_model_card(cfg, summary, _data_hash(paths)), encoding="utf-8")
     write_json(tmp / "run_config.json", to_dict(cfg))
