@@ -283,15 +283,27 @@ def _changes_to_try(cfg) -> list[list[tuple]]:
     return tries
 
 
+def _total_with(model_config, cfg, changes, gpu_name=None) -> float:
+    """The estimated total (GB) of `cfg` with `changes` ([(key, value), ...]) applied."""
+    c = copy.deepcopy(cfg)
+    for k, v in changes:
+        set_value(c, k, v)
+    return estimate_memory(model_config, c, gpu=gpu_name, suggest=False)["total_gb"]
+
+
+def ranked_changes(model_config, cfg, limit: int = 3) -> list[tuple[list[tuple], float]]:
+    """The single changes of _changes_to_try (checkpointing, batch, max_length, 4-bit, paged 8-bit
+    optimizer) that save the most memory for this run, each with the total it gives, best first."""
+    tries = [(changes, _total_with(model_config, cfg, changes)) for changes in _changes_to_try(cfg)]
+    return sorted(tries, key=lambda t: t[1])[:limit]
+
+
 def _suggestions(model_config, cfg, est, gpu_name, gpu_mem) -> list[str]:
     """Changes that make it fit, each with the total it gives (estimated again, not guessed)."""
     tries = _changes_to_try(cfg)
 
     def total_with(changes):
-        c = copy.deepcopy(cfg)
-        for k, v in changes:
-            set_value(c, k, v)
-        return estimate_memory(model_config, c, gpu=gpu_name, suggest=False)["total_gb"]
+        return _total_with(model_config, cfg, changes, gpu_name)
 
     def fits(t):
         return " (fits)" if gpu_mem is not None and t <= gpu_mem else ""

@@ -38,6 +38,7 @@ from .model import (
     parameter_counts,
     write_summary,
 )
+from .oom import out_of_memory
 from .paths import require, run_paths
 from .readers import read_examples
 from .rundir import (
@@ -187,8 +188,10 @@ def _guarded_trainer_class():
 
         _bad_loss = None
         _skipped = 0
+        phase = "train"  # or "eval": what an out-of-memory error interrupted (oom_doing)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            self.phase = "train"
             loss = super().training_step(model, inputs, num_items_in_batch)
             bad = ~torch.isfinite(loss.detach())
             self._bad_loss = bad if self._bad_loss is None else (self._bad_loss | bad)
@@ -221,6 +224,10 @@ def _guarded_trainer_class():
                 drop_checkpoints_from(folder, blow_up_start(self.state.log_history, step) - 1)
             raise TrainingError(non_finite_message(what, step, self.args, last_checkpoint(folder),
                                                    run=Path(self.args.output_dir).parent.name))
+
+        def prediction_step(self, *args, **kwargs):
+            self.phase = "eval"
+            return super().prediction_step(*args, **kwargs)
 
         def _load_optimizer_and_scheduler(self, checkpoint):
             """Resume with the configured learning rate, also when it was changed since the checkpoint."""
@@ -314,6 +321,28 @@ def non_finite_message(what: str, step: int, args, checkpoint, run: str = "RUN")
     tips.append("checking the data for empty or garbled answers")
     return (f"training stopped at step {step}: the {what} is not finite (nan or inf); {kept}; {how}. "
             f"Other remedies: {', '.join(tips[1:])}.")
+
+
+def oom_doing(trainer, cfg) -> str:
+    """What training was doing when memory ran out: a training step or an evaluation, with its batch."""
+    if trainer is None:
+        return "loading the model"
+    step, args = trainer.state.global_step, trainer.args
+    if getattr(trainer, "phase", "train") == "eval":
+        return f"evaluating at step {step} (eval batches of {args.per_device_eval_batch_size})"
+    total = f" of {trainer.state.max_steps}" if trainer.state.max_steps else ""
+    return (f"step {step + 1}{total} (micro-batches of {args.per_device_train_batch_size} sequences of up to "
+            f"{cfg.train.max_length} tokens)")
+
+
+def kept_checkpoint(folder: Path, run: str) -> str:
+    """The sentence of an out-of-memory stop about the checkpoint kept (checked complete) and how to go on."""
+    ck = last_checkpoint(folder)
+    if ck is None:
+        return "No checkpoint had been saved yet: rerunning starts training over."
+    step = read_json(ck / "trainer_state.json").get("global_step")
+    return (f"The last good checkpoint is kept: {ck} (step {step}); rerunning with smaller settings resumes from "
+            f"it: `python -m lib train --run {run} --set key=value` (or notebook 03).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -598,7 +627,8 @@ def _train(cfg, paths, extra_callbacks, state) -> dict:
         _print_main(f"resuming from {resume.name} (step {resume_step})")
 
     set_seed(cfg.train.seed)  # the LoRA initialisation draws from it
-    model, tokenizer = load_model_and_tokenizer(cfg, for_training=True)
+    with out_of_memory("training", cfg, doing="loading the model", kept=lambda: kept_checkpoint(paths.checkpoints, cfg.run)):
+        model, tokenizer = load_model_and_tokenizer(cfg, for_training=True)
     footprint = model.get_memory_footprint()
     set_seed(cfg.train.seed)
     model = add_lora(model, cfg)
@@ -620,7 +650,9 @@ def _train(cfg, paths, extra_callbacks, state) -> dict:
 
     started = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with out_of_memory("training", cfg, doing=lambda: oom_doing(trainer, cfg),
+                           kept=lambda: kept_checkpoint(paths.checkpoints, cfg.run)):
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except BaseException:  # an error or an interrupt: close the progress bar it leaves open
         for cb in trainer.callback_handler.callbacks:
             if getattr(cb, "training_bar", None) is not None:
