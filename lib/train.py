@@ -59,6 +59,10 @@ from .trainer_args import check_settings, has_eval_data, sft_config
 METRIC_COLUMNS = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
                   "tokens_per_second", "peak_memory_mb"]
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# What FSDP saves in a checkpoint instead of adapter_model.safetensors and optimizer.pt (accelerate's names:
+# a folder per shard set with SHARDED_STATE_DICT, one .bin with FULL_STATE_DICT).
+FSDP_WEIGHTS = ("pytorch_model_fsdp_0", "pytorch_model_fsdp.bin")
+FSDP_OPTIMIZER = ("optimizer_0", "optimizer.bin")
 # fp16 mixed precision skips a step when its scaled gradients overflow; this many in a row is a real problem.
 MAX_SKIPPED_FP16_STEPS = 20
 
@@ -361,6 +365,8 @@ def checkpoint_problem(path: Path) -> str | None:
     for h in history:
         if any(isinstance(h.get(k), float) and not math.isfinite(h[k]) for k in ("loss", "grad_norm", "eval_loss")):
             return f"a non-finite loss or gradient norm was logged at step {h.get('step')}"
+    if any((path / n).exists() for n in FSDP_WEIGHTS):
+        return _fsdp_checkpoint_problem(path)
     weights = [path / n for n in ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")]
     weights = [w for w in weights if w.exists()]
     if not weights or not (path / "adapter_config.json").exists():
@@ -382,6 +388,19 @@ def checkpoint_problem(path: Path) -> str | None:
             return f"{name} is missing"
         if not _readable_torch_file(p):
             return f"{name} is truncated or unreadable"
+    return None
+
+
+def _fsdp_checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint FSDP saved (accelerate's sharded folders or full .bin files) cannot be resumed from."""
+    def present(names):
+        return any((path / n).is_dir() and any((path / n).iterdir()) or (path / n).is_file()
+                   and (path / n).stat().st_size > 0 for n in names)
+
+    if not present(FSDP_OPTIMIZER):
+        return "the FSDP optimizer state is missing"
+    if not (path / "scheduler.pt").exists() or not _readable_torch_file(path / "scheduler.pt"):
+        return "scheduler.pt is missing"
     return None
 
 
@@ -661,8 +680,11 @@ def _train(cfg, paths, extra_callbacks, state) -> dict:
     runtime = time.perf_counter() - started
 
     summary = _summary(trainer, cfg, counts, runtime, resume.name if resume else None)
+    if trainer.is_fsdp_enabled:  # the adapter is sharded: every process takes part in gathering it
+        _save_adapter(trainer, cfg, paths, summary, main=state.is_main_process)
     if state.is_main_process:
-        _save_adapter(trainer, cfg, paths, summary)
+        if not trainer.is_fsdp_enabled:
+            _save_adapter(trainer, cfg, paths, summary)
         write_json(paths.training_summary, summary)
         finish(paths, "train", [paths.adapter.name + "/adapter_model.safetensors",
                                 paths.adapter.name + "/adapter_config.json",
@@ -674,11 +696,21 @@ def _train(cfg, paths, extra_callbacks, state) -> dict:
     return summary
 
 
-def _save_adapter(trainer, cfg, paths, summary) -> None:
-    """adapter/: peft weights, tokenizer (with its chat template), model card; written aside, then moved in."""
+def _save_adapter(trainer, cfg, paths, summary, main: bool = True) -> None:
+    """adapter/: peft weights, tokenizer (with its chat template), model card; written aside, then moved in.
+
+    Under FSDP every process calls it: the adapter is gathered into a full state dict (peft's recipe),
+    and the main process writes it."""
     tmp = paths.adapter.with_name(paths.adapter.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(str(tmp))
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(tmp))  # collective; only the main process writes
+    else:
+        trainer.model.save_pretrained(str(tmp))
+    if not main:
+        return
     trainer.processing_class.save_pretrained(str(tmp))
     (tmp / "README.md").write_text(_model_card(cfg, summary, _data_hash(paths)), encoding="utf-8")
     write_json(tmp / "run_config.json", to_dict(cfg))
