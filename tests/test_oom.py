@@ -219,3 +219,20 @@ def test_out_of_memory_in_the_merge_names_the_cpu_merge(trained_run, monkeypatch
     assert msg.startswith("error: out of memory in merge, ")
     assert f"(1) merge on the CPU, where the 16-bit base fits in RAM: `CUDA_VISIBLE_DEVICES= python -m lib merge --run {run}`" in msg
     assert not paths.merged.exists() and not list(paths.root.glob(".merged-*"))  # nothing half-written
+
+
+def test_a_stage_block_turns_out_of_memory_into_the_project_error_and_leaves_others():
+    import torch
+
+    from lib.oom import out_of_memory
+
+    cfg = make_config("tiny", overrides={"generation.max_new_tokens": 40})
+    with pytest.raises(OutOfMemoryError) as e:
+        with out_of_memory("evaluation", cfg, doing="generate (tuned), a batch of 1", run="r"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+    assert e.value.exit_status == 3 and str(e.value).startswith(
+        "out of memory in evaluation, generate (tuned), a batch of 1: peak and card memory unavailable")
+    assert "(2) generation.max_new_tokens=20 (now 40)" in str(e.value)
+    with pytest.raises(KeyError):  # not an out-of-memory error: untouched
+        with out_of_memory("evaluation", cfg):
+            raise KeyError("x")
