@@ -17,7 +17,9 @@ half-written result in the run directory, another process writing the same run) 
 `error: ...` on stderr and exits 2, with no traceback. A quality gate that fails prints one line
 naming the figure and its tolerance and exits 1: the merge check (perplexity drift beyond
 merge.tolerance; `--set merge.fail_on_drift=false` accepts it) and the export's parity check
-(`--allow-drift` accepts it).
+(`--allow-drift` accepts it). Out of memory in training, evaluation or merge prints `error: out of
+memory in ...` (where, the peak against the card, the three settings most likely to make this run fit,
+the checkpoint kept) and exits 3: the input was fine, the settings do not fit this machine.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
         rank = os.environ.get("RANK")
         if rank in (None, "0"):
             print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_status", 2)
     except QualityGateError as e:  # the job ran, the result missed a stated tolerance
         if os.environ.get("RANK") in (None, "0"):
             print(f"error: {e}", file=sys.stderr)

@@ -115,6 +115,10 @@ class QuantSettings:
     double_quant: bool = _f(True, "Quantize the quantization constants too: ~0.4 bit/param saved.")
     compute_dtype: str = _f("auto", "Matmul dtype: auto (bf16 at compute capability >= 8, fp16 on older "
                                     "GPUs, fp32 on CPU), bfloat16, float16, float32.")
+    quant_storage: str = _f("auto", "Dtype the packed 4-bit weights are stored in: auto (the compute dtype under "
+                                    "FSDP, which shards only float tensors of one dtype; uint8 otherwise), uint8, "
+                                    "bfloat16, float16, float32. Same memory either way; under FSDP it must equal "
+                                    "the compute dtype.")
 
 
 @dataclass
@@ -446,6 +450,7 @@ CHOICES = {
     "quant.mode": ["4bit", "8bit", "none"],
     "quant.quant_type": ["nf4", "fp4"],
     "quant.compute_dtype": ["auto", "bfloat16", "float16", "float32"],
+    "quant.quant_storage": ["auto", "uint8", "bfloat16", "float16", "float32"],
     "lora.bias": ["none", "all", "lora_only"],
     "lora.init": ["default", "pissa", "olora", "loftq"],
     "train.batching": ["padding_free", "pad_longest", "group_by_length", "pad_max"],

@@ -1,7 +1,7 @@
 """User-facing errors: bad input, bad configuration, a stage that has not run yet.
 
-The CLI prints `error: <message>` for these and exits 2, without a traceback; notebooks show
-the same one-line message. Anything else is a bug and keeps its traceback.
+The CLI prints `error: <message>` for these and exits 2 (3 for OutOfMemoryError), without a
+traceback; notebooks show the same message. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,6 +21,14 @@ class MissingStageError(SFTError):
 
 class TrainingError(SFTError):
     """Training cannot go on (e.g. a non-finite loss)."""
+
+
+class OutOfMemoryError(SFTError):
+    """A stage ran out of (GPU) memory: the message says where, the peak against the card, the settings
+    most likely to make this run fit, and the checkpoint kept. The CLI exits 3: the input is fine, this
+    machine is too small for these settings (a script can retry with smaller ones)."""
+
+    exit_status = 3
 
 
 class DataError(SFTError):

@@ -39,6 +39,7 @@ from .data import read_examples
 from .errors import MissingStageError, SFTError
 from .generation import eval_conversations, generate_answers
 from .loading import load_tuned_model, release
+from .oom import out_of_memory
 from .paths import require, run_paths
 from .rundir import (
     check_fresh,
@@ -144,10 +145,12 @@ def _run_evaluate(paths, run, overrides, progress) -> dict:
     cfg = apply_overrides(load_config(paths.config), overrides or [])
     examples = _eval_examples(paths, cfg)
     started = time.time()
-    model, tokenizer = load_tuned_model(cfg, paths.adapter)
-    ppl = _perplexities(model, tokenizer, examples, cfg, progress)
-    ppl_seconds = time.time() - started
-    predictions, gen_metrics = _generation(model, tokenizer, examples, cfg, progress)
+    with out_of_memory("evaluation", cfg, doing="loading the base model and adapter", run=run):
+        model, tokenizer = load_tuned_model(cfg, paths.adapter)
+    with out_of_memory("evaluation", cfg, run=run):  # batches back off by themselves; this is at a batch of 1
+        ppl = _perplexities(model, tokenizer, examples, cfg, progress)
+        ppl_seconds = time.time() - started
+        predictions, gen_metrics = _generation(model, tokenizer, examples, cfg, progress)
     del model
     release()
     _write_results(paths, sources, ppl, predictions, gen_metrics)

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 from .config import GenerationSettings, undecodable
 from .errors import SFTError
+from .oom import in_batches
 from .tokenization import prompt_messages, render_prompt, stop_token_ids
 
 DEFAULT_TIMEOUT = 120.0  # seconds the streamer waits for the next piece of text
@@ -109,22 +110,21 @@ def generate_answers(model, tokenizer, conversations, gen_cfg, batch_size: int =
     max_new_tokens, "prompt_cut": True if the prompt was longer than max_length}] in the order
     given. Prompts are rendered with the tokenizer's chat template, cut to their last `max_length`
     tokens (the context training saw; a long prompt would otherwise cost memory and time without
-    bound), and left-padded, so a batch gives the same answers as one prompt at a time.
+    bound), and left-padded, so a batch gives the same answers as one prompt at a time. A batch that
+    runs out of memory is halved and retried (lib/oom.py).
     """
     from tqdm.auto import tqdm
 
     kw = generation_kwargs(tokenizer, gen_cfg)
     prompts = prompt_ids(tokenizer, conversations, max_length)
-    out: list[dict] = []
     was_training = model.training
     model.eval()
     try:
-        batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-            out.extend(_generate_batch(model, tokenizer, batch, kw))
+        with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
+            return in_batches(lambda batch: _generate_batch(model, tokenizer, batch, kw), prompts, batch_size,
+                              what=desc, progress=bar)
     finally:
         model.train(was_training)
-    return out
 
 
 def prompt_ids(tokenizer, conversations, max_length: int | None) -> list[tuple[list[int], bool]]:

@@ -61,8 +61,16 @@ def bf16_ok(info: dict) -> bool:
     return info["device"] == "cuda" and info["capability"][0] >= 8
 
 
-def device_map(info: dict) -> dict:
-    """The `device_map` of from_pretrained: the whole model on this process's GPU, or on the CPU."""
+def fsdp_enabled() -> bool:
+    """This process was started by `accelerate launch` with an FSDP config (configs/accelerate_fsdp_qlora.yaml)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes")
+
+
+def device_map(info: dict) -> dict | None:
+    """The `device_map` of from_pretrained: the whole model on this process's GPU, or on the CPU; none
+    under FSDP, which places (and shards) the weights itself after loading."""
+    if fsdp_enabled():
+        return None
     if info["device"] == "cuda":
         return {"": info["index"]}
     return {"": "cpu"}
@@ -78,10 +86,18 @@ def compute_dtype_name(cfg, info: dict | None = None) -> str:
     return "float32"
 
 
+def quant_storage_name(cfg, info: dict | None = None) -> str:
+    """quant.quant_storage resolved: 'auto' is the compute dtype under FSDP (it shards float tensors of
+    one dtype only), uint8 otherwise (bitsandbytes' default; the same bytes either way)."""
+    if cfg.quant.quant_storage != "auto":
+        return cfg.quant.quant_storage
+    return compute_dtype_name(cfg, info) if fsdp_enabled() else "uint8"
+
+
 def torch_dtype(name: str):
     import torch
 
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}[name]
 
 
 def attn_implementation(cfg, info: dict | None = None) -> str:
@@ -138,7 +154,7 @@ def quantization_config(cfg, info: dict | None = None):
             bnb_4bit_quant_type=cfg.quant.quant_type,
             bnb_4bit_use_double_quant=cfg.quant.double_quant,
             bnb_4bit_compute_dtype=torch_dtype(compute_dtype_name(cfg, info)),
-            bnb_4bit_quant_storage="uint8",
+            bnb_4bit_quant_storage=quant_storage_name(cfg, info),
         )
     raise ConfigError(f"quant.mode: '{mode}' is not one of 4bit, 8bit, none")
 
@@ -299,6 +315,8 @@ def _pretrained_kwargs(cfg, info: dict, qconf) -> dict:
     import torch
 
     dtype = torch_dtype(compute_dtype_name(cfg, info)) if info["device"] == "cuda" else torch.float32
+    if fsdp_enabled() and qconf is not None and cfg.quant.mode == "4bit":
+        dtype = torch_dtype(quant_storage_name(cfg, info))  # one float dtype throughout: FSDP flattens them together
     kwargs = dict(
         dtype=dtype,
         attn_implementation=attn_implementation(cfg, info),
@@ -315,7 +333,15 @@ def _prepare_for_training(model, cfg, quantized: bool):
     """Frozen base, fp32 norms and gradient checkpointing (peft's k-bit preparation when quantized)."""
     keep_4bit_layout_for_training(model)
     gc_kwargs = {"use_reentrant": False}
-    if quantized:
+    if quantized and fsdp_enabled():
+        # peft's k-bit preparation upcasts norms and embeddings to fp32: FSDP could no longer flatten a
+        # layer's parameters (4-bit weights stored in the compute dtype) into one tensor. Freeze only.
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+            model.enable_input_require_grads()
+    elif quantized:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(

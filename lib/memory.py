@@ -208,7 +208,7 @@ def _dora_weight_bytes(cfg, targets, act_bytes: int) -> int:
 
 
 def _notes(mode: str) -> str:
-    return ("Per GPU (each DDP process holds a full copy). Sequences assumed max_length long; "
+    return ("Per GPU (each DDP process holds a full copy; FSDP shards it: multi_gpu). Sequences assumed max_length long; "
             "padding-free batches of shorter examples need less. Weights in "
             + {"4bit": "4 bits (+ quantization constants), other parameters fp32",
                "8bit": "8 bits, other parameters fp32", "none": "the compute dtype"}[mode] + ".")
@@ -247,12 +247,34 @@ def _estimate_dict(cfg, arch, total_params, targets, act_bytes, parts, act, gpu_
     }
 
 
-def estimate_memory(model_config, cfg, gpu: str | None = None, suggest: bool = True) -> dict:
+SHARDED_PARTS = ("weights", "quant_constants", "lora", "gradients", "optimizer")  # what FSDP splits over the GPUs
+
+
+def multi_gpu(parts: dict, num_layers: int, n: int) -> dict:
+    """Memory per GPU (GiB) when training on `n` GPUs, from the single-GPU parts (bytes).
+
+    DDP: every GPU holds a full copy (weights, adapter, optimizer) plus a bucket copy of the LoRA
+    gradients for the all-reduce. FSDP: weights, quantization constants, LoRA, gradients and optimizer
+    states are split n ways, and two decoder layers are gathered whole at a time (the one computing and
+    the one prefetched); activations and logits are each GPU's own in both."""
+    local = parts["activations"] + parts["logits"]
+    ddp = sum(v for k, v in parts.items() if k != "overhead") + parts["gradients"]
+    gathered = 2 * (parts["weights"] + parts["quant_constants"]) / max(num_layers, 1)
+    fsdp = sum(parts[k] for k in SHARDED_PARTS) / n + gathered + local
+
+    def with_overhead(b):
+        return (b * (1 + FRAGMENTATION) + CUDA_CONTEXT_GIB * GIB) / GIB
+
+    return {"gpus": n, "ddp_gb_per_gpu": round(with_overhead(ddp), 3), "fsdp_gb_per_gpu": round(with_overhead(fsdp), 3)}
+
+
+def estimate_memory(model_config, cfg, gpu: str | None = None, suggest: bool = True, gpus: int | None = None) -> dict:
     """Training memory per GPU from the model config alone (GiB), and whether it fits.
 
     Returns parts (weights, quantization constants, LoRA, gradients, optimizer, activations,
     logits, overhead), total, activations with and without checkpointing, the GPU compared with,
-    a comparison with every known GPU, and suggestions when it does not fit.
+    a comparison with every known GPU, suggestions when it does not fit, and the memory per GPU
+    of DDP and FSDP on `gpus` GPUs (default: those here, at least 2; multi_gpu).
     """
     info = device_info()
     arch = architecture(model_config)
@@ -262,6 +284,7 @@ def estimate_memory(model_config, cfg, gpu: str | None = None, suggest: bool = T
     parts, act = _parts(cfg, linears, total_params, targets, arch, act_bytes)
     gpu_name, gpu_mem = _chosen_gpu(cfg, info, gpu)
     est = _estimate_dict(cfg, arch, total_params, targets, act_bytes, parts, act, gpu_name, gpu_mem)
+    est["multi_gpu"] = multi_gpu(parts, arch["num_layers"], gpus or max(2, info.get("count") or 0))
     total_gib = sum(parts.values()) / GIB
     if suggest and (est["fits"] is False or (gpu_mem is not None and total_gib > 0.9 * gpu_mem)):
         est["suggestions"] = _suggestions(model_config, cfg, est, gpu_name, gpu_mem)
@@ -297,15 +320,27 @@ def _changes_to_try(cfg) -> list[list[tuple]]:
     return tries
 
 
+def _total_with(model_config, cfg, changes, gpu_name=None) -> float:
+    """The estimated total (GB) of `cfg` with `changes` ([(key, value), ...]) applied."""
+    c = copy.deepcopy(cfg)
+    for k, v in changes:
+        set_value(c, k, v)
+    return estimate_memory(model_config, c, gpu=gpu_name, suggest=False)["total_gb"]
+
+
+def ranked_changes(model_config, cfg, limit: int = 3) -> list[tuple[list[tuple], float]]:
+    """The single changes of _changes_to_try (checkpointing, batch, max_length, 4-bit, paged 8-bit
+    optimizer) that save the most memory for this run, each with the total it gives, best first."""
+    tries = [(changes, _total_with(model_config, cfg, changes)) for changes in _changes_to_try(cfg)]
+    return sorted(tries, key=lambda t: t[1])[:limit]
+
+
 def _suggestions(model_config, cfg, est, gpu_name, gpu_mem) -> list[str]:
     """Changes that make it fit, each with the total it gives (estimated again, not guessed)."""
     tries = _changes_to_try(cfg)
 
     def total_with(changes):
-        c = copy.deepcopy(cfg)
-        for k, v in changes:
-            set_value(c, k, v)
-        return estimate_memory(model_config, c, gpu=gpu_name, suggest=False)["total_gb"]
+        return _total_with(model_config, cfg, changes, gpu_name)
 
     def fits(t):
         return " (fits)" if gpu_mem is not None and t <= gpu_mem else ""
@@ -341,6 +376,10 @@ def format_estimate(est: dict) -> str:
         verdict = "fits" if est["fits"] else "does NOT fit"
         lines.append(f"  {verdict} on {est['gpu']} ({est['gpu_memory_gb']} GB)")
     lines.append("  " + ", ".join(f"{n}: {'yes' if g['fits'] else 'no'}" for n, g in est["gpus"].items()))
+    m = est.get("multi_gpu")
+    if m:
+        lines.append(f"  on {m['gpus']} GPUs, per GPU: DDP {m['ddp_gb_per_gpu']:.3f} GB (a full copy each; torchrun), "
+                     f"FSDP {m['fsdp_gb_per_gpu']:.3f} GB (sharded; configs/accelerate_fsdp_qlora.yaml)")
     for s in est["suggestions"]:
         lines.append(f"  suggestion: {s}")
     return "\n".join(lines)

@@ -39,6 +39,7 @@ from .config import RunConfig, apply_overrides, load_config
 from .errors import QualityGateError, SFTError
 from .generation import generation_config
 from .loading import load_16bit_with_adapter, load_merged, load_tokenizer, load_tuned_model, release
+from .oom import out_of_memory
 from .paths import require, run_paths
 from .rundir import check_trained, finish, install, read_manifest, remove_leftovers, run_lock, write_json
 from .scoring import check_examples, perplexity
@@ -308,17 +309,12 @@ def _run_merge(paths, run, overrides) -> dict:
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; merged/ should be like any other folder
-    import torch
-
     try:
-        report = merge_and_check(cfg, paths.adapter, examples, tmp, split=split)
+        with out_of_memory("merge", cfg, doing="merging into the 16-bit base or checking the merged model", run=run):
+            report = merge_and_check(cfg, paths.adapter, examples, tmp, split=split)
         report["fail_on_drift"] = cfg.merge.fail_on_drift
         write_json(tmp / "merge_report.json", report)
         install(paths, "merge", {paths.merged: tmp}, [f"{paths.merged.name}/merge_report.json"], {"train": trained})
-    except torch.cuda.OutOfMemoryError:
-        raise MergeError(
-            "out of GPU memory while merging: the base model in 16-bit does not fit on this GPU. Merge where "
-            f"it fits: a larger GPU, or the CPU (`CUDA_VISIBLE_DEVICES= python -m lib merge --run {run}`)") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _add_to_perplexity_json(paths, report["perplexity"]["merged"])

@@ -6,7 +6,8 @@
 
 Perplexity is exp(total NLL / total tokens) over the assistant tokens, the very tokens the
 training loss sees (`lib.tokenization.encode_example` labels, cut at train.max_length), computed
-batch by batch (one batch of logits in memory at a time) and summed in float64. Evaluation (04),
+batch by batch (one batch of logits in memory at a time; a batch that runs out of memory is halved
+and retried, lib/oom.py) and summed in example order. Evaluation (04),
 the merge check and the GGUF parity check all use it.
 """
 
@@ -17,6 +18,7 @@ import math
 from .data import read_examples
 from .errors import SFTError
 from .generation import model_device, pad_id
+from .oom import in_batches
 from .paths import require
 from .tokenization import IGNORE_INDEX, encode_example
 
@@ -29,8 +31,6 @@ def perplexity(model, tokenizer, examples, batch_size: int = 8, max_length: int 
     "examples": examples that have at least one scored token, "examples_cut": examples longer than
     max_length, scored on their first max_length tokens only (as training cuts them)}.
     """
-    import torch
-    import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     encoded = [encode_example(tokenizer, ex, max_length) for ex in examples]
@@ -43,34 +43,46 @@ def perplexity(model, tokenizer, examples, batch_size: int = 8, max_length: int 
     encoded.sort(key=lambda e: len(e["input_ids"]))  # similar lengths together: little padding
     device = model_device(model)
     pad = pad_id(tokenizer)
-    total_nll, total_tokens = 0.0, 0
     was_training = model.training
     model.eval()
-    batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
     try:
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-            width = max(len(e["input_ids"]) for e in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, e in enumerate(batch):
-                n = len(e["input_ids"])
-                ids[row, :n] = torch.tensor(e["input_ids"])
-                labels[row, :n] = torch.tensor(e["labels"])
-                mask[row, :n] = 1
-            with torch.no_grad():
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                target = labels[:, 1:].to(logits.device)
-                for row in range(len(batch)):  # one row at a time in float32: bounded memory for big vocabularies
-                    total_nll += F.cross_entropy(logits[row, :-1].float(), target[row], ignore_index=IGNORE_INDEX,
-                                                 reduction="sum").item()
-                total_tokens += int((target != IGNORE_INDEX).sum())
-            del logits
+        with tqdm(total=len(encoded), desc=desc, unit="example", disable=not progress) as bar:
+            rows = in_batches(lambda batch: _batch_nll(model, batch, pad, device), encoded, batch_size,
+                              what=desc, progress=bar)
     finally:
         model.train(was_training)
+    total_nll, total_tokens = 0.0, 0
+    for nll, tokens in rows:  # summed in example order: the same total for any batch size
+        total_nll += nll
+        total_tokens += tokens
     loss = total_nll / total_tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": total_tokens,
             "examples": len(encoded), "examples_cut": n_cut}
+
+
+def _batch_nll(model, batch, pad: int, device) -> list[tuple[float, int]]:
+    """(summed NLL, scored tokens) of each encoded example of one right-padded batch."""
+    import torch
+    import torch.nn.functional as F
+
+    width = max(len(e["input_ids"]) for e in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, e in enumerate(batch):
+        n = len(e["input_ids"])
+        ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        mask[row, :n] = 1
+    out = []
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        target = labels[:, 1:].to(logits.device)
+        for row in range(len(batch)):  # one row at a time in float32: bounded memory for big vocabularies
+            nll = F.cross_entropy(logits[row, :-1].float(), target[row], ignore_index=IGNORE_INDEX, reduction="sum")
+            out.append((nll.item(), int((target[row] != IGNORE_INDEX).sum())))
+    del logits
+    return out
 
 
 def check_examples(paths, cfg) -> tuple[list[dict], str]:

@@ -39,6 +39,7 @@ from .model import (
     parameter_counts,
     write_summary,
 )
+from .oom import out_of_memory
 from .paths import require, run_paths
 from .readers import read_examples
 from .rundir import (
@@ -59,6 +60,10 @@ from .trainer_args import check_settings, has_eval_data, sft_config
 METRIC_COLUMNS = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
                   "tokens_per_second", "peak_memory_mb"]
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# What FSDP saves in a checkpoint instead of adapter_model.safetensors and optimizer.pt (accelerate's names:
+# a folder per shard set with SHARDED_STATE_DICT, one .bin with FULL_STATE_DICT).
+FSDP_WEIGHTS = ("pytorch_model_fsdp_0", "pytorch_model_fsdp.bin")
+FSDP_OPTIMIZER = ("optimizer_0", "optimizer.bin")
 # fp16 mixed precision skips a step when its scaled gradients overflow; this many in a row is a real problem.
 MAX_SKIPPED_FP16_STEPS = 20
 
@@ -188,8 +193,10 @@ def _guarded_trainer_class():
 
         _bad_loss = None
         _skipped = 0
+        phase = "train"  # or "eval": what an out-of-memory error interrupted (oom_doing)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            self.phase = "train"
             loss = super().training_step(model, inputs, num_items_in_batch)
             bad = ~torch.isfinite(loss.detach())
             self._bad_loss = bad if self._bad_loss is None else (self._bad_loss | bad)
@@ -222,6 +229,10 @@ def _guarded_trainer_class():
                 drop_checkpoints_from(folder, blow_up_start(self.state.log_history, step) - 1)
             raise TrainingError(non_finite_message(what, step, self.args, last_checkpoint(folder),
                                                    run=Path(self.args.output_dir).parent.name))
+
+        def prediction_step(self, *args, **kwargs):
+            self.phase = "eval"
+            return super().prediction_step(*args, **kwargs)
 
         def _load_optimizer_and_scheduler(self, checkpoint):
             """Resume with the configured learning rate, also when it was changed since the checkpoint."""
@@ -334,6 +345,28 @@ def non_finite_message(what: str, step: int, args, checkpoint, run: str = "RUN")
             f"Other remedies: {', '.join(tips[1:])}.")
 
 
+def oom_doing(trainer, cfg) -> str:
+    """What training was doing when memory ran out: a training step or an evaluation, with its batch."""
+    if trainer is None:
+        return "loading the model"
+    step, args = trainer.state.global_step, trainer.args
+    if getattr(trainer, "phase", "train") == "eval":
+        return f"evaluating at step {step} (eval batches of {args.per_device_eval_batch_size})"
+    total = f" of {trainer.state.max_steps}" if trainer.state.max_steps else ""
+    return (f"step {step + 1}{total} (micro-batches of {args.per_device_train_batch_size} sequences of up to "
+            f"{cfg.train.max_length} tokens)")
+
+
+def kept_checkpoint(folder: Path, run: str) -> str:
+    """The sentence of an out-of-memory stop about the checkpoint kept (checked complete) and how to go on."""
+    ck = last_checkpoint(folder)
+    if ck is None:
+        return "No checkpoint had been saved yet: rerunning starts training over."
+    step = read_json(ck / "trainer_state.json").get("global_step")
+    return (f"The last good checkpoint is kept: {ck} (step {step}); rerunning with smaller settings resumes from "
+            f"it: `python -m lib train --run {run} --set key=value` (or notebook 03).")
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -350,6 +383,8 @@ def checkpoint_problem(path: Path) -> str | None:
     for h in history:
         if any(isinstance(h.get(k), float) and not math.isfinite(h[k]) for k in ("loss", "grad_norm", "eval_loss")):
             return f"a non-finite loss or gradient norm was logged at step {h.get('step')}"
+    if any((path / n).exists() for n in FSDP_WEIGHTS):
+        return _fsdp_checkpoint_problem(path)
     weights = [path / n for n in ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")]
     weights = [w for w in weights if w.exists()]
     if not weights or not (path / "adapter_config.json").exists():
@@ -371,6 +406,19 @@ def checkpoint_problem(path: Path) -> str | None:
             return f"{name} is missing"
         if not _readable_torch_file(p):
             return f"{name} is truncated or unreadable"
+    return None
+
+
+def _fsdp_checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint FSDP saved (accelerate's sharded folders or full .bin files) cannot be resumed from."""
+    def present(names):
+        return any((path / n).is_dir() and any((path / n).iterdir()) or (path / n).is_file()
+                   and (path / n).stat().st_size > 0 for n in names)
+
+    if not present(FSDP_OPTIMIZER):
+        return "the FSDP optimizer state is missing"
+    if not (path / "scheduler.pt").exists() or not _readable_torch_file(path / "scheduler.pt"):
+        return "scheduler.pt is missing"
     return None
 
 
@@ -627,7 +675,8 @@ def _train(cfg, paths, extra_callbacks, state) -> dict:
         _print_main(f"resuming from {resume.name} (step {resume_step})")
 
     set_seed(cfg.train.seed)  # the LoRA initialisation draws from it
-    model, tokenizer = load_model_and_tokenizer(cfg, for_training=True)
+    with out_of_memory("training", cfg, doing="loading the model", kept=lambda: kept_checkpoint(paths.checkpoints, cfg.run)):
+        model, tokenizer = load_model_and_tokenizer(cfg, for_training=True)
     footprint = model.get_memory_footprint()
     set_seed(cfg.train.seed)
     model = add_lora(model, cfg)
@@ -651,7 +700,9 @@ def _train(cfg, paths, extra_callbacks, state) -> dict:
 
     started = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with out_of_memory("training", cfg, doing=lambda: oom_doing(trainer, cfg),
+                           kept=lambda: kept_checkpoint(paths.checkpoints, cfg.run)):
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except BaseException:  # an error or an interrupt: close the progress bar it leaves open
         for cb in trainer.callback_handler.callbacks:
             if getattr(cb, "training_bar", None) is not None:
@@ -660,8 +711,11 @@ def _train(cfg, paths, extra_callbacks, state) -> dict:
     runtime = time.perf_counter() - started
 
     summary = _summary(trainer, cfg, counts, runtime, resume.name if resume else None)
+    if trainer.is_fsdp_enabled:  # the adapter is sharded: every process takes part in gathering it
+        _save_adapter(trainer, cfg, paths, summary, main=state.is_main_process)
     if state.is_main_process:
-        _save_adapter(trainer, cfg, paths, summary)
+        if not trainer.is_fsdp_enabled:
+            _save_adapter(trainer, cfg, paths, summary)
         write_json(paths.training_summary, summary)
         finish(paths, "train", [paths.adapter.name + "/adapter_model.safetensors",
                                 paths.adapter.name + "/adapter_config.json",
@@ -678,14 +732,24 @@ def initial_adapter_dir(paths) -> Path:
     return paths.checkpoints / "initial-adapter"
 
 
-def _save_adapter(trainer, cfg, paths, summary) -> None:
-    """adapter/: peft weights, tokenizer (with its chat template), model card; written aside, then moved in."""
+def _save_adapter(trainer, cfg, paths, summary, main: bool = True) -> None:
+    """adapter/: peft weights, tokenizer (with its chat template), model card; written aside, then moved in.
+
+    Under FSDP every process calls it: the adapter is gathered into a full state dict (peft's recipe),
+    and the main process writes it."""
     tmp = paths.adapter.with_name(paths.adapter.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    convert = {}
-    if cfg.lora.init in MUTATING_INITS:  # a plain LoRA (rank 2r) of the original base, which every stage loads
-        convert["path_initial_model_for_weight_conversion"] = str(initial_adapter_dir(paths))
-    trainer.model.save_pretrained(str(tmp), **convert)
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(tmp))  # collective; only the main process writes
+    else:
+        convert = {}
+        if cfg.lora.init in MUTATING_INITS:  # a plain LoRA (rank 2r) of the original base, which every stage loads
+            convert["path_initial_model_for_weight_conversion"] = str(initial_adapter_dir(paths))
+        trainer.model.save_pretrained(str(tmp), **convert)
+    if not main:
+        return
     trainer.processing_class.save_pretrained(str(tmp))
     (tmp / "README.md").write_text(_model_card(cfg, summary, _data_hash(paths)), encoding="utf-8")
     write_json(tmp / "run_config.json", to_dict(cfg))

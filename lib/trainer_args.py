@@ -14,7 +14,15 @@ from pathlib import Path
 
 from .config import check_best_model
 from .errors import ConfigError
-from .loading import attn_implementation, bf16_ok, device_info, load_model_config, target_modules
+from .loading import (
+    attn_implementation,
+    bf16_ok,
+    compute_dtype_name,
+    device_info,
+    fsdp_enabled,
+    load_model_config,
+    target_modules,
+)
 from .memory import cached_layers
 
 
@@ -51,6 +59,31 @@ def check_target_modules(cfg, model_config=None) -> None:
     if missing:
         raise ConfigError(f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are "
                           f"{', '.join(sorted({n.split('.')[-1] for n, *_ in linears}))} (or use all-linear)")
+
+
+FSDP_LAUNCH = "FSDP (accelerate launch with an FSDP config)"
+
+
+def check_fsdp(cfg, info: dict | None = None) -> None:
+    """Under FSDP, refuse what cannot be sharded, naming both settings; nothing to check otherwise.
+
+    FSDP shards float tensors of one dtype per unit: bitsandbytes' 8-bit weights (int8 with their own
+    state) cannot be, and 4-bit weights only when stored in the compute dtype (quant.quant_storage)."""
+    if not fsdp_enabled():
+        return
+    info = info or device_info()
+    if info["device"] != "cuda":
+        raise ConfigError(f"{FSDP_LAUNCH} needs GPUs: accelerate shards only on GPUs (or XPU, NPU, ...); on the "
+                          "CPU train with DDP: torchrun --nproc_per_node N -m lib -- train ...")
+    if cfg.quant.mode == "8bit":
+        raise ConfigError(f"quant.mode=8bit and {FSDP_LAUNCH}: 8-bit weights cannot be sharded; use "
+                          "quant.mode=4bit (FSDP-QLoRA) or DDP (torchrun)")
+    storage = cfg.quant.quant_storage
+    compute = compute_dtype_name(cfg, info)
+    if cfg.quant.mode == "4bit" and storage not in ("auto", compute):
+        raise ConfigError(f"quant.quant_storage={storage} and quant.compute_dtype={compute} under {FSDP_LAUNCH}: "
+                          "FSDP shards 4-bit weights only when stored in the compute dtype; use "
+                          "quant.quant_storage=auto")
 
 
 def _report_to(cfg) -> list[str] | str:
@@ -167,6 +200,7 @@ def check_settings(cfg, paths, has_eval: bool | None = None) -> None:
     has_eval: whether there is an evaluation split (default: read from the run's data)."""
     info = device_info()
     precision(cfg, info)
+    check_fsdp(cfg, info)
     attn_implementation(cfg, info)
     check_target_modules(cfg)
     sft_config(cfg, paths.checkpoints, has_eval=has_eval_data(cfg, paths) if has_eval is None else has_eval)
