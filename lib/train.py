@@ -98,13 +98,14 @@ def build_collator(cfg, tokenizer):
 
     mode = cfg.train.batching
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if mode == "padding_free":
+    if mode in ("padding_free", "packing"):  # packed rows carry seq_lengths: position_ids restart at each example
         return DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True)
     if mode in ("pad_longest", "group_by_length"):
         return DataCollatorForLanguageModeling(pad_token_id=pad)
     if mode == "pad_max":
         return DataCollatorForLanguageModeling(pad_token_id=pad, pad_to_multiple_of=cfg.train.max_length)
-    raise ConfigError(f"train.batching: '{mode}' is not one of padding_free, pad_longest, group_by_length, pad_max")
+    raise ConfigError(f"train.batching: '{mode}' is not one of padding_free, packing, pad_longest, group_by_length, "
+                      "pad_max")
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,17 +279,22 @@ def build_trainer(cfg, model, tokenizer, train_dataset, eval_dataset=None, outpu
                   resuming: bool = False, callbacks=()):
     """The guarded SFTTrainer of `cfg` for a LoRA model and encoded datasets (see encode_dataset)."""
     import torch
+    from transformers import EarlyStoppingCallback
 
     args = sft_config(cfg, output_dir, has_eval=eval_dataset is not None and len(eval_dataset) > 0,
                       resuming=resuming)
+    callbacks = list(callbacks)
+    if cfg.train.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience, cfg.train.early_stopping_threshold))
     trainer = _guarded_trainer_class()(
         model=model,
         args=args,
-        data_collator=None if cfg.train.batching == "padding_free" else build_collator(cfg, tokenizer),
+        # padding_free and packing: TRL's own collator (it refuses another one)
+        data_collator=None if args.padding_free else build_collator(cfg, tokenizer),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset if args.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        callbacks=list(callbacks),
+        callbacks=callbacks,
     )
     # TRL casts a quantized model's adapters to bf16; keep them fp32, the precision the optimizer
     # updates in (autocast still runs the matmuls in 16 bits on a GPU).
@@ -459,6 +465,8 @@ def _model_card(cfg, summary: dict, data_hash: str | None) -> str:
         f"- eval loss: {summary.get('initial_eval_loss')} before, {summary.get('final_eval_loss')} after"
         + (f", best {best:.4f}" if isinstance(best, float) else ""),
         f"- trainable parameters: {summary.get('trainable_params')} of {summary.get('total_params')}",
+        f"- adapter from step {summary.get('adapter_from_step')}"
+        + (f" (stopped early at step {summary['stopped_at_step']})" if summary.get("stopped_early") else ""),
         f"- libraries: {', '.join(f'{k} {v}' for k, v in summary.get('versions', {}).items())}",
         "",
         "## Use",
@@ -494,6 +502,7 @@ def _summary(trainer, cfg, counts, runtime_s, resumed_from) -> dict:
         "best_eval_loss": min(eval_values) if eval_values else None,
         "best_checkpoint": (Path(trainer.state.best_model_checkpoint).name
                             if trainer.state.best_model_checkpoint else None),
+        **early_stop(trainer),
         "global_step": trainer.state.global_step,
         "epoch": round(trainer.state.epoch or 0.0, 4),
         "runtime_s": round(runtime_s, 2),
@@ -504,6 +513,21 @@ def _summary(trainer, cfg, counts, runtime_s, resumed_from) -> dict:
         "batching": cfg.train.batching,
         "versions": _versions(),
     }
+
+
+def early_stop(trainer) -> dict:
+    """Whether early stopping ended the training (before max_steps), at which step, and the best step it kept
+    (with load_best_model_at_end, the adapter saved is that step's)."""
+    from transformers import EarlyStoppingCallback
+
+    st = trainer.state
+    cb = next((c for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)), None)
+    stopped = (cb is not None and cb.early_stopping_patience_counter >= cb.early_stopping_patience
+               and st.global_step < st.max_steps)
+    return {"stopped_early": stopped, "stopped_at_step": st.global_step if stopped else None,
+            "best_step": st.best_global_step, "best_step_eval_loss": st.best_metric,
+            "adapter_from_step": (st.best_global_step if trainer.args.load_best_model_at_end and st.best_global_step
+                                  else st.global_step)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -638,6 +662,10 @@ def _train(cfg, paths, extra_callbacks, state) -> dict:
                {"prepare": fingerprint(paths, "prepare", verify=False)})
         _print_main(f"trained {summary['global_step']} steps in {runtime:.1f} s; eval loss "
                     f"{summary['initial_eval_loss']} -> {summary['final_eval_loss']}; adapter in {paths.adapter}")
+        if summary["stopped_early"]:
+            _print_main(f"stopped early at step {summary['stopped_at_step']}: the eval loss did not improve for "
+                        f"{cfg.train.early_stopping_patience} evaluation(s); the adapter is the best step's, "
+                        f"{summary['best_step']} (eval loss {summary['best_step_eval_loss']:.4f})")
     state.wait_for_everyone()
     return summary
 

@@ -97,3 +97,83 @@ def _mean_of_micro_batch_means_update(cfg, tok, rows) -> dict:
         batch = collate(part)
         (model(**batch, use_cache=False).loss / 2).backward()
     return {n: -p.grad.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ------------------------------------------------------------------------------ NEFTune
+
+
+def _train_small(cfg, tmp_path, name, callbacks=()):
+    """A short training of the tiny model (fixed initial adapter) on 8 varied examples, evaluated on 4."""
+    import warnings
+
+    from conftest import tiny_lora_model
+    from lib.train import build_trainer, encode_dataset
+
+    model, tok = tiny_lora_model(cfg, seed=0)
+    train_ds = encode_dataset(tok, _varied_examples(8), cfg.train.max_length)
+    eval_ds = encode_dataset(tok, _varied_examples(4)[::-1], cfg.train.max_length)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = build_trainer(cfg, model, tok, train_ds, eval_ds, output_dir=tmp_path / name,
+                                callbacks=callbacks)
+        trainer.train()
+    return trainer
+
+
+def _neftune_probe():
+    """A callback that, during training (the NEFTune hook active), runs the input embeddings in train
+    and in eval mode and records both next to the plain embedding lookup."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Probe(TrainerCallback):
+        seen = {}
+
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if self.seen:
+                return
+            emb = model.base_model.model.get_input_embeddings()
+            ids = torch.arange(40)[None] % emb.num_embeddings
+            plain = emb.weight[ids].detach()
+            was_training = emb.training
+            with torch.no_grad():
+                emb.train()
+                noisy, noisy_again = emb(ids), emb(ids)
+                emb.eval()
+                quiet = emb(ids)
+            emb.train(was_training)
+            self.seen.update(plain=plain, noisy=noisy, noisy_again=noisy_again, quiet=quiet, emb=emb,
+                             hooks=len(emb._forward_hooks))
+
+    return Probe()
+
+
+def test_neftune_adds_noise_to_training_embeddings_only(session_outputs, tmp_path):
+    import torch
+
+    base = {"train.max_steps": 3, "train.logging_steps": 1, "train.eval_steps": 3, "train.save_strategy": "no",
+            "train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 1}
+    alpha = 5.0
+    cfg_noise = make_config("tiny", overrides={**base, "train.neftune_noise_alpha": alpha})
+    probe = _neftune_probe()
+    noisy = _train_small(cfg_noise, tmp_path, "neftune", callbacks=[probe])
+    plain = _train_small(make_config("tiny", overrides=base), tmp_path, "plain")
+
+    seen = probe.seen
+    assert seen["hooks"] == 1, "transformers hooked the peft model's input embeddings"
+    bound = alpha / (40 * seen["plain"].shape[-1]) ** 0.5  # alpha / sqrt(tokens x width)
+    delta = (seen["noisy"] - seen["plain"]).abs()
+    assert 0.5 * bound < float(delta.max()) <= bound * (1 + 1e-5)
+    assert not torch.equal(seen["noisy"], seen["noisy_again"]), "fresh noise at every forward"
+    assert torch.equal(seen["quiet"], seen["plain"]), "no noise in eval mode (evaluation, generation)"
+    assert len(seen["emb"]._forward_hooks) == 0, "the hook is removed when training ends"
+
+    def logged(trainer, key, step):
+        return next(h[key] for h in trainer.state.log_history if key in h and h["step"] == step)
+
+    # Evaluation is unaffected (the same eval loss before training), training is not.
+    assert logged(noisy, "eval_loss", 0) == logged(plain, "eval_loss", 0)
+    assert logged(noisy, "loss", 1) != logged(plain, "loss", 1)
+    a = {n: p.detach() for n, p in noisy.model.named_parameters() if p.requires_grad}
+    b = {n: p.detach() for n, p in plain.model.named_parameters() if p.requires_grad}
+    assert max(float((a[n] - b[n]).abs().max()) for n in a) > 1e-6
