@@ -177,3 +177,99 @@ def test_neftune_adds_noise_to_training_embeddings_only(session_outputs, tmp_pat
     a = {n: p.detach() for n, p in noisy.model.named_parameters() if p.requires_grad}
     b = {n: p.detach() for n, p in plain.model.named_parameters() if p.requires_grad}
     assert max(float((a[n] - b[n]).abs().max()) for n in a) > 1e-6
+
+
+# ------------------------------------------------------------------------------ early stopping
+
+
+def _undo_training_after(step: int):
+    """A callback that puts the adapter back to its initial weights after every step past `step`, so
+    every later evaluation has the initial eval loss, worse than the trained one at `step`."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Undo(TrainerCallback):
+        initial = None
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            self.initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step > step:
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        if n in self.initial:
+                            p.copy_(self.initial[n])
+
+    return Undo()
+
+
+def test_early_stopping_keeps_the_best_adapter_and_does_not_train_on(prepared_run, capsys):
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from test_train import _fresh_copy
+
+    from lib.paths import run_paths
+    from lib.train import run_train
+
+    run = _fresh_copy(prepared_run, "early-stop")
+    paths = run_paths(run)
+    summary = run_train(run, overrides=["train.max_steps=20", "train.eval_steps=2", "train.save_steps=2",
+                                        "train.save_total_limit=none", "train.load_best_model_at_end=true",
+                                        "train.early_stopping_patience=2"], callbacks=[_undo_training_after(4)])
+    out = capsys.readouterr().out
+    evals = {h["step"]: h["eval_loss"] for h in _history(paths, summary["global_step"]) if "eval_loss" in h}
+    assert evals[4] < min(evals[0], evals[2]), "training lowered the eval loss up to step 4"
+    assert evals[6] == evals[8] == evals[0], "after step 4 the adapter is back at its start"
+    assert summary["stopped_early"] and summary["stopped_at_step"] == summary["global_step"] == 8
+    assert summary["best_step"] == summary["adapter_from_step"] == 4
+    assert summary["best_step_eval_loss"] == pytest.approx(evals[4])
+    assert "stopped early at step 8" in out and "best step's, 4" in out
+    assert json.loads(paths.training_summary.read_text())["stopped_early"] is True
+
+    saved = load_file(str(paths.adapter / "adapter_model.safetensors"))
+    best = load_file(str(paths.checkpoints / "checkpoint-4" / "adapter_model.safetensors"))
+    last = load_file(str(paths.checkpoints / "checkpoint-8" / "adapter_model.safetensors"))
+    assert saved.keys() == best.keys() and saved
+    assert all(torch.equal(saved[k], best[k]) for k in saved), "the adapter is the best checkpoint's"
+    assert any(not torch.equal(saved[k], last[k]) for k in saved)
+
+    # Rerunning does not train on from the last checkpoint: the run is finished.
+    again = run_train(run)
+    assert again["global_step"] == 8 and "already finished training" in capsys.readouterr().out
+    assert all(torch.equal(load_file(str(paths.adapter / "adapter_model.safetensors"))[k], best[k]) for k in best)
+
+
+def _history(paths, step):
+    import json
+
+    return json.loads((paths.checkpoints / f"checkpoint-{step}" / "trainer_state.json").read_text())["log_history"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.early_stopping_patience": 2},
+     "train.early_stopping_patience needs train.load_best_model_at_end=true"),
+    ({"train.early_stopping_patience": 2, "train.load_best_model_at_end": True, "train.eval_strategy": "no"},
+     "train.load_best_model_at_end needs an evaluation split and train.eval_strategy"),
+    ({"train.early_stopping_patience": 0}, "train.early_stopping_patience: must be >= 1"),
+    ({"train.neftune_noise_alpha": 0.0}, "train.neftune_noise_alpha: must be > 0"),
+])
+def test_training_option_conflicts_are_one_line_naming_both_settings(overrides, message):
+    from lib.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        make_config("tiny", overrides=overrides)
+
+
+def test_cli_refuses_early_stopping_without_best_model_before_loading(prepared_run, capsys):
+    from lib.__main__ import main
+    from lib.paths import run_paths
+
+    paths = run_paths(prepared_run)
+    before = paths.config.read_text()
+    assert main(["train", "--run", prepared_run, "--set", "train.early_stopping_patience=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.early_stopping_patience" in err[0] and "train.load_best_model_at_end" in err[0]
+    assert paths.config.read_text() == before
