@@ -11,11 +11,11 @@ from lib.config import make_config
 # ------------------------------------------------------------------------------ gradient accumulation
 
 
-def _varied_examples(n: int) -> list[dict]:
+def _varied_examples(n: int, words: int = 3) -> list[dict]:
     """Conversations of clearly different lengths (so micro-batches hold different token counts)."""
     out = []
     for i in range(n):
-        question = " ".join(["why is the sky blue"] * (1 + 3 * i))
+        question = " ".join(["why is the sky blue"] * (1 + words * i))
         answer = " ".join(["because light scatters"] * (1 + (5 * i) % 7))
         out.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
     return out
@@ -273,3 +273,77 @@ def test_cli_refuses_early_stopping_without_best_model_before_loading(prepared_r
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.early_stopping_patience" in err[0] and "train.load_best_model_at_end" in err[0]
     assert paths.config.read_text() == before
+
+
+# ------------------------------------------------------------------------------ packing
+
+
+def test_packing_keeps_our_labels_and_each_example_sees_only_itself(session_outputs, tmp_path):
+    """TRL's best-fit-decreasing packing of our encoded examples: every example lands once, whole, with its
+    own labels at its own positions; position_ids restart at each one; and the per-token log-probabilities
+    of an example inside a pack equal those of the example alone (no attention across examples)."""
+    import warnings
+
+    import torch
+
+    from conftest import tiny_lora_model
+    from lib.train import build_collator, build_trainer, encode_dataset
+
+    max_length = 128
+    cfg = make_config("tiny", overrides={"train.batching": "packing", "train.max_length": max_length,
+                                         "train.per_device_train_batch_size": 2, "train.max_steps": 2,
+                                         "train.eval_strategy": "no", "train.save_strategy": "no"})
+    model, tok = tiny_lora_model(cfg, seed=0)
+    ds = encode_dataset(tok, _varied_examples(7, words=0), max_length)
+    examples = [(tuple(ds[i]["input_ids"]), tuple(ds[i]["labels"])) for i in range(len(ds))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = build_trainer(cfg, model, tok, ds, None, output_dir=tmp_path / "packing")
+    packed = trainer.train_dataset
+    assert len(packed) < len(ds) and all(len(r["input_ids"]) <= max_length for r in packed)
+    assert any(len(r["seq_lengths"]) > 1 for r in packed), "some rows hold several examples"
+
+    whole = []  # every example exactly once over the packed rows, cut where seq_lengths say
+    for r in packed:
+        cuts = [0, *torch.tensor(r["seq_lengths"]).cumsum(0).tolist()]
+        whole += [(tuple(r["input_ids"][a:b]), tuple(r["labels"][a:b])) for a, b in zip(cuts, cuts[1:])]
+    assert sorted(whole) == sorted(examples)
+
+    batch = next(iter(trainer.get_train_dataloader()))  # two packed rows, flattened into one
+    pieces = _split_packed(batch)
+    rows = [len(r["input_ids"]) for r in packed]
+    assert batch["input_ids"].shape[1] in {a + b for i, a in enumerate(rows) for b in rows[i + 1:]}
+    assert len(pieces) >= 3
+    for ids, labels, _ in pieces:
+        match = [ex for ex in examples if ex[0] == ids]
+        assert match, "every packed piece is one whole example"
+        assert labels == match[0][1], "our labels, at the example's own positions"
+
+    model.eval()
+    with torch.no_grad():
+        logp = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.log_softmax(-1)
+        alone_collate = build_collator(cfg, tok)
+        worst = 0.0
+        for ids, labels, (s, e) in pieces:
+            one = alone_collate([{"input_ids": list(ids), "labels": list(labels)}])
+            ref = model(input_ids=one["input_ids"], use_cache=False).logits.log_softmax(-1)
+            worst = max(worst, float((logp[0, s:e] - ref[0]).abs().max()))
+        assert worst < 1e-4, f"an example inside a pack differs from the example alone by {worst:.2e}"
+        # Control: the same row with positions running on (attention across the examples) differs.
+        leaky = model(input_ids=batch["input_ids"], position_ids=torch.arange(batch["input_ids"].shape[1])[None],
+                      use_cache=False).logits.log_softmax(-1)
+        assert float((leaky - logp).abs().max()) > 1e-2
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert trainer.state.global_step == 2
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+
+
+def _split_packed(batch) -> list[tuple]:
+    """(input_ids, labels, (start, end)) of every example of a padding-free row, by its restarting position_ids."""
+    pos = batch["position_ids"][0].tolist()
+    starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    return [(tuple(ids[s:e]), tuple(labels[s:e]), (s, e)) for s, e in zip(starts, starts[1:])]
