@@ -142,11 +142,13 @@ class TrainSettings:
     gradient_accumulation_steps: int = _f(4, "Steps summed before an update: a larger effective batch "
                                              "without more memory.", range=POSITIVE)
     max_length: int = _f(1024, "Tokens per example; longer ones are cut (the audit says how many).", range=POSITIVE)
-    batching: str = _f("padding_free", "padding_free (exact, no padding), packing (examples packed into rows "
-                                       "of max_length tokens by best-fit decreasing, attention per example: "
-                                       "a step then takes batch-size rows, not examples, so fewer, fuller "
-                                       "steps), pad_longest, group_by_length, pad_max (pad to max_length: "
-                                       "slow, for comparison).")
+    batching: str = _f("padding_free", "padding_free (exact, no padding; measured fastest), packing (exact too: "
+                                       "TRL's best-fit decreasing packs examples into rows of up to max_length "
+                                       "tokens, attention per example; an example is cut at max_length as in "
+                                       "every mode, never split across rows; a step takes batch-size rows, not "
+                                       "examples: fewer, fuller, steadier steps, more memory a step), "
+                                       "pad_longest, group_by_length, pad_max (pad to max_length: slow, for "
+                                       "comparison).")
     optim: str = _f("adamw_torch", "Optimizer: adamw_torch, paged_adamw_8bit (GPU memory saver), ...")
     max_grad_norm: float = _f(1.0, "Gradient clipping threshold (0: no clipping).", range=NON_NEGATIVE)
     logging_steps: int = _f(10, "Log every N steps.", range=POSITIVE)
