@@ -179,6 +179,47 @@ def _metrics_callback_class():
     return MetricsCallback
 
 
+class _StoppedBefore(Exception):
+    """Resumed from a checkpoint saved when early stopping had already ended the training."""
+
+
+def _early_stopping_class():
+    from transformers import EarlyStoppingCallback
+
+    class EarlyStopping(EarlyStoppingCallback):
+        """transformers' early stopping; resumed from the checkpoint of the step it stopped at (its counter is
+        restored with the trainer state), it refuses to train on (_fit then keeps the best checkpoint)."""
+
+        def on_step_begin(self, args, state, control, **kw):
+            if self.early_stopping_patience_counter >= self.early_stopping_patience:
+                raise _StoppedBefore()
+
+    return EarlyStopping
+
+
+def _fit(trainer, resume) -> None:
+    """trainer.train(), resuming from `resume`; a run that had stopped early gets its best adapter, untrained."""
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except _StoppedBefore:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        best = Path(trainer.args.output_dir) / Path(trainer.state.best_model_checkpoint).name
+        set_peft_model_state_dict(trainer.model, load_file(str(best / "adapter_model.safetensors")))
+        _close_bars(trainer)
+        _print_main(f"{Path(resume).name} was saved when early stopping ended the training: not training on")
+    except BaseException:  # an error or an interrupt: close the progress bar it leaves open
+        _close_bars(trainer)
+        raise
+
+
+def _close_bars(trainer) -> None:
+    for cb in trainer.callback_handler.callbacks:
+        if getattr(cb, "training_bar", None) is not None:
+            cb.training_bar.close()
+
+
 def _guarded_trainer_class():
     import torch
     from trl import SFTTrainer
@@ -279,13 +320,12 @@ def build_trainer(cfg, model, tokenizer, train_dataset, eval_dataset=None, outpu
                   resuming: bool = False, callbacks=()):
     """The guarded SFTTrainer of `cfg` for a LoRA model and encoded datasets (see encode_dataset)."""
     import torch
-    from transformers import EarlyStoppingCallback
 
     args = sft_config(cfg, output_dir, has_eval=eval_dataset is not None and len(eval_dataset) > 0,
                       resuming=resuming)
     callbacks = list(callbacks)
     if cfg.train.early_stopping_patience is not None:
-        callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience, cfg.train.early_stopping_threshold))
+        callbacks.append(_early_stopping_class()(cfg.train.early_stopping_patience, cfg.train.early_stopping_threshold))
     trainer = _guarded_trainer_class()(
         model=model,
         args=args,
@@ -643,13 +683,7 @@ def _train(cfg, paths, extra_callbacks, state) -> dict:
                             paths.checkpoints, resuming=resume is not None, callbacks=callbacks)
 
     started = time.perf_counter()
-    try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except BaseException:  # an error or an interrupt: close the progress bar it leaves open
-        for cb in trainer.callback_handler.callbacks:
-            if getattr(cb, "training_bar", None) is not None:
-                cb.training_bar.close()
-        raise
+    _fit(trainer, resume)
     runtime = time.perf_counter() - started
 
     summary = _summary(trainer, cfg, counts, runtime, resume.name if resume else None)

@@ -119,6 +119,8 @@ def _schedule_kwargs(t, eval_strategy: str, resuming: bool) -> dict:
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         load_best_model_at_end=t.load_best_model_at_end,
+        # a resumed run continues early stopping's count of evaluations without improvement
+        restore_callback_states_from_checkpoint=t.early_stopping_patience is not None,
         metric_for_best_model="eval_loss" if eval_strategy != "no" else None,
         greater_is_better=False if eval_strategy != "no" else None,
         disable_tqdm=False,

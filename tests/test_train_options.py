@@ -206,6 +206,7 @@ def _undo_training_after(step: int):
 
 def test_early_stopping_keeps_the_best_adapter_and_does_not_train_on(prepared_run, capsys):
     import json
+    import shutil
 
     import torch
     from safetensors.torch import load_file
@@ -240,6 +241,17 @@ def test_early_stopping_keeps_the_best_adapter_and_does_not_train_on(prepared_ru
     again = run_train(run)
     assert again["global_step"] == 8 and "already finished training" in capsys.readouterr().out
     assert all(torch.equal(load_file(str(paths.adapter / "adapter_model.safetensors"))[k], best[k]) for k in best)
+    # Nor when the process died after the stop, before the adapter was written: resuming from
+    # checkpoint-8 (saved at the stop) trains no step and keeps the best checkpoint's adapter.
+    shutil.rmtree(paths.adapter)
+    paths.training_summary.unlink()
+    resumed = run_train(run)
+    assert "not training on" in capsys.readouterr().out
+    assert resumed["resumed_from"] == "checkpoint-8" and resumed["global_step"] == 8
+    assert resumed["stopped_early"] and resumed["best_step"] == resumed["adapter_from_step"] == 4
+    saved = load_file(str(paths.adapter / "adapter_model.safetensors"))
+    assert all(torch.equal(saved[k], best[k]) for k in best)
+    assert [p.name for p in paths.checkpoints.iterdir() if p.name == "checkpoint-9"] == []
 
 
 def _history(paths, step):
