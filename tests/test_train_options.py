@@ -26,9 +26,9 @@ def _one_sgd_step(cfg, rows, tmp_path, batch: int, accumulate: int) -> dict:
     tiny model's fixed initial adapter; the batch is `batch` examples times `accumulate` micro-batches."""
     import warnings
 
+    from conftest import tiny_lora_model
     from datasets import Dataset
 
-    from conftest import tiny_lora_model
     from lib.config import apply_overrides
     from lib.train import build_trainer
 
@@ -49,15 +49,15 @@ def _one_sgd_step(cfg, rows, tmp_path, batch: int, accumulate: int) -> dict:
 def test_gradient_accumulation_gives_the_update_of_the_whole_batch(session_outputs, tmp_path, batching):
     """b=2 x k=2 accumulated equals one batch of 4: the loss is normalised over every trained token of
     the accumulated batch (transformers' num_items_in_batch), not averaged per micro-batch."""
-    import torch
 
+    from lib.loading import load_tokenizer
     from lib.train import encode_dataset
 
     cfg = make_config("tiny", overrides={
         "train.batching": batching, "train.optim": "sgd", "train.learning_rate": 1.0,
         "train.lr_scheduler_type": "constant", "train.warmup_ratio": 0.0, "train.max_grad_norm": 0.0,
         "train.max_steps": 1, "train.eval_strategy": "no", "train.save_strategy": "no", "lora.dropout": 0.0})
-    _, tok = _tokenizer_only(cfg)
+    tok = load_tokenizer(cfg)
     ds = encode_dataset(tok, _varied_examples(4), cfg.train.max_length)
     rows = [ds[i] for i in range(len(ds))]
     trained = [sum(x != -100 for x in r["labels"]) for r in rows]
@@ -79,15 +79,10 @@ def test_gradient_accumulation_gives_the_update_of_the_whole_batch(session_outpu
     assert wrong > 100 * max(diff, 1e-7 * largest)
 
 
-def _tokenizer_only(cfg):
-    from lib.loading import load_tokenizer
-
-    return None, load_tokenizer(cfg)
-
-
 def _mean_of_micro_batch_means_update(cfg, tok, rows) -> dict:
     """The SGD update (lr 1) of the mean over micro-batches [0, 1], [2, 3] of each one's mean token loss."""
     from conftest import tiny_lora_model
+
     from lib.train import build_collator
 
     model, _ = tiny_lora_model(cfg, seed=0)
@@ -107,6 +102,7 @@ def _train_small(cfg, tmp_path, name, callbacks=()):
     import warnings
 
     from conftest import tiny_lora_model
+
     from lib.train import build_trainer, encode_dataset
 
     model, tok = tiny_lora_model(cfg, seed=0)
@@ -204,6 +200,7 @@ def _undo_training_after(step: int):
     return Undo()
 
 
+@pytest.mark.slow  # ~10 steps and 6 evaluations twice (~30 s on 2 idle CPU cores)
 def test_early_stopping_keeps_the_best_adapter_and_does_not_train_on(prepared_run, capsys):
     import json
     import shutil
@@ -297,8 +294,8 @@ def test_packing_keeps_our_labels_and_each_example_sees_only_itself(session_outp
     import warnings
 
     import torch
-
     from conftest import tiny_lora_model
+
     from lib.train import build_collator, build_trainer, encode_dataset
 
     max_length = 128
