@@ -525,6 +525,8 @@ def check_best_model(cfg: RunConfig, has_eval: bool = True) -> None:
     if t.early_stopping_patience is not None and not t.load_best_model_at_end:
         raise ConfigError("train.early_stopping_patience needs train.load_best_model_at_end=true (the best "
                           "checkpoint is what early stopping keeps)")
+    if t.early_stopping_threshold and t.early_stopping_patience is None:
+        raise ConfigError("train.early_stopping_threshold needs train.early_stopping_patience (early stopping is off)")
     if not t.load_best_model_at_end:
         return
     eval_strategy = t.eval_strategy if has_eval else "no"

@@ -262,6 +262,8 @@ def _history(paths, step):
      "train.early_stopping_patience needs train.load_best_model_at_end=true"),
     ({"train.early_stopping_patience": 2, "train.load_best_model_at_end": True, "train.eval_strategy": "no"},
      "train.load_best_model_at_end needs an evaluation split and train.eval_strategy"),
+    ({"train.early_stopping_threshold": 0.01},
+     "train.early_stopping_threshold needs train.early_stopping_patience"),
     ({"train.early_stopping_patience": 0}, "train.early_stopping_patience: must be >= 1"),
     ({"train.neftune_noise_alpha": 0.0}, "train.neftune_noise_alpha: must be > 0"),
 ])
