@@ -142,7 +142,7 @@ class TrainSettings:
     gradient_accumulation_steps: int = _f(4, "Steps summed before an update: a larger effective batch "
                                              "without more memory.", range=POSITIVE)
     max_length: int = _f(1024, "Tokens per example; longer ones are cut (the audit says how many).", range=POSITIVE)
-    batching: str = _f("padding_free", "padding_free (exact, no padding; measured fastest), packing (exact too: "
+    batching: str = _f("padding_free", "padding_free (exact, no padding), packing (exact too, ~6% faster on the CPU: "
                                        "TRL's best-fit decreasing packs examples into rows of up to max_length "
                                        "tokens, attention per example; an example is cut at max_length as in "
                                        "every mode, never split across rows; a step takes batch-size rows, not "
