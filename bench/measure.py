@@ -14,6 +14,12 @@ lib.train.build_collator:
   pad_longest      padded to the longest sequence of the batch
   group_by_length  batches of similar lengths (transformers' LengthGroupedSampler order), then pad_longest
   padding_free     the batch concatenated into one row with position_ids (TRL), no padding at all
+  packing          the round's examples packed into rows of max_length by TRL's best-fit decreasing
+                   (pack_dataset, "bfd"), position_ids restarting at each example; the packed rows
+                   are dealt into the same number of steps as the other setups, so a step holds about
+                   as many tokens as theirs (TRL's trainer takes batch-size rows a step: with the same
+                   per_device_train_batch_size, max_length/mean-length times more tokens a step, which
+                   any setup gets by raising the batch size)
 
 The exactness check runs one batch through every setup (eval mode, no dropout) and compares
 the loss and every per-token log-probability with the padded batch of the same examples: a
@@ -34,6 +40,7 @@ import copy
 import dataclasses
 import datetime
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -52,13 +59,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python bench/throughput.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-MODES = ["pad_max", "pad_longest", "group_by_length", "padding_free"]
+MODES = ["pad_max", "pad_longest", "group_by_length", "padding_free", "packing"]
 BASELINE = "pad_max"
 LABELS = {
     "pad_max": "pad to max_length (baseline)",
     "pad_longest": "pad to longest in batch",
     "group_by_length": "length-grouped + pad to longest",
     "padding_free": "padding-free (packed, position_ids)",
+    "packing": "packed rows of max_length (TRL bfd), position_ids",
 }
 # transformers' LengthGroupedSampler sorts mega-batches of 50 batches (for data sets of >= 200 batches).
 MEGA_BATCH_MULT = 50
@@ -483,7 +491,33 @@ class Workload:
     data: dict
 
     def indices(self, mode: str) -> list[list[int]]:
+        if mode == "packing":
+            return self.plan["packed"]
         return self.plan["grouped" if mode == "group_by_length" else "sequential"]
+
+
+def pack_examples(features: list[dict], idx: list[int], max_length: int) -> tuple[list[dict], list[list[int]]]:
+    """TRL's best-fit-decreasing packing (what SFTTrainer does with packing=True) of features[idx]: the
+    packed rows (input_ids, labels, seq_lengths) and the example indices of each row, in row order."""
+    from datasets import Dataset
+    from trl import pack_dataset
+
+    ds = Dataset.from_dict({
+        "input_ids": [features[i]["input_ids"] for i in idx], "labels": [features[i]["labels"] for i in idx],
+        "example": [[i] * len(features[i]["input_ids"]) for i in idx]})  # packed alongside: who is where
+    packs, members = [], []
+    for r in pack_dataset(ds, max_length, "bfd"):
+        starts = [0, *itertools.accumulate(r["seq_lengths"])][:-1]
+        packs.append({k: r[k] for k in ("input_ids", "labels", "seq_lengths")})
+        members.append([r["example"][s] for s in starts])
+    return packs, members
+
+
+def deal(n: int, parts: int) -> list[list[int]]:
+    """0..n-1 in `parts` consecutive groups of near-equal size (fewer when n < parts)."""
+    parts = max(1, min(parts, n))
+    cuts = [round(k * n / parts) for k in range(parts + 1)]
+    return [list(range(a, b)) for a, b in zip(cuts, cuts[1:])]
 
 
 def prepare_workload(bench, cfg, opts, modes) -> Workload:
@@ -502,7 +536,14 @@ def prepare_workload(bench, cfg, opts, modes) -> Workload:
         c.train.batching = mode
         collators[mode] = build_collator(c, bench.tokenizer)
     work = Workload(features, lengths, plan, collators, {}, {})
-    work.batches = {m: [collators[m]([features[i] for i in b]) for b in work.indices(m)] for m in modes}
+    packed_batches = []
+    if "packing" in modes:  # the same examples, packed, dealt into as many steps as the others take
+        packs, members = pack_examples(features, sorted(i for b in plan["sequential"] for i in b), max_length)
+        groups = deal(len(packs), len(plan["sequential"]))
+        plan["packed"] = [[i for j in g for i in members[j]] for g in groups]
+        packed_batches = [collators["packing"]([packs[j] for j in g]) for g in groups]
+    work.batches = {m: packed_batches if m == "packing" else [collators[m]([features[i] for i in b])
+                                                                 for b in work.indices(m)] for m in modes}
     work.data = data_summary(lengths, plan, max_length, opts)
     return work
 
@@ -550,8 +591,8 @@ def time_rounds(bench, work, modes, rounds, log) -> dict:
     started = time.perf_counter()
     for r in range(rounds):
         order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotate who goes first
-        for k in range(len(work.batches[modes[0]])):
-            for m in order:
+        for k in range(max(len(b) for b in work.batches.values())):
+            for m in (m for m in order if k < len(work.batches[m])):  # packing may take fewer steps
                 times[m][r].append(_timed_step(bench, work.batches[m][k], items[m][k], peaks, m))
                 real, slots = real_tokens(work.batches[m][k])
                 toks[m][r][0] += real
@@ -611,6 +652,7 @@ def result_row(m, default_mode, timing, peaks, work, est, exact, ptf) -> dict:
         "peak_memory_mib": round(peaks[m] / 2**20, 2),
         "memory_vs_baseline": round(peaks[m] / peaks[BASELINE], 3) if peaks[BASELINE] else None,
         "step_s": round(_median([x for t in times[m] for x in t]), 4),
+        "tokens_per_step": round(real / sum(len(t) for t in times[m]), 1),
         "tflops": round(flops / total_time / 1e12, 4),
         "mfu": round(flops / total_time / (ptf * 1e12), 4) if ptf else None,
         "loss_diff_vs_padded": exact["setups"][m]["loss_diff"],
@@ -666,7 +708,10 @@ def check_exactness(bench, features, idx, collators, modes, tolerance, cfg) -> d
         ref = bench.per_token_log_probs(collators["pad_longest"](batch))
         out = {}
         for m in modes:
-            cur = bench.per_token_log_probs(collators[m](batch))
+            if m == "packing":
+                cur = _packed_log_probs(bench, features, idx, collators[m], cfg.train.max_length)
+            else:
+                cur = bench.per_token_log_probs(collators[m](batch))
             if cur.shape != ref.shape:
                 out[m] = {"loss_diff": float("inf"), "max_token_diff": float("inf"), "ok": False}
                 continue
@@ -677,6 +722,18 @@ def check_exactness(bench, features, idx, collators, modes, tolerance, cfg) -> d
         bench.model.train()
     return {"tolerance": tolerance, "examples": len(batch), "trained_tokens": int(ref.numel()),
             "reference": "pad_longest", "setups": out, "ok": all(v["ok"] for v in out.values())}
+
+
+def _packed_log_probs(bench, features, idx, collator, max_length):
+    """Per-token log-probabilities of features[idx] packed by TRL's bfd into one batch, put back in idx order."""
+    import torch
+
+    packs, members = pack_examples(features, idx, max_length)
+    flat = bench.per_token_log_probs(collator(packs))
+    order = [i for m in members for i in m]
+    counts = [sum(x != -100 for x in features[i]["labels"][1:]) for i in order]
+    pieces = dict(zip(order, torch.split(flat, counts)))
+    return torch.cat([pieces[i] for i in idx])
 
 
 def _estimate_check(est, by, device) -> dict:

@@ -30,7 +30,7 @@ from bench.measure import ARCHS, MODES, run_benchmark  # noqa: E402
 
 def format_table(result: dict) -> str:
     gpu = result["peak_tflops"] is not None
-    head = ["setup", "real tok/s", "x base", "padding", "peak MiB", "mem x base", "step s", "TFLOP/s"]
+    head = ["setup", "real tok/s", "x base", "padding", "peak MiB", "mem x base", "step s", "tok/step", "TFLOP/s"]
     if gpu:
         head.append("MFU")
     head.append("loss diff")
@@ -39,7 +39,7 @@ def format_table(result: dict) -> str:
         cells = [r["setup"] + (" (default)" if r["default"] else ""), f"{r['tokens_per_s']:,.0f}",
                  f"{r['vs_baseline']:.2f}x", f"{100 * r['padding_share']:.1f}%", f"{r['peak_memory_mib']:,.1f}",
                  "-" if r["memory_vs_baseline"] is None else f"{r['memory_vs_baseline']:.2f}x",
-                 f"{r['step_s']:.3f}", f"{r['tflops']:.3g}"]
+                 f"{r['step_s']:.3f}", f"{r['tokens_per_step']:,.0f}", f"{r['tflops']:.3g}"]
         if gpu:
             cells.append(f"{100 * r['mfu']:.1f}%")
         cells.append(f"{r['loss_diff_vs_padded']:.1e}")

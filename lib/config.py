@@ -162,8 +162,13 @@ class TrainSettings:
     gradient_accumulation_steps: int = _f(4, "Steps summed before an update: a larger effective batch "
                                              "without more memory.", range=POSITIVE)
     max_length: int = _f(1024, "Tokens per example; longer ones are cut (the audit says how many).", range=POSITIVE)
-    batching: str = _f("padding_free", "padding_free (exact, no padding), pad_longest, group_by_length, "
-                                       "pad_max (pad to max_length: slow, for comparison).")
+    batching: str = _f("padding_free", "padding_free (exact, no padding), packing (exact too, ~6% faster on the CPU: "
+                                       "TRL's best-fit decreasing packs examples into rows of up to max_length "
+                                       "tokens, attention per example; an example is cut at max_length as in "
+                                       "every mode, never split across rows; a step takes batch-size rows, not "
+                                       "examples: fewer, fuller, steadier steps, more memory a step), "
+                                       "pad_longest, group_by_length, pad_max (pad to max_length: slow, for "
+                                       "comparison).")
     optim: str = _f("adamw_torch", "Optimizer: adamw_torch, paged_adamw_8bit (GPU memory saver), ...")
     max_grad_norm: float = _f(1.0, "Gradient clipping threshold (0: no clipping).", range=NON_NEGATIVE)
     logging_steps: int = _f(10, "Log every N steps.", range=POSITIVE)
@@ -173,6 +178,17 @@ class TrainSettings:
     save_steps: int = _f(50, "Checkpoint every N steps (with save_strategy=steps).", range=POSITIVE)
     save_total_limit: int | None = _f(3, "Keep at most N checkpoints (None: keep all).", range=POSITIVE)
     load_best_model_at_end: bool = _f(False, "Finish with the checkpoint of lowest eval loss.")
+    early_stopping_patience: int | None = _f(None, "Stop when the eval loss has not improved for this many "
+                                                   "evaluations, keeping the best checkpoint (needs "
+                                                   "load_best_model_at_end); small: stops at the first "
+                                                   "plateau, None: off, train to the end.", range=POSITIVE)
+    early_stopping_threshold: float = _f(0.0, "Smallest eval-loss drop that counts as an improvement for "
+                                              "early stopping: larger stops sooner on slow progress.", range=NON_NEGATIVE)
+    neftune_noise_alpha: float | None = _f(None, "NEFTune: uniform noise of scale alpha/sqrt(tokens x width) "
+                                                 "on the input embeddings while training (never in evaluation "
+                                                 "or generation); 5 is usual, can improve chat answers, None: "
+                                                 "off. Padding-free and packed rows hold a whole batch, so each "
+                                                 "token gets less noise than in a padded batch.", range=ABOVE_ZERO)
     report_to: str = _f("none", "Experiment tracker: none, tensorboard, wandb (comma-separated).")
     seed: int = _f(42, "Seed of initialisation, shuffling and dropout.", range=SEED)
     precision: str = _f("auto", "auto (bf16 where supported, fp16 on older GPUs, fp32 on CPU), bf16, fp16, fp32.")
@@ -453,7 +469,7 @@ CHOICES = {
     "quant.quant_storage": ["auto", "uint8", "bfloat16", "float16", "float32"],
     "lora.bias": ["none", "all", "lora_only"],
     "lora.init": ["default", "pissa", "olora", "loftq"],
-    "train.batching": ["padding_free", "pad_longest", "group_by_length", "pad_max"],
+    "train.batching": ["padding_free", "packing", "pad_longest", "group_by_length", "pad_max"],
     "train.eval_strategy": ["steps", "epoch", "no"],
     "train.save_strategy": ["steps", "epoch", "no"],
     "train.precision": ["auto", "bf16", "fp16", "fp32"],
@@ -525,9 +541,15 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 
 def check_best_model(cfg: RunConfig, has_eval: bool = True) -> None:
-    """The cross-field rules of train.load_best_model_at_end: it needs evaluations (an evaluation split,
-    has_eval, and eval_strategy steps or epoch) and a checkpoint at every evaluation."""
+    """The cross-field rules of train.load_best_model_at_end (and of early stopping, which needs it): it
+    needs evaluations (an evaluation split, has_eval, and eval_strategy steps or epoch) and a checkpoint
+    at every evaluation."""
     t = cfg.train
+    if t.early_stopping_patience is not None and not t.load_best_model_at_end:
+        raise ConfigError("train.early_stopping_patience needs train.load_best_model_at_end=true (the best "
+                          "checkpoint is what early stopping keeps)")
+    if t.early_stopping_threshold and t.early_stopping_patience is None:
+        raise ConfigError("train.early_stopping_threshold needs train.early_stopping_patience (early stopping is off)")
     if not t.load_best_model_at_end:
         return
     eval_strategy = t.eval_strategy if has_eval else "no"

@@ -121,7 +121,7 @@ def attn_implementation(cfg, info: dict | None = None) -> str:
         raise ConfigError(
             f"model.attn_implementation: '{want}' is not one of auto, sdpa, eager, flash_attention_2"
         )
-    if want == "sdpa" and cfg.train.batching == "padding_free":
+    if want == "sdpa" and cfg.train.batching in ("padding_free", "packing"):
         return register_packed_sdpa()  # sdpa per packed sequence: exact, and no (sum of lengths)^2 mask
     return want
 

@@ -104,13 +104,14 @@ def build_collator(cfg, tokenizer):
 
     mode = cfg.train.batching
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if mode == "padding_free":
+    if mode in ("padding_free", "packing"):  # packed rows carry seq_lengths: position_ids restart at each example
         return DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True)
     if mode in ("pad_longest", "group_by_length"):
         return DataCollatorForLanguageModeling(pad_token_id=pad)
     if mode == "pad_max":
         return DataCollatorForLanguageModeling(pad_token_id=pad, pad_to_multiple_of=cfg.train.max_length)
-    raise ConfigError(f"train.batching: '{mode}' is not one of padding_free, pad_longest, group_by_length, pad_max")
+    raise ConfigError(f"train.batching: '{mode}' is not one of padding_free, packing, pad_longest, group_by_length, "
+                      "pad_max")
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,6 +183,47 @@ def _metrics_callback_class():
             self._last = (time.perf_counter(), state.num_input_tokens_seen)
 
     return MetricsCallback
+
+
+class _StoppedBefore(Exception):
+    """Resumed from a checkpoint saved when early stopping had already ended the training."""
+
+
+def _early_stopping_class():
+    from transformers import EarlyStoppingCallback
+
+    class EarlyStopping(EarlyStoppingCallback):
+        """transformers' early stopping; resumed from the checkpoint of the step it stopped at (its counter is
+        restored with the trainer state), it refuses to train on (_fit then keeps the best checkpoint)."""
+
+        def on_step_begin(self, args, state, control, **kw):
+            if self.early_stopping_patience_counter >= self.early_stopping_patience:
+                raise _StoppedBefore()
+
+    return EarlyStopping
+
+
+def _fit(trainer, resume) -> None:
+    """trainer.train(), resuming from `resume`; a run that had stopped early gets its best adapter, untrained."""
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except _StoppedBefore:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        best = Path(trainer.args.output_dir) / Path(trainer.state.best_model_checkpoint).name
+        set_peft_model_state_dict(trainer.model, load_file(str(best / "adapter_model.safetensors")))
+        _close_bars(trainer)
+        _print_main(f"{Path(resume).name} was saved when early stopping ended the training: not training on")
+    except BaseException:  # an error or an interrupt: close the progress bar it leaves open
+        _close_bars(trainer)
+        raise
+
+
+def _close_bars(trainer) -> None:
+    for cb in trainer.callback_handler.callbacks:
+        if getattr(cb, "training_bar", None) is not None:
+            cb.training_bar.close()
 
 
 def _guarded_trainer_class():
@@ -293,16 +335,20 @@ def build_trainer(cfg, model, tokenizer, train_dataset, eval_dataset=None, outpu
 
     args = sft_config(cfg, output_dir, has_eval=eval_dataset is not None and len(eval_dataset) > 0,
                       resuming=resuming)
+    callbacks = list(callbacks)
+    if cfg.train.early_stopping_patience is not None:
+        callbacks.append(_early_stopping_class()(cfg.train.early_stopping_patience, cfg.train.early_stopping_threshold))
     optimizer = loraplus_optimizer(cfg, model, args) if cfg.lora.loraplus_lr_ratio is not None else None
     trainer = _guarded_trainer_class()(
         model=model,
         args=args,
         optimizers=(optimizer, None),  # None: the Trainer's own optimizer; the scheduler is always its own
-        data_collator=None if cfg.train.batching == "padding_free" else build_collator(cfg, tokenizer),
+        # padding_free and packing: TRL's own collator (it refuses another one)
+        data_collator=None if args.padding_free else build_collator(cfg, tokenizer),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset if args.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        callbacks=list(callbacks),
+        callbacks=callbacks,
     )
     # TRL casts a quantized model's adapters to bf16; keep them fp32, the precision the optimizer
     # updates in (autocast still runs the matmuls in 16 bits on a GPU).
@@ -526,6 +572,8 @@ def _model_card(cfg, summary: dict, data_hash: str | None) -> str:
         f"- eval loss: {summary.get('initial_eval_loss')} before, {summary.get('final_eval_loss')} after"
         + (f", best {best:.4f}" if isinstance(best, float) else ""),
         f"- trainable parameters: {summary.get('trainable_params')} of {summary.get('total_params')}",
+        f"- adapter from step {summary.get('adapter_from_step')}"
+        + (f" (stopped early at step {summary['stopped_at_step']})" if summary.get("stopped_early") else ""),
         f"- libraries: {', '.join(f'{k} {v}' for k, v in summary.get('versions', {}).items())}",
         "",
         "## Use",
@@ -570,6 +618,7 @@ def _summary(trainer, cfg, counts, runtime_s, resumed_from) -> dict:
         "best_eval_loss": min(eval_values) if eval_values else None,
         "best_checkpoint": (Path(trainer.state.best_model_checkpoint).name
                             if trainer.state.best_model_checkpoint else None),
+        **early_stop(trainer),
         "global_step": trainer.state.global_step,
         "epoch": round(trainer.state.epoch or 0.0, 4),
         "runtime_s": round(runtime_s, 2),
@@ -581,6 +630,21 @@ def _summary(trainer, cfg, counts, runtime_s, resumed_from) -> dict:
         "adapter_variant": adapter_variant(cfg),
         "versions": _versions(),
     }
+
+
+def early_stop(trainer) -> dict:
+    """Whether early stopping ended the training (before max_steps), at which step, and the best step it kept
+    (with load_best_model_at_end, the adapter saved is that step's)."""
+    from transformers import EarlyStoppingCallback
+
+    st = trainer.state
+    cb = next((c for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)), None)
+    stopped = (cb is not None and cb.early_stopping_patience_counter >= cb.early_stopping_patience
+               and st.global_step < st.max_steps)
+    return {"stopped_early": stopped, "stopped_at_step": st.global_step if stopped else None,
+            "best_step": st.best_global_step, "best_step_eval_loss": st.best_metric,
+            "adapter_from_step": (st.best_global_step if trainer.args.load_best_model_at_end and st.best_global_step
+                                  else st.global_step)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -699,15 +763,9 @@ def _train(cfg, paths, extra_callbacks, state) -> dict:
                             paths.checkpoints, resuming=resume is not None, callbacks=callbacks)
 
     started = time.perf_counter()
-    try:
-        with out_of_memory("training", cfg, doing=lambda: oom_doing(trainer, cfg),
-                           kept=lambda: kept_checkpoint(paths.checkpoints, cfg.run)):
-            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except BaseException:  # an error or an interrupt: close the progress bar it leaves open
-        for cb in trainer.callback_handler.callbacks:
-            if getattr(cb, "training_bar", None) is not None:
-                cb.training_bar.close()
-        raise
+    with out_of_memory("training", cfg, doing=lambda: oom_doing(trainer, cfg),
+                       kept=lambda: kept_checkpoint(paths.checkpoints, cfg.run)):
+        _fit(trainer, resume)
     runtime = time.perf_counter() - started
 
     summary = _summary(trainer, cfg, counts, runtime, resume.name if resume else None)
@@ -723,6 +781,10 @@ def _train(cfg, paths, extra_callbacks, state) -> dict:
                {"prepare": fingerprint(paths, "prepare", verify=False)})
         _print_main(f"trained {summary['global_step']} steps in {runtime:.1f} s; eval loss "
                     f"{summary['initial_eval_loss']} -> {summary['final_eval_loss']}; adapter in {paths.adapter}")
+        if summary["stopped_early"]:
+            _print_main(f"stopped early at step {summary['stopped_at_step']}: the eval loss did not improve for "
+                        f"{cfg.train.early_stopping_patience} evaluation(s); the adapter is the best step's, "
+                        f"{summary['best_step']} (eval loss {summary['best_step_eval_loss']:.4f})")
     state.wait_for_everyone()
     return summary
 

@@ -152,6 +152,8 @@ def _schedule_kwargs(t, eval_strategy: str, resuming: bool) -> dict:
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         load_best_model_at_end=t.load_best_model_at_end,
+        # a resumed run continues early stopping's count of evaluations without improvement
+        restore_callback_states_from_checkpoint=t.early_stopping_patience is not None,
         metric_for_best_model="eval_loss" if eval_strategy != "no" else None,
         greater_is_better=False if eval_strategy != "no" else None,
         disable_tqdm=False,
@@ -176,10 +178,18 @@ def _device_kwargs(cfg) -> dict:
 
 
 def _data_kwargs(t) -> dict:
-    """Data: tokenized and truncated here (encode_dataset); TRL keeps our labels."""
+    """Data: tokenized and truncated here (encode_dataset); TRL keeps our labels. packing: TRL packs the
+    training examples into rows of max_length tokens (best-fit decreasing; our examples are already cut
+    at max_length, so none is split), position_ids restarting at each example; evaluation batches stay
+    unpacked (padding-free), so the eval loss is that of padding_free."""
+    packing = t.batching == "packing"
     return dict(
-        max_length=None,
-        padding_free=t.batching == "padding_free",
+        max_length=t.max_length if packing else None,
+        packing=packing,
+        packing_strategy="bfd",
+        eval_packing=False,
+        padding_free=t.batching in ("padding_free", "packing"),
+        neftune_noise_alpha=t.neftune_noise_alpha,
         assistant_only_loss=False,
         completion_only_loss=False,
         train_sampling_strategy="group_by_length" if t.batching == "group_by_length" else "random",

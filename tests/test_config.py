@@ -145,8 +145,9 @@ def test_every_numeric_field_refuses_non_finite_and_out_of_range_values(key):
             apply_overrides(cfg, [f"{key}={value}"])
     # the bounds themselves, where allowed, and the special values pass
     good = [v for v in (r.lo if not r.lo_open else None, r.hi if not r.hi_open else None, *r.also) if v is not None]
+    needs = {"train.early_stopping_patience": ["train.load_best_model_at_end=true"]}  # cross-field rules
     for value in good:
-        apply_overrides(cfg, [f"{key}={value}"])
+        apply_overrides(cfg, [*needs.get(key, []), f"{key}={value}"])
 
 
 @pytest.mark.parametrize("override, message", BAD_RANGES, ids=[s for s, _ in BAD_RANGES])
