@@ -729,64 +729,82 @@ def trained_config(paths):
 
 
 def _train(cfg, paths, extra_callbacks, state) -> dict:
-    from transformers import set_seed
-
-    with state.main_process_first():  # one process cleans incomplete checkpoints
-        resume = last_checkpoint(paths.checkpoints, clean=state.is_main_process)
-    resume_step = None
-    if resume is not None:
-        resume_step = read_json(resume / "trainer_state.json")["global_step"]
-        _print_main(f"resuming from {resume.name} (step {resume_step})")
-
-    set_seed(cfg.train.seed)  # the LoRA initialisation draws from it
-    with out_of_memory("training", cfg, doing="loading the model", kept=lambda: kept_checkpoint(paths.checkpoints, cfg.run)):
-        model, tokenizer = load_model_and_tokenizer(cfg, for_training=True)
-    footprint = model.get_memory_footprint()
-    set_seed(cfg.train.seed)
-    model = add_lora(model, cfg)
-    if cfg.lora.init in MUTATING_INITS and state.is_main_process:  # what the saved adapter is converted against
-        model.save_pretrained(str(initial_adapter_dir(paths)))
-    counts = parameter_counts(model)
-    if state.is_main_process and not paths.model_summary.exists():
-        write_summary(paths, cfg, model, footprint, load_model_config(cfg))
-
-    train_ds = encode_dataset(tokenizer, read_examples(paths.train_data), cfg.train.max_length, paths.train_data)
-    eval_ds = encode_dataset(tokenizer, read_examples(paths.eval_data), cfg.train.max_length, paths.eval_data)
-    if len(train_ds) == 0:
-        raise DataError(paths.train_data, "no example has a trained token (check the data and train.max_length)")
-    has_eval = len(eval_ds) > 0 and has_eval_data(cfg, paths)
-
+    """Resume point, model with its adapter, datasets, trainer, fit, then the adapter and the logs saved."""
+    resume, resume_step = _resume_point(paths, state)
+    model, tokenizer, counts = _model_with_adapter(cfg, paths, state)
+    train_ds, eval_ds = _datasets(cfg, paths, tokenizer)
     callbacks = list(extra_callbacks)
     if state.is_main_process:
         callbacks.insert(0, _metrics_callback_class()(paths.metrics_csv, resume_step))
-    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds if has_eval else None,
-                            paths.checkpoints, resuming=resume is not None, callbacks=callbacks)
-
+    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, paths.checkpoints,
+                            resuming=resume is not None, callbacks=callbacks)
     started = time.perf_counter()
     with out_of_memory("training", cfg, doing=lambda: oom_doing(trainer, cfg),
                        kept=lambda: kept_checkpoint(paths.checkpoints, cfg.run)):
         _fit(trainer, resume)
     runtime = time.perf_counter() - started
-
     summary = _summary(trainer, cfg, counts, runtime, resume.name if resume else None)
     if trainer.is_fsdp_enabled:  # the adapter is sharded: every process takes part in gathering it
         _save_adapter(trainer, cfg, paths, summary, main=state.is_main_process)
     if state.is_main_process:
         if not trainer.is_fsdp_enabled:
             _save_adapter(trainer, cfg, paths, summary)
-        write_json(paths.training_summary, summary)
-        finish(paths, "train", [paths.adapter.name + "/adapter_model.safetensors",
-                                paths.adapter.name + "/adapter_config.json",
-                                "logs/training_summary.json", "logs/training_metrics.csv"],
-               {"prepare": fingerprint(paths, "prepare", verify=False)})
-        _print_main(f"trained {summary['global_step']} steps in {runtime:.1f} s; eval loss "
-                    f"{summary['initial_eval_loss']} -> {summary['final_eval_loss']}; adapter in {paths.adapter}")
-        if summary["stopped_early"]:
-            _print_main(f"stopped early at step {summary['stopped_at_step']}: the eval loss did not improve for "
-                        f"{cfg.train.early_stopping_patience} evaluation(s); the adapter is the best step's, "
-                        f"{summary['best_step']} (eval loss {summary['best_step_eval_loss']:.4f})")
+        _finish_train(cfg, paths, summary)
     state.wait_for_everyone()
     return summary
+
+
+def _resume_point(paths, state) -> tuple[Path | None, int | None]:
+    """The last complete checkpoint (incomplete ones removed by the main process) and its step."""
+    with state.main_process_first():
+        resume = last_checkpoint(paths.checkpoints, clean=state.is_main_process)
+    if resume is None:
+        return None, None
+    step = read_json(resume / "trainer_state.json")["global_step"]
+    _print_main(f"resuming from {resume.name} (step {step})")
+    return resume, step
+
+
+def _model_with_adapter(cfg, paths, state) -> tuple:
+    """The 4-bit base with the run's LoRA (seeded), its parameter counts; model/summary.json if notebook
+    02 has not written it; the initial adapter of a pissa/olora run (what the saved one converts against)."""
+    from transformers import set_seed
+
+    set_seed(cfg.train.seed)
+    with out_of_memory("training", cfg, doing="loading the model", kept=lambda: kept_checkpoint(paths.checkpoints, cfg.run)):
+        model, tokenizer = load_model_and_tokenizer(cfg, for_training=True)
+    footprint = model.get_memory_footprint()
+    set_seed(cfg.train.seed)  # the LoRA initialisation draws from it
+    model = add_lora(model, cfg)
+    if cfg.lora.init in MUTATING_INITS and state.is_main_process:
+        model.save_pretrained(str(initial_adapter_dir(paths)))
+    if state.is_main_process and not paths.model_summary.exists():
+        write_summary(paths, cfg, model, footprint, load_model_config(cfg))
+    return model, tokenizer, parameter_counts(model)
+
+
+def _datasets(cfg, paths, tokenizer) -> tuple:
+    """The prepared train and eval data, tokenized with their labels; eval None when there is none to use."""
+    train_ds = encode_dataset(tokenizer, read_examples(paths.train_data), cfg.train.max_length, paths.train_data)
+    eval_ds = encode_dataset(tokenizer, read_examples(paths.eval_data), cfg.train.max_length, paths.eval_data)
+    if len(train_ds) == 0:
+        raise DataError(paths.train_data, "no example has a trained token (check the data and train.max_length)")
+    return train_ds, (eval_ds if len(eval_ds) > 0 and has_eval_data(cfg, paths) else None)
+
+
+def _finish_train(cfg, paths, summary) -> None:
+    """logs/training_summary.json, the stage's manifest, and the closing lines."""
+    write_json(paths.training_summary, summary)
+    finish(paths, "train", [paths.adapter.name + "/adapter_model.safetensors",
+                            paths.adapter.name + "/adapter_config.json",
+                            "logs/training_summary.json", "logs/training_metrics.csv"],
+           {"prepare": fingerprint(paths, "prepare", verify=False)})
+    _print_main(f"trained {summary['global_step']} steps in {summary['runtime_s']:.1f} s; eval loss "
+                f"{summary['initial_eval_loss']} -> {summary['final_eval_loss']}; adapter in {paths.adapter}")
+    if summary["stopped_early"]:
+        _print_main(f"stopped early at step {summary['stopped_at_step']}: the eval loss did not improve for "
+                    f"{cfg.train.early_stopping_patience} evaluation(s); the adapter is the best step's, "
+                    f"{summary['best_step']} (eval loss {summary['best_step_eval_loss']:.4f})")
 
 
 def initial_adapter_dir(paths) -> Path:
