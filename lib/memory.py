@@ -265,7 +265,7 @@ def multi_gpu(parts: dict, num_layers: int, n: int) -> dict:
     def with_overhead(b):
         return (b * (1 + FRAGMENTATION) + CUDA_CONTEXT_GIB * GIB) / GIB
 
-    return {"gpus": n, "ddp_gb_per_gpu": round(with_overhead(ddp), 3), "fsdp_gb_per_gpu": round(with_overhead(fsdp), 3)}
+    return {"gpus": n, "ddp_gb_per_gpu": round(with_overhead(ddp), 4), "fsdp_gb_per_gpu": round(with_overhead(fsdp), 4)}
 
 
 def estimate_memory(model_config, cfg, gpu: str | None = None, suggest: bool = True, gpus: int | None = None) -> dict:
