@@ -367,7 +367,8 @@ def format_estimate(est: dict) -> str:
     lines = [f"Memory estimate for {est['model']} ({est['params_total'] / 1e6:.1f}M parameters, "
              f"{est['quant_mode']}, {est['tokens_per_step']} tokens per micro-batch):"]
     for k, v in est["parts_gb"].items():
-        lines.append(f"  {k:<16} {v:9.3f} GB")
+        if k != "dora_weight" or est["parts_bytes"][k]:  # DoRA's temporaries: only with lora.use_dora
+            lines.append(f"  {k:<16} {v:9.3f} GB")
     lines.append(f"  {'total':<16} {est['total_gb']:9.3f} GB")
     a = est["activations_gb"]
     lines.append(f"  activations: {a['without_checkpointing']:.3f} GB without gradient checkpointing, "
