@@ -115,13 +115,14 @@ def test_modelfile_names_the_gguf_template_stops_and_settings(merged_run, f16_ex
 def test_q8_0_via_the_cli_and_a_failed_parity_gate_exits_1_naming_the_figure(merged_run, f16_export, capsys):
     from lib.paths import run_paths
 
-    export = run_paths(merged_run).root / "export"
+    run = copy_run(merged_run, "export_q8")  # with the f16 export; the shared run's export/ stays f16's
+    export = run_paths(run).root / "export"
     quick = [a for kv in QUICK for a in ("--set", kv)]
-    rc, err = _cli(["export", "--run", merged_run, "--quant", "q8_0", "--set", "export.ppl_tolerance=1e-9", *quick],
+    rc, err = _cli(["export", "--run", run, "--quant", "q8_0", "--set", "export.ppl_tolerance=1e-9", *quick],
                    capsys)
     assert rc == 1 and len(err) == 1
     assert err[0].startswith("error: parity check failed: perplexity drift") and "export.ppl_tolerance 1e-09" in err[0]
-    q8, f16 = export / f"{merged_run}-q8_0.gguf", export / f"{merged_run}-f16.gguf"
+    q8, f16 = export / f"{run}-q8_0.gguf", export / f"{merged_run}-f16.gguf"
     assert q8.exists() and f16.exists()  # the earlier type is kept
     assert _gguf_fields(q8)["general.file_type"] == 7  # MOSTLY_Q8_0
     assert q8.stat().st_size < f16.stat().st_size
@@ -129,7 +130,7 @@ def test_q8_0_via_the_cli_and_a_failed_parity_gate_exits_1_naming_the_figure(mer
     assert report["quant"] == "q8_0" and not report["ok"]
     assert report["prompt_tokens"]["identical"] == report["prompts"]
     assert report["perplexity"]["relative_drift"] < 0.03  # the real drift of q8_0 is small
-    assert not list(run_paths(merged_run).root.glob(".export-*"))
+    assert not list(run_paths(run).root.glob(".export-*"))
 
 
 def _assert_bad_export(argv, capsys, run, *needles):
