@@ -303,7 +303,7 @@ def _chosen_gpu(cfg, info, gpu=None):
     raise ConfigError(f"model.gpu: '{name}' is not one of auto, {', '.join(GPUS)}")
 
 
-def _changes_to_try(cfg) -> list[list[tuple]]:
+def changes_to_try(cfg) -> list[list[tuple]]:
     tries = []
     if not cfg.model.gradient_checkpointing:
         tries.append([("model.gradient_checkpointing", True)])
@@ -329,15 +329,15 @@ def _total_with(model_config, cfg, changes, gpu_name=None) -> float:
 
 
 def ranked_changes(model_config, cfg, limit: int = 3) -> list[tuple[list[tuple], float]]:
-    """The single changes of _changes_to_try (checkpointing, batch, max_length, 4-bit, paged 8-bit
+    """The single changes of changes_to_try (checkpointing, batch, max_length, 4-bit, paged 8-bit
     optimizer) that save the most memory for this run, each with the total it gives, best first."""
-    tries = [(changes, _total_with(model_config, cfg, changes)) for changes in _changes_to_try(cfg)]
+    tries = [(changes, _total_with(model_config, cfg, changes)) for changes in changes_to_try(cfg)]
     return sorted(tries, key=lambda t: t[1])[:limit]
 
 
 def _suggestions(model_config, cfg, est, gpu_name, gpu_mem) -> list[str]:
     """Changes that make it fit, each with the total it gives (estimated again, not guessed)."""
-    tries = _changes_to_try(cfg)
+    tries = changes_to_try(cfg)
 
     def total_with(changes):
         return _total_with(model_config, cfg, changes, gpu_name)

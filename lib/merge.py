@@ -29,9 +29,6 @@ Everything is written into a temporary folder first, then moved to merged/.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -41,7 +38,16 @@ from .generation import generation_config
 from .loading import load_16bit_with_adapter, load_merged, load_tokenizer, load_tuned_model, release
 from .oom import out_of_memory
 from .paths import require, run_paths
-from .rundir import check_trained, finish, install, read_manifest, remove_leftovers, run_lock, write_json
+from .rundir import (
+    check_trained,
+    finish,
+    install,
+    read_manifest,
+    remove_leftovers,
+    run_lock,
+    staging,
+    write_json,
+)
 from .scoring import check_examples, perplexity
 from .tokenization import IGNORE_INDEX, encode_example, prompt_messages, render_prompt
 
@@ -300,23 +306,14 @@ def _run_merge(paths, run, overrides) -> dict:
     trained = check_trained(paths)  # a damaged adapter is named, with the stage to rerun
     # merge folders of a merge that was killed (as large as the model; no live writer: we hold the lock)
     remove_leftovers(paths.root, r"\.merged-[A-Za-z0-9_]{8}|\.merged-old(-\d+)?")
-    if isinstance(overrides, dict):
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-    cfg = apply_overrides(load_config(paths.config), overrides or [])
+    cfg = apply_overrides(load_config(paths.config), overrides or [])  # its one "None keeps" rule
     examples, split = check_examples(paths, cfg)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=paths.root))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; merged/ should be like any other folder
-    try:
+    with staging(paths.root, ".merged-") as tmp:
         with out_of_memory("merge", cfg, doing="merging into the 16-bit base or checking the merged model", run=run):
             report = merge_and_check(cfg, paths.adapter, examples, tmp, split=split)
         report["fail_on_drift"] = cfg.merge.fail_on_drift
         write_json(tmp / "merge_report.json", report)
         install(paths, "merge", {paths.merged: tmp}, [f"{paths.merged.name}/merge_report.json"], {"train": trained})
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     _add_to_perplexity_json(paths, report["perplexity"]["merged"])
     lg = report["logits"]
     print(f"merged into {paths.merged} ({report['merged_dtype']}): perplexity {report['perplexity']['merged']['perplexity']:.4f} "

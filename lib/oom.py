@@ -21,7 +21,8 @@ import logging
 from contextlib import contextmanager
 
 from .errors import ConfigError, OutOfMemoryError
-from .loading import GIB, release
+from .loading import GIB, load_model_config, release
+from .memory import changes_to_try, ranked_changes
 
 logger = logging.getLogger(__name__)
 
@@ -87,16 +88,13 @@ def _fmt(changes, total=None) -> str:
 
 def training_fixes(cfg, evaluating: bool = False) -> list[str]:
     """The three settings most likely to make this run's training fit, ranked by the memory estimate."""
-    from .loading import load_model_config
-    from .memory import _changes_to_try, ranked_changes
-
     out = []
     if evaluating and cfg.train.per_device_eval_batch_size > 1:
         out.append(_fmt([("train.per_device_eval_batch_size", cfg.train.per_device_eval_batch_size // 2)]))
     try:
         ranked = ranked_changes(load_model_config(cfg), cfg)
     except (ConfigError, OSError, ValueError, KeyError, AttributeError):  # no config to estimate from
-        ranked = [(c, None) for c in _changes_to_try(cfg)]
+        ranked = [(c, None) for c in changes_to_try(cfg)]
     out += [_fmt(changes, total) for changes, total in ranked]
     return out[:3]
 
@@ -119,7 +117,7 @@ def inference_fixes(cfg, stage: str, run: str | None) -> list[str]:
     return out[:3]
 
 
-def oom_message(stage: str, doing: str, cfg=None, fixes: list[str] | None = None, kept: str | None = None) -> str:
+def oom_message(stage: str, doing: str, fixes: list[str] | None = None, kept: str | None = None) -> str:
     """The one message of an out-of-memory stop (see the module docstring)."""
     msg = f"out of memory in {stage}, {doing}: {memory_figures()}."
     if fixes:
@@ -146,7 +144,7 @@ def out_of_memory(stage: str, cfg, doing=None, kept=None, run: str | None = None
         where = getattr(e, "oom_doing", None) or (doing() if callable(doing) else doing) or "running"
         evaluating = "evaluat" in where
         fixes = (training_fixes(cfg, evaluating) if stage == "training" else inference_fixes(cfg, stage, run))
-        message = oom_message(stage, where, cfg, fixes, kept() if callable(kept) else kept)
+        message = oom_message(stage, where, fixes, kept() if callable(kept) else kept)
     else:
         return
     release()
