@@ -78,11 +78,58 @@ def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+# data.columns: role -> what the mapped field holds (the help text and the audit's "used as").
+COLUMN_ROLES = {
+    "prompt": "user turn",
+    "input": "user turn, after the prompt and a blank line",
+    "response": "assistant answer (trained)",
+    "system": "system message",
+    "history": "earlier turns: [[user, answer], ...] (answers trained)",
+    "messages": "the conversation (a list of turns)",
+    "text": "plain text (every token trained)",
+    "role": "key of a turn's speaker (with messages; default role, or from for ShareGPT turns)",
+    "content": "key of a turn's text (with messages; default content, or value)",
+    "weight": "key of a turn's weight (with messages; default weight): 0 makes an answer context",
+    "user_tag": "speaker value of a user turn (with messages), besides user and human",
+    "assistant_tag": "speaker value of an assistant turn (with messages), besides assistant and gpt",
+    "system_tag": "speaker value of a system turn (with messages), besides system",
+}
+_KEYS_OF_TURNS = ("role", "content", "weight", "user_tag", "assistant_tag", "system_tag")
+
+
+def check_columns(columns: dict | None) -> str | None:
+    """Why a data.columns mapping cannot work (one line), or None. Checked before anything loads."""
+    if not columns:
+        return None
+    unknown = sorted(set(columns) - set(COLUMN_ROLES))
+    if unknown:
+        return f"data.columns: unknown role {unknown[0]!r} (roles: {', '.join(COLUMN_ROLES)})"
+    bad = [k for k, v in columns.items() if not isinstance(v, str) or not v.strip()]
+    if bad:
+        return f"data.columns: {bad[0]} must name a field (a non-empty string), got {columns[bad[0]]!r}"
+    has = set(columns)
+    if "text" in has and has - {"text"}:
+        return "data.columns: text (plain language-modelling data) takes no other role"
+    if "messages" in has and has & {"prompt", "input", "response", "history"}:
+        return "data.columns: messages and prompt/response are two ways to give the conversation; map one of them"
+    if "messages" not in has and has & set(_KEYS_OF_TURNS):
+        return f"data.columns: {sorted(has & set(_KEYS_OF_TURNS))[0]} describes the turns of messages; map messages too"
+    if not ({"text", "messages"} & has or {"prompt", "response"} <= has):
+        return "data.columns: map messages, or prompt and response, or text"
+    return None
+
+
 @dataclass
 class DataSettings:
     path: str = _f("data/examples/socratic_questions.jsonl", "Local file or folder, or a Hub dataset id.")
-    format: str = _f("auto", "Record format: auto, socratic, instruction_output, instruction_response, "
-                             "qa_splits, messages, sharegpt, prompt_completion, text.")
+    format: str = _f("auto", "Record shape: auto (detected from the fields), or one of messages, sharegpt, "
+                             "capybara, qa_splits, socratic, instruction_output, instruction_response, dolly, "
+                             "query_response, prompt_completion, preference, text (data/README.md).")
+    columns: dict | None = _f(None, "Map your fields to roles when no shape fits, e.g. {prompt: question, "
+                                    "response: answer, input: context}. Roles: " + ", ".join(COLUMN_ROLES)
+                                    + ". None: detect the shape.")
+    ignore_fields: list | None = _f(None, "Fields that hold text but that you want left out of training, "
+                                          "e.g. [notes]; prepare stops on any other unused text field.")
     eval_fraction: float = _f(0.1, "Share held out for evaluation when the data has no test split.", range=SHARE)
     max_examples: int | None = _f(None, "Use at most this many training examples (None: all).", range=POSITIVE)
     system_prompt: str | None = _f(None, "System message put before every conversation that has none.")
@@ -362,7 +409,7 @@ def field_help(cfg: RunConfig | None = None) -> dict[str, str]:
     return out
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict, "list": list}
 
 
 def _base_types(annotation) -> tuple[list[type], bool]:
@@ -385,6 +432,8 @@ def convert_value(key: str, raw, annotation):
             return None
         raise ConfigError(f"{key}: None is not allowed (expected {allowed[0].__name__})")
     for t in allowed:
+        if t in (dict, list):
+            return _convert_collection(key, raw, t)
         try:
             if t is bool:
                 if isinstance(raw, bool):
@@ -411,6 +460,35 @@ def convert_value(key: str, raw, annotation):
             continue  # try the next allowed type
     names = " or ".join(t.__name__ for t in allowed)
     raise ConfigError(f"{key}: cannot use {raw!r} (expected {names})")
+
+
+def _convert_collection(key: str, raw, kind: type):
+    """A mapping or list setting: as given (YAML, a notebook), or from `--set` text: YAML flow
+    (`{prompt: question, response: answer}`, `[notes, url]`), `prompt=question,response=answer`, or
+    `notes,url`. Values must be strings; an empty one means None."""
+    value = raw
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text[:1] in "{[":
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{key}: cannot read {raw!r} ({str(e).splitlines()[0]})") from None
+        elif kind is dict:
+            pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ConfigError(f"{key}: expected role=field pairs, e.g. prompt=question,response=answer; got {raw!r}")
+            value = {k.strip(): v.strip() for k, v in pairs}
+        else:
+            value = [p.strip() for p in text.split(",") if p.strip()]
+    if not isinstance(value, kind):
+        raise ConfigError(f"{key}: expected {'a mapping' if kind is dict else 'a list'}, got {raw!r}")
+    items = value.items() if kind is dict else enumerate(value)
+    bad = next((v for _, v in items if not isinstance(v, str) or not v.strip()), None) if value else None
+    if value and bad is not None or (kind is dict and any(not isinstance(k, str) for k in value)):
+        raise ConfigError(f"{key}: every {'field name' if kind is dict else 'entry'} must be a non-empty string, "
+                          f"got {bad!r}")
+    return copy.deepcopy(value) or None
 
 
 def set_value(cfg: RunConfig, key: str, raw) -> None:
@@ -461,8 +539,9 @@ def make_config(profile: str | None = None, run: str | None = None, overrides=No
 
 
 CHOICES = {
-    "data.format": ["auto", "socratic", "instruction_output", "instruction_response", "qa_splits",
-                    "messages", "sharegpt", "prompt_completion", "text"],
+    "data.format": ["auto", "messages", "sharegpt", "capybara", "qa_splits", "socratic", "instruction_output",
+                    "instruction_response", "dolly", "query_response", "prompt_completion", "preference", "text",
+                    "columns"],  # = lib.formats.FORMATS (tested)
     "quant.mode": ["4bit", "8bit", "none"],
     "quant.quant_type": ["nf4", "fp4"],
     "quant.compute_dtype": ["auto", "bfloat16", "float16", "float32"],
@@ -532,6 +611,9 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
     for key, (owner, f) in fields.items():
         check_range(key, getattr(owner, f.name), f)
+    problem = check_columns(cfg.data.columns)
+    if problem:
+        raise ConfigError(problem)
     fmt = cfg.data.prompt_format
     if fmt not in ("auto", "qa", "alpaca", "chatml") and "{{" not in fmt and "{%" not in fmt:
         raise ConfigError(f"data.prompt_format: '{fmt}' is not one of auto, qa, alpaca, chatml, nor a Jinja template")

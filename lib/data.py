@@ -1,16 +1,14 @@
-"""01 prepare data: load any accepted format, normalise to conversations, split, audit.
+"""01 prepare data: load any accepted shape, normalise to conversations, account for every field, split, audit.
 
     python -m lib prepare --run demo --data data/examples/socratic_questions.jsonl [--format auto]
 
-Accepted record formats (detected from the fields, or forced with --format): socratic
-(`instruction` + `output` list of questions), instruction_output, instruction_response (optional
-`input`, Alpaca style), qa_splits (`{"train": [...], "test": [...]}` of `Question`/`Answer`),
-messages (multi-turn; extra fields kept as metadata), sharegpt (`conversations`),
-prompt_completion, text. Containers: .json, .jsonl, .csv, .parquet, a `save_to_disk` folder, or
-a Hub dataset id. Everything becomes `{"messages": [...]}` except plain text (`{"text": ...}`,
-trained on every token); content given as OpenAI text parts is joined. With splits, only 'train'
-is trained on and every evaluation split (test, validation, ...) is kept as eval; otherwise a
-seeded fraction is held out. The audit, with the run's own tokenizer, goes to data/report.json.
+The record shapes (detected from the fields, forced with --format, or mapped with data.columns)
+live in lib/formats.py, the account of where every field went in lib/fields.py. Containers:
+.json, .jsonl, .csv, .parquet, a `save_to_disk` folder, or a Hub dataset id. Everything becomes
+`{"messages": [...]}` except plain text (`{"text": ...}`, trained on every token). With splits,
+only 'train' is trained on and every evaluation split (test, validation, ...) is kept as eval;
+otherwise a seeded fraction is held out. The audit, with the run's own tokenizer, goes to
+data/report.json.
 
 Bad input raises DataError naming the file, the line (or record) and the field; nothing is
 written to the run directory unless everything succeeded.
@@ -29,7 +27,9 @@ from pathlib import Path
 
 from .config import RunConfig, apply_overrides, load_config, make_config, save_config, validate
 from .errors import DataError, SFTError
+from .fields import FieldAccount
 from .figures import panel_figure, token_length_histogram
+from .formats import FORMATS, convert, detect_format
 from .loading import load_tokenizer
 from .paths import REPO_ROOT, run_paths
 from .readers import EVAL_SPLITS, Loaded, RawRecord, load_records, read_examples
@@ -46,229 +46,18 @@ from .tokenization import split_for_template as split_for_turns
 from .trainer_args import check_settings
 
 __all__ = ["FORMATS", "EVAL_SPLITS", "Loaded", "RawRecord", "load_records", "read_examples", "detect_format",
-           "normalise", "prepare_examples", "audit", "audit_table", "run_prepare", "preview"]
-
-# name -> (fields that identify it, one-line description for messages)
-FORMATS = {
-    "messages": "messages (a list of {role, content})",
-    "sharegpt": "sharegpt (conversations: a list of {from, value})",
-    "qa_splits": "qa_splits (Question + Answer, optionally in {\"train\": [...], \"test\": [...]})",
-    "socratic": "socratic (instruction + output: a list of questions)",
-    "instruction_output": "instruction_output (instruction + output, optional input)",
-    "instruction_response": "instruction_response (instruction + response, optional input)",
-    "prompt_completion": "prompt_completion (prompt + completion)",
-    "text": "text (plain text, language modelling)",
-}
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "bot": "assistant", "model": "assistant"}
+           "prepare_examples", "audit", "audit_table", "fields_table", "run_prepare", "preview"]
 
 
-# ----------------------------------------------------------------------------- formats
-
-
-def _keys(rec) -> set[str]:
-    return set(rec) if isinstance(rec, dict) else set()
-
-
-def detect_format(rec: RawRecord) -> str:
-    if not isinstance(rec.record, dict):
-        raise rec.error(f"expected a JSON object (a record with fields), got {type(rec.record).__name__}")
-    keys = _keys(rec.record)
-    r = rec.record
-    if "messages" in keys:
-        return "messages"
-    if "conversations" in keys:
-        return "sharegpt"
-    if {"question", "answer"} & {k.lower() for k in keys}:
-        return "qa_splits"
-    if "instruction" in keys:  # the answer may be missing: the format's check then names it
-        if "response" in keys:
-            return "instruction_response"
-        return "socratic" if isinstance(r.get("output"), list) else "instruction_output"
-    if "prompt" in keys or "completion" in keys:
-        return "prompt_completion"
-    if "text" in keys:
-        return "text"
-    fields = ", ".join(sorted(keys)) or "(none)"
-    known = "; ".join(FORMATS.values())
-    raise rec.error(f"the fields {fields} match no known format. Known formats: {known}")
-
-
-def _type_name(v) -> str:
-    return {list: "a list", dict: "an object", str: "a string", int: "a number", float: "a number",
-            bool: "a boolean", type(None): "null"}.get(type(v), type(v).__name__)
-
-
-def _string(rec: RawRecord, key: str, required: bool = True, what: str = "field") -> str | None:
-    r = rec.record
-    if key not in r or r[key] is None:
-        if required:
-            raise rec.error(f"missing {what}", field=key)
-        return None
-    v = r[key]
-    if not isinstance(v, str):
-        raise rec.error(f"expected a string, got {_type_name(v)}", field=key)
-    return v
-
-
-def _user_with_input(instruction: str, inp: str | None) -> str:
-    return instruction if not (inp and inp.strip()) else f"{instruction}\n\n{inp}"
-
-
-def _text_parts(rec: RawRecord, parts: list, key: str) -> str:
-    """Content given as a list of parts (the OpenAI format, [{"type": "text", "text": ...}, ...]):
-    the text parts joined with newlines (as vLLM joins them). Any other part (image_url, image,
-    input_audio, file, refusal...) is refused: a text model cannot be trained on it."""
-    texts = []
-    for j, part in enumerate(parts, start=1):
-        where = f"{key}[{j}]"
-        if not isinstance(part, dict):
-            raise rec.error(f"expected a content part {{\"type\": \"text\", \"text\": ...}}, got {_type_name(part)}",
-                            field=where)
-        kind = part.get("type")
-        if kind != "text":
-            raise rec.error(f"a content part of type {kind!r}: only text parts can be trained on (remove "
-                            "images, audio and files from the data, or export it as text)", field=where)
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise rec.error(f"expected a string, got {_type_name(text)}", field=f"{where}.text")
-        texts.append(text)
-    if not texts:
-        raise rec.error("the list of content parts is empty", field=key)
-    return "\n".join(texts)
-
-
-def _check_messages(rec: RawRecord, messages, key: str, role_key="role", content_key="content",
-                    role_map=None) -> list[dict]:
-    if not isinstance(messages, list):
-        raise rec.error(f"expected a list of turns, got {_type_name(messages)}", field=key)
-    if not messages:
-        raise rec.error("the conversation is empty", field=key)
-    out = []
-    for i, turn in enumerate(messages, start=1):
-        fname = f"{key}[{i}]"
-        if not isinstance(turn, dict):
-            raise rec.error(f"expected an object with '{role_key}' and '{content_key}', got {_type_name(turn)}",
-                            field=fname)
-        role = turn.get(role_key)
-        if role_map is not None:
-            if role not in role_map:
-                raise rec.error(f"unknown speaker {role!r} (expected one of {', '.join(role_map)})",
-                                field=f"{fname}.{role_key}")
-            role = role_map[role]
-        elif role not in ROLES:
-            raise rec.error(f"unknown role {role!r} (expected one of {', '.join(ROLES)})",
-                            field=f"{fname}.{role_key}")
-        content = turn.get(content_key)
-        if content is None:
-            raise rec.error("missing content", field=f"{fname}.{content_key}")
-        if isinstance(content, list):
-            content = _text_parts(rec, content, f"{fname}.{content_key}")
-        if not isinstance(content, str):
-            raise rec.error(f"expected a string or a list of text parts, got {_type_name(content)}",
-                            field=f"{fname}.{content_key}")
-        out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in out):
-        raise rec.error("the conversation has no assistant turn (nothing to learn from)", field=key)
-    return out
-
-
-def _socratic(rec: RawRecord) -> tuple[list[dict], set[str]]:
-    r = rec.record
-    instruction = _string(rec, "instruction")
-    if "output" not in r or r["output"] is None:
-        raise rec.error("missing answer (the list of questions)", field="output")
-    questions = r["output"]
-    if not isinstance(questions, list):
-        raise rec.error(f"expected a list of questions, got {_type_name(questions)}", field="output")
-    if not questions:
-        raise rec.error("the list of questions is empty", field="output")
-    for i, q in enumerate(questions, start=1):
-        if not isinstance(q, str):
-            raise rec.error(f"question {i} is {_type_name(q)}, expected a string", field=f"output[{i}]")
-    answer = "\n".join(q.strip() for q in questions if q.strip())
-    return [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}], {"instruction", "output"}
-
-
-def _instruction(rec: RawRecord, key: str) -> tuple[list[dict], set[str]]:
-    instruction = _string(rec, "instruction")
-    answer = _string(rec, key, what="answer")
-    inp = _string(rec, "input", required=False)
-    messages = [{"role": "user", "content": _user_with_input(instruction, inp)},
-                {"role": "assistant", "content": answer}]
-    return messages, {"instruction", key, "input"}
-
-
-def _qa(rec: RawRecord) -> tuple[list[dict], set[str]]:
-    lower = {k.lower(): k for k in rec.record}
-    qk, ak = lower.get("question", "Question"), lower.get("answer", "Answer")
-    question = _string(rec, qk)
-    answer = _string(rec, ak, what="answer")
-    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], {qk, ak}
-
-
-def _conversation(rec: RawRecord, key: str, *how) -> tuple[list[dict], set[str]]:
-    if key not in rec.record:
-        raise rec.error("missing field", field=key)
-    return _check_messages(rec, rec.record[key], key, *how), {key}
-
-
-def _prompt_completion(rec: RawRecord) -> tuple[list[dict], set[str]]:
-    r = rec.record
-    if "prompt" not in r:
-        raise rec.error("missing field", field="prompt")
-    if "completion" not in r or r["completion"] is None:
-        raise rec.error("missing answer", field="completion")
-    if isinstance(r["prompt"], list) and isinstance(r["completion"], list):  # conversational (TRL style)
-        messages = _check_messages(rec, r["prompt"] + r["completion"], "prompt+completion")
-    else:
-        messages = [{"role": "user", "content": _string(rec, "prompt")},
-                    {"role": "assistant", "content": _string(rec, "completion", what="answer")}]
-    return messages, {"prompt", "completion"}
-
-
-# format -> the record's messages and the fields they were made from (the others become metadata)
-_TO_MESSAGES = {
-    "socratic": _socratic,
-    "instruction_output": lambda rec: _instruction(rec, "output"),
-    "instruction_response": lambda rec: _instruction(rec, "response"),
-    "qa_splits": _qa,
-    "messages": lambda rec: _conversation(rec, "messages"),
-    "sharegpt": lambda rec: _conversation(rec, "conversations", "from", "value", SHAREGPT_ROLES),
-    "prompt_completion": _prompt_completion,
-}
-
-
-def normalise(rec: RawRecord, fmt: str) -> dict:
-    """One record -> {"messages": [...], "metadata": {...}} or {"text": ..., "metadata": {...}}."""
-    if not isinstance(rec.record, dict):
-        raise rec.error(f"expected a JSON object (a record with fields), got {type(rec.record).__name__}")
-    r = rec.record
-    if fmt == "text":
-        text = _string(rec, "text")
-        meta = {k: v for k, v in r.items() if k != "text"}
-        return {"text": text, "metadata": _jsonable({**meta, **rec.where})}
-    if fmt not in _TO_MESSAGES:
-        raise SFTError(f"unknown format '{fmt}' (formats: {', '.join(FORMATS)})")
-    messages, used = _TO_MESSAGES[fmt](rec)
-    meta = {k: v for k, v in r.items() if k not in used}
-    return {"messages": messages, "metadata": _jsonable({**meta, **rec.where})}
-
-
-def _jsonable(x):
-    """Metadata as plain JSON (parquet/arrow rows may hold numpy or datetime values)."""
-    try:
-        json.dumps(x, ensure_ascii=False)
-        return x
-    except TypeError:
-        return json.loads(json.dumps(x, ensure_ascii=False, default=str))
+def _trained_answers(example: dict) -> list[dict]:
+    return [m for m in example["messages"] if m["role"] == "assistant" and m.get("weight", 1) != 0]
 
 
 def is_empty(example: dict) -> bool:
+    """Nothing to train: blank text, or no answer that is trained (weight 0 on all) and not blank."""
     if "text" in example:
         return not example["text"].strip()
-    return not any(m["content"].strip() for m in example["messages"] if m["role"] == "assistant")
+    return not any(m["content"].strip() for m in _trained_answers(example))
 
 
 def _key(example: dict) -> str:
@@ -290,6 +79,8 @@ class Prepared:
     dropped_empty: int
     duplicates: int
     notes: list[str] = field(default_factory=list)  # how the data's splits were used, for the audit
+    fields: list[dict] = field(default_factory=list)  # where every field went (FieldAccount.rows)
+    weight0_answers: int = 0  # answers the data marks as context ("weight": 0), never trained
 
 
 def split_roles(loaded: Loaded) -> tuple[list[str], list[str], list[str]]:
@@ -323,20 +114,17 @@ def split_roles(loaded: Loaded) -> tuple[list[str], list[str], list[str]]:
     return train, evals, notes
 
 
-def prepare_examples(source: str, fmt: str = "auto", eval_fraction: float = 0.1, seed: int = 42,
-                     max_examples: int | None = None, system_prompt: str | None = None) -> Prepared:
-    """Load, validate, normalise and split. Raises DataError on the first bad record."""
-    loaded = load_records(source)
-    if fmt == "auto":
-        fmt = detect_format(loaded.records[0])
-    elif fmt not in FORMATS:
-        raise SFTError(f"unknown format '{fmt}' (formats: auto, {', '.join(FORMATS)})")
-    train_splits, eval_splits, notes = split_roles(loaded)
+def _normalise_all(loaded: Loaded, fmt: str, columns, ignore_fields, keep: set, system_prompt):
+    """Every record of the kept splits as an example, its split, how many had nothing to train, and
+    the field account (checked: a text field nothing uses stops here)."""
+    account = FieldAccount(fmt, ignore_fields)
     examples, splits, dropped = [], [], 0
     for rec in loaded.records:
-        if loaded.splits and rec.split not in train_splits and rec.split not in eval_splits:
+        if loaded.splits and rec.split not in keep:
             continue  # a split that is neither trained nor evaluated on (said in the notes)
-        ex = normalise(rec, fmt)
+        converted = convert(rec, fmt, columns)
+        account.add(rec, converted)
+        ex = converted.example
         if is_empty(ex):
             dropped += 1
             continue
@@ -344,8 +132,32 @@ def prepare_examples(source: str, fmt: str = "auto", eval_fraction: float = 0.1,
             ex["messages"].insert(0, {"role": "system", "content": system_prompt})
         examples.append(ex)
         splits.append(rec.split)
+    account.check(loaded.source)
     if not examples:
-        raise DataError(loaded.source, f"nothing left to train on: all {dropped} records have empty answers")
+        raise DataError(loaded.source, f"nothing left to train on: all {dropped} records have empty answers "
+                                       "(or every answer at weight 0)")
+    return examples, splits, dropped, account
+
+
+def prepare_examples(source: str, fmt: str = "auto", eval_fraction: float = 0.1, seed: int = 42,
+                     max_examples: int | None = None, system_prompt: str | None = None,
+                     columns: dict | None = None, ignore_fields=()) -> Prepared:
+    """Load, validate, normalise, account for every field, and split. Raises DataError on the first bad
+    record, and on a text field that most records hold and nothing uses (lib/fields.py)."""
+    loaded = load_records(source)
+    if fmt == "auto" or (columns and fmt == "columns"):
+        fmt = detect_format(loaded.records[0], columns)
+    elif fmt not in FORMATS:
+        raise SFTError(f"unknown format '{fmt}' (formats: auto, {', '.join(FORMATS)})")
+    elif columns:
+        raise SFTError(f"data.format={fmt} and data.columns both say how to read the records: keep one "
+                       "(data.format=auto with data.columns)")
+    train_splits, eval_splits, notes = split_roles(loaded)
+    keep = set(train_splits) | set(eval_splits)
+    examples, splits, dropped, account = _normalise_all(loaded, fmt, columns, ignore_fields, keep, system_prompt)
+    notes = notes + account.warnings()
+    weight0 = sum(1 for ex in examples for m in ex.get("messages") or []
+                  if m["role"] == "assistant" and m.get("weight", 1) == 0)
     seen, dups = set(), 0
     for ex in examples:
         k = _key(ex)
@@ -376,7 +188,8 @@ def prepare_examples(source: str, fmt: str = "auto", eval_fraction: float = 0.1,
         eval_from = f"{n_eval} examples held out at random (data.eval_fraction={eval_fraction}, seed {seed})"
     if max_examples is not None:
         train = train[:max_examples]
-    return Prepared(train, evals, fmt, loaded.source, loaded.container, eval_from, dropped, dups, notes)
+    return Prepared(train, evals, fmt, loaded.source, loaded.container, eval_from, dropped, dups, notes,
+                    account.rows(), weight0)
 
 
 # ----------------------------------------------------------------------------- audit
@@ -486,7 +299,8 @@ def _audit_warnings(prepared: Prepared, tokenizer, t: dict, lengths: list[int], 
                         "conversations were split into one example per assistant turn, each rendered as at inference")
     warnings.extend(prepared.notes)
     if prepared.dropped_empty:
-        warnings.append(f"{prepared.dropped_empty} records with empty answers were dropped")
+        warnings.append(f"{prepared.dropped_empty} records with no answer to train (empty, or every answer at "
+                        "weight 0) were dropped")
     if prepared.duplicates:
         warnings.append(f"{prepared.duplicates} duplicate examples (kept; remove them if unintended)")
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
@@ -523,7 +337,9 @@ def audit(prepared: Prepared, tokenizer, max_length: int, template_added: bool =
         "container": prepared.container,
         "format": prepared.format,
         "counts": {"train": len(prepared.train), "eval": len(prepared.eval),
-                   "dropped_empty": prepared.dropped_empty, "duplicates": prepared.duplicates},
+                   "dropped_empty": prepared.dropped_empty, "duplicates": prepared.duplicates,
+                   "weight0_answers": prepared.weight0_answers},
+        "fields": prepared.fields,
         "eval_from": prepared.eval_from,
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "max_length": max_length,
@@ -559,6 +375,7 @@ def audit_table(report: dict):
         ("evaluation examples", f"{report['counts']['eval']} ({report['eval_from']})"),
         ("empty records dropped", report["counts"]["dropped_empty"]),
         ("duplicate examples", report["counts"]["duplicates"]),
+        ("answers marked as context (weight 0, not trained)", report["counts"].get("weight0_answers", 0)),
         ("tokens per example (min / median / p95 / max)", f"{tl['min']} / {tl['p50']} / {tl['p95']} / {tl['max']}"),
         ("max_length", report["max_length"]),
         ("answers cut by max_length", f"{tr['answers_cut']} of {tr['answers']}"),
@@ -575,6 +392,14 @@ def audit_table(report: dict):
 
 
 # ----------------------------------------------------------------------------- files
+
+
+def fields_table(report: dict):
+    """Where every field of the input went (pandas DataFrame): used as what, metadata, copy, ignored, unused."""
+    import pandas as pd
+
+    rows = [(f["field"], f["use"], f["records"], f["text_records"], f["example"]) for f in report.get("fields", [])]
+    return pd.DataFrame(rows, columns=["field", "used as", "records", "with text", "example"]).set_index("field")
 
 
 def write_jsonl(path: Path, rows) -> None:
@@ -604,7 +429,8 @@ def prepare(cfg: RunConfig, overwrite: bool = False) -> dict:
     """
     paths = run_paths(cfg.run)
     d = cfg.data
-    prepared = prepare_examples(d.path, d.format, d.eval_fraction, d.seed, d.max_examples, d.system_prompt)
+    prepared = prepare_examples(d.path, d.format, d.eval_fraction, d.seed, d.max_examples, d.system_prompt,
+                                d.columns, d.ignore_fields)
     tokenizer, added = tokenizer_with_template_flag(cfg)
     n_split = split_for_template(prepared, tokenizer)
     report = audit(prepared, tokenizer, cfg.train.max_length, template_added=added,
@@ -702,7 +528,7 @@ def token_length_figure(report: dict):
 def preview(run: str, index: int | None = None, split: str = "train") -> str:
     """One prepared example as the model sees it, trained tokens shown between « and ».
 
-    index None: the first example with the most trained answers (a multi-turn one when there is
+    index None: the first example with the most answers (trained or weight-0 context) (a multi-turn one when there is
     one), so every answer's span and stop token can be checked by eye. An example split off a
     conversation (templates that rewrite history) is headed by which assistant turn it trains.
     """
@@ -715,7 +541,7 @@ def preview(run: str, index: int | None = None, split: str = "train") -> str:
     head = ""
     if index is None:
         def answers(ex):
-            return sum(m["role"] == "assistant" and m.get("weight", 1) != 0 for m in ex.get("messages") or [])
+            return sum(m["role"] == "assistant" for m in ex.get("messages") or [])  # weight-0 ones shown as context
 
         index = max(range(len(examples)), key=lambda i: (answers(examples[i]), -i))
         if answers(examples[index]) < 2:  # show how a conversation is trained with a sample one

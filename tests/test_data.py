@@ -180,7 +180,7 @@ def test_split_notes_reach_the_audit(tmp_path, outputs):
     path = tmp_path / "qa.json"
     path.write_text(json.dumps({"train": QA[:6], "validation": QA[6:9], "test": QA[9:]}), encoding="utf-8")
     report = run_prepare("splits", str(path))
-    assert report["counts"] == {"train": 6, "eval": 6, "dropped_empty": 0, "duplicates": 0}
+    assert report["counts"] == {"train": 6, "eval": 6, "dropped_empty": 0, "duplicates": 0, "weight0_answers": 0}
     assert report["eval_from"] == "the 'validation' and 'test' splits of the data"
     assert any("2 evaluation splits (validation, test)" in w for w in report["warnings"])
     trained = read_examples(run_paths("splits").train_data)
@@ -207,10 +207,14 @@ def test_text_parts_are_joined(tmp_path):
 
 def test_format_can_be_forced(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"instruction": "Why?", "output": "Because.", "text": "ignored"}) + "\n", encoding="utf-8")
-    assert prepare_examples(str(path), eval_fraction=0).format == "instruction_output"
-    forced = prepare_examples(str(path), fmt="text", eval_fraction=0)
-    assert forced.train[0]["text"] == "ignored"
+    path.write_text(json.dumps({"instruction": "Why?", "output": "Because.", "text": "other"}) + "\n", encoding="utf-8")
+    # a text field beside instruction/output that is no rendering of them: used by nothing, so refused ...
+    with pytest.raises(DataError, match="field 'text': holds text in 1 of 1 records and nothing uses it"):
+        prepare_examples(str(path), eval_fraction=0)
+    # ... until the user says what it is: ignored, or the format that trains it
+    assert prepare_examples(str(path), eval_fraction=0, ignore_fields=["text"]).format == "instruction_output"
+    forced = prepare_examples(str(path), fmt="text", eval_fraction=0, ignore_fields=["instruction", "output"])
+    assert forced.train[0]["text"] == "other"
 
 
 def test_hub_id_that_cannot_be_loaded_is_a_clear_error(monkeypatch):
@@ -397,8 +401,8 @@ def test_empty_and_duplicate_examples_are_warnings(tmp_path, outputs):
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
     report = run_prepare("dups", str(path), overrides=["data.eval_fraction=0"])
-    assert report["counts"] == {"train": 4, "eval": 0, "dropped_empty": 1, "duplicates": 2}
-    assert any("empty answers were dropped" in w for w in report["warnings"])
+    assert report["counts"] == {"train": 4, "eval": 0, "dropped_empty": 1, "duplicates": 2, "weight0_answers": 0}
+    assert any("1 records with no answer to train (empty" in w for w in report["warnings"])
     assert any("2 duplicate examples" in w for w in report["warnings"])
     assert any("no evaluation examples" in w for w in report["warnings"])
 

@@ -1,0 +1,77 @@
+"""How long the data stage (01 prepare) takes on a large file: 50,000 records by default.
+
+    python bench/prepare_speed.py                          # tiny profile, 50,000 Alpaca-style records
+    python bench/prepare_speed.py --records 5000 --profile smol --shape messages --rounds 3
+
+Writes a deterministic file of `--records` records in one of the accepted shapes (into a temporary
+folder), then runs the whole prepare stage on it (read, detect, normalise with field accounting,
+split, tokenizer audit, write) `--rounds` times in fresh run directories and prints the wall time
+of each and the best. Run it alone: other processes on the machine's two cores slow it several
+times over. Figures: bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+WORDS = ("the river model answer question light energy water planet reason think why how what "
+         "history city market number sentence explain describe compare list example step").split()
+
+
+def _sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+
+
+def make_records(n: int, shape: str, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        q, a = _sentence(rng, rng.randint(6, 20)), _sentence(rng, rng.randint(10, 60))
+        if shape == "alpaca":
+            out.append({"instruction": q, "input": _sentence(rng, 8) if i % 3 == 0 else "", "output": a})
+        else:
+            out.append({"id": i, "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a},
+                                              {"role": "user", "content": _sentence(rng, 8)},
+                                              {"role": "assistant", "content": _sentence(rng, 20)}]})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--records", type=int, default=50_000)
+    p.add_argument("--shape", choices=("alpaca", "messages"), default="alpaca")
+    p.add_argument("--profile", default="tiny")
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["SFT_OUTPUTS_DIR"] = str(Path(tmp) / "outputs")
+        os.environ.setdefault("SFT_CACHE_DIR", str(REPO_ROOT / "outputs" / ".cache"))
+        from lib.data import run_prepare
+
+        data = Path(tmp) / f"{args.shape}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in make_records(args.records, args.shape)))
+        run_prepare("warmup", str(REPO_ROOT / "data/examples/socratic_questions.jsonl"), profile=args.profile)
+        times = []
+        for k in range(args.rounds):
+            t0 = time.perf_counter()
+            run_prepare(f"bench{k}", str(data), profile=args.profile)
+            times.append(time.perf_counter() - t0)
+            print(f"round {k + 1}: {times[-1]:.1f} s")
+    print(f"prepare, {args.records} {args.shape} records, profile {args.profile}: best {min(times):.1f} s "
+          f"({args.records / min(times):,.0f} records/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
