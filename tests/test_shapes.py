@@ -154,6 +154,31 @@ SHAPES = {
     ], [
         [U("Give three tips for staying healthy."), A("Eat well, sleep, move.")],
     ], "instruction_output", {}),
+    "gsm8k": ([
+        {"question": "Natalia sold clips to 48 friends in April, and half as many in May. How many in all?",
+         "answer": "In May she sold 48 / 2 = 24 clips.\n#### 72"},
+    ], [
+        [U("Natalia sold clips to 48 friends in April, and half as many in May. How many in all?"),
+         A("In May she sold 48 / 2 = 24 clips.\n#### 72")],
+    ], "qa_splits", {}),
+    "llamafactory_sharegpt_system": ([
+        {"conversations": [{"from": "human", "value": "Who are you?"}, {"from": "gpt", "value": "I am a helper."}],
+         "system": "You are a helpful assistant."},
+    ], [
+        [S("You are a helpful assistant."), U("Who are you?"), A("I am a helper.")],
+    ], "sharegpt", {}),
+    "llamafactory_ranking": ([
+        {"instruction": "Rewrite politely:", "input": "Give me the file.", "chosen": "Could you send me the file?",
+         "rejected": "File. Now."},
+    ], [
+        [U("Rewrite politely:\n\nGive me the file."), A("Could you send me the file?")],
+    ], "preference", {}),
+    "llamafactory_sharegpt_ranking": ([
+        {"conversations": [{"from": "human", "value": "Suggest a name for a cat."}],
+         "chosen": {"from": "gpt", "value": "How about Miso?"}, "rejected": {"from": "gpt", "value": "Dog."}},
+    ], [
+        [U("Suggest a name for a cat."), A("How about Miso?")],
+    ], "preference", {"fmt": "preference"}),
     "columns_mapping": ([
         {"q": "What gas do plants take in?", "passage": "Plants use carbon dioxide in photosynthesis.",
          "a": "Carbon dioxide.", "persona": "You are a biology teacher."},
@@ -348,6 +373,9 @@ REFUSED = {
                               "data.ignore_fields lists 'context', which the dolly format uses"),
     "mapped_field_missing": ([{"q": "Why?", "a": "Because."}], {"columns": {"prompt": "question", "response": "a"}},
                              "line 1: field 'question': missing field"),
+    "ultrachat_prompt_differs": ([{"prompt": "A question nobody answers here.", "prompt_id": "x1",
+                                   "messages": [U("How does a rainbow form?"), A("Light in raindrops.")]}],
+                                 {}, "field 'prompt': holds text in 1 of 1 records and nothing uses it"),
     "format_and_columns": ([{"q": "Why?", "a": "Because."}],
                            {"fmt": "messages", "columns": {"prompt": "q", "response": "a"}},
                            "data.format=messages and data.columns both say how to read the records"),
@@ -393,3 +421,27 @@ def test_config_formats_are_the_shapes():
     from lib.formats import FORMATS
 
     assert CHOICES["data.format"] == ["auto", *FORMATS]
+
+
+def test_a_record_with_every_answer_at_weight_0_is_dropped_and_counted(tmp_path):
+    records = [{"messages": [U("Hi"), A("Hello", weight=0)]}, {"messages": [U("Hi"), A("Hey there")]}]
+    p = prepare_examples(str(_write(tmp_path, records)), eval_fraction=0.0)
+    assert p.dropped_empty == 1 and [ex["messages"] for ex in p.train] == [[U("Hi"), A("Hey there")]]
+
+
+def test_ultrafeedback_read_as_messages_once_rejected_is_ignored(tmp_path):
+    records = SHAPES["ultrafeedback_binarized"][0]
+    path = _write(tmp_path, records)
+    with pytest.raises(SFTError, match="field 'rejected': holds text in 1 of 1 records"):
+        prepare_examples(str(path), fmt="messages", eval_fraction=0.0)  # chosen is a copy of messages
+    p = prepare_examples(str(path), fmt="messages", eval_fraction=0.0, ignore_fields=["rejected"])
+    assert [ex["messages"] for ex in p.train] == SHAPES["ultrafeedback_binarized"][1]
+
+
+def test_columns_from_the_command_line_in_every_spelling():
+    from lib.config import make_config
+
+    for text in ("prompt=q,response=a", "{prompt: q, response: a}", '{"prompt": "q", "response": "a"}'):
+        assert make_config("tiny", overrides=[f"data.columns={text}"]).data.columns == {"prompt": "q", "response": "a"}
+    assert make_config("tiny", overrides=["data.ignore_fields=notes, url"]).data.ignore_fields == ["notes", "url"]
+    assert make_config("tiny", overrides=["data.columns={}"]).data.columns is None
