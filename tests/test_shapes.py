@@ -264,20 +264,15 @@ def tiny_tok(session_outputs):
     return AutoTokenizer.from_pretrained(tiny_model_path())
 
 
+@pytest.mark.parametrize("tokenizer, eot", [("tiny_tok", "</s>"), ("smol_tokenizer", "<|im_end|>")])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_trained_tokens_are_exactly_the_answers_tiny(shape, tmp_path, tiny_tok):
-    records, expected, _, opts = SHAPES[shape]
+def test_trained_tokens_are_exactly_the_answers(shape, tokenizer, eot, tmp_path, request):
+    """On the tiny tokenizer and on SmolLM2's real one."""
+    tok = request.getfixturevalue(tokenizer)
+    records, _, _, opts = SHAPES[shape]
     p = prepare_examples(str(_write(tmp_path, records)), eval_fraction=0.0, **opts)
     for ex in p.train:
-        check_labels(tiny_tok, "</s>", ex)
-
-
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_trained_tokens_are_exactly_the_answers_smollm2(shape, tmp_path, smol_tokenizer):
-    records, expected, _, opts = SHAPES[shape]
-    p = prepare_examples(str(_write(tmp_path, records)), eval_fraction=0.0, **opts)
-    for ex in p.train:
-        check_labels(smol_tokenizer, "<|im_end|>", ex)
+        check_labels(tok, eot, ex)
 
 
 def test_oracle_catches_a_weight_0_answer_that_is_trained(tiny_tok):
