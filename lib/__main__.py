@@ -25,10 +25,10 @@ the checkpoint kept) and exits 3: the input was fine, the settings do not fit th
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from .errors import QualityGateError, SFTError
+from .rundir import is_main_rank
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -130,12 +130,11 @@ def main(argv=None) -> int:
     try:
         return run_command(args)
     except SFTError as e:
-        rank = os.environ.get("RANK")
-        if rank in (None, "0"):
+        if is_main_rank():
             print(f"error: {e}", file=sys.stderr)
         return getattr(e, "exit_status", 2)
     except QualityGateError as e:  # the job ran, the result missed a stated tolerance
-        if os.environ.get("RANK") in (None, "0"):
+        if is_main_rank():
             print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

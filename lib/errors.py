@@ -7,6 +7,12 @@ traceback; notebooks show the same message. Anything else is a bug and keeps its
 from __future__ import annotations
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 class SFTError(Exception):
     """An error caused by the user's input or setup, with a message that says what to do."""
 

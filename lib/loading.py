@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .attention import register as register_packed_sdpa
 from .config import apply_overrides, hf_token
-from .errors import ConfigError, SFTError
+from .errors import ConfigError, SFTError, first_line
 from .realmodel import resolve_model
 from .tokenization import apply_prompt_format, ensure_chat_template
 
@@ -264,12 +264,6 @@ def loftq_initialise(peft_model, model_path: str, adapter: str = "default") -> i
 
 # --------------------------------------------------------------------------------------------
 # Config and tokenizer
-
-
-def first_line(e) -> str:
-    """The first line of an exception's message (its type name if it has none)."""
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 def load_model_config(cfg):

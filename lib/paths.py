@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, MissingStageError
+from .stages import stage
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -119,6 +120,41 @@ class RunPaths:
     def merge_report(self) -> Path:
         return self.merged / "merge_report.json"
 
+    # 06 export and push
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def parity(self) -> Path:
+        return self.export / "parity.json"
+
+    @property
+    def export_log(self) -> Path:
+        return self.logs / "export.log"
+
+    @property
+    def push(self) -> Path:
+        return self.root / "push"
+
+    # 03 train: the adapter before the first step, the tracker's folder
+    @property
+    def initial_adapter(self) -> Path:
+        return self.checkpoints / "initial-adapter"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.logs / "tensorboard"
+
+    # the record of the stages (lib/rundir.py): manifests, and the lock beside the run
+    @property
+    def stages(self) -> Path:
+        return self.root / "stages"
+
+    @property
+    def lock(self) -> Path:
+        return self.root.parent / ".locks" / f"{self.root.name}.lock"
+
 
 def check_run_name(name: str) -> str:
     if not isinstance(name, str) or not _RUN_NAME.match(name):
@@ -132,19 +168,13 @@ def run_paths(run: str) -> RunPaths:
     return RunPaths(outputs_dir() / check_run_name(run))
 
 
-# What each stage leaves behind, and the notebook that makes it: for "run X first" messages.
+# The stage that writes each file of RunPaths, for "run X first" messages (names from lib/stages.py).
 STAGE_OF = {
-    "config": "01_prepare_data",
-    "train_data": "01_prepare_data",
-    "eval_data": "01_prepare_data",
-    "data_report": "01_prepare_data",
-    "model_summary": "02_configure_qlora_model",
-    "adapter": "03_train_sft",
-    "metrics_csv": "03_train_sft",
-    "training_summary": "03_train_sft",
-    "perplexity": "04_evaluate_perplexity",
-    "generation_metrics": "04_evaluate_perplexity",
-    "merged": "06_merge_and_chat",
+    "config": "prepare", "train_data": "prepare", "eval_data": "prepare", "data_report": "prepare",
+    "model_summary": "configure",
+    "adapter": "train", "metrics_csv": "train", "training_summary": "train",
+    "perplexity": "evaluate", "predictions": "evaluate", "generation_metrics": "evaluate",
+    "plots": "plot", "merged": "merge", "merge_report": "merge", "export": "export", "parity": "export",
 }
 
 
@@ -153,14 +183,4 @@ def require(paths: RunPaths, *names: str) -> None:
     for name in names:
         p = getattr(paths, name)
         if not p.exists():
-            nb = STAGE_OF.get(name, "the earlier notebooks")
-            cmd = {
-                "01_prepare_data": "prepare",
-                "02_configure_qlora_model": "train",
-                "03_train_sft": "train",
-                "04_evaluate_perplexity": "evaluate",
-                "06_merge_and_chat": "merge",
-            }.get(nb, "pipeline")
-            raise MissingStageError(
-                f"{p} not found: run notebook {nb} first (or `python -m lib {cmd} --run {paths.root.name}`)"
-            )
+            raise MissingStageError(f"{p} not found: {stage(STAGE_OF[name]).first(paths.root.name)}")

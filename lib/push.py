@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from .config import hf_token, load_config, to_dict
-from .errors import ConfigError, MissingStageError, SFTError
+from .errors import ConfigError, MissingStageError, SFTError, first_line
 from .paths import run_paths
 from .rundir import read_json, replace, staging
 
@@ -164,11 +164,6 @@ def stage(run: str, repo: str, include=None) -> Path:
     return paths.root / "push"
 
 
-def _first_line(e: Exception) -> str:
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
-
-
 def run_push(run: str, repo: str, private: bool = False, dry_run: bool = False, include=None) -> Path:
     """Entry point of `python -m lib push` and notebook 06: stage the folder, then upload it (unless dry_run)."""
     if not isinstance(repo, str) or not _REPO.match(repo):
@@ -190,6 +185,6 @@ def run_push(run: str, repo: str, private: bool = False, dry_run: bool = False, 
         info = api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model",
                                  commit_message=f"Upload {run} (qlora-notebooks)")
     except Exception as e:  # offline, refused, no write access: one line, whatever the transport raised
-        raise PushError(f"upload to {repo} failed: {_first_line(e)[:300]}") from None
+        raise PushError(f"upload to {repo} failed: {type(e).__name__}: {first_line(e)[:300]}") from None
     print(f"pushed {len(files)} files to https://huggingface.co/{repo} ({getattr(info, 'commit_url', '')})")
     return folder

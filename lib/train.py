@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -47,6 +46,7 @@ from .rundir import (
     check_trained,
     fingerprint,
     finish,
+    is_main_rank,
     is_pending,
     read_json,
     replace,
@@ -667,7 +667,7 @@ def _changed(old, new) -> list[str]:
 
 
 def _print_main(*args):
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_rank():
         print(*args, flush=True)
 
 
