@@ -25,10 +25,13 @@ the checkpoint kept) and exits 3: the input was fine, the settings do not fit th
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .errors import QualityGateError, SFTError
+from .paths import run_paths
 from .rundir import is_main_rank
+from .stages import pipeline_stages, stage
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,57 +74,54 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _entry(name: str):
+    """The function that runs stage `name`, from the stage registry (imported only now)."""
+    module, function = stage(name).run.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+# How each command's arguments reach its entry point. A stage command runs its registry entry; chat and
+# summary read a run and write nothing.
+COMMANDS = {
+    "prepare": lambda a: _entry("prepare")(a.run, a.data, fmt=a.format, profile=a.profile, overrides=a.overrides,
+                                           overwrite=getattr(a, "overwrite", False)),
+    "train": lambda a: _entry("train")(a.run, overrides=a.overrides, retrain=getattr(a, "retrain", False)),
+    "evaluate": lambda a: _entry("evaluate")(a.run, overrides=a.overrides),
+    "plot": lambda a: _entry("plot")(a.run),
+    "merge": lambda a: _entry("merge")(a.run, overrides=a.overrides),
+    "export": lambda a: _export(a),
+    "push": lambda a: _entry("push")(a.run, a.repo, private=a.private, dry_run=a.dry_run,
+                                     include=a.include.split(",") if a.include else None),
+    "chat": lambda a: importlib.import_module("lib.chat").run_chat(a.run, prompt=a.prompt, system=a.system,
+                                                                   merged=a.merged),
+    "summary": lambda a: print("\n" + importlib.import_module("lib.summary").before_after(a.run) + "\n"),
+}
+
+
+def _export(args) -> None:
+    report = _entry("export")(args.run, quant=args.quant, overrides=args.overrides)
+    if not report["ok"] and not args.allow_drift:
+        raise QualityGateError(f"parity check failed: {report['failures'][0]} (export/parity.json; "
+                               "--allow-drift accepts it)")
+
+
+def _pipeline(args) -> None:
+    """Every pipeline stage in the registry's order (the --set overrides go to prepare, which saves them in
+    config.yaml for the stages after it), then the before/after summary."""
+    for s in pipeline_stages():
+        if s.name == "prepare":
+            COMMANDS["prepare"](args)
+        else:
+            COMMANDS[s.command](argparse.Namespace(run=args.run, overrides=[]))
+    COMMANDS["summary"](args)
+    print(f"done: results in {run_paths(args.run).root}")
+
+
 def run_command(args) -> int:
-    cmd = args.command
-    if cmd in ("prepare", "pipeline"):
-        from .data import run_prepare
-
-        run_prepare(args.run, args.data, fmt=args.format, profile=args.profile, overrides=args.overrides,
-                    overwrite=getattr(args, "overwrite", False))
-    if cmd == "train":
-        from .train import run_train
-
-        run_train(args.run, overrides=args.overrides, retrain=args.retrain)
-    if cmd == "pipeline":
-        from .train import run_train
-
-        run_train(args.run)
-    if cmd in ("evaluate", "pipeline"):
-        from .evaluate import run_evaluate
-
-        run_evaluate(args.run, overrides=args.overrides if cmd == "evaluate" else ())
-    if cmd in ("plot", "pipeline"):
-        from .plots import run_plots
-
-        run_plots(args.run)
-    if cmd in ("merge", "pipeline"):
-        from .merge import run_merge
-
-        run_merge(args.run, overrides=args.overrides if cmd == "merge" else ())
-    if cmd == "chat":
-        from .chat import run_chat
-
-        run_chat(args.run, prompt=args.prompt, system=args.system, merged=args.merged)
-    if cmd in ("summary", "pipeline"):
-        from .summary import before_after
-
-        print("\n" + before_after(args.run) + "\n")
-    if cmd == "export":
-        from .export import run_export
-
-        report = run_export(args.run, quant=args.quant, overrides=args.overrides)
-        if not report["ok"] and not args.allow_drift:
-            raise QualityGateError(f"parity check failed: {report['failures'][0]} (export/parity.json; "
-                                   "--allow-drift accepts it)")
-    if cmd == "push":
-        from .push import run_push
-
-        run_push(args.run, args.repo, private=args.private, dry_run=args.dry_run,
-                 include=args.include.split(",") if args.include else None)
-    if cmd == "pipeline":
-        from .paths import run_paths
-
-        print(f"done: results in {run_paths(args.run).root}")
+    if args.command == "pipeline":
+        _pipeline(args)
+    else:
+        COMMANDS[args.command](args)
     return 0
 
 

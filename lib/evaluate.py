@@ -305,7 +305,7 @@ def metrics_table(run: str, styled: bool = False):
     check_fresh(paths, "evaluate", paths.eval_dir)
     ppl = _read_eval_json(paths.perplexity)
     gen = _read_eval_json(paths.generation_metrics)
-    models = [m for m in ("base", "tuned", "merged") if isinstance(ppl.get(m), dict)]
+    models = [m for m in ("base", "tuned") if isinstance(ppl.get(m), dict)]
     rows = {
         "perplexity (lower is better)": {m: ppl[m]["perplexity"] for m in models},
         "loss per answer token (nats)": {m: ppl[m]["loss"] for m in models},
@@ -320,7 +320,7 @@ def metrics_table(run: str, styled: bool = False):
             row["reference"] = gen["reference"][key]
         if row:
             rows[label] = row
-    columns = [c for c in ("base", "tuned", "merged", "reference") if any(c in r for r in rows.values())]
+    columns = [c for c in ("base", "tuned", "reference") if any(c in r for r in rows.values())]
     df = pd.DataFrame(rows).T.reindex(columns=columns)
     if not styled:
         return df

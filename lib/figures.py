@@ -25,6 +25,7 @@ from .rundir import (
     read_json,
     stale_inputs,
 )
+from .stages import stage
 
 STEP = "optimizer step"
 COLORS = {"train": "#1f77b4", "eval": "#d62728", "base": "#7f7f7f", "tuned": "#1f77b4", "merged": "#2ca02c",
@@ -68,11 +69,11 @@ def read_metrics(path) -> dict:
     return out
 
 
-def _merged_perplexity(ppl: dict | None, report: dict | None):
-    """The merged model's perplexity from eval/perplexity.json or merged/merge_report.json, if any."""
-    for merged in ((ppl or {}).get("merged"), ((report or {}).get("perplexity") or {}).get("merged")):
-        if isinstance(merged, dict) and isinstance(merged.get("perplexity"), (int, float)):
-            return float(merged["perplexity"])
+def _merged_perplexity(report: dict | None):
+    """The merged model's perplexity from merged/merge_report.json (merge's own result), if any."""
+    merged = ((report or {}).get("perplexity") or {}).get("merged")
+    if isinstance(merged, dict) and isinstance(merged.get("perplexity"), (int, float)):
+        return float(merged["perplexity"])
     return None
 
 
@@ -107,10 +108,8 @@ def load_inputs(run: str) -> dict:
     merge_report = _read_optional(paths.merge_report)
     if merge_report is not None and stale_inputs(paths, "merge"):
         print(f"note: {paths.merged} was merged from an earlier adapter; its figures are left out "
-              f"(rerun notebook 06_merge_and_chat or `python -m lib merge --run {run}`)")
+              f"({stage('merge').rerun(run)})")
         merge_report = None
-        if isinstance(ppl, dict):
-            ppl = {k: v for k, v in ppl.items() if k != "merged"}
     data_report = _read_optional(paths.data_report)
     cfg = None
     if paths.config.exists():
@@ -122,7 +121,7 @@ def load_inputs(run: str) -> dict:
     for m in ("base", "tuned"):
         if ppl and isinstance(ppl.get(m), dict) and "perplexity" in ppl[m]:
             perplexities[m] = ppl[m]["perplexity"]
-    merged = _merged_perplexity(ppl, merge_report)
+    merged = _merged_perplexity(merge_report)
     if merged is not None:
         perplexities["merged"] = merged
     return {

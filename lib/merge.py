@@ -28,7 +28,6 @@ Everything is written into a temporary folder first, then moved to merged/.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -40,9 +39,7 @@ from .oom import out_of_memory
 from .paths import require, run_paths
 from .rundir import (
     check_trained,
-    finish,
     install,
-    read_manifest,
     remove_leftovers,
     run_lock,
     staging,
@@ -262,21 +259,6 @@ def _report(cfg, merged: dict, adapter: dict, unmerged_logits) -> dict:
     }
 
 
-def _add_to_perplexity_json(paths, ppl: dict) -> None:
-    """Record the merged model's perplexity beside base and tuned in eval/perplexity.json (if there)."""
-    if not paths.perplexity.exists():
-        return
-    try:
-        data = json.loads(paths.perplexity.read_text(encoding="utf-8"))
-    except ValueError:
-        return
-    data["merged"] = ppl
-    write_json(paths.perplexity, data)
-    manifest = read_manifest(paths, "evaluate")
-    if manifest is not None:  # the evaluation results now hold this figure too: record them as they are
-        finish(paths, "evaluate", manifest["outputs"], manifest.get("inputs"))
-
-
 def run_merge(run: str, overrides=(), gate: bool = True) -> dict:
     """Entry point of notebook 06 and `python -m lib merge`: merge, check, return the report.
 
@@ -314,7 +296,6 @@ def _run_merge(paths, run, overrides) -> dict:
         report["fail_on_drift"] = cfg.merge.fail_on_drift
         write_json(tmp / "merge_report.json", report)
         install(paths, "merge", {paths.merged: tmp}, [f"{paths.merged.name}/merge_report.json"], {"train": trained})
-    _add_to_perplexity_json(paths, report["perplexity"]["merged"])
     lg = report["logits"]
     print(f"merged into {paths.merged} ({report['merged_dtype']}): perplexity {report['perplexity']['merged']['perplexity']:.4f} "
           f"vs adapter {report['perplexity']['adapter']['perplexity']:.4f} (drift {report['relative_drift']:.3%}, "

@@ -75,9 +75,10 @@ def before_after(run: str, width: int = 100) -> str:
         notes.append(f"{n} eval prompts, {mode}, at most {settings.get('max_new_tokens', '?')} new tokens")
     if ref is not None:
         notes.append(f"the training answers: {ref:.0%} questions")
-    if isinstance(ppl.get("merged"), dict):
-        drift = f", drift {merged['relative_drift']:.2%} from the adapter" if merged and "relative_drift" in merged else ""
-        notes.append(f"merged model: perplexity {ppl['merged']['perplexity']:.2f}{drift}")
+    merged_ppl = ((merged or {}).get("perplexity") or {}).get("merged")
+    if isinstance(merged_ppl, dict) and "perplexity" in merged_ppl:
+        drift = f", drift {merged['relative_drift']:.2%} from the adapter" if "relative_drift" in merged else ""
+        notes.append(f"merged model: perplexity {merged_ppl['perplexity']:.2f}{drift}")
     if notes:
         lines.append("  (" + "; ".join(notes) + ")")
 
