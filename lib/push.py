@@ -24,7 +24,17 @@ from pathlib import Path
 from .config import hf_token, load_config, to_dict
 from .errors import ConfigError, MissingStageError, SFTError, first_line
 from .paths import run_paths
-from .rundir import read_json, replace, staging
+from .rundir import (
+    check_fresh,
+    check_trained,
+    fingerprint,
+    install,
+    read_json,
+    remove_leftovers,
+    run_lock,
+    staging,
+)
+from .stages import stage as stage_named
 
 PARTS = ("adapter", "merged", "gguf")
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
@@ -46,7 +56,7 @@ def available_parts(paths) -> dict[str, list[Path]]:
         out["adapter"] = [p for p in paths.adapter.iterdir() if p.is_file()]
     if (paths.merged / "config.json").exists():
         out["merged"] = [p for p in paths.merged.iterdir() if p.is_file()]
-    export = paths.root / "export"
+    export = paths.export
     ggufs = sorted(export.glob("*.gguf")) if export.is_dir() else []
     if ggufs:
         out["gguf"] = ggufs + [p for p in (export / "Modelfile", export / "parity.json") if p.exists()]
@@ -66,7 +76,7 @@ def model_card(cfg, paths, parts: list[str]) -> str:
     ppl = _read(paths.perplexity) or {}
     gen = _read(paths.generation_metrics) or {}
     merge = _read(paths.merge_report) or {}
-    parity = _read(paths.root / "export" / "parity.json") or {}
+    parity = _read(paths.parity) or {}
     tags = ["qlora", "sft", "trl", "peft"] + (["gguf", "llama.cpp", "ollama"] if "gguf" in parts else [])
     front = {"library_name": "transformers" if "merged" in parts else "peft", "tags": tags}
     if base != "tiny":
@@ -139,36 +149,58 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def stage(run: str, repo: str, include=None) -> Path:
-    """Build outputs/<run>/push/: exactly the files that are uploaded."""
+# The stage whose results each part is, for the intactness and freshness checks.
+PART_STAGE = {"adapter": "train", "merged": "merge", "gguf": "export"}
+
+
+def _checked_sources(paths, wanted: list[str]) -> dict:
+    """Each wanted part intact (as its stage wrote it) and fresh (made from the current upstream results);
+    returns the fingerprints push records as its inputs."""
+    sources = {}
+    for part in wanted:
+        name = PART_STAGE[part]
+        if name == "train":
+            sources[name] = check_trained(paths)
+        else:
+            sources[name] = fingerprint(paths, name)
+            check_fresh(paths, name, paths.merged if name == "merge" else paths.export)
+    return sources
+
+
+def build_folder(run: str, repo: str, include=None) -> Path:
+    """Build outputs/<run>/push/: exactly the files that are uploaded, under the run's lock, from results
+    checked intact and fresh, installed with a manifest like every stage's."""
     paths = run_paths(run)
-    cfg = load_config(paths.config)
-    have = available_parts(paths)
-    wanted = list(include) if include else [p for p in PARTS if p in have]
-    unknown = [p for p in wanted if p not in PARTS]
-    if unknown:
-        raise ConfigError(f"push --include: unknown part(s) {', '.join(unknown)} (choose from {', '.join(PARTS)})")
-    missing = [p for p in wanted if p not in have]
-    stage_of = {"adapter": "`python -m lib train`", "merged": "`python -m lib merge`", "gguf": "`python -m lib export`"}
-    if missing or not wanted:
-        first = missing[0] if missing else "adapter"
-        raise MissingStageError(f"{paths.root}: nothing to push for '{first}': run {stage_of[first]} --run {run} first")
-    with staging(paths.root, ".push-") as tmp:
-        for part in wanted:
-            for f in have[part]:
-                if f.name.endswith(".tmp"):
-                    continue
-                _link_or_copy(f, tmp / ("adapter" if part == "adapter" else "") / f.name)
-        (tmp / "README.md").write_text(model_card(cfg, paths, wanted).replace("REPO", repo), encoding="utf-8")
-        replace(tmp, paths.root / "push")
-    return paths.root / "push"
+    with run_lock(paths, "push"):
+        cfg = load_config(paths.config)
+        have = available_parts(paths)
+        wanted = list(include) if include else [p for p in PARTS if p in have]
+        unknown = [p for p in wanted if p not in PARTS]
+        if unknown:
+            raise ConfigError(f"push --include: unknown part(s) {', '.join(unknown)} (choose from {', '.join(PARTS)})")
+        missing = [p for p in wanted if p not in have]
+        if missing or not wanted:
+            first = PART_STAGE[missing[0] if missing else "adapter"]
+            raise MissingStageError(f"{paths.root}: nothing to push for '{missing[0] if missing else 'adapter'}': "
+                                    f"{stage_named(first).first(run)}")
+        sources = _checked_sources(paths, wanted)
+        remove_leftovers(paths.root, r"\.push-\w{8}")  # staging folders of a killed push
+        with staging(paths.root, ".push-") as tmp:
+            for part in wanted:
+                for f in have[part]:
+                    if not f.name.endswith(".tmp"):
+                        _link_or_copy(f, tmp / ("adapter" if part == "adapter" else "") / f.name)
+            (tmp / "README.md").write_text(model_card(cfg, paths, wanted).replace("REPO", repo), encoding="utf-8")
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+            install(paths, "push", {paths.push: tmp}, [f"{paths.push.name}/{f}" for f in files], sources)
+    return paths.push
 
 
 def run_push(run: str, repo: str, private: bool = False, dry_run: bool = False, include=None) -> Path:
     """Entry point of `python -m lib push` and notebook 06: stage the folder, then upload it (unless dry_run)."""
     if not isinstance(repo, str) or not _REPO.match(repo):
         raise ConfigError(f"--repo: '{repo}' is not a Hub repository id of the form user/name")
-    folder = stage(run, repo, include)
+    folder = build_folder(run, repo, include)
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     if dry_run:
         print(f"dry run: {len(files)} files in {folder} would be uploaded to {repo}: {', '.join(files)}")

@@ -45,11 +45,12 @@ def _hold_lock(run: str):
     return proc
 
 
-@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "plot", "merge"])
+@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "plot", "merge", "push"])
 def test_a_second_writer_exits_2_naming_the_process_that_holds_the_run(outputs, stage, capsys):
     proc = _hold_lock("busy")
     try:
-        args = [stage, "--run", "busy"] + (["--data", str(SAMPLE)] if stage == "prepare" else [])
+        extra = {"prepare": ["--data", str(SAMPLE)], "push": ["--repo", "someone/x", "--dry-run"]}
+        args = [stage, "--run", "busy"] + extra.get(stage, [])
         assert main(args) == 2
         line = _one_error_line(capsys)
         assert f"PID {proc.pid}" in line and "being written by another process" in line
@@ -211,6 +212,8 @@ def test_results_of_an_earlier_adapter_are_refused_after_retrain(outputs, capsys
     assert main(["merge", "--run", run, "--set", "merge.fail_on_drift=false"]) == 0
     assert not (paths.root / ".merged-abcd1234").exists()
     old_adapter = (paths.adapter / "adapter_model.safetensors").read_bytes()
+    assert main(["push", "--run", run, "--repo", "someone/x", "--dry-run"]) == 0  # fresh: staged, with a manifest
+    assert json.loads((paths.stages / "push.json").read_text())["inputs"].keys() == {"train", "merge"}
 
     assert main(["train", "--run", run, "--retrain", "--set", "train.seed=7"]) == 0
     assert (paths.adapter / "adapter_model.safetensors").read_bytes() != old_adapter
@@ -223,6 +226,10 @@ def test_results_of_an_earlier_adapter_are_refused_after_retrain(outputs, capsys
     assert main(["chat", "--run", run, "--merged", "--prompt", "hi"]) == 2
     line = _one_error_line(capsys)
     assert str(paths.merged) in line and "python -m lib merge --run retrained" in line
+    # push never stages the new adapter beside the old merged model
+    assert main(["push", "--run", run, "--repo", "someone/x", "--dry-run"]) == 2
+    line = _one_error_line(capsys)
+    assert str(paths.merged) in line and "stale" in line and "python -m lib merge --run retrained" in line
 
     assert main(["evaluate", "--run", run]) == 0
     data = load_inputs(run)  # eval is fresh again; the stale merged figure is left out, and said
