@@ -26,6 +26,7 @@ import yaml
 from .errors import ConfigError, MissingStageError
 from .paths import REPO_ROOT, check_run_name
 from .rundir import write_atomic
+from .stages import stage
 
 
 @dataclass(frozen=True)
@@ -718,8 +719,7 @@ def load_config(path) -> RunConfig:
     if path.is_dir():
         path = path / "config.yaml"
     if not path.exists():
-        raise MissingStageError(
-            f"{path} not found: run notebook 01_prepare_data first (or `python -m lib prepare`)")
+        raise MissingStageError(f"{path} not found: {stage('prepare').first(path.parent.name)}")
     try:
         d = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

@@ -53,6 +53,7 @@ from .rundir import (
     write_json,
 )
 from .scoring import perplexity
+from .stages import stage
 
 MODELS = ("base", "tuned")
 
@@ -162,8 +163,7 @@ def _check_inputs(paths, run) -> dict:
     """The inputs are there and fresh; returns their fingerprints (the manifest's sources)."""
     require(paths, "config", "eval_data", "adapter")
     if not (paths.adapter / "adapter_config.json").exists():
-        raise MissingStageError(f"{paths.adapter} holds no adapter (adapter_config.json): run notebook "
-                                f"03_train_sft first (or `python -m lib train --run {run}`)")
+        raise MissingStageError(f"{paths.adapter} holds no adapter (adapter_config.json): {stage('train').first(run)}")
     sources = {"prepare": fingerprint(paths, "prepare"), "train": check_trained(paths)}
     remove_leftovers(paths.eval_dir, r"\.staging-\d+")  # of a killed evaluate (we hold the lock)
     return sources
@@ -354,4 +354,4 @@ def predictions_table(run: str, n: int = 5, styled: bool = False):
 
 
 def _read_eval_json(path):
-    return read_json(path, "rerun notebook 04_evaluate_perplexity")
+    return read_json(path, stage("evaluate").rerun(Path(path).parent.parent.name))

@@ -190,7 +190,7 @@ def _series_panel(ax, data, key, title, ylabel, missing, color=None, log_if_wide
 def panel_loss(ax, data):
     m = data["metrics"]
     if "loss" not in m and "eval_loss" not in m:
-        return _placeholder(ax, "Loss", "no loss logged yet: run notebook 03_train_sft")
+        return _placeholder(ax, "Loss", f"no loss logged yet: run notebook {stage('train').notebook}")
     if "loss" in m:
         _line(ax, *m["loss"], label="train loss", color=COLORS["train"])
     if "eval_loss" in m:
@@ -242,7 +242,7 @@ def panel_perplexity(ax, data):
     ppl = data["perplexity"]
     title = "Eval perplexity (answer tokens)"
     if not ppl:
-        return _placeholder(ax, title, "no perplexity yet:\nrun notebook 04_evaluate_perplexity")
+        return _placeholder(ax, title, f"no perplexity yet:\nrun notebook {stage('evaluate').notebook}")
     names = list(ppl)
     values = [ppl[n] for n in names]
     bars = ax.bar(names, values, color=[COLORS.get(n, COLORS["other"]) for n in names], width=0.6)
@@ -264,7 +264,7 @@ def panel_generation(ax, data):
     title = "Generated answers vs references"
     if not gen or not isinstance(gen.get("tuned"), dict):
         msg = ("no answers generated (eval.generate_examples is 0)" if gen else
-               "no generation metrics yet:\nrun notebook 04_evaluate_perplexity")
+               f"no generation metrics yet:\nrun notebook {stage('evaluate').notebook}")
         return _placeholder(ax, title, msg)
     metrics = [("bleu", "BLEU / 100", 0.01), ("rouge_l", "ROUGE-L F1", 1.0), ("stop_rate", "stop rate", 1.0),
                ("question_rate", "ends with ?", 1.0)]
@@ -292,7 +292,7 @@ def panel_token_lengths(ax, data):
     tl = data.get("token_lengths")
     title = "Token lengths of the training examples"
     if not tl:
-        return _placeholder(ax, title, "no token-length histogram:\nrun notebook 01_prepare_data")
+        return _placeholder(ax, title, f"no token-length histogram:\nrun notebook {stage('prepare').notebook}")
     edges, counts, max_length = tl
     widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
     ax.bar(edges[:-1], counts, width=widths, align="edge", color=COLORS["train"], edgecolor="white")

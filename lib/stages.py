@@ -27,19 +27,20 @@ class Stage:
     outputs: tuple[str, ...]  # run-relative files and folders only it writes
     run: str  # "module:function" of the entry point
     in_pipeline: bool = True  # run by `python -m lib pipeline`, in table order
+    args: str = ""  # the command's other required arguments, for messages
 
     def rerun(self, run: str, extra: str = "") -> str:
         """How to (re)make this stage's results, for messages."""
-        return f"rerun notebook {self.notebook} (or `python -m lib {self.command} --run {run}{extra}`)"
+        return f"rerun notebook {self.notebook} (or `python -m lib {self.command} --run {run}{self.args}{extra}`)"
 
     def first(self, run: str) -> str:
         """How to make this stage's results when they are missing, for messages."""
-        return f"run notebook {self.notebook} first (or `python -m lib {self.command} --run {run}`)"
+        return f"run notebook {self.notebook} first (or `python -m lib {self.command} --run {run}{self.args}`)"
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "01_prepare_data", "prepare", (), ("data/train.jsonl", "data/eval.jsonl", "data/report.json"),
-          "lib.data:run_prepare"),
+          "lib.data:run_prepare", args=" --data PATH"),
     Stage("configure", "02_configure_qlora_model", "train", ("prepare",), ("model/summary.json",),
           "lib.model:configure", in_pipeline=False),
     Stage("train", "03_train_sft", "train", ("prepare",),
@@ -54,7 +55,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("export", "06_merge_and_chat", "export", ("merge",), ("export", "logs/export.log"),
           "lib.export:run_export", in_pipeline=False),
     Stage("push", "06_merge_and_chat", "push", ("train", "merge", "export"), ("push",), "lib.push:run_push",
-          in_pipeline=False),
+          in_pipeline=False, args=" --repo USER/NAME"),
 )
 _BY_NAME = {s.name: s for s in STAGES}
 # Files and folders of the run directory that belong to no single stage: the configuration (prepare writes

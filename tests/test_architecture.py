@@ -9,7 +9,10 @@ import inside the package counts, also one inside a function.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
+
+import pytest
 
 LIB = Path(__file__).resolve().parent.parent / "lib"
 STAGES = {"data": 0, "formats": 0, "fields": 0, "model": 1, "train": 2, "evaluate": 3, "plots": 4, "merge": 5, "chat": 6, "export": 6,
@@ -94,3 +97,87 @@ def test_every_function_in_lib_is_short():
                 if n >= MAX_FUNCTION_LINES:
                     long.append(f"lib/{name}.py:{node.lineno} {node.name} ({n} lines)")
     assert not long, f"{len(long)} functions of {MAX_FUNCTION_LINES} lines or more: " + ", ".join(long)
+
+
+# ----------------------------------------------------------------------------- the stage registry
+
+_NOTEBOOK_NAME = re.compile(r"\b0[1-6]_[a-z]+(?:_[a-z]+)*\b")
+
+
+def _code_strings(tree: ast.Module):
+    """The string literals of a module that are not docstrings (f-string parts included)."""
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node.lineno, node.value
+
+
+def test_notebook_names_are_spelled_only_in_the_stage_registry():
+    found = [f"lib/{name}.py:{line}: {_NOTEBOOK_NAME.search(text).group()}"
+             for name, tree in modules().items() if name != "stages"
+             for line, text in _code_strings(tree) if _NOTEBOOK_NAME.search(text)]
+    assert not found, "notebook names outside lib/stages.py (use stage(NAME).notebook / .rerun / .first): " + \
+        ", ".join(found)
+
+
+def test_the_registry_declares_every_file_of_the_run_layout():
+    from lib.paths import RunPaths
+    from lib.stages import SHARED_OUTPUTS, STAGES, owner
+
+    root = Path("/run")
+    paths = RunPaths(root)
+    names = [n for n, v in vars(RunPaths).items() if isinstance(v, property) and n not in ("root", "lock")]
+    undeclared = []
+    for n in names:
+        rel = str(getattr(paths, n).relative_to(root))
+        inside = [out for s in STAGES for out in s.outputs if out.startswith(rel + "/")]  # a folder of several
+        if owner(rel) is None and rel not in SHARED_OUTPUTS and not inside and rel not in ("logs", "data"):
+            undeclared.append(f"{n} ({rel})")
+    assert not undeclared, f"RunPaths entries no stage declares in lib/stages.py: {undeclared}"
+    assert len({s.name for s in STAGES}) == len(STAGES)
+    declared = [out for s in STAGES for out in s.outputs]
+    assert len(declared) == len(set(declared)), "two stages declare the same output"
+
+
+def _snapshot(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    return {p for p, t in after.items() if before.get(p) != t} | (set(before) - set(after))
+
+
+@pytest.mark.slow
+def test_each_stage_writes_only_its_declared_outputs(outputs, capsys):
+    """Every stage of the registry run in turn through the CLI on the tiny model: the files each one
+    creates, changes or removes are all inside its declared outputs (or the shared config and manifests),
+    and the files left in the run directory all belong to a stage."""
+    from conftest import SAMPLE
+
+    from lib.__main__ import main
+    from lib.paths import run_paths
+    from lib.stages import SHARED_OUTPUTS, owner
+
+    quick = ["train.max_steps=2", "train.eval_steps=1", "train.save_steps=1", "train.logging_steps=1",
+             "eval.generate_examples=1", "eval.max_examples=4", "merge.fail_on_drift=false", "export.parity_examples=1",
+             "export.parity_tokens=4"]
+    sets = [a for kv in quick for a in ("--set", kv)]
+    commands = [("prepare", ["--data", str(SAMPLE), "--profile", "tiny"] + sets), ("train", []), ("evaluate", []),
+                ("plot", []), ("merge", []), ("export", ["--quant", "f16", "--allow-drift"]),
+                ("push", ["--repo", "someone/x", "--dry-run"])]
+    root = run_paths("layout").root
+    before: dict = {}
+    for command, extra in commands:
+        assert main([command, "--run", "layout"] + extra) == 0, capsys.readouterr().err
+        after = _snapshot(root)
+        for rel in sorted(_changed(before, after)):
+            top = rel.split("/")[0]
+            s = owner(rel)
+            assert top in SHARED_OUTPUTS or (s is not None and s.command == command), \
+                f"`{command}` wrote {rel}, which is {'declared by ' + s.name if s else 'declared by no stage'}"
+        before = after
+    orphans = [rel for rel in before if owner(rel) is None and rel.split("/")[0] not in SHARED_OUTPUTS]
+    assert not orphans, f"files no stage declares: {orphans}"
