@@ -26,21 +26,18 @@ answers that end with a question, questions per answer). The references get the 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 from .config import apply_overrides, load_config
-from .data import read_examples
 from .errors import MissingStageError, SFTError
 from .generation import eval_conversations, generate_answers
 from .loading import load_tuned_model, release
 from .oom import out_of_memory
 from .paths import require, run_paths
+from .readers import read_examples
 from .rundir import (
     check_fresh,
     check_trained,
@@ -49,13 +46,15 @@ from .rundir import (
     read_json,
     remove_leftovers,
     run_lock,
-    write_atomic,
+    staging,
     write_json,
+    write_jsonl,
 )
 from .scoring import perplexity
 from .stages import stage
 
 MODELS = ("base", "tuned")
+STAGING = ".staging-"  # results are built in eval/.staging-XXXXXXXX, then installed as one set
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -165,7 +164,7 @@ def _check_inputs(paths, run) -> dict:
     if not (paths.adapter / "adapter_config.json").exists():
         raise MissingStageError(f"{paths.adapter} holds no adapter (adapter_config.json): {stage('train').first(run)}")
     sources = {"prepare": fingerprint(paths, "prepare"), "train": check_trained(paths)}
-    remove_leftovers(paths.eval_dir, r"\.staging-\d+")  # of a killed evaluate (we hold the lock)
+    remove_leftovers(paths.eval_dir, re.escape(STAGING) + r"\w{8}")  # of a killed evaluate (we hold the lock)
     return sources
 
 
@@ -247,25 +246,17 @@ def _generation(model, tokenizer, examples, cfg, progress) -> tuple[list[dict], 
     }
 
 
-def _write_jsonl(path: Path, rows) -> None:
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def _write_results(paths, sources, ppl, predictions, gen_metrics) -> None:
     """Everything computed: now write, as one set (nothing half-written if anything before failed or
     the process is killed while the files are moved in: see lib/rundir.py)."""
-    staged = paths.eval_dir / f".staging-{os.getpid()}"
-    shutil.rmtree(staged, ignore_errors=True)
-    try:
+    with staging(paths.eval_dir, STAGING) as staged:
         write_json(staged / paths.perplexity.name, ppl)
-        _write_jsonl(staged / paths.predictions.name, predictions)
+        write_jsonl(staged / paths.predictions.name, predictions)
         write_json(staged / paths.generation_metrics.name, gen_metrics if gen_metrics is not None else
                    {"examples": 0, "skipped": "eval.generate_examples is 0 or the eval data has no conversations"})
         targets = (paths.perplexity, paths.predictions, paths.generation_metrics)
         install(paths, "evaluate", {t: staged / t.name for t in targets},
                 [str(t.relative_to(paths.root)) for t in targets], sources)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
 
 
 def _print_results(ppl, ppl_seconds, predictions, gen_metrics, max_len) -> None:

@@ -9,13 +9,11 @@
 from __future__ import annotations
 
 import io
-import os
-import shutil
 from pathlib import Path
 
 from .figures import PANELS, has_data, load_inputs, overview_figure, panel_figure
 from .paths import run_paths
-from .rundir import inputs, install, remove_leftovers, run_lock, write_atomic
+from .rundir import inputs, install, remove_leftovers, run_lock, staging, write_atomic
 
 
 def _save(fig, path: Path) -> Path:
@@ -35,17 +33,13 @@ def run_plots(run: str) -> list[Path]:
         data = load_inputs(run)
         sources = inputs(paths, "prepare", "train", "evaluate", "merge")
         # drawn into a staging folder that replaces plots/ as a whole (panels of an earlier run go with it)
-        remove_leftovers(paths.root, r"\.plots-staging-\d+|\.plots-old-\d+")
-        staged = paths.root / f".plots-staging-{os.getpid()}"
-        shutil.rmtree(staged, ignore_errors=True)
-        try:
+        remove_leftovers(paths.root, r"\.plots-staging-\w{8}|\.plots-old-\d+")
+        with staging(paths.root, ".plots-staging-") as staged:
             names = ["metrics_plot"] + [n for n in PANELS if has_data(n, data)]
             _save(overview_figure(data), staged / "metrics_plot.png")
             for name in names[1:]:
                 _save(panel_figure(name, data), staged / f"{name}.png")
             install(paths, "plot", {paths.plots: staged}, [f"{paths.plots.name}/metrics_plot.png"], sources)
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
     written = [paths.plots / f"{n}.png" for n in names]
     print(f"wrote {len(written)} plots to {paths.plots}")
     return written

@@ -70,6 +70,11 @@ def write_json(path, obj) -> Path:
     return write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def write_jsonl(path, rows) -> Path:
+    """One JSON value a line (data/train.jsonl, eval/predictions.jsonl), written atomically."""
+    return write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 def read_json(path, what: str = "") -> object:
     """The JSON value in `path`. A missing or unreadable file raises SFTError naming the file (and `what`,
     e.g. "rerun notebook 04_evaluate_perplexity", after a semicolon); check `exists()` first where a

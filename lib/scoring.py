@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import math
 
-from .data import read_examples
 from .errors import SFTError
 from .generation import model_device, pad_id
 from .oom import in_batches
 from .paths import require
+from .readers import read_examples
 from .tokenization import IGNORE_INDEX, encode_example
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import textwrap
 
-from .data import read_examples
 from .paths import require, run_paths
+from .readers import read_examples
 from .rundir import read_json
 
 

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 
 from lib.__main__ import main
-from lib.data import load_records, prepare_examples, read_examples, run_prepare
+from lib.data import run_prepare
 from lib.errors import DataError
+from lib.examples import prepare_examples
 from lib.paths import run_paths
+from lib.readers import load_records, read_examples
 
 EX = Path(__file__).resolve().parent.parent / "data" / "examples"
 

@@ -226,7 +226,7 @@ def test_run_evaluate_on_the_trained_run(trained_run):
 
     # "base" is the same weights with the adapter off: equal to the base model loaded on its own.
     from lib.config import load_config
-    from lib.data import read_examples
+    from lib.readers import read_examples
 
     cfg = load_config(paths.config)
     base, tok = load_model_and_tokenizer(cfg, for_training=False)

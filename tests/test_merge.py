@@ -89,10 +89,10 @@ def test_merged_loads_by_path_and_matches_the_adapter_model(merged_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lib.config import load_config
-    from lib.data import read_examples
     from lib.loading import load_tuned_model
     from lib.merge import answer_logits, quantization_of
     from lib.paths import run_paths
+    from lib.readers import read_examples
     from lib.scoring import perplexity
 
     run, report = merged_run
@@ -150,9 +150,9 @@ def test_merging_into_a_4bit_base_is_refused(trained_run):
 def test_template_round_trip_catches_a_different_template(merged_run):
     from transformers import AutoTokenizer
 
-    from lib.data import read_examples
     from lib.merge import template_round_trip
     from lib.paths import run_paths
+    from lib.readers import read_examples
 
     paths = run_paths(merged_run[0])
     examples = read_examples(paths.eval_data)[:3]

@@ -36,7 +36,7 @@ def tuned(session_outputs):
     """The tiny 4-bit model with random LoRA adapters, eval mode, and 12 eval conversations."""
     from conftest import tiny_lora_model
 
-    from lib.data import prepare_examples
+    from lib.examples import prepare_examples
 
     model, tok = tiny_lora_model(make_config("tiny"))
     model.eval()

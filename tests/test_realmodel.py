@@ -214,9 +214,9 @@ def merged_and_adapter_answers(run: str, n: int = 2, max_new_tokens: int = 40):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from lib.config import load_config
-    from lib.data import read_examples
     from lib.loading import load_16bit_with_adapter
     from lib.paths import run_paths
+    from lib.readers import read_examples
     from lib.tokenization import prompt_messages
 
     paths = run_paths(run)

@@ -18,8 +18,9 @@ import json
 import pytest
 
 from lib.__main__ import main
-from lib.data import prepare_examples, run_prepare
+from lib.data import run_prepare
 from lib.errors import SFTError
+from lib.examples import prepare_examples
 from lib.paths import run_paths
 from lib.readers import read_examples
 from lib.tokenization import IGNORE_INDEX, encode_example
@@ -298,7 +299,7 @@ def test_weights_reach_the_audit_and_the_preview(tmp_path, outputs):
 
 
 def test_field_table_reports_every_field(tmp_path, outputs):
-    from lib.data import fields_table
+    from lib.audit import fields_table
 
     records = SHAPES["openhermes_sharegpt"][0] * 3
     records[0] = dict(records[0], title="A leaf question")  # text in 1 of 3 records: a warning, not a stop

@@ -63,7 +63,7 @@ def templated(request, tiny_tokenizer_path):
 
 @pytest.fixture(scope="module")
 def multi_turn_examples():
-    from lib.data import prepare_examples
+    from lib.examples import prepare_examples
     from lib.paths import REPO_ROOT
 
     out = []
@@ -115,9 +115,9 @@ def test_trained_spans_are_the_assistant_answers_plus_end_of_turn(templated, mul
 def test_prepared_examples_of_the_pipeline(prepared_run):
     """The run's own train.jsonl (made by run_prepare), tokenized as training does."""
     from lib.config import load_config
-    from lib.data import read_examples
     from lib.loading import load_tokenizer
     from lib.paths import run_paths
+    from lib.readers import read_examples
 
     paths = run_paths(prepared_run)
     cfg = load_config(paths.config)

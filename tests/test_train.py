@@ -56,7 +56,7 @@ def lora_model(session_outputs):
 
 @pytest.fixture(scope="module")
 def some_examples():
-    from lib.data import prepare_examples
+    from lib.examples import prepare_examples
 
     prepared = prepare_examples(str(REPO_ROOT / "data" / "examples" / "socratic_dialogues.json"), eval_fraction=0.0)
     return prepared.train[:6]
