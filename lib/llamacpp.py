@@ -45,14 +45,12 @@ QUANT_TYPES = {
     "q4_k_m": (None, "LLAMA_FTYPE_MOSTLY_Q4_K_M"),
     "q4_0": (None, "LLAMA_FTYPE_MOSTLY_Q4_0"),
 }
-# Default tolerances by type: (relative perplexity drift, smallest greedy agreement).
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 PORTABLE_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=OFF"
 
 
 class ExportError(SFTError):
     """The model cannot be exported as asked (no converter, unknown type, conversion failed)."""
-
 
 
 def llama_cpp_version() -> str:
