@@ -553,7 +553,7 @@ CHOICES = {
     "train.eval_strategy": ["steps", "epoch", "no"],
     "train.save_strategy": ["steps", "epoch", "no"],
     "train.precision": ["auto", "bf16", "fp16", "fp32"],
-    "export.quant": ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"],  # = lib.export.QUANT_TYPES (tested)
+    "export.quant": ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"],  # = lib.llamacpp.QUANT_TYPES (tested)
 }
 
 

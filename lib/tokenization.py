@@ -83,7 +83,29 @@ class TemplateInfo:
 
 
 _INFO_CACHE: dict = {}
-_PROBE = ["QzPROBEsysQZ", "QzPROBEuserOneQZ", "QzPROBEanswerOneQZ", "QzPROBEuserTwoQZ", "QzPROBEanswerTwoQZ"]
+# The probe: marker contents by message name (s: system, u: user, a: assistant), and the conversations
+# rendered with them, by names ("+": with the generation prompt, as at inference).
+PROBE = {"s": "QzPROBEsysQZ", "u1": "QzPROBEuserOneQZ", "a1": "QzPROBEanswerOneQZ", "u2": "QzPROBEuserTwoQZ",
+         "a2": "QzPROBEanswerTwoQZ"}
+PROBE_CONVERSATIONS = ("s u1 a1 u2 a2", "u1 a1 u2 a2", "u1", "u1+", "u1 a1 u2+", "s u1+", "s u1 a1 u2+")
+_ROLES = {"s": "system", "u": "user", "a": "assistant"}
+
+
+def probe_messages(names: str) -> list[dict]:
+    """The probe conversation `names` ("s u1 a1 u2+") as messages with the marker contents."""
+    return [{"role": _ROLES[n[0]], "content": PROBE[n]} for n in names.rstrip("+").split()]
+
+
+def probe_renderings(tokenizer) -> dict[str, str | None]:
+    """The chat template rendered on each of PROBE_CONVERSATIONS (None where it refuses one): what
+    template_info reads, and what lib/ollama.py cuts into the Modelfile's template."""
+    out = {}
+    for names in PROBE_CONVERSATIONS:
+        try:
+            out[names] = _render(tokenizer, probe_messages(names), add_generation_prompt=names.endswith("+"))
+        except TemplateError:
+            out[names] = None
+    return out
 
 
 def _leading_special(text: str, specials) -> str | None:
@@ -104,22 +126,11 @@ def template_info(tokenizer) -> TemplateInfo:
     if key in _INFO_CACHE:
         return _INFO_CACHE[key]
     specials = _special_strings(tokenizer)
-    sys_, u1, a1, u2, a2 = _PROBE
-    turns = [{"role": "user", "content": u1}, {"role": "assistant", "content": a1},
-             {"role": "user", "content": u2}, {"role": "assistant", "content": a2}]
-    system_ok = True
-    try:
-        text = _render(tokenizer, [{"role": "system", "content": sys_}] + turns)
-    except TemplateError:
-        system_ok = False
-        try:
-            text = _render(tokenizer, turns)
-        except TemplateError:
-            text = ""
-    try:
-        user_prefix = _render(tokenizer, turns[:1]).split(u1)[0]
-    except TemplateError:
-        user_prefix = ""
+    sys_, u1, a1, u2, a2 = PROBE.values()
+    rendered = probe_renderings(tokenizer)
+    system_ok = rendered["s u1 a1 u2 a2"] is not None
+    text = rendered["s u1 a1 u2 a2"] if system_ok else rendered["u1 a1 u2 a2"] or ""
+    user_prefix = (rendered["u1"] or "").split(u1)[0]
     bos = tokenizer.bos_token if tokenizer.bos_token and tokenizer.bos_token != tokenizer.eos_token else None
     openers = {s for s in specials if s in user_prefix} | ({bos} if bos else set())
     stop_history = stop_last = None

@@ -89,7 +89,7 @@ def test_modelfile_names_the_gguf_template_stops_and_settings(merged_run, f16_ex
     from transformers import AutoTokenizer
 
     from lib.config import apply_overrides, load_config
-    from lib.export import render_with_pieces, template_pieces
+    from lib.ollama import render_with_pieces, template_pieces
     from lib.paths import run_paths
     from lib.tokenization import render_prompt, stop_token_ids
 
@@ -246,6 +246,6 @@ def test_parity_on_the_real_smollm2_model_q4_k_m(smol_dir, session_outputs, monk
 
 def test_config_offers_exactly_the_quantization_types_export_knows():
     from lib.config import CHOICES
-    from lib.export import QUANT_TYPES
+    from lib.llamacpp import QUANT_TYPES
 
     assert CHOICES["export.quant"] == list(QUANT_TYPES)
