@@ -24,12 +24,13 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .config import GenerationSettings, load_config, undecodable
+from .config import load_config, undecodable
 from .errors import SFTError
 from .generation import DEFAULT_TIMEOUT, conversation, generate_reply, generation_config, stream_reply
 from .loading import load_merged, load_tuned_model
 from .paths import require, run_paths
 from .rundir import check_fresh, check_trained
+from .settings import GenerationSettings
 
 
 def chat(model, tokenizer, history, system: str | None = None, settings: GenerationSettings | None = None,

@@ -20,13 +20,14 @@ import shutil
 from pathlib import Path
 
 from .audit import audit, split_examples_for, split_for_template
-from .config import RunConfig, apply_overrides, load_config, make_config, save_config, validate
+from .config import apply_overrides, load_config, make_config, save_config, validate
 from .errors import SFTError
 from .examples import prepare_examples
 from .loading import load_tokenizer
 from .paths import REPO_ROOT, run_paths
 from .readers import read_examples
 from .rundir import install, read_json, remove_leftovers, run_lock, staging, write_json, write_jsonl
+from .settings import RunConfig
 from .tokenization import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, encode_example
 from .trainer_args import check_settings
 

@@ -22,9 +22,9 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .config import COLUMN_ROLES
 from .errors import SFTError
 from .readers import RawRecord
+from .settings import COLUMN_ROLES
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",

@@ -18,9 +18,10 @@ import queue
 import threading
 from collections.abc import Iterator
 
-from .config import GenerationSettings, undecodable
+from .config import undecodable
 from .errors import SFTError
 from .oom import in_batches
+from .settings import GenerationSettings
 from .tokenization import prompt_messages, render_prompt, stop_token_ids
 
 DEFAULT_TIMEOUT = 120.0  # seconds the streamer waits for the next piece of text

@@ -31,7 +31,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from .config import RunConfig, apply_overrides, load_config
+from .config import apply_overrides, load_config
 from .errors import QualityGateError, SFTError
 from .generation import generation_config
 from .loading import load_16bit_with_adapter, load_merged, load_tokenizer, load_tuned_model, release
@@ -46,6 +46,7 @@ from .rundir import (
     write_json,
 )
 from .scoring import check_examples, perplexity
+from .settings import RunConfig
 from .tokenization import IGNORE_INDEX, encode_example, prompt_messages, render_prompt
 
 LOGIT_SAMPLES = 4  # eval conversations whose logits are compared position by position

@@ -25,8 +25,9 @@ import os
 import subprocess
 import sys
 
-from .config import PROFILES, RunConfig, apply_overrides, field_help, load_config, make_config
+from .config import apply_overrides, field_help, load_config, make_config
 from .paths import REPO_ROOT, outputs_dir, run_paths
+from .settings import PROFILES, RunConfig
 
 # The configuration's sections, in order: data, model, quant, lora, train, eval, generation, merge.
 SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(getattr(RunConfig(), f.name)))

@@ -21,11 +21,11 @@ import math
 import os
 from pathlib import Path
 
-from .config import GenerationSettings
 from .generation import eval_conversations, generate_reply
 from .loading import load_merged, release
 from .ollama import render_with_pieces, template_pieces
 from .scoring import perplexity
+from .settings import GenerationSettings
 from .tokenization import IGNORE_INDEX, encode_example, render_prompt, stop_token_ids
 
 # Default tolerances by type: (relative perplexity drift, smallest greedy agreement).

@@ -16,8 +16,8 @@ import sys
 import pytest
 import torch
 
-from lib.config import GenerationSettings
 from lib.errors import MissingStageError, SFTError
+from lib.settings import GenerationSettings
 from lib.tokenization import end_of_turn_token, render_prompt
 
 HISTORY = [{"role": "user", "content": "Why does ice float on water?"}]

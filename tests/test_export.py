@@ -245,7 +245,7 @@ def test_parity_on_the_real_smollm2_model_q4_k_m(smol_dir, session_outputs, monk
 
 
 def test_config_offers_exactly_the_quantization_types_export_knows():
-    from lib.config import CHOICES
     from lib.llamacpp import QUANT_TYPES
+    from lib.settings import CHOICES
 
     assert CHOICES["export.quant"] == list(QUANT_TYPES)

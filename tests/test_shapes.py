@@ -413,8 +413,8 @@ def test_cli_refusal_exits_2_and_writes_nothing(tmp_path, outputs, capsys):
 
 
 def test_config_formats_are_the_shapes():
-    from lib.config import CHOICES
     from lib.formats import FORMATS
+    from lib.settings import CHOICES
 
     assert CHOICES["data.format"] == ["auto", *FORMATS]
 
