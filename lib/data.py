@@ -57,11 +57,11 @@ def is_empty(example: dict) -> bool:
     """Nothing to train: blank text, or no answer that is trained (weight 0 on all) and not blank."""
     if "text" in example:
         return not example["text"].strip()
-    return not any(m["content"].strip() for m in _trained_answers(example))
+    return not any(m["content"].strip() or m.get("tool_calls") for m in _trained_answers(example))
 
 
 def _key(example: dict) -> str:
-    body = example.get("text") if "text" in example else example["messages"]
+    body = example.get("text") if "text" in example else [example["messages"], example.get("tools")]
     return json.dumps(body, ensure_ascii=False, sort_keys=True)
 
 
@@ -220,15 +220,16 @@ def split_examples_for(tokenizer, examples: list[dict]) -> list[dict]:
     return [part for ex in examples for part in split_for_turns(tokenizer, ex)]
 
 
-def split_for_template(prepared: Prepared, tokenizer) -> int:
+def split_for_template(prepared: Prepared, tokenizer, inline_reasoning: bool = False) -> int:
     """Split, in place, the conversations the chat template cannot train whole (it rewrites earlier
-    turns, e.g. drops <think> blocks) into one example per assistant turn; returns how many were split."""
+    turns, e.g. drops <think> blocks) into one example per assistant turn; returns how many were split.
+    Reasoning in a separate field is rendered by the template, or inlined (data.inline_reasoning)."""
     n_split = 0
     for attr in ("train", "eval"):
         out = []
         for i, ex in enumerate(getattr(prepared, attr), start=1):
             try:
-                parts = split_for_turns(tokenizer, ex)
+                parts = split_for_turns(tokenizer, ex, inline_reasoning)
             except TemplateError as e:
                 raise _example_error(prepared, ex, i, str(e)) from None
             n_split += len(parts) > 1
@@ -432,7 +433,7 @@ def prepare(cfg: RunConfig, overwrite: bool = False) -> dict:
     prepared = prepare_examples(d.path, d.format, d.eval_fraction, d.seed, d.max_examples, d.system_prompt,
                                 d.columns, d.ignore_fields)
     tokenizer, added = tokenizer_with_template_flag(cfg)
-    n_split = split_for_template(prepared, tokenizer)
+    n_split = split_for_template(prepared, tokenizer, d.inline_reasoning)
     report = audit(prepared, tokenizer, cfg.train.max_length, template_added=added,
                    allow_missing_stop=d.allow_missing_stop, n_split=n_split)
     report["prompt_format"] = d.prompt_format
