@@ -203,6 +203,46 @@ def _content(rec: RawRecord, content, where: str, role: str, calls: bool) -> str
     return content
 
 
+def _message(rec: RawRecord, turn: dict, where: str, role: str, content_key: str) -> tuple[dict, set]:
+    """One turn as a message (tool calls, tool results, reasoning in the OpenAI form), and the turn's keys it used."""
+    used: set = set()
+    message: dict = {}
+    if role == CALL_ROLE:  # ShareGPT: the call(s) as JSON in the turn's text
+        message = {"role": "assistant", "content": "",
+                   "tool_calls": _tool_calls(rec, turn.get(content_key), f"{where}.{content_key}")}
+        role = "assistant"
+    else:
+        calls = next((k for k in ("tool_calls", "function_call") if turn.get(k)), None)
+        if calls and role != "assistant":
+            raise rec.error(f"tool calls on a {role} turn: only assistant turns call tools", field=f"{where}.{calls}")
+        message = {"role": role, "content": _content(rec, turn.get(content_key), f"{where}.{content_key}",
+                                                     role, calls is not None)}
+        if calls:
+            message["tool_calls"] = _tool_calls(rec, turn[calls], f"{where}.{calls}")
+        used |= {"tool_calls", "function_call"}
+    if role == "tool":
+        for k in ("tool_call_id", "name"):
+            if turn.get(k) is not None:
+                if not isinstance(turn[k], str):
+                    raise rec.error(f"expected a string, got {type_name(turn[k])}", field=f"{where}.{k}")
+                message[k] = turn[k]
+            used.add(k)
+    elif turn.get("tool_call_id"):
+        raise rec.error(f"tool_call_id on a {role} turn: only tool results answer a call", field=f"{where}.tool_call_id")
+    reasoning = {k: turn[k] for k in REASONING_KEYS if turn.get(k) not in (None, "")}
+    if reasoning:
+        k, v = next(iter(reasoning.items()))
+        if role != "assistant":
+            raise rec.error(f"reasoning on a {role} turn: only assistant answers reason", field=f"{where}.{k}")
+        if not isinstance(v, str):
+            raise rec.error(f"expected the reasoning as a string, got {type_name(v)}", field=f"{where}.{k}")
+        if len(set(reasoning.values())) > 1:
+            raise rec.error(f"two different reasonings ({', '.join(reasoning)}): keep one", field=f"{where}.{k}")
+        message["reasoning_content"] = v
+    used |= set(REASONING_KEYS)
+    return message, used
+
+
 def _turns(rec: RawRecord, turns, key: str, out: Converted, role_key="role", content_key="content",
            weight_key="weight", role_map=None) -> list[dict]:
     """A list of turns as messages: roles checked (or mapped), content as text, weights kept, tool calls
@@ -226,41 +266,9 @@ def _turns(rec: RawRecord, turns, key: str, out: Converted, role_key="role", con
             raise rec.error(f"unknown {what} {raw_role!r} (expected one of {', '.join(expected)})",
                             field=f"{where}.{role_key}")
         role = roles[raw_role]
-        used = set(known)
-        message: dict = {}
-        if role == CALL_ROLE:  # ShareGPT: the call(s) as JSON in the turn's text
-            message = {"role": "assistant", "content": "",
-                       "tool_calls": _tool_calls(rec, turn.get(content_key), f"{where}.{content_key}")}
-            role = "assistant"
-        else:
-            calls = next((k for k in ("tool_calls", "function_call") if turn.get(k)), None)
-            if calls and role != "assistant":
-                raise rec.error(f"tool calls on a {role} turn: only assistant turns call tools", field=f"{where}.{calls}")
-            message = {"role": role, "content": _content(rec, turn.get(content_key), f"{where}.{content_key}",
-                                                         role, calls is not None)}
-            if calls:
-                message["tool_calls"] = _tool_calls(rec, turn[calls], f"{where}.{calls}")
-            used |= {"tool_calls", "function_call"}
-        if role == "tool":
-            for k in ("tool_call_id", "name"):
-                if turn.get(k) is not None:
-                    if not isinstance(turn[k], str):
-                        raise rec.error(f"expected a string, got {type_name(turn[k])}", field=f"{where}.{k}")
-                    message[k] = turn[k]
-                used.add(k)
-        elif turn.get("tool_call_id"):
-            raise rec.error(f"tool_call_id on a {role} turn: only tool results answer a call", field=f"{where}.tool_call_id")
-        reasoning = {k: turn[k] for k in REASONING_KEYS if turn.get(k) not in (None, "")}
-        if reasoning:
-            k, v = next(iter(reasoning.items()))
-            if role != "assistant":
-                raise rec.error(f"reasoning on a {role} turn: only assistant answers reason", field=f"{where}.{k}")
-            if not isinstance(v, str):
-                raise rec.error(f"expected the reasoning as a string, got {type_name(v)}", field=f"{where}.{k}")
-            if len(set(reasoning.values())) > 1:
-                raise rec.error(f"two different reasonings ({', '.join(reasoning)}): keep one", field=f"{where}.{k}")
-            message["reasoning_content"] = v
-        used |= set(REASONING_KEYS)
+        message, used = _message(rec, turn, where, role, content_key)
+        role = message["role"]
+        used |= known
         if _weight(rec, turn, weight_key, where, role) == 0 and role == "assistant":
             message["weight"] = 0
         messages.append(message)
