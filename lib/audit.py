@@ -46,15 +46,16 @@ def split_examples_for(tokenizer, examples: list[dict]) -> list[dict]:
     return [part for ex in examples for part in split_for_turns(tokenizer, ex)]
 
 
-def split_for_template(prepared: Prepared, tokenizer) -> int:
+def split_for_template(prepared: Prepared, tokenizer, inline_reasoning: bool = False) -> int:
     """Split, in place, the conversations the chat template cannot train whole (it rewrites earlier
-    turns, e.g. drops <think> blocks) into one example per assistant turn; returns how many were split."""
+    turns, e.g. drops <think> blocks) into one example per assistant turn; returns how many were split.
+    Reasoning in a separate field is rendered by the template, or inlined (data.inline_reasoning)."""
     n_split = 0
     for attr in ("train", "eval"):
         out = []
         for i, ex in enumerate(getattr(prepared, attr), start=1):
             try:
-                parts = split_for_turns(tokenizer, ex)
+                parts = split_for_turns(tokenizer, ex, inline_reasoning)
             except TemplateError as e:
                 raise _example_error(prepared, ex, i, str(e)) from None
             n_split += len(parts) > 1

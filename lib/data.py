@@ -56,7 +56,7 @@ def prepare(cfg: RunConfig, overwrite: bool = False) -> dict:
     prepared = prepare_examples(d.path, d.format, d.eval_fraction, d.seed, d.max_examples, d.system_prompt,
                                 d.columns, d.ignore_fields)
     tokenizer, added = tokenizer_with_template_flag(cfg)
-    n_split = split_for_template(prepared, tokenizer)
+    n_split = split_for_template(prepared, tokenizer, d.inline_reasoning)
     report = audit(prepared, tokenizer, cfg.train.max_length, template_added=added,
                    allow_missing_stop=d.allow_missing_stop, n_split=n_split)
     report["prompt_format"] = d.prompt_format

@@ -30,11 +30,11 @@ def is_empty(example: dict) -> bool:
     """Nothing to train: blank text, or no answer that is trained (weight 0 on all) and not blank."""
     if "text" in example:
         return not example["text"].strip()
-    return not any(m["content"].strip() for m in _trained_answers(example))
+    return not any(m["content"].strip() or m.get("tool_calls") for m in _trained_answers(example))
 
 
 def _key(example: dict) -> str:
-    body = example.get("text") if "text" in example else example["messages"]
+    body = example.get("text") if "text" in example else [example["messages"], example.get("tools")]
     return json.dumps(body, ensure_ascii=False, sort_keys=True)
 
 

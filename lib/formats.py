@@ -12,8 +12,18 @@ messages, role, content, weight, text, and the role values user_tag, assistant_t
 or a small converter of its own (Socratic question lists, Capybara pairs, preference data).
 
 Per-turn `weight` (OpenAI fine-tuning, OpenHermes / SlimOrca ShareGPT) is kept: 0 on an answer
-makes it context, never trained; 1 or null trains it. Reasoning in a separate field and tool
-calls are refused in one line until they are supported, never dropped.
+makes it context, never trained; 1 or null trains it.
+
+Tool calling, in the OpenAI format that transformers' `apply_chat_template` takes: a record-level
+`tools` list (JSON schemas; a bare `{"name", "description", "parameters"}` or a JSON string of the
+list, as LLaMA-Factory writes it, is wrapped as `{"type": "function", "function": {...}}`),
+assistant messages with `tool_calls` (`arguments` as a JSON string or an object, kept as an
+object; content null or empty becomes ""), and `tool` messages (the result, with `tool_call_id` /
+`name` when given). ShareGPT's `function_call` turn (the call as JSON) becomes an assistant
+message with `tool_calls`, its `observation` turn a `tool` message; OpenAI's legacy
+`function_call` key and `function` role map the same way. Reasoning in a separate field
+(`reasoning_content`, `thinking`, `reasoning`) is kept as the message's `reasoning_content`; the
+chat template renders it (lib/tokenization.py), never dropped.
 """
 
 from __future__ import annotations
@@ -26,12 +36,15 @@ from .errors import SFTError
 from .readers import RawRecord
 from .settings import COLUMN_ROLES
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+# Roles of a tool's result (OpenAI's tool and legacy function, Llama 3.1's ipython, ShareGPT's
+# observation) and of a tool call written as a turn of its own (LLaMA-Factory's ShareGPT function_call).
+TOOL_RESULT_ROLES = {"tool": "tool", "function": "tool", "ipython": "tool", "observation": "tool"}
+CALL_ROLE = "function_call"
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "bot": "assistant", "model": "assistant"}
-TOOL_ROLES = ("tool", "function", "function_call", "observation", "ipython")
+                  "assistant": "assistant", "bot": "assistant", "model": "assistant", **TOOL_RESULT_ROLES,
+                  CALL_ROLE: CALL_ROLE}
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
-TOOL_KEYS = ("tool_calls", "function_call", "tool_call_id")
 
 # Fields any shape treats as metadata: identifiers, provenance, labels. Kept in each example's
 # "metadata" (data/train.jsonl), never given to the model.
@@ -113,9 +126,127 @@ class Converted:
     turn_extras: dict = field(default_factory=dict)
 
 
+def _json(rec: RawRecord, value, where: str, what: str):
+    """`value` parsed when it is a JSON string, else as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise rec.error(f"{what} are not valid JSON ({e.msg} at character {e.pos + 1})", field=where) from None
+
+
+def _tool_call(rec: RawRecord, call, where: str) -> dict:
+    """One tool call as {"type": "function", "function": {"name", "arguments": {...}}} (plus its "id"):
+    OpenAI's form, or the bare {"name", "arguments"} of Glaive / LLaMA-Factory; arguments as an object."""
+    if not isinstance(call, dict):
+        raise rec.error(f"expected a tool call {{\"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}, "
+                        f"got {type_name(call)}", field=where)
+    fn, fwhere = (call["function"], f"{where}.function") if "function" in call else (call, where)
+    if call.get("type", "function") != "function":
+        raise rec.error(f"a tool call of type {call.get('type')!r}: only function calls can be trained",
+                        field=f"{where}.type")
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+        raise rec.error("a tool call needs the function's name (a non-empty string)", field=f"{fwhere}.name")
+    args = fn.get("arguments", fn.get("parameters"))
+    args = {} if args is None or (isinstance(args, str) and not args.strip()) else _json(
+        rec, args, f"{fwhere}.arguments", "the tool call's arguments")
+    if not isinstance(args, dict):
+        raise rec.error(f"the tool call's arguments must be a JSON object, got {type_name(args)}",
+                        field=f"{fwhere}.arguments")
+    out = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+    if call.get("id") is not None:
+        if not isinstance(call["id"], str):
+            raise rec.error(f"expected a string, got {type_name(call['id'])}", field=f"{where}.id")
+        out["id"] = call["id"]
+    return out
+
+
+def _tool_calls(rec: RawRecord, calls, where: str) -> list[dict]:
+    calls = _json(rec, calls, where, "the tool calls")
+    calls = calls if isinstance(calls, list) else [calls]
+    if not calls:
+        raise rec.error("the list of tool calls is empty", field=where)
+    return [_tool_call(rec, c, f"{where}[{j}]") for j, c in enumerate(calls, start=1)]
+
+
+def tools_list(rec: RawRecord, value, key: str) -> list[dict]:
+    """A record's tool schemas: a list (or a JSON string of one, LLaMA-Factory) of OpenAI tools
+    {"type": "function", "function": {"name", "description", "parameters"}} or bare function schemas."""
+    value = _json(rec, value, key, "the tool schemas")
+    if not isinstance(value, list):
+        raise rec.error(f"expected a list of tool schemas, got {type_name(value)}", field=key)
+    out = []
+    for j, tool in enumerate(value, start=1):
+        where = f"{key}[{j}]"
+        fn = tool.get("function") if isinstance(tool, dict) and "function" in tool else tool
+        if isinstance(tool, dict) and tool.get("type", "function") != "function":
+            raise rec.error(f"a tool of type {tool.get('type')!r}: only function tools can be rendered", field=where)
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise rec.error("expected a tool schema with a name ({\"type\": \"function\", \"function\": "
+                            "{\"name\", \"description\", \"parameters\"}})", field=where)
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _content(rec: RawRecord, content, where: str, role: str, calls: bool) -> str:
+    if content is None:
+        if calls:  # an assistant turn that only calls tools
+            return ""
+        raise rec.error("missing content", field=where)
+    if isinstance(content, list):
+        return _text_parts(rec, content, where)
+    if role == "tool" and isinstance(content, dict):  # a result given as an object: its JSON text
+        return json.dumps(content, ensure_ascii=False)
+    if not isinstance(content, str):
+        raise rec.error(f"expected a string or a list of text parts, got {type_name(content)}", field=where)
+    return content
+
+
+def _message(rec: RawRecord, turn: dict, where: str, role: str, content_key: str) -> tuple[dict, set]:
+    """One turn as a message (tool calls, tool results, reasoning in the OpenAI form), and the turn's keys it used."""
+    used: set = set()
+    message: dict = {}
+    if role == CALL_ROLE:  # ShareGPT: the call(s) as JSON in the turn's text
+        message = {"role": "assistant", "content": "",
+                   "tool_calls": _tool_calls(rec, turn.get(content_key), f"{where}.{content_key}")}
+        role = "assistant"
+    else:
+        calls = next((k for k in ("tool_calls", "function_call") if turn.get(k)), None)
+        if calls and role != "assistant":
+            raise rec.error(f"tool calls on a {role} turn: only assistant turns call tools", field=f"{where}.{calls}")
+        message = {"role": role, "content": _content(rec, turn.get(content_key), f"{where}.{content_key}",
+                                                     role, calls is not None)}
+        if calls:
+            message["tool_calls"] = _tool_calls(rec, turn[calls], f"{where}.{calls}")
+        used |= {"tool_calls", "function_call"}
+    if role == "tool":
+        for k in ("tool_call_id", "name"):
+            if turn.get(k) is not None:
+                if not isinstance(turn[k], str):
+                    raise rec.error(f"expected a string, got {type_name(turn[k])}", field=f"{where}.{k}")
+                message[k] = turn[k]
+            used.add(k)
+    elif turn.get("tool_call_id"):
+        raise rec.error(f"tool_call_id on a {role} turn: only tool results answer a call", field=f"{where}.tool_call_id")
+    reasoning = {k: turn[k] for k in REASONING_KEYS if turn.get(k) not in (None, "")}
+    if reasoning:
+        k, v = next(iter(reasoning.items()))
+        if role != "assistant":
+            raise rec.error(f"reasoning on a {role} turn: only assistant answers reason", field=f"{where}.{k}")
+        if not isinstance(v, str):
+            raise rec.error(f"expected the reasoning as a string, got {type_name(v)}", field=f"{where}.{k}")
+        if len(set(reasoning.values())) > 1:
+            raise rec.error(f"two different reasonings ({', '.join(reasoning)}): keep one", field=f"{where}.{k}")
+        message["reasoning_content"] = v
+    used |= set(REASONING_KEYS)
+    return message, used
+
+
 def _turns(rec: RawRecord, turns, key: str, out: Converted, role_key="role", content_key="content",
            weight_key="weight", role_map=None) -> list[dict]:
-    """A list of turns as messages: roles checked (or mapped), content as text, weights kept."""
+    """A list of turns as messages: roles checked (or mapped), content as text, weights kept, tool calls
+    and results and reasoning in the OpenAI form (see the module docstring)."""
     if not isinstance(turns, list):
         raise rec.error(f"expected a list of turns, got {type_name(turns)}", field=key)
     if not turns:
@@ -128,39 +259,21 @@ def _turns(rec: RawRecord, turns, key: str, out: Converted, role_key="role", con
             raise rec.error(f"expected an object with '{role_key}' and '{content_key}', got {type_name(turn)}",
                             field=where)
         raw_role = turn.get(role_key)
-        if raw_role in TOOL_ROLES or any(turn.get(k) for k in TOOL_KEYS):
-            what = next((k for k in TOOL_KEYS if turn.get(k)), role_key)
-            raise rec.error("tool-calling data (tool calls and tool results) is not supported yet: remove these "
-                            "turns or records", field=f"{where}.{what}")
-        for k in REASONING_KEYS:
-            if turn.get(k):
-                raise rec.error("reasoning in a separate field is not supported yet and would be dropped: write it "
-                                "inline at the start of the answer as <think>...</think>, or remove the field",
-                                field=f"{where}.{k}")
-        if role_map is not None:
-            if raw_role not in role_map:
-                raise rec.error(f"unknown speaker {raw_role!r} (expected one of {', '.join(role_map)})",
-                                field=f"{where}.{role_key}")
-            role = role_map[raw_role]
-        elif raw_role not in ROLES:
-            raise rec.error(f"unknown role {raw_role!r} (expected one of {', '.join(ROLES)})",
+        roles = role_map if role_map is not None else {**{r: r for r in ROLES}, **TOOL_RESULT_ROLES}
+        if raw_role not in roles:
+            what = "speaker" if role_map is not None else "role"
+            expected = role_map if role_map is not None else ROLES
+            raise rec.error(f"unknown {what} {raw_role!r} (expected one of {', '.join(expected)})",
                             field=f"{where}.{role_key}")
-        else:
-            role = raw_role
-        content = turn.get(content_key)
-        if content is None:
-            raise rec.error("missing content", field=f"{where}.{content_key}")
-        if isinstance(content, list):
-            content = _text_parts(rec, content, f"{where}.{content_key}")
-        if not isinstance(content, str):
-            raise rec.error(f"expected a string or a list of text parts, got {type_name(content)}",
-                            field=f"{where}.{content_key}")
-        message = {"role": role, "content": content}
+        role = roles[raw_role]
+        message, used = _message(rec, turn, where, role, content_key)
+        role = message["role"]
+        used |= known
         if _weight(rec, turn, weight_key, where, role) == 0 and role == "assistant":
             message["weight"] = 0
         messages.append(message)
         for k, v in turn.items():
-            if k not in known and k not in TURN_METADATA and k not in REASONING_KEYS:
+            if k not in used and k not in TURN_METADATA:
                 out.turn_extras.setdefault(f"{key}[].{k}", v)
     return messages
 
@@ -249,6 +362,9 @@ def from_columns(rec: RawRecord, cols: dict) -> Converted:
         raise rec.error("the conversation has no assistant turn (nothing to learn from)",
                         field=cols.get("messages") or cols.get("response"))
     out.example = {"messages": messages}
+    if cols.get("tools") and r.get(cols["tools"]) not in (None, "", []):
+        out.example["tools"] = tools_list(rec, r[cols["tools"]], cols["tools"])
+        out.used[cols["tools"]] = COLUMN_ROLES["tools"]
     return out
 
 
@@ -360,9 +476,10 @@ def _mapped(columns: dict) -> Callable[[RawRecord, dict], Converted]:
 _ALPACA = {"prompt": "instruction", "input": "input", "system": "system", "history": "history"}
 SHAPES = {s.name: s for s in [
     Shape("messages", "messages (a list of {role, content}; UltraChat, no_robots, OpenAI chat)", ("messages",),
-          _mapped({"messages": "messages"})),
+          _mapped({"messages": "messages", "tools": "tools"})),
     Shape("sharegpt", "sharegpt (conversations: a list of {from, value}; OpenHermes, SlimOrca)", ("conversations",),
-          _mapped({"messages": "conversations", "role": "from", "content": "value", "system": "system"})),
+          _mapped({"messages": "conversations", "role": "from", "content": "value", "system": "system",
+                   "tools": "tools"})),
     Shape("capybara", "capybara (conversation: a list of {input, output})", ("conversation",), _capybara,
           when=lambda r: isinstance(r.get("conversation"), list)),
     Shape("qa_splits", "qa_splits (Question + Answer, optionally in {\"train\": [...], \"test\": [...]})",

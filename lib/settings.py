@@ -72,6 +72,7 @@ COLUMN_ROLES = {
     "history": "earlier turns: [[user, answer], ...] (answers trained)",
     "messages": "the conversation (a list of turns)",
     "text": "plain text (every token trained)",
+    "tools": "the tool schemas the conversation may call (rendered by the chat template, never trained)",
     "role": "key of a turn's speaker (with messages; default role, or from for ShareGPT turns)",
     "content": "key of a turn's text (with messages; default content, or value)",
     "weight": "key of a turn's weight (with messages; default weight): 0 makes an answer context",
@@ -127,6 +128,10 @@ class DataSettings:
     allow_missing_stop: bool = _f(False, "Accept answers trained without an end-of-turn token (the template "
                                          "writes none after them). Off: prepare stops, since such a model "
                                          "never learns to stop; prefer another prompt_format.")
+    inline_reasoning: bool = _f(False, "Reasoning given in a separate field (reasoning_content, thinking, "
+                                       "reasoning) where the chat template has no place for it: write it "
+                                       "before the answer as <think>...</think> and train it. Off: done only "
+                                       "when the tokenizer has <think> tokens; otherwise prepare stops.")
 
 
 @dataclass

@@ -30,6 +30,19 @@ answer's text, so a short answer such as "4" cannot be matched inside the questi
   at inference, earlier answers kept as context with `"weight": 0` (the OpenAI fine-tuning field).
 * A template that refuses a system message (Gemma, Mistral) gets it folded into the first user
   turn (`system_folded` in the result, counted by the audit).
+* Tool calling (an example's `tools`, assistant messages with `tool_calls`, `tool` results) is
+  rendered with `tools=` by the template. An assistant turn that calls tools is placed by position
+  as well: everything the template writes after the generation prompt, up to and including the
+  special token that ends the turn (`<|im_end|>`, `<|eot_id|>`, gpt-oss's `<|call|>`), is what the
+  model produced; the call's name and argument names must be in that span, else a one-line
+  TemplateError. How the template wants a call (arguments as an object or a JSON string, content
+  "" or null) is probed once (`template_info`); a template that renders no tool schemas or no
+  tool calls refuses such examples in one line naming the model.
+* Reasoning in a separate field (a message's `reasoning_content`) is handed to the template under
+  the key it reads (`reasoning_content` for Qwen3, `thinking` for gpt-oss; probed), and trained
+  where the template renders it; `resolve_reasoning` writes it inline as `<think>...</think>` where
+  the template has no place for it (only when the tokenizer has those tokens or it is asked to),
+  or refuses in one line.
 
 The same labels serve training, the data audit, perplexity and the merge check. Plain-text
 examples ({"text": ...}) are language-modelling data: <bos> text <eos>, every token trained.
@@ -37,6 +50,7 @@ examples ({"text": ...}) are language-modelling data: <bos> text <eos>, every to
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from .errors import first_line
@@ -58,12 +72,56 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _render(tokenizer, messages, add_generation_prompt=False) -> str:
-    msgs = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
+def model_name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", "") or "this model"
+
+
+def _apply(tokenizer, msgs, add_generation_prompt=False, tools=None) -> str:
+    kw = {"tools": tools} if tools else {}
     try:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt, **kw)
     except Exception as e:  # jinja raise_exception(...), undefined variables, type errors
         raise TemplateError(f"the chat template refuses this conversation: {first_line(e)}") from None
+
+
+def _for_template(tokenizer, m: dict) -> dict:
+    """A message as this template wants it: no weight; reasoning under the key the template reads;
+    tool calls with arguments as an object or a JSON string and content "" or null, as it renders them."""
+    out = {k: v for k, v in m.items() if k != "weight"}
+    if out.get("reasoning_content") is not None or out.get("tool_calls"):
+        info = template_info(tokenizer)
+        if out.get("reasoning_content") is not None:
+            if info.reasoning_key is None:
+                raise TemplateError(no_reasoning_place(tokenizer))
+            out[info.reasoning_key] = out.pop("reasoning_content")
+        if out.get("tool_calls"):
+            if info.call_form is None:
+                raise TemplateError(f"the chat template of {model_name(tokenizer)} does not render tool calls (it has no "
+                                    "tool-call handling), so this example cannot be trained as the model sees it: "
+                                    "choose a model or data.prompt_format whose template renders tool_calls")
+            args_as_string, content_none = info.call_form
+            if args_as_string:
+                out["tool_calls"] = [dict(c, function=dict(c["function"], arguments=json.dumps(
+                    c["function"]["arguments"], ensure_ascii=False))) for c in out["tool_calls"]]
+            if content_none and not out.get("content"):
+                out["content"] = None
+    return out
+
+
+def no_reasoning_place(tokenizer) -> str:
+    return (f"the chat template of {model_name(tokenizer)} has no place for reasoning given in a separate field "
+            "(reasoning_content, thinking, reasoning) and the tokenizer has no <think> tokens: set "
+            "data.inline_reasoning=true to train it before the answer as <think>...</think>, or remove the "
+            "field to train the answers without it")
+
+
+def _render(tokenizer, messages, add_generation_prompt=False, tools=None) -> str:
+    if tools and not template_info(tokenizer).renders_tools:
+        raise TemplateError(f"the chat template of {model_name(tokenizer)} does not render tools (it has no tools "
+                            "handling), so the model would never see the tool schemas: choose a model or "
+                            "data.prompt_format whose template renders tools, or remove the record's tools")
+    msgs = [_for_template(tokenizer, m) for m in messages]
+    return _apply(tokenizer, msgs, add_generation_prompt, tools)
 
 
 def _special_strings(tokenizer) -> list[str]:
@@ -80,6 +138,10 @@ class TemplateInfo:
     stop_history: str | None  # special token written right after an answer that more turns follow
     stop_last: str | None  # ... right after the final answer
     openers: frozenset  # special tokens that open a user turn (or bos): never a stop token
+    renders_tools: bool = False  # renders the `tools` schemas it is given
+    call_form: tuple | None = None  # (arguments as a JSON string, content null) it renders tool calls with
+    stop_call: str | None = None  # special token that ends an assistant turn calling tools (gpt-oss: <|call|>)
+    reasoning_key: str | None = None  # message key whose reasoning it renders (reasoning_content, thinking, ...)
 
 
 _INFO_CACHE: dict = {}
@@ -102,10 +164,59 @@ def probe_renderings(tokenizer) -> dict[str, str | None]:
     out = {}
     for names in PROBE_CONVERSATIONS:
         try:
-            out[names] = _render(tokenizer, probe_messages(names), add_generation_prompt=names.endswith("+"))
+            out[names] = _apply(tokenizer, probe_messages(names), add_generation_prompt=names.endswith("+"))
         except TemplateError:
             out[names] = None
     return out
+_PROBE_TOOL = {"type": "function", "function": {
+    "name": "QzPROBEtoolQZ", "description": "QzPROBEdescQZ",
+    "parameters": {"type": "object", "properties": {"QzPROBEargQZ": {"type": "string"}}, "required": ["QzPROBEargQZ"]}}}
+_REASONING_TEMPLATE_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _trailing_special(text: str, specials) -> str | None:
+    """The special token at the end of `text` before optional whitespace."""
+    rest = text.rstrip()
+    return next((s for s in specials if rest.endswith(s)), None)
+
+
+def _probe_tools(tokenizer, specials, openers) -> tuple:
+    """(renders tools, the tool-call form it renders, the token ending a tool-call turn), by rendering."""
+    user = [{"role": "user", "content": PROBE["u1"]}]
+    try:
+        renders_tools = "QzPROBEtoolQZ" in _apply(tokenizer, user, tools=[_PROBE_TOOL])
+    except TemplateError:
+        renders_tools = False
+    tools = [_PROBE_TOOL] if renders_tools else None
+    for args_as_string in (False, True):
+        for content_none in (False, True):
+            args = {"QzPROBEargQZ": "QzPROBEvalQZ"}
+            call = {"type": "function", "id": "Qzprb0001", "function": {
+                "name": "QzPROBEtoolQZ", "arguments": json.dumps(args) if args_as_string else args}}
+            msg = {"role": "assistant", "content": None if content_none else "", "tool_calls": [call]}
+            try:
+                prompt = _apply(tokenizer, user, True, tools)
+                text = _apply(tokenizer, user + [msg], tools=tools)
+            except TemplateError:
+                continue
+            reply = text[len(prompt):] if text.startswith(prompt) else text[text.index(PROBE["u1"]):]
+            if "QzPROBEtoolQZ" in reply and "QzPROBEvalQZ" in reply and '\\"QzPROBEargQZ' not in reply:
+                stop = _trailing_special(reply, specials)
+                return renders_tools, (args_as_string, content_none), None if stop in openers else stop
+    return renders_tools, None, None
+
+
+def _probe_reasoning(tokenizer) -> str | None:
+    """The message key whose reasoning the template renders on a final answer, or None."""
+    for key in _REASONING_TEMPLATE_KEYS:
+        msgs = [{"role": "user", "content": PROBE["u1"]},
+                {"role": "assistant", "content": PROBE["a1"], key: "QzPROBEthinkQZ"}]
+        try:
+            if "QzPROBEthinkQZ" in _apply(tokenizer, msgs):
+                return key
+        except TemplateError:
+            continue
+    return None
 
 
 def _leading_special(text: str, specials) -> str | None:
@@ -142,7 +253,9 @@ def template_info(tokenizer) -> TemplateInfo:
         if stop_history in openers and stop_history not in (stop_last, tokenizer.eos_token, closes_system):
             stop_history = None
     openers -= {stop_history, stop_last, tokenizer.eos_token}
-    info = TemplateInfo(system_ok, stop_history, stop_last, frozenset(openers))
+    renders_tools, call_form, stop_call = _probe_tools(tokenizer, specials, openers)
+    info = TemplateInfo(system_ok, stop_history, stop_last, frozenset(openers), renders_tools, call_form, stop_call,
+                        _probe_reasoning(tokenizer))
     _INFO_CACHE[key] = info
     return info
 
@@ -164,7 +277,7 @@ def stop_token_ids(tokenizer) -> list[int]:
     toks = [tokenizer.eos_token]
     if has_chat_template(tokenizer):
         info = template_info(tokenizer)
-        toks = [info.stop_last, info.stop_history, tokenizer.eos_token]
+        toks = [info.stop_last, info.stop_history, tokenizer.eos_token, info.stop_call]
     ids = []
     for tok in toks:
         if tok is not None:
@@ -193,7 +306,7 @@ def prepare_messages(tokenizer, messages: list[dict]) -> tuple[list[dict], bool]
     return [merged] + messages[2:], True
 
 
-def _edge(tokenizer, messages, i: int, rendered: str, at_end: bool) -> int | None:
+def _edge(tokenizer, messages, i: int, rendered: str, at_end: bool, tools=None) -> int | None:
     """Character index in `rendered` (messages[:i+1] rendered) where answer i's content ends
     (at_end) or starts, found by gluing a sentinel to it; None if the template does not render
     the content verbatim (allowing trimmed whitespace)."""
@@ -202,7 +315,7 @@ def _edge(tokenizer, messages, i: int, rendered: str, at_end: bool) -> int | Non
     for v in dict.fromkeys(variants):
         marked = dict(messages[i], content=v + _SENTINEL if at_end else _SENTINEL + v)
         try:
-            text = _render(tokenizer, list(messages[:i]) + [marked])
+            text = _render(tokenizer, list(messages[:i]) + [marked], tools=tools)
         except TemplateError:
             continue
         if text.count(_SENTINEL) != 1:
@@ -227,12 +340,60 @@ class _Turn:
     appended: bool
 
 
-def _place_turn(tokenizer, messages, i: int, info: TemplateInfo, specials, n: int) -> _Turn:
+def _check_no_stop_text(messages, info: TemplateInfo) -> None:
+    for m in messages:
+        text = "".join([m.get("content") or "", m.get("reasoning_content") or "",
+                        json.dumps(m["tool_calls"], ensure_ascii=False) if m.get("tool_calls") else ""])
+        for s in (info.stop_last, info.stop_history, info.stop_call):
+            if s and s in text:
+                raise TemplateError(f"a message contains the end-of-turn token {s!r} as text")
+
+
+def _check_reasoning(tokenizer, m: dict, span: str, n: int) -> None:
+    reasoning = m.get("reasoning_content")
+    if reasoning and _norm(reasoning) not in _norm(span):
+        raise TemplateError(f"assistant message {n}: the chat template of {model_name(tokenizer)} does not render its "
+                            "reasoning within the answer, so it cannot be trained where the model writes it")
+
+
+def _place_call(tokenizer, messages, i: int, info: TemplateInfo, specials, n: int, tools) -> _Turn:
+    """Assistant message i, which calls tools, rendered as the last message and placed: what the
+    template writes after the generation prompt, up to and including the token that ends the turn."""
+    m = messages[i]
+    rendered = _render(tokenizer, messages[: i + 1], tools=tools)
+    prompt = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+    if not rendered.startswith(prompt):
+        raise TemplateError(f"assistant message {n}: the chat template of {model_name(tokenizer)} renders the tool "
+                            "call after something other than its generation prompt, so it cannot be placed as the "
+                            "model produces it")
+    start = len(prompt)
+    reply = rendered[start:].rstrip()
+    end = start + len(reply)
+    stop = _trailing_special(reply, specials)
+    stop = None if stop in info.openers else stop
+    span = rendered[start:end]
+    for call in m["tool_calls"]:
+        fn = call["function"]
+        missing = [x for x in [fn["name"], *fn["arguments"]] if x not in span]
+        if missing:
+            raise TemplateError(f"assistant message {n}: the chat template of {model_name(tokenizer)} does not render "
+                                f"its call of {fn['name']} whole ({missing[0]!r} is missing), so it cannot be trained")
+    if m.get("content") and _norm(m["content"]) not in _norm(span):
+        raise TemplateError(f"assistant message {n}: the chat template of {model_name(tokenizer)} drops the text "
+                            "beside its tool call, so it cannot be trained as written")
+    _check_reasoning(tokenizer, m, span, n)
+    return _Turn(rendered, start, end, stop, False)
+
+
+def _place_turn(tokenizer, messages, i: int, info: TemplateInfo, specials, n: int, tools=None) -> _Turn:
     """Assistant message i (message number n of the data) rendered as the last message, placed."""
+    _check_no_stop_text(messages, info)
+    if messages[i].get("tool_calls"):
+        return _place_call(tokenizer, messages, i, info, specials, n, tools)
     content = messages[i]["content"]
-    rendered = _render(tokenizer, messages[: i + 1])
-    prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
-    end = _edge(tokenizer, messages, i, rendered, at_end=True)
+    rendered = _render(tokenizer, messages[: i + 1], tools=tools)
+    prompt = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+    end = _edge(tokenizer, messages, i, rendered, at_end=True, tools=tools)
     if end is None:
         why = ("it drops or rewrites its <think> block" if "</think>" in content
                else "it changes the text of the answer")
@@ -241,18 +402,15 @@ def _place_turn(tokenizer, messages, i: int, info: TemplateInfo, specials, n: in
     if rendered.startswith(prompt) and len(prompt) <= end:
         start = len(prompt)
     else:
-        start = _edge(tokenizer, messages, i, rendered, at_end=False)
+        start = _edge(tokenizer, messages, i, rendered, at_end=False, tools=tools)
         if start is None or start > end:
             why = ("it drops or rewrites its <think> block" if "</think>" in content
                    else "its generation prompt is not a prefix of the rendered conversation")
             raise TemplateError(f"assistant message {n}: the start of the answer cannot be placed exactly ({why})")
-    for m in messages:
-        for s in (info.stop_last, info.stop_history):
-            if s and s in m["content"]:
-                raise TemplateError(f"a message contains the end-of-turn token {s!r} as text")
     if _norm(rendered[start:end]).endswith(_norm(content)) is False:
         raise TemplateError(f"assistant message {n}: the chat template does not render all of it (it drops "
                             f"{'its <think> block' if '</think>' in content else 'part of it'}), so it cannot be trained as written")
+    _check_reasoning(tokenizer, messages[i], rendered[start:end], n)
     rest = rendered[end:]
     gap = len(rest) - len(rest.lstrip())
     stop = _leading_special(rest, specials)
@@ -268,13 +426,14 @@ def _plan(tokenizer, example: dict) -> tuple[str, list[_Turn], bool]:
     """The text of one training sequence and its trained turns; raises HistoryRewriteError when
     the conversation must be split one assistant turn per example."""
     messages, folded = prepare_messages(tokenizer, example["messages"])
+    tools = example.get("tools") or None
     info = template_info(tokenizer)
     specials = _special_strings(tokenizer)
-    text = _render(tokenizer, messages)
+    text = _render(tokenizer, messages, tools=tools)
     trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
     turns = []
     for i in trained:
-        turn = _place_turn(tokenizer, messages, i, info, specials, n=i + 1 + folded)
+        turn = _place_turn(tokenizer, messages, i, info, specials, n=i + 1 + folded, tools=tools)
         if i == len(messages) - 1:
             text = turn.text  # the same rendering, plus an appended stop token if the template leaves it off
         else:
@@ -288,12 +447,39 @@ def _plan(tokenizer, example: dict) -> tuple[str, list[_Turn], bool]:
     return text, turns, folded
 
 
-def split_for_template(tokenizer, example: dict) -> list[dict]:
+def knows_think_tokens(tokenizer) -> bool:
+    vocab = tokenizer.get_vocab()
+    return all(t in vocab for t in ("<think>", "</think>"))
+
+
+def resolve_reasoning(tokenizer, example: dict, inline: bool = False) -> dict:
+    """`example` with each reasoning field as the template takes it: left to the template where it
+    renders reasoning; else written inline before the answer as `<think>\n...\n</think>\n\n` when
+    `inline` (data.inline_reasoning) or the tokenizer has <think> tokens; else a one-line TemplateError."""
+    messages = example.get("messages")
+    if not messages or not any(m.get("reasoning_content") is not None for m in messages):
+        return example
+    if has_chat_template(tokenizer) and template_info(tokenizer).reasoning_key is not None:
+        return example
+    if not (inline or knows_think_tokens(tokenizer)):
+        raise TemplateError(no_reasoning_place(tokenizer))
+    out = []
+    for m in messages:
+        if m.get("reasoning_content") is not None:
+            m = {k: v for k, v in m.items() if k != "reasoning_content"}
+            m["content"] = f"<think>\n{messages[len(out)]['reasoning_content'].strip()}\n</think>\n\n{m['content']}"
+        out.append(m)
+    return dict(example, messages=out)
+
+
+def split_for_template(tokenizer, example: dict, inline_reasoning: bool = False) -> list[dict]:
     """`example` as the training sequences the template allows: itself, or, when the template
     rewrites earlier turns, one example per assistant turn (earlier answers kept as context with
-    "weight": 0), each rendered exactly as at inference."""
+    "weight": 0), each rendered exactly as at inference. Reasoning in a separate field is first
+    resolved (`resolve_reasoning`)."""
     if example.get("messages") is None or not has_chat_template(tokenizer):
         return [example]
+    example = resolve_reasoning(tokenizer, example, inline_reasoning)
     try:
         _plan(tokenizer, example)
         return [example]
@@ -365,18 +551,23 @@ def encode_example(tokenizer, example: dict, max_length: int | None = None) -> d
 
 
 def prompt_messages(messages: list[dict]) -> tuple[list[dict], str | None]:
-    """Split a conversation for generation: everything before the last assistant turn, and that turn."""
+    """Split a conversation for generation: everything before the last assistant turn, and that turn
+    (its text; for a turn that calls tools, the calls as JSON: [{"name", "arguments"}, ...])."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         return list(messages), None
-    return list(messages[:last]), messages[last]["content"]
+    m = messages[last]
+    if m.get("tool_calls"):
+        calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in m["tool_calls"]]
+        return list(messages[:last]), json.dumps(calls, ensure_ascii=False)
+    return list(messages[:last]), m["content"]
 
 
-def render_prompt(tokenizer, messages: list[dict]) -> str:
-    """The text a model continues to answer `messages` (the generation prompt appended; a system
-    message folded into the first user turn where the template refuses one, as in training)."""
+def render_prompt(tokenizer, messages: list[dict], tools: list | None = None) -> str:
+    """The text a model continues to answer `messages` with `tools` (the generation prompt appended;
+    a system message folded into the first user turn where the template refuses one, as in training)."""
     messages, _ = prepare_messages(tokenizer, messages)
-    return _render(tokenizer, messages, add_generation_prompt=True)
+    return _render(tokenizer, messages, add_generation_prompt=True, tools=tools or None)
 
 
 # ----------------------------------------------------------------------------- prompt formats

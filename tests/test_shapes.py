@@ -342,11 +342,6 @@ def test_columns_are_set_from_the_cli_and_saved(tmp_path, outputs):
 REFUSED = {
     "unused_text_field": ([{"instruction": "Summarise.", "context": "A long passage.", "output": "Short."}] * 3,
                           {}, "line 1: field 'context': holds text in 3 of 3 records and nothing uses it"),
-    "reasoning_content": ([{"messages": [U("2+2?"), {"role": "assistant", "content": "4",
-                                                     "reasoning_content": "Two plus two is four."}]}],
-                          {}, "line 1: field 'messages[2].reasoning_content': reasoning in a separate field"),
-    "thinking": ([{"messages": [U("2+2?"), {"role": "assistant", "content": "4", "thinking": "Add them."}]}],
-                 {}, "field 'messages[2].thinking': reasoning in a separate field"),
     "weight_half": ([{"messages": [U("Hi"), {"role": "assistant", "content": "Hello", "weight": 0.5}]}],
                     {}, "line 1: field 'messages[2].weight': weight must be 0 (context, not trained) or 1"),
     "weight_1_on_user": ([{"conversations": [{"from": "human", "value": "Hi", "weight": 1},
@@ -358,11 +353,31 @@ REFUSED = {
     "unread_loss_weight": ([{"messages": [{"role": "user", "content": "Hi", "loss_weight": 0.0},
                                           {"role": "assistant", "content": "Hello", "loss_weight": 0.0}]}],
                            {}, "field 'messages[].loss_weight': decides what is trained, but nothing reads it"),
-    "tool_calls": ([{"messages": [U("Weather?"), {"role": "assistant", "content": None, "tool_calls": [
-        {"type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]}]}],
-                   {}, "field 'messages[2].tool_calls': tool-calling data"),
-    "tool_role": ([{"messages": [U("Weather?"), {"role": "tool", "content": "sunny"}, A("Sunny.")]}],
-                  {}, "field 'messages[2].role': tool-calling data"),
+    "tool_call_bad_json": ([{"messages": [U("Weather?"), {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris}"}}]}]}],
+                           {}, "field 'messages[2].tool_calls[1].function.arguments': the tool call's arguments "
+                               "are not valid JSON"),
+    "tool_call_args_not_object": ([{"messages": [U("Weather?"), {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": "[1, 2]"}}]}]}],
+                                  {}, "the tool call's arguments must be a JSON object, got a list"),
+    "tool_call_no_name": ([{"messages": [U("Weather?"), {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"arguments": "{}"}}]}]}],
+                          {}, "field 'messages[2].tool_calls[1].function.name': a tool call needs the function's name"),
+    "tool_calls_on_user": ([{"messages": [{"role": "user", "content": "Hi", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {}}}]}, A("Hello")]}],
+                           {}, "field 'messages[1].tool_calls': tool calls on a user turn"),
+    "reasoning_on_user": ([{"messages": [{"role": "user", "content": "Hi", "reasoning_content": "hmm"}, A("Hello")]}],
+                          {}, "field 'messages[1].reasoning_content': reasoning on a user turn"),
+    "two_reasonings": ([{"messages": [U("2+2?"), {"role": "assistant", "content": "4", "reasoning_content": "Add.",
+                                                  "thinking": "Sum."}]}],
+                       {}, "two different reasonings (reasoning_content, thinking): keep one"),
+    "tools_not_a_list": ([{"messages": [U("Hi"), A("Hello")], "tools": "{\"name\": \"f\"}"}],
+                         {}, "field 'tools': expected a list of tool schemas, got an object"),
+    "tool_without_name": ([{"messages": [U("Hi"), A("Hello")], "tools": [{"type": "function", "function": {}}]}],
+                          {}, "field 'tools[1]': expected a tool schema with a name"),
+    "sharegpt_call_bad_json": ([{"conversations": [{"from": "human", "value": "Hi"},
+                                                   {"from": "function_call", "value": "get_weather(Paris)"}]}],
+                               {}, "field 'conversations[2].value': the tool calls are not valid JSON"),
     "hh_rlhf_implicit_text": ([{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Go"}],
                               {}, "field 'chosen': 'chosen' has no prompt beside it"),
     "ignoring_a_used_field": (SHAPES["dolly"][0], {"ignore_fields": ["context"]},
