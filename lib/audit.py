@@ -17,7 +17,8 @@ import math
 from .errors import DataError
 from .examples import Prepared
 from .figures import panel_figure, token_length_histogram
-from .tokenization import TemplateError, encode_example, end_of_turn_token, stop_token_ids
+from .templates import TemplateError, end_of_turn_token, stop_token_ids
+from .tokenization import encode_example
 from .tokenization import split_for_template as split_for_turns
 
 

@@ -12,7 +12,7 @@
 `chat(model, tokenizer, history, system=None, settings=None, stream=False)` renders the
 conversation with the tokenizer's own chat template (the one training used), generates with the
 run's `generation` settings and stops at the template's end-of-turn token
-(`lib.tokenization.stop_token_ids`, via `lib.generation.generation_kwargs`). With `stream=True` it returns an iterator of text pieces fed
+(`lib.templates.stop_token_ids`, via `lib.generation.generation_kwargs`). With `stream=True` it returns an iterator of text pieces fed
 by transformers' `TextIteratorStreamer` from a generation thread (with a timeout, so a stuck
 generation cannot hang the caller).
 """

@@ -28,7 +28,8 @@ from .paths import REPO_ROOT, run_paths
 from .readers import read_examples
 from .rundir import install, read_json, remove_leftovers, run_lock, staging, write_json, write_jsonl
 from .settings import RunConfig
-from .tokenization import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, encode_example
+from .templates import DEFAULT_CHAT_TEMPLATE
+from .tokenization import IGNORE_INDEX, encode_example
 from .trainer_args import check_settings
 
 

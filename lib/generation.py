@@ -6,7 +6,7 @@
     for piece in stream_reply(model, tokenizer, messages, generation_config(cfg.generation, tokenizer), 120): ...
 
 One set of keyword arguments (`generation_kwargs`) for `model.generate` everywhere: stop at the
-chat template's end-of-turn token and eos (`lib.tokenization.stop_token_ids`), sampling knobs
+chat template's end-of-turn token and eos (`lib.templates.stop_token_ids`), sampling knobs
 only when sampling, the model's own sampling defaults kept out of greedy decoding. A prompt
 longer than `max_length` tokens is cut to its last `max_length` (`cut_prompt`).
 """
@@ -22,7 +22,8 @@ from .config import undecodable
 from .errors import SFTError
 from .oom import in_batches
 from .settings import GenerationSettings
-from .tokenization import prompt_messages, render_prompt, stop_token_ids
+from .templates import stop_token_ids
+from .tokenization import prompt_messages, render_prompt
 
 DEFAULT_TIMEOUT = 120.0  # seconds the streamer waits for the next piece of text
 

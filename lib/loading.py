@@ -23,7 +23,7 @@ from .attention import register as register_packed_sdpa
 from .config import apply_overrides, hf_token
 from .errors import ConfigError, SFTError, first_line
 from .realmodel import resolve_model
-from .tokenization import apply_prompt_format, ensure_chat_template
+from .templates import apply_prompt_format, ensure_chat_template
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import json
 import os
 import re
 
-from .tokenization import PROBE, end_of_turn_token, probe_messages, probe_renderings, stop_token_ids
+from .templates import PROBE, end_of_turn_token, probe_messages, probe_renderings, stop_token_ids
 
 
 def _head(tokenizer, text: str) -> str:

@@ -26,7 +26,8 @@ from .loading import load_merged, release
 from .ollama import render_with_pieces, template_pieces
 from .scoring import perplexity
 from .settings import GenerationSettings
-from .tokenization import IGNORE_INDEX, encode_example, render_prompt, stop_token_ids
+from .templates import stop_token_ids
+from .tokenization import IGNORE_INDEX, encode_example, render_prompt
 
 # Default tolerances by type: (relative perplexity drift, smallest greedy agreement).
 # Greedy answers fork at the first near-tie, so quantized types are not held to an agreement (measured on

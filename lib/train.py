@@ -54,7 +54,8 @@ from .rundir import (
     write_atomic,
     write_json,
 )
-from .tokenization import IGNORE_INDEX, TemplateError, encode_example
+from .templates import TemplateError
+from .tokenization import IGNORE_INDEX, encode_example
 from .trainer_args import check_settings, has_eval_data, sft_config
 
 METRIC_COLUMNS = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",

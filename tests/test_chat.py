@@ -18,7 +18,8 @@ import torch
 
 from lib.errors import MissingStageError, SFTError
 from lib.settings import GenerationSettings
-from lib.tokenization import end_of_turn_token, render_prompt
+from lib.templates import end_of_turn_token
+from lib.tokenization import render_prompt
 
 HISTORY = [{"role": "user", "content": "Why does ice float on water?"}]
 

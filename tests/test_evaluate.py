@@ -25,7 +25,8 @@ from lib.generation import generate_answers
 from lib.loading import load_model_and_tokenizer
 from lib.paths import run_paths
 from lib.scoring import perplexity
-from lib.tokenization import IGNORE_INDEX, encode_example, stop_token_ids
+from lib.templates import stop_token_ids
+from lib.tokenization import IGNORE_INDEX, encode_example
 
 EXAMPLES = [
     {"messages": [{"role": "user", "content": "Why does ice float on water?"},

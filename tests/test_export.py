@@ -60,7 +60,7 @@ def test_f16_export_carries_template_and_stop_tokens_and_matches_transformers(me
     from transformers import AutoTokenizer
 
     from lib.paths import run_paths
-    from lib.tokenization import stop_token_ids
+    from lib.templates import stop_token_ids
 
     paths = run_paths(merged_run)
     gguf = paths.root / "export" / f"{merged_run}-f16.gguf"
@@ -91,7 +91,8 @@ def test_modelfile_names_the_gguf_template_stops_and_settings(merged_run, f16_ex
     from lib.config import apply_overrides, load_config
     from lib.ollama import render_with_pieces, template_pieces
     from lib.paths import run_paths
-    from lib.tokenization import render_prompt, stop_token_ids
+    from lib.templates import stop_token_ids
+    from lib.tokenization import render_prompt
 
     paths = run_paths(merged_run)
     cfg = apply_overrides(load_config(paths.config), QUICK)  # the settings the export ran with

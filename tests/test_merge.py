@@ -40,7 +40,7 @@ def test_merge_writes_a_complete_folder(merged_run):
     from transformers import GenerationConfig
 
     from lib.paths import run_paths
-    from lib.tokenization import end_of_turn_token, stop_token_ids
+    from lib.templates import end_of_turn_token, stop_token_ids
 
     run, report = merged_run
     paths = run_paths(run)

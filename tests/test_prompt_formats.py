@@ -7,7 +7,8 @@ import json
 import pytest
 
 from lib.errors import ConfigError, DataError
-from lib.tokenization import IGNORE_INDEX, apply_prompt_format, encode_example, render_prompt, stop_token_ids
+from lib.templates import apply_prompt_format, stop_token_ids
+from lib.tokenization import IGNORE_INDEX, encode_example, render_prompt
 
 CONV = {"messages": [{"role": "user", "content": "What is 2+2? Is it 4?"}, {"role": "assistant", "content": "4"},
                      {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6"}]}
@@ -74,7 +75,7 @@ def test_prompt_format_is_saved_in_the_run_and_used_by_the_tokenizer(outputs):
     from lib.config import load_config
     from lib.data import run_prepare, tokenizer_with_template_flag
     from lib.paths import run_paths
-    from lib.tokenization import PROMPT_FORMATS
+    from lib.templates import PROMPT_FORMATS
 
     report = run_prepare("qa", "data/examples/socratic_dialogues.json", profile="tiny",
                          overrides=["data.prompt_format=qa"])

@@ -137,7 +137,8 @@ def test_smol_pad_is_eos_and_the_stop_token_is_still_trained(smol_tokenizer):
     """SmolLM2's pad token is its eos (<|im_end|>): padding is masked by position, the answer's eos is not."""
     from types import SimpleNamespace
 
-    from lib.tokenization import IGNORE_INDEX, encode_example, stop_token_ids
+    from lib.templates import stop_token_ids
+    from lib.tokenization import IGNORE_INDEX, encode_example
     from lib.train import build_collator
 
     tok = smol_tokenizer

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from lib.tokenization import IGNORE_INDEX, TemplateError, encode_example, split_for_template, stop_token_ids
+from lib.templates import stop_token_ids
+from lib.tokenization import IGNORE_INDEX, TemplateError, encode_example, split_for_template
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 SPECS = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(TEMPLATE_DIR.glob("*.json"))}

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from lib.tokenization import IGNORE_INDEX, encode_example, end_of_turn_token, stop_token_ids
+from lib.templates import end_of_turn_token, stop_token_ids
+from lib.tokenization import IGNORE_INDEX, encode_example
 
 CHATML = (  # Qwen2.5-style: a default system message, no generation markers
     "{%- if messages[0]['role'] != 'system' %}"

@@ -25,7 +25,8 @@ import re
 import pytest
 
 from lib.errors import SFTError
-from lib.tokenization import IGNORE_INDEX, TemplateError, encode_example, split_for_template, stop_token_ids
+from lib.templates import TemplateError, stop_token_ids
+from lib.tokenization import IGNORE_INDEX, encode_example, split_for_template
 from tests.test_templates import SPECS, with_template
 
 TOOLS = [{"type": "function", "function": {
