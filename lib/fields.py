@@ -21,8 +21,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .errors import DataError
-from .formats import Converted, known_metadata
+from .formats import known_metadata
 from .readers import RawRecord
+from .turns import Converted
 
 UNUSED = "unused (kept as metadata, never seen by the model)"
 IGNORED = "ignored (data.ignore_fields)"
