@@ -24,11 +24,12 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .config import load_config, undecodable
+from .config import undecodable
+from .context import open_run
 from .errors import SFTError
 from .generation import DEFAULT_TIMEOUT, conversation, generate_reply, generation_config, stream_reply
 from .loading import load_merged, load_tuned_model
-from .paths import require, run_paths
+from .paths import require
 from .rundir import check_fresh, check_trained
 from .settings import GenerationSettings
 
@@ -81,18 +82,17 @@ class ChatSession:
 def load_session(run: str, merged: bool = False, system: str | None = None) -> ChatSession:
     """A chat session on the run's tuned model: base + adapter (the 4-bit base training used), or
     with merged=True the merged 16-bit model in merged/."""
-    paths = run_paths(run)
-    require(paths, "config")
-    cfg = load_config(paths.config)
+    ctx = open_run(run, "chat")
+    paths, cfg = ctx.paths, ctx.cfg
     if merged:
         require(paths, "merged")
         check_fresh(paths, "merge", paths.merged)  # not a merge of an adapter trained before a retrain
-        model, tokenizer = load_merged(paths.merged)
+        model, tokenizer = load_merged(paths.merged, info=ctx.device)
         source = str(paths.merged)
     else:
         require(paths, "adapter")
         check_trained(paths)  # a damaged adapter is named, with the stage to rerun
-        model, tokenizer = load_tuned_model(cfg, paths.adapter)  # the tokenizer training saved, with its template
+        model, tokenizer = load_tuned_model(cfg, paths.adapter, info=ctx.device)  # with the saved template
         source = f"{cfg.model.name_or_path} + {paths.adapter}"
     model.eval()
     return ChatSession(model, tokenizer, settings=cfg.generation, system=system, source=source)

@@ -31,7 +31,7 @@ import re
 import time
 from pathlib import Path
 
-from .config import apply_overrides, load_config
+from .context import open_run
 from .errors import MissingStageError, SFTError
 from .generation import eval_conversations, generate_answers
 from .loading import load_tuned_model, release
@@ -142,11 +142,12 @@ def run_evaluate(run: str, overrides=(), progress: bool = True) -> dict:
 
 def _run_evaluate(paths, run, overrides, progress) -> dict:
     sources = _check_inputs(paths, run)
-    cfg = apply_overrides(load_config(paths.config), overrides or [])
+    ctx = open_run(run, "evaluate", overrides)
+    cfg = ctx.cfg
     examples = _eval_examples(paths, cfg)
     started = time.time()
     with out_of_memory("evaluation", cfg, doing="loading the base model and adapter", run=run):
-        model, tokenizer = load_tuned_model(cfg, paths.adapter)
+        model, tokenizer = load_tuned_model(cfg, paths.adapter, info=ctx.device)
     with out_of_memory("evaluation", cfg, run=run):  # batches back off by themselves; this is at a batch of 1
         ppl = _perplexities(model, tokenizer, examples, cfg, progress)
         ppl_seconds = time.time() - started

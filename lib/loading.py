@@ -350,16 +350,17 @@ def _prepare_for_training(model, cfg, quantized: bool):
     return model
 
 
-def load_model_and_tokenizer(cfg, for_training: bool = True, adapter=None):
+def load_model_and_tokenizer(cfg, for_training: bool = True, adapter=None, info: dict | None = None):
     """The base model (quantized per quant.mode) and its tokenizer.
 
     for_training: prepare_model_for_kbit_training (frozen base, fp32 norms, gradient
     checkpointing if asked); otherwise eval mode. adapter: a folder with a trained peft adapter
     to load on top (trainable when for_training). Without an adapter, add one with add_lora().
+    info: the device (device_info(), as a stage's RunContext holds it); resolved here if not given.
     """
     from transformers import AutoModelForCausalLM
 
-    info = device_info()
+    info = info or device_info()
     name = resolve_model(cfg.model.name_or_path)
     tokenizer = load_tokenizer(cfg)
     qconf = quantization_config(cfg, info)
@@ -395,7 +396,7 @@ def keep_4bit_layout_for_training(model) -> int:
     return n
 
 
-def load_tuned_model(cfg, adapter_dir):
+def load_tuned_model(cfg, adapter_dir, info: dict | None = None):
     """The base model of `cfg` (quantized as configured) with the adapter of `adapter_dir` on top, in
     eval mode, and the tokenizer training saved beside the adapter (the base's if none was saved)."""
     saved = None
@@ -409,13 +410,13 @@ def load_tuned_model(cfg, adapter_dir):
                 f"{adapter_dir}: the tokenizer saved with the adapter cannot be loaded (tokenizer files there: "
                 f"{', '.join(files)}): they are incomplete or damaged; train again (--retrain), or copy the "
                 "tokenizer files training saved back into it") from None
-    model, tokenizer = load_model_and_tokenizer(cfg, for_training=False, adapter=adapter_dir)
+    model, tokenizer = load_model_and_tokenizer(cfg, for_training=False, adapter=adapter_dir, info=info)
     tokenizer = saved if saved is not None else tokenizer
     model.eval()
     return model, tokenizer
 
 
-def load_16bit_with_adapter(cfg, adapter_dir):
+def load_16bit_with_adapter(cfg, adapter_dir, info: dict | None = None):
     """The run's base model unquantized (the compute dtype on a GPU: bf16, or fp16 on a T4; fp32 on
     the CPU) with the adapter on top, unmerged.
 
@@ -424,12 +425,12 @@ def load_16bit_with_adapter(cfg, adapter_dir):
     """
     if cfg.lora.init != "loftq":
         model, _ = load_model_and_tokenizer(apply_overrides(cfg, ["quant.mode=none"]), for_training=False,
-                                            adapter=str(adapter_dir))
+                                            adapter=str(adapter_dir), info=info)
         return model
     from peft import PeftModel
 
-    base, _ = load_model_and_tokenizer(cfg, for_training=False)
-    info = device_info()
+    info = info or device_info()
+    base, _ = load_model_and_tokenizer(cfg, for_training=False, info=info)
     base = base.dequantize(dtype=torch_dtype(compute_dtype_name(cfg, info)) if info["device"] == "cuda" else None)
     base.is_loaded_in_4bit = False  # transformers' dequantize leaves the flag set
     model = PeftModel.from_pretrained(base, str(adapter_dir))
@@ -437,10 +438,10 @@ def load_16bit_with_adapter(cfg, adapter_dir):
     return model
 
 
-def load_merged(path):
+def load_merged(path, info: dict | None = None):
     """A merged model folder loaded by path, as any user would: (model, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", device_map=device_map(device_info()))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", device_map=device_map(info or device_info()))
     model.eval()
     return model, AutoTokenizer.from_pretrained(str(path))

@@ -31,7 +31,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from .config import apply_overrides, load_config
+from .context import open_run
 from .errors import QualityGateError, SFTError
 from .generation import generation_config
 from .loading import load_16bit_with_adapter, load_merged, load_tokenizer, load_tuned_model, release
@@ -160,10 +160,10 @@ def compare_logits(a: list, b: list) -> dict:
             "positions": n, "logit_scale": scale}
 
 
-def _merge_and_save(cfg: RunConfig, adapter_dir, tokenizer, sample_examples, out_dir) -> tuple[list, str]:
+def _merge_and_save(cfg: RunConfig, adapter_dir, tokenizer, sample_examples, out_dir, info=None) -> tuple[list, str]:
     """Merge into the 16-bit base and save; returns the unmerged base + adapter's answer logits (to
     isolate the merge arithmetic) and the merged dtype."""
-    peft_model = load_16bit_with_adapter(cfg, adapter_dir)
+    peft_model = load_16bit_with_adapter(cfg, adapter_dir, info=info)
     dtype = peft_model.get_base_model().dtype
     unmerged_logits = answer_logits(peft_model, tokenizer, sample_examples, cfg.train.max_length)
     merged = merge_adapter(peft_model)
@@ -173,10 +173,10 @@ def _merge_and_save(cfg: RunConfig, adapter_dir, tokenizer, sample_examples, out
     return unmerged_logits, str(dtype).replace("torch.", "")
 
 
-def _score_merged(out_dir, tokenizer, eval_examples, sample_examples, cfg) -> dict:
+def _score_merged(out_dir, tokenizer, eval_examples, sample_examples, cfg, info=None) -> dict:
     """The merged model as a user gets it (loaded by path): template round trip, perplexity, logits, eos."""
     max_length = cfg.train.max_length
-    merged, merged_tok = load_merged(out_dir)
+    merged, merged_tok = load_merged(out_dir, info=info)
     out = {"template": template_round_trip(tokenizer, merged_tok, eval_examples, max_length),
            "ppl": perplexity(merged, merged_tok, eval_examples, cfg.eval.batch_size, max_length),
            "logits": answer_logits(merged, merged_tok, sample_examples, max_length),
@@ -186,10 +186,10 @@ def _score_merged(out_dir, tokenizer, eval_examples, sample_examples, cfg) -> di
     return out
 
 
-def _score_adapter(cfg, adapter_dir, tokenizer, eval_examples, sample_examples) -> dict:
+def _score_adapter(cfg, adapter_dir, tokenizer, eval_examples, sample_examples, info=None) -> dict:
     """The adapter model as training saw it (quantized base + adapter): perplexity, logits, quantization."""
     max_length = cfg.train.max_length
-    adapter_model, _ = load_tuned_model(cfg, adapter_dir)
+    adapter_model, _ = load_tuned_model(cfg, adapter_dir, info=info)
     out = {"ppl": perplexity(adapter_model, tokenizer, eval_examples, cfg.eval.batch_size, max_length),
            "logits": answer_logits(adapter_model, tokenizer, sample_examples, max_length),
            "quant": quantization_of(adapter_model) or "none"}
@@ -199,14 +199,15 @@ def _score_adapter(cfg, adapter_dir, tokenizer, eval_examples, sample_examples) 
 
 
 def merge_and_check(cfg: RunConfig, adapter_dir, eval_examples: list[dict], out_dir,
-                    samples: int = LOGIT_SAMPLES, split: str = "eval") -> dict:
-    """Merge `adapter_dir` into the 16-bit base of `cfg`, save into `out_dir`, check, write the report."""
+                    samples: int = LOGIT_SAMPLES, split: str = "eval", info: dict | None = None) -> dict:
+    """Merge `adapter_dir` into the 16-bit base of `cfg`, save into `out_dir`, check, write the report.
+    info: the device (the stage's RunContext holds it; resolved by the loaders if not given)."""
     out_dir = Path(out_dir)
     sample_examples = eval_examples[:samples]
     tokenizer = load_tokenizer(cfg, path=str(adapter_dir))  # saved by training, with its chat template
-    unmerged_logits, dtype = _merge_and_save(cfg, adapter_dir, tokenizer, sample_examples, out_dir)
-    merged = _score_merged(out_dir, tokenizer, eval_examples, sample_examples, cfg)
-    adapter = _score_adapter(cfg, adapter_dir, tokenizer, eval_examples, sample_examples)
+    unmerged_logits, dtype = _merge_and_save(cfg, adapter_dir, tokenizer, sample_examples, out_dir, info)
+    merged = _score_merged(out_dir, tokenizer, eval_examples, sample_examples, cfg, info)
+    adapter = _score_adapter(cfg, adapter_dir, tokenizer, eval_examples, sample_examples, info)
     report = _report(cfg, merged, adapter, unmerged_logits)
     report.update({
         "merged_dtype": dtype,
@@ -289,11 +290,12 @@ def _run_merge(paths, run, overrides) -> dict:
     trained = check_trained(paths)  # a damaged adapter is named, with the stage to rerun
     # merge folders of a merge that was killed (as large as the model; no live writer: we hold the lock)
     remove_leftovers(paths.root, r"\.merged-[A-Za-z0-9_]{8}|\.merged-old(-\d+)?")
-    cfg = apply_overrides(load_config(paths.config), overrides or [])  # its one "None keeps" rule
+    ctx = open_run(run, "merge", overrides)
+    cfg = ctx.cfg
     examples, split = check_examples(paths, cfg)
     with staging(paths.root, ".merged-") as tmp:
         with out_of_memory("merge", cfg, doing="merging into the 16-bit base or checking the merged model", run=run):
-            report = merge_and_check(cfg, paths.adapter, examples, tmp, split=split)
+            report = merge_and_check(cfg, paths.adapter, examples, tmp, split=split, info=ctx.device)
         report["fail_on_drift"] = cfg.merge.fail_on_drift
         write_json(tmp / "merge_report.json", report)
         install(paths, "merge", {paths.merged: tmp}, [f"{paths.merged.name}/merge_report.json"], {"train": trained})

@@ -133,8 +133,8 @@ def test_evaluation_at_a_batch_of_one_stops_with_the_message(trained_run, monkey
     shutil.rmtree(paths.eval_dir, ignore_errors=True)
     real_load = evaluate.load_tuned_model
 
-    def load_then_fill_the_card(cfg, adapter):
-        model, tok = real_load(cfg, adapter)
+    def load_then_fill_the_card(cfg, adapter, info=None):
+        model, tok = real_load(cfg, adapter, info=info)
         OOMAbove(model.get_input_embeddings(), limit=0)
         return model, tok
 
@@ -208,8 +208,8 @@ def test_out_of_memory_in_the_merge_names_the_cpu_merge(trained_run, monkeypatch
     shutil.rmtree(paths.merged, ignore_errors=True)
     real_load = merge.load_16bit_with_adapter
 
-    def load_then_fill_the_card(cfg, adapter):
-        model = real_load(cfg, adapter)
+    def load_then_fill_the_card(cfg, adapter, info=None):
+        model = real_load(cfg, adapter, info=info)
         OOMAbove(model.get_input_embeddings(), limit=0)
         return model
 
