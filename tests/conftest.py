@@ -160,3 +160,15 @@ def tiny_lora_model(cfg, seed: int = 0, b_std: float = 0.05):
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=b_std)
     return model, tok
+
+
+def render_diff(a: str, b: str) -> tuple[int, int]:
+    """(first differing character, end of the differing part in a) of two renderings: where a template put
+    the text that differs between them (the template oracles of test_templates and test_tool_calling)."""
+    cs = 0
+    while cs < min(len(a), len(b)) and a[cs] == b[cs]:
+        cs += 1
+    suffix = 0
+    while suffix < min(len(a), len(b)) - cs and a[-1 - suffix] == b[-1 - suffix]:
+        suffix += 1
+    return cs, len(a) - suffix

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import render_diff
 
 from lib.templates import stop_token_ids
 from lib.tokenization import IGNORE_INDEX, TemplateError, encode_example, split_for_template
@@ -97,13 +98,7 @@ def oracle_turn(tok, spec, msgs, i):
     mark = "\u2603"
     assert mark not in content
     other = render(tok, msgs[:i] + [dict(msgs[i], content=mark)])
-    cs = 0
-    while cs < min(len(full), len(other)) and full[cs] == other[cs]:
-        cs += 1
-    suffix = 0
-    while suffix < min(len(full), len(other)) - cs and full[-1 - suffix] == other[-1 - suffix]:
-        suffix += 1
-    ce = len(full) - suffix
+    cs, ce = render_diff(full, other)
     if _norm(full[cs:ce]) != _norm(content):
         raise Unplaceable("the template does not render the answer's text")
     start = len(prompt) if full.startswith(prompt) and len(prompt) <= ce else cs

@@ -23,6 +23,7 @@ import json
 import re
 
 import pytest
+from conftest import render_diff
 
 from lib.errors import SFTError
 from lib.templates import TemplateError, stop_token_ids
@@ -166,17 +167,6 @@ def _norm(s):
     return re.sub(r"\s+", "", s)
 
 
-def _diff(a, b):
-    """(first differing character, end of the differing part in a) of two renderings."""
-    cs = 0
-    while cs < min(len(a), len(b)) and a[cs] == b[cs]:
-        cs += 1
-    suffix = 0
-    while suffix < min(len(a), len(b)) - cs and a[-1 - suffix] == b[-1 - suffix]:
-        suffix += 1
-    return cs, len(a) - suffix
-
-
 def oracle_turn(tok, spec, name, msgs, i, tools):
     """(text, start, end) of assistant message i rendered as the last message."""
     m = msgs[i]
@@ -188,7 +178,7 @@ def oracle_turn(tok, spec, name, msgs, i, tools):
         if not prefix:
             raise Unplaceable("the generation prompt is not a prefix of the rendered call")
         other = [dict(c, function={"name": "zzOtherFn", "arguments": {"zzKey": "zzValue"}}) for c in m["tool_calls"]]
-        cs, ce = _diff(full, render(tok, msgs[:i] + [dict(m, tool_calls=other)], tools))
+        cs, ce = render_diff(full, render(tok, msgs[:i] + [dict(m, tool_calls=other)], tools))
         for c in m["tool_calls"]:
             if c["function"]["name"] not in full[cs:ce]:
                 raise Unplaceable("the template does not render the tool call")
@@ -197,7 +187,7 @@ def oracle_turn(tok, spec, name, msgs, i, tools):
             raise Unplaceable("no declared stop token after the call")
         return full, start, full.index(stop, ce) + len(stop)
     mark = "\u2603"
-    cs, ce = _diff(full, render(tok, msgs[:i] + [dict(m, content=mark)], tools))
+    cs, ce = render_diff(full, render(tok, msgs[:i] + [dict(m, content=mark)], tools))
     if _norm(full[cs:ce]) != _norm(m["content"]):
         raise Unplaceable("the template does not render the answer's text (or drops its <think> block)")
     start = start if prefix and start <= ce else cs  # DeepSeek-R1 / QwQ: <think> in the prompt, the answer from its text
