@@ -32,8 +32,8 @@ from .figures import panel_figure, token_length_histogram
 from .formats import FORMATS, convert, detect_format
 from .loading import load_tokenizer
 from .paths import REPO_ROOT, run_paths
-from .readers import EVAL_SPLITS, Loaded, RawRecord, load_records, read_examples
-from .rundir import install, read_json, remove_leftovers, run_lock, staging, write_json
+from .readers import EVAL_SPLITS, Loaded, RawRecord, load_records, read_examples, recorded_data_hash
+from .rundir import install, remove_leftovers, run_lock, staging, write_json
 from .tokenization import (
     DEFAULT_CHAT_TEMPLATE,
     IGNORE_INDEX,
@@ -469,19 +469,11 @@ def check_training_settings(cfg: RunConfig, paths, has_eval: bool) -> None:
     check_settings(neutral, paths, has_eval=has_eval)
 
 
-def _old_data_hash(paths) -> str | None:
-    """The data hash of the run's current data/report.json; None if there is none or it is unreadable."""
-    try:
-        return read_json(paths.data_report).get("data_hash") if paths.data_report.exists() else None
-    except (SFTError, AttributeError):
-        return None
-
-
 def _install(tmp: Path, paths, new_hash: str, overwrite: bool) -> None:
     """Move the prepared files into the run directory, guarding results made from other data."""
     later = [p for p in (paths.checkpoints, paths.adapter, paths.eval_dir, paths.merged) if p.exists()]
     if paths.root.exists() and later:
-        old_hash = _old_data_hash(paths)
+        old_hash = recorded_data_hash(paths)
         if old_hash != new_hash:
             if not overwrite:
                 raise SFTError(

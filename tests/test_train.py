@@ -73,7 +73,8 @@ def test_padding_free_batch_has_the_loss_of_padded_batches(lora_model, some_exam
     import torch
 
     from lib.config import apply_overrides
-    from lib.train import build_collator, encode_dataset
+    from lib.train import encode_dataset
+    from lib.trainer import build_collator
 
     cfg, model, tok = lora_model
     ds = encode_dataset(tok, some_examples, max_length=cfg.train.max_length)
@@ -225,7 +226,7 @@ def test_the_trained_run_leaves_adapter_logs_and_model_card(trained_run):
     assert adapter_cfg["r"] == 16 and adapter_cfg["peft_type"] == "LORA"
     card = (paths.adapter / "README.md").read_text()
     data_hash = json.loads(paths.data_report.read_text())["data_hash"]
-    assert "base_model: tiny" in card and data_hash in card and "learning_rate" in card
+    assert "base model: `tiny`" in card and data_hash in card and "learning_rate" in card
 
     rows = _metrics(paths)
     assert list(rows[0]) == ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
@@ -277,7 +278,8 @@ def _stop_at(step, exc):
 def test_an_interrupted_run_resumes_to_the_same_adapter(prepared_run, trained_run):
     import torch
 
-    from lib.train import CheckpointWarning, run_train
+    from lib.checkpoints import CheckpointWarning
+    from lib.train import run_train
 
     run = _fresh_copy(prepared_run, "resumed")
     paths = run_paths(run)
@@ -311,7 +313,7 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(prepared_run, trained_ru
 
 
 def test_checkpoint_problems_are_named(tmp_path):
-    from lib.train import checkpoint_problem, last_checkpoint
+    from lib.checkpoints import checkpoint_problem, last_checkpoint
 
     ck = tmp_path / "checkpoint-5"
     ck.mkdir()
@@ -407,7 +409,8 @@ def test_packed_attention_matches_the_block_mask_token_by_token(lora_model, some
     """sdpa per packed sequence gives the same log-probabilities as sdpa with transformers' block mask."""
     import torch
 
-    from lib.train import build_collator, encode_dataset
+    from lib.train import encode_dataset
+    from lib.trainer import build_collator
 
     cfg, model, tok = lora_model
     rows = list(encode_dataset(tok, some_examples, cfg.train.max_length))
