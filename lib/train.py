@@ -39,7 +39,7 @@ from .config import RunConfig, apply_overrides, from_dict, load_config, save_con
 from .errors import DataError, SFTError
 from .figures import load_inputs, panel_figure
 from .loading import MUTATING_INITS, adapter_variant
-from .model import add_lora, load_model_and_tokenizer, load_model_config, parameter_counts, write_summary
+from .model import load_model_and_tokenizer, load_model_config, parameter_counts, with_lora, write_summary
 from .modelcard import model_card
 from .oom import out_of_memory
 from .paths import RunPaths, require, run_paths
@@ -128,6 +128,7 @@ def load_model(plan: TrainingPlan) -> tuple:
                        kept=lambda: kept_checkpoint(plan.paths.checkpoints, cfg.run)):
         model, tokenizer = load_model_and_tokenizer(cfg, for_training=True)
     plan.footprint = model.get_memory_footprint()
+    print_main(f"{cfg.model.name_or_path} loaded ({cfg.quant.mode}): {plan.footprint / 2**20:,.1f} MiB of weights")
     return model, tokenizer
 
 
@@ -135,13 +136,10 @@ def attach_lora(model, plan: TrainingPlan):
     """The model with the run's LoRA adapters (seeded); plan.counts its trainable and total parameters.
     Writes model/summary.json if notebook 02 has not, and the initial adapter of a pissa/olora run (what the
     saved adapter is converted against)."""
-    from transformers import set_seed
-
     if plan.finished:
         return None
     cfg, paths = plan.cfg, plan.paths
-    set_seed(cfg.train.seed)  # the LoRA initialisation draws from it
-    model = add_lora(model, cfg)
+    model = with_lora(model, cfg)
     with run_lock(paths, "train"):
         if cfg.lora.init in MUTATING_INITS and plan.main:
             model.save_pretrained(str(paths.initial_adapter))

@@ -90,7 +90,10 @@ def batch_table(cfg, tokenizer, dataset, size: int = 2):
 
 
 def show_batch(cfg, tokenizer, dataset, size: int = 2):
-    """batch_table for a notebook: the whole text shown, left-aligned, the trained runs highlighted."""
+    """batch_table for a notebook: the whole text shown, left-aligned, the trained runs highlighted (None
+    without a dataset: a finished run builds none)."""
+    if dataset is None:
+        return None
     table = batch_table(cfg, tokenizer, dataset, size)
     trained = table["trained"] == "yes"
     return (table.style.hide(axis="index")

@@ -116,6 +116,47 @@ def test_encode_dataset_drops_examples_without_trained_tokens(lora_model):
     assert len(ds) == 1 and ds.column_names == ["input_ids", "labels"]
 
 
+@pytest.mark.parametrize("batching", ["padding_free", "pad_longest"])
+def test_the_batch_view_marks_exactly_the_trained_positions(lora_model, some_examples, batching):
+    """show_batch's table (notebook 03): its trained runs are the positions whose label is not -100, in
+    each example of the collated batch, and its text is the batch's, decoded run by run."""
+    from lib.config import apply_overrides
+    from lib.train import encode_dataset
+    from lib.trainer import batch_table, build_collator
+
+    cfg, _, tok = lora_model
+    cfg = apply_overrides(cfg, {"train.batching": batching})
+    ds = encode_dataset(tok, some_examples, max_length=cfg.train.max_length)
+    batch = build_collator(cfg, tok)([ds[0], ds[1]])
+    table = batch_table(cfg, tok, ds, size=2)
+    assert sorted(set(table["example"])) == [0, 1] and set(table["trained"]) <= {"yes", "prompt", "padding"}
+    for r in range(batch["input_ids"].shape[0]):
+        trained = set()
+        for span in table[(table["row"] == r) & (table["trained"] == "yes")]["positions"]:
+            first, last = map(int, span.split("-"))
+            trained |= set(range(first, last + 1))
+        assert trained == {i for i, lab in enumerate(batch["labels"][r].tolist()) if lab != -100}
+        text = "".join(table[table["row"] == r]["text"])
+        assert text == tok.decode(batch["input_ids"][r].tolist()).replace("\n", "⏎")
+
+
+def test_the_steps_of_a_finished_run_do_nothing(trained_run, capsys):
+    """Notebook 03 rerun on a finished run: the plan says so and every step returns at once, writing nothing."""
+    from lib.train import attach_lora, build_datasets, build_sft_trainer, load_model, plan_training, save_adapter, train
+
+    paths = run_paths(trained_run)
+    before = {p: p.stat().st_mtime_ns for p in paths.root.rglob("*") if p.is_file()}
+    plan = plan_training(trained_run)
+    assert "already finished training" in capsys.readouterr().out
+    model, tokenizer = load_model(plan)
+    assert (model, tokenizer) == (None, None) and attach_lora(model, plan) is None
+    assert build_datasets(plan, tokenizer) == (None, None)
+    trainer = build_sft_trainer(plan, model, tokenizer, None, None)
+    assert trainer is None and train(trainer, plan) is None
+    assert save_adapter(trainer, plan) == json.loads(paths.training_summary.read_text()) == plan.finished
+    assert {p: p.stat().st_mtime_ns for p in paths.root.rglob("*") if p.is_file()} == before
+
+
 # ------------------------------------------------------------------------------ trainer configuration
 
 
