@@ -142,7 +142,15 @@ def test_the_batch_view_marks_exactly_the_trained_positions(lora_model, some_exa
 
 def test_the_steps_of_a_finished_run_do_nothing(trained_run, capsys):
     """Notebook 03 rerun on a finished run: the plan says so and every step returns at once, writing nothing."""
-    from lib.train import attach_lora, build_datasets, build_sft_trainer, load_model, plan_training, save_adapter, train
+    from lib.train import (
+        attach_lora,
+        build_datasets,
+        build_sft_trainer,
+        load_model,
+        plan_training,
+        save_adapter,
+        train,
+    )
 
     paths = run_paths(trained_run)
     before = {p: p.stat().st_mtime_ns for p in paths.root.rglob("*") if p.is_file()}
