@@ -3,12 +3,12 @@
 One length-skewed set of synthetic conversations (log-normal token lengths: many short, a long
 tail cut at --max-length) and one model, loaded with the project's own loaders
 (lib.model.load_model_and_tokenizer + add_lora: 4-bit NF4 QLoRA) and stepped by the project's
-trainer (lib.train's GuardedSFTTrainer with sft_config). Every setup runs full training steps
+trainer (lib.trainer's GuardedSFTTrainer with sft_config). Every setup runs full training steps
 (forward, backward, gradient clipping, optimizer step) on the same examples (--steps batches, a
 stratified sample of the lengths), alternating setup by setup within each round (ABCD ABCD ...,
 who starts rotating by round), after one excluded warm-up step each; every round repeats the
 same work and the table shows medians over the rounds. The batches come from
-lib.train.build_collator:
+lib.trainer.build_collator:
 
   pad_max          every batch padded to max_length (the older scripts' baseline)
   pad_longest      padded to the longest sequence of the batch
@@ -255,7 +255,8 @@ class Bench:
         from transformers import set_seed
 
         from lib.model import add_lora, load_model_and_tokenizer
-        from lib.train import build_trainer, encode_dataset
+        from lib.train import encode_dataset
+        from lib.trainer import build_trainer
 
         self.cfg = cfg
         set_seed(cfg.train.seed)
@@ -522,7 +523,8 @@ def deal(n: int, parts: int) -> list[list[int]]:
 
 def prepare_workload(bench, cfg, opts, modes) -> Workload:
     """Synthetic conversations, encoded; the batch plan; every setup's collator and batches."""
-    from lib.train import build_collator, encode_dataset
+    from lib.train import encode_dataset
+    from lib.trainer import build_collator
 
     max_length = cfg.train.max_length
     examples = synthetic_conversations(opts.examples, bench.tokenizer, opts.median_length, opts.sigma, opts.seed)

@@ -25,8 +25,8 @@ from .errors import SFTError
 from .examples import prepare_examples
 from .loading import load_tokenizer
 from .paths import REPO_ROOT, run_paths
-from .readers import read_examples
-from .rundir import install, read_json, remove_leftovers, run_lock, staging, write_json, write_jsonl
+from .readers import read_examples, recorded_data_hash
+from .rundir import install, remove_leftovers, run_lock, staging, write_json, write_jsonl
 from .settings import RunConfig
 from .templates import DEFAULT_CHAT_TEMPLATE
 from .tokenization import IGNORE_INDEX, encode_example
@@ -94,19 +94,11 @@ def check_training_settings(cfg: RunConfig, paths, has_eval: bool) -> None:
     check_settings(neutral, paths, has_eval=has_eval)
 
 
-def _old_data_hash(paths) -> str | None:
-    """The data hash of the run's current data/report.json; None if there is none or it is unreadable."""
-    try:
-        return read_json(paths.data_report).get("data_hash") if paths.data_report.exists() else None
-    except (SFTError, AttributeError):
-        return None
-
-
 def _install(tmp: Path, paths, new_hash: str, overwrite: bool) -> None:
     """Move the prepared files into the run directory, guarding results made from other data."""
     later = [p for p in (paths.checkpoints, paths.adapter, paths.eval_dir, paths.merged) if p.exists()]
     if paths.root.exists() and later:
-        old_hash = _old_data_hash(paths)
+        old_hash = recorded_data_hash(paths)
         if old_hash != new_hash:
             if not overwrite:
                 raise SFTError(

@@ -5,6 +5,9 @@
     summary = configure("demo")                           # writes model/summary.json and config.yaml
     model_table(summary)                                  # the key facts as a table
 
+Notebook 02 runs configure's steps one cell each: load_model_and_tokenizer (4-bit), with_lora,
+write_summary.
+
 Loading lives in lib/loading.py (4-bit for training, base + adapter, 16-bit for merging,
 merged), the memory estimate in lib/memory.py; this module is stage 02 on top of them.
 """
@@ -112,21 +115,28 @@ def write_summary(paths, cfg, model, footprint: int, model_config) -> dict:
     return summary
 
 
+def with_lora(model, cfg):
+    """The model with the run's LoRA adapters, initialised from train.seed: notebook 02 shows the adapters
+    training starts from."""
+    from transformers import set_seed
+
+    set_seed(cfg.train.seed)
+    return add_lora(model, cfg)
+
+
 def configure(run: str, overrides=()) -> dict:
-    """02: apply and save overrides, load the quantized model with LoRA, write model/summary.json.
+    """02, the steps of notebook 02 in one call: apply and save overrides, load the quantized model, attach
+    LoRA, write model/summary.json.
 
     Returns the summary: parameter counts, quantization, LoRA, the memory estimate, the model.
     """
-    from transformers import set_seed
-
     paths = run_paths(run)
     cfg = update_config(run, overrides)
     model_config = load_model_config(cfg)
     estimate_memory(model_config, cfg)  # fails early (before loading weights) on a bad setting
     model, _tokenizer = load_model_and_tokenizer(cfg, for_training=True)
     footprint = model.get_memory_footprint()
-    set_seed(cfg.train.seed)
-    model = add_lora(model, cfg)
+    model = with_lora(model, cfg)
     summary = write_summary(paths, cfg, model, footprint, model_config)
     save_config(cfg, paths.config)
     del model

@@ -21,15 +21,15 @@ import re
 import shutil
 from pathlib import Path
 
-from .config import hf_token, load_config, to_dict
+from .config import hf_token, load_config
 from .errors import ConfigError, MissingStageError, SFTError, first_line
+from .modelcard import model_card
 from .paths import run_paths
 from .rundir import (
     check_fresh,
     check_trained,
     fingerprint,
     install,
-    read_json,
     remove_leftovers,
     run_lock,
     staging,
@@ -44,11 +44,6 @@ class PushError(SFTError):
     """The upload to the Hub failed (no token, offline, refused)."""
 
 
-def _read(path: Path):
-    """A figure file for the model card: None when the stage has not run (a damaged one is an error)."""
-    return read_json(path, "rerun the stage that writes it") if path.exists() else None
-
-
 def available_parts(paths) -> dict[str, list[Path]]:
     """Which of adapter, merged, gguf the run has, with the files each contributes."""
     out = {}
@@ -56,89 +51,10 @@ def available_parts(paths) -> dict[str, list[Path]]:
         out["adapter"] = [p for p in paths.adapter.iterdir() if p.is_file()]
     if (paths.merged / "config.json").exists():
         out["merged"] = [p for p in paths.merged.iterdir() if p.is_file()]
-    export = paths.export
-    ggufs = sorted(export.glob("*.gguf")) if export.is_dir() else []
+    ggufs = sorted(paths.export.glob("*.gguf")) if paths.export.is_dir() else []
     if ggufs:
-        out["gguf"] = ggufs + [p for p in (export / "Modelfile", export / "parity.json") if p.exists()]
+        out["gguf"] = ggufs + [p for p in (paths.export / "Modelfile", paths.parity) if p.exists()]
     return out
-
-
-def _fmt(x, spec=".4f"):
-    return format(x, spec) if isinstance(x, (int, float)) else "n/a"
-
-
-def model_card(cfg, paths, parts: list[str]) -> str:
-    """README.md of the pushed repository: what it is, how it was made, and how well it does."""
-    import yaml
-
-    base = cfg.model.name_or_path
-    report = _read(paths.data_report) or {}
-    ppl = _read(paths.perplexity) or {}
-    gen = _read(paths.generation_metrics) or {}
-    merge = _read(paths.merge_report) or {}
-    parity = _read(paths.parity) or {}
-    tags = ["qlora", "sft", "trl", "peft"] + (["gguf", "llama.cpp", "ollama"] if "gguf" in parts else [])
-    front = {"library_name": "transformers" if "merged" in parts else "peft", "tags": tags}
-    if base != "tiny":
-        front["base_model"] = base
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
-             f"# {cfg.run}", "",
-             f"Supervised fine-tuning of `{base}` with QLoRA ({cfg.quant.mode} {cfg.quant.quant_type}, LoRA r="
-             f"{cfg.lora.r}, alpha={cfg.lora.alpha}), loss on assistant tokens only.", "",
-             f"- base model: `{base}`",
-             f"- data: `{cfg.data.path}`, data hash `{report.get('data_hash')}`",
-             f"- contents: {', '.join(parts)}", "", "## Evaluation", "",
-             "| model | perplexity (eval answers) |", "|---|---|"]
-    for m in ("base", "tuned", "merged"):
-        if isinstance(ppl.get(m), dict):
-            lines.append(f"| {m} | {_fmt(ppl[m].get('perplexity'))} |")
-    tuned = gen.get("tuned") if isinstance(gen, dict) else None
-    if isinstance(tuned, dict):
-        lines += ["", f"Generated answers ({gen.get('examples')} eval prompts): BLEU {_fmt(tuned.get('bleu'), '.1f')}, "
-                      f"ROUGE-L {_fmt(tuned.get('rouge_l'), '.3f')}, stop rate {_fmt(tuned.get('stop_rate'), '.0%')}."]
-    if merge:
-        lines += ["", f"Merge check: perplexity drift of the merged model from the adapter model "
-                      f"{_fmt(merge.get('relative_drift'), '.3%')} (tolerance {_fmt(merge.get('tolerance'), 'g')}), "
-                      f"{'ok' if merge.get('ok') else 'FAILED'}."]
-    lines += _parity_lines(parity)
-    lines += _use_lines(parts)
-    lines += ["## Configuration", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip(),
-              "```", ""]
-    return "\n".join(lines)
-
-
-def _parity_lines(parity: dict) -> list[str]:
-    lines = []
-    if parity:
-        p, g, s = parity.get("perplexity", {}), parity.get("greedy", {}), parity.get("stop_rate", {})
-        lines += ["", f"## GGUF parity ({parity.get('gguf')}, llama.cpp vs transformers)", "",
-                  "| figure | llama.cpp | transformers | tolerance |", "|---|---|---|---|",
-                  f"| perplexity | {_fmt(p.get('llama_cpp', {}).get('perplexity'))} | "
-                  f"{_fmt(p.get('transformers', {}).get('perplexity'))} | drift {_fmt(p.get('relative_drift'), '.2%')} "
-                  f"<= {_fmt(p.get('tolerance'), 'g')} |",
-                  f"| greedy answers identical over {g.get('tokens')} tokens | {_fmt(g.get('agreement'), '.0%')} | | "
-                  f">= {_fmt(g.get('min_agreement'), 'g')} |",
-                  f"| stop rate | {_fmt(s.get('llama_cpp'), '.0%')} | {_fmt(s.get('transformers'), '.0%')} | "
-                  f"difference <= {_fmt(s.get('tolerance'), 'g')} |",
-                  f"| prompts tokenized identically | {parity.get('prompt_tokens', {}).get('identical')} of "
-                  f"{parity.get('prompts')} | | all |", "",
-                  f"Check: {'ok' if parity.get('ok') else 'FAILED: ' + '; '.join(parity.get('failures', []))}."]
-    return lines
-
-
-def _use_lines(parts: list[str]) -> list[str]:
-    lines = ["", "## Use", ""]
-    if "merged" in parts:
-        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  "model = AutoModelForCausalLM.from_pretrained('REPO')",
-                  "tokenizer = AutoTokenizer.from_pretrained('REPO')  # with the chat template used in training",
-                  "```", ""]
-    if "adapter" in parts:
-        lines += ["The LoRA adapter alone: `PeftModel.from_pretrained(base, 'REPO', subfolder='adapter')`.", ""]
-    if "gguf" in parts:
-        lines += ["GGUF: `llama-cli -m <file>.gguf`, or Ollama: download the .gguf and Modelfile, then "
-                  "`ollama create NAME -f Modelfile`.", ""]
-    return lines
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

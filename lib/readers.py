@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import hf_token
-from .errors import DataError
+from .errors import DataError, SFTError
 from .paths import resolve_repo_path
+from .rundir import read_json
 
 EVAL_SPLITS = ("test", "validation", "eval", "valid", "dev")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -270,3 +271,12 @@ def read_examples(path) -> list[dict]:
                 except json.JSONDecodeError as e:
                     raise DataError(path, f"invalid JSON ({e.msg})", line=n) from None
     return out
+
+
+def recorded_data_hash(paths) -> str | None:
+    """The hash of the prepared data recorded in the run's data/report.json (what the run was made from);
+    None if there is none or it is unreadable."""
+    try:
+        return read_json(paths.data_report).get("data_hash") if paths.data_report.exists() else None
+    except (SFTError, AttributeError):
+        return None

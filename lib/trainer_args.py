@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from .config import check_best_model
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .loading import (
     attn_implementation,
     bf16_ok,
@@ -24,6 +24,7 @@ from .loading import (
     target_modules,
 )
 from .memory import cached_layers
+from .paths import RunPaths
 
 
 def precision(cfg, info: dict | None = None) -> str:
@@ -107,14 +108,14 @@ def sft_config(cfg, output_dir, has_eval: bool = True, resuming: bool = False):
     eval_strategy = cfg.train.eval_strategy if has_eval else "no"
     report_to = _report_to(cfg)
     if "tensorboard" in report_to:  # transformers 5 reads the folder from the environment
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(output_dir).parent / "logs" / "tensorboard")
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(RunPaths(Path(output_dir).parent).tensorboard)
     kwargs = dict(output_dir=str(output_dir), report_to=report_to, run_name=cfg.run,
                   **_optimizer_kwargs(cfg.train), **_schedule_kwargs(cfg.train, eval_strategy, resuming),
                   **_device_kwargs(cfg), **_data_kwargs(cfg.train))
     try:
         return SFTConfig(**kwargs)
     except (ValueError, TypeError) as e:
-        msg = str(e).splitlines()[0]
+        msg = first_line(e)
         key = ("train.lr_scheduler_type" if "SchedulerType" in msg else "train.optim" if "OptimizerNames" in msg
                else "train")
         raise ConfigError(f"{key}: {msg}") from None

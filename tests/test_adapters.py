@@ -171,7 +171,8 @@ def test_loraplus_gives_b_ratio_times_the_learning_rate(short_run):
 
     from lib.loading import add_lora, load_model_and_tokenizer
     from lib.readers import read_examples
-    from lib.train import build_trainer, encode_dataset
+    from lib.train import encode_dataset
+    from lib.trainer import build_trainer
 
     cfg = make_config("tiny", overrides=SHORT + ["lora.loraplus_lr_ratio=16", "train.lr_scheduler_type=linear",
                                                  "train.warmup_ratio=0"])

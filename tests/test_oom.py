@@ -158,6 +158,7 @@ def test_out_of_memory_in_training_keeps_the_checkpoint_and_resumes(prepared_run
 
     import lib.train as train
     from lib.__main__ import main
+    from lib.checkpoints import checkpoint_problem
     from lib.config import load_config
     from lib.loading import load_model_config
     from lib.memory import estimate_memory, ranked_changes
@@ -188,7 +189,7 @@ def test_out_of_memory_in_training_keeps_the_checkpoint_and_resumes(prepared_run
     assert "(4)" not in msg
     assert f"The last good checkpoint is kept: {paths.checkpoints / 'checkpoint-5'} (step 5)" in msg
     assert sorted(p.name for p in paths.checkpoints.glob("checkpoint-*")) == ["checkpoint-5"]
-    assert train.checkpoint_problem(paths.checkpoints / "checkpoint-5") is None
+    assert checkpoint_problem(paths.checkpoints / "checkpoint-5") is None
     assert not paths.adapter.exists() and not paths.training_summary.exists()
 
     monkeypatch.setattr(train, "build_trainer", real_build)

@@ -139,7 +139,7 @@ def test_smol_pad_is_eos_and_the_stop_token_is_still_trained(smol_tokenizer):
 
     from lib.templates import stop_token_ids
     from lib.tokenization import IGNORE_INDEX, encode_example
-    from lib.train import build_collator
+    from lib.trainer import build_collator
 
     tok = smol_tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")

@@ -167,7 +167,7 @@ def test_a_damaged_training_result_is_one_line_naming_the_file_and_train(trained
 @pytest.mark.parametrize("how", ["truncated", "garbage", "empty"])
 @pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt"])
 def test_a_damaged_optimizer_or_scheduler_state_skips_the_checkpoint(trained_run, tmp_path, name, how):
-    from lib.train import CheckpointWarning, checkpoint_problem, last_checkpoint
+    from lib.checkpoints import CheckpointWarning, checkpoint_problem, last_checkpoint
 
     found = sorted(run_paths(trained_run).checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     older, newer = found[-2], found[-1]

@@ -73,7 +73,8 @@ def test_padding_free_batch_has_the_loss_of_padded_batches(lora_model, some_exam
     import torch
 
     from lib.config import apply_overrides
-    from lib.train import build_collator, encode_dataset
+    from lib.train import encode_dataset
+    from lib.trainer import build_collator
 
     cfg, model, tok = lora_model
     ds = encode_dataset(tok, some_examples, max_length=cfg.train.max_length)
@@ -113,6 +114,55 @@ def test_encode_dataset_drops_examples_without_trained_tokens(lora_model):
     ok = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Why?"}]}
     ds = encode_dataset(tok, [long_prompt, ok], max_length=64)
     assert len(ds) == 1 and ds.column_names == ["input_ids", "labels"]
+
+
+@pytest.mark.parametrize("batching", ["padding_free", "pad_longest"])
+def test_the_batch_view_marks_exactly_the_trained_positions(lora_model, some_examples, batching):
+    """show_batch's table (notebook 03): its trained runs are the positions whose label is not -100, in
+    each example of the collated batch, and its text is the batch's, decoded run by run."""
+    from lib.config import apply_overrides
+    from lib.train import encode_dataset
+    from lib.trainer import batch_table, build_collator
+
+    cfg, _, tok = lora_model
+    cfg = apply_overrides(cfg, {"train.batching": batching})
+    ds = encode_dataset(tok, some_examples, max_length=cfg.train.max_length)
+    batch = build_collator(cfg, tok)([ds[0], ds[1]])
+    table = batch_table(cfg, tok, ds, size=2)
+    assert sorted(set(table["example"])) == [0, 1] and set(table["trained"]) <= {"yes", "prompt", "padding"}
+    for r in range(batch["input_ids"].shape[0]):
+        trained = set()
+        for span in table[(table["row"] == r) & (table["trained"] == "yes")]["positions"]:
+            first, last = map(int, span.split("-"))
+            trained |= set(range(first, last + 1))
+        assert trained == {i for i, lab in enumerate(batch["labels"][r].tolist()) if lab != -100}
+        text = "".join(table[table["row"] == r]["text"])
+        assert text == tok.decode(batch["input_ids"][r].tolist()).replace("\n", "⏎")
+
+
+def test_the_steps_of_a_finished_run_do_nothing(trained_run, capsys):
+    """Notebook 03 rerun on a finished run: the plan says so and every step returns at once, writing nothing."""
+    from lib.train import (
+        attach_lora,
+        build_datasets,
+        build_sft_trainer,
+        load_model,
+        plan_training,
+        save_adapter,
+        train,
+    )
+
+    paths = run_paths(trained_run)
+    before = {p: p.stat().st_mtime_ns for p in paths.root.rglob("*") if p.is_file()}
+    plan = plan_training(trained_run)
+    assert "already finished training" in capsys.readouterr().out
+    model, tokenizer = load_model(plan)
+    assert (model, tokenizer) == (None, None) and attach_lora(model, plan) is None
+    assert build_datasets(plan, tokenizer) == (None, None)
+    trainer = build_sft_trainer(plan, model, tokenizer, None, None)
+    assert trainer is None and train(trainer, plan) is None
+    assert save_adapter(trainer, plan) == json.loads(paths.training_summary.read_text()) == plan.finished
+    assert {p: p.stat().st_mtime_ns for p in paths.root.rglob("*") if p.is_file()} == before
 
 
 # ------------------------------------------------------------------------------ trainer configuration
@@ -225,7 +275,7 @@ def test_the_trained_run_leaves_adapter_logs_and_model_card(trained_run):
     assert adapter_cfg["r"] == 16 and adapter_cfg["peft_type"] == "LORA"
     card = (paths.adapter / "README.md").read_text()
     data_hash = json.loads(paths.data_report.read_text())["data_hash"]
-    assert "base_model: tiny" in card and data_hash in card and "learning_rate" in card
+    assert "base model: `tiny`" in card and data_hash in card and "learning_rate" in card
 
     rows = _metrics(paths)
     assert list(rows[0]) == ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
@@ -277,7 +327,8 @@ def _stop_at(step, exc):
 def test_an_interrupted_run_resumes_to_the_same_adapter(prepared_run, trained_run):
     import torch
 
-    from lib.train import CheckpointWarning, run_train
+    from lib.checkpoints import CheckpointWarning
+    from lib.train import run_train
 
     run = _fresh_copy(prepared_run, "resumed")
     paths = run_paths(run)
@@ -311,7 +362,7 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(prepared_run, trained_ru
 
 
 def test_checkpoint_problems_are_named(tmp_path):
-    from lib.train import checkpoint_problem, last_checkpoint
+    from lib.checkpoints import checkpoint_problem, last_checkpoint
 
     ck = tmp_path / "checkpoint-5"
     ck.mkdir()
@@ -407,7 +458,8 @@ def test_packed_attention_matches_the_block_mask_token_by_token(lora_model, some
     """sdpa per packed sequence gives the same log-probabilities as sdpa with transformers' block mask."""
     import torch
 
-    from lib.train import build_collator, encode_dataset
+    from lib.train import encode_dataset
+    from lib.trainer import build_collator
 
     cfg, model, tok = lora_model
     rows = list(encode_dataset(tok, some_examples, cfg.train.max_length))

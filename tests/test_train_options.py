@@ -30,7 +30,7 @@ def _one_sgd_step(cfg, rows, tmp_path, batch: int, accumulate: int) -> dict:
     from datasets import Dataset
 
     from lib.config import apply_overrides
-    from lib.train import build_trainer
+    from lib.trainer import build_trainer
 
     cfg = apply_overrides(cfg, {"train.per_device_train_batch_size": batch,
                                 "train.gradient_accumulation_steps": accumulate})
@@ -83,7 +83,7 @@ def _mean_of_micro_batch_means_update(cfg, tok, rows) -> dict:
     """The SGD update (lr 1) of the mean over micro-batches [0, 1], [2, 3] of each one's mean token loss."""
     from conftest import tiny_lora_model
 
-    from lib.train import build_collator
+    from lib.trainer import build_collator
 
     model, _ = tiny_lora_model(cfg, seed=0)
     model.train()
@@ -103,7 +103,8 @@ def _train_small(cfg, tmp_path, name, callbacks=()):
 
     from conftest import tiny_lora_model
 
-    from lib.train import build_trainer, encode_dataset
+    from lib.train import encode_dataset
+    from lib.trainer import build_trainer
 
     model, tok = tiny_lora_model(cfg, seed=0)
     train_ds = encode_dataset(tok, _varied_examples(8), cfg.train.max_length)
@@ -298,7 +299,8 @@ def test_packing_keeps_our_labels_and_each_example_sees_only_itself(session_outp
     import torch
     from conftest import tiny_lora_model
 
-    from lib.train import build_collator, build_trainer, encode_dataset
+    from lib.train import encode_dataset
+    from lib.trainer import build_collator, build_trainer
 
     max_length = 128
     cfg = make_config("tiny", overrides={"train.batching": "packing", "train.max_length": max_length,

@@ -1,0 +1,176 @@
+"""The checkpoints of a training run: which one is complete enough to resume from, where a blow-up began and
+which checkpoints it spoiled, the learning rate of a resumed run, and what an out-of-memory stop keeps.
+
+    from lib.checkpoints import last_checkpoint, checkpoint_problem
+    last_checkpoint(run_paths("demo").checkpoints)        # Path('.../checkpoint-20'), or None
+    checkpoint_problem(path)                              # 'optimizer.pt is missing', or None if complete
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+from .rundir import read_json
+from .stages import stage
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# What FSDP saves in a checkpoint instead of adapter_model.safetensors and optimizer.pt (accelerate's names:
+# a folder per shard set with SHARDED_STATE_DICT, one .bin with FULL_STATE_DICT).
+FSDP_WEIGHTS = ("pytorch_model_fsdp_0", "pytorch_model_fsdp.bin")
+FSDP_OPTIMIZER = ("optimizer_0", "optimizer.bin")
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint that cannot be resumed from (missing or unreadable files)."""
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None if it is complete."""
+    state = path / "trainer_state.json"
+    if not state.exists():
+        return "trainer_state.json is missing"
+    try:
+        history = json.loads(state.read_text(encoding="utf-8")).get("log_history") or []
+    except (ValueError, OSError, AttributeError):
+        return "trainer_state.json is unreadable"
+    for h in history:
+        if any(isinstance(h.get(k), float) and not math.isfinite(h[k]) for k in ("loss", "grad_norm", "eval_loss")):
+            return f"a non-finite loss or gradient norm was logged at step {h.get('step')}"
+    if any((path / n).exists() for n in FSDP_WEIGHTS):
+        return _fsdp_checkpoint_problem(path)
+    return _weights_problem(path) or _optimizer_problem(path)
+
+
+def _weights_problem(path: Path) -> str | None:
+    """Why the adapter weights of a (non-FSDP) checkpoint are not usable: missing, unreadable or not finite."""
+    weights = [path / n for n in ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")]
+    weights = [w for w in weights if w.exists()]
+    if not weights or not (path / "adapter_config.json").exists():
+        return "the adapter weights are missing"
+    if weights[0].suffix == ".safetensors":
+        try:
+            import torch
+            from safetensors import safe_open
+
+            with safe_open(str(weights[0]), framework="pt") as f:
+                finite_weights = all(bool(torch.isfinite(f.get_tensor(k)).all()) for k in f.keys())
+        except Exception:
+            return f"{weights[0].name} is unreadable"
+        if not finite_weights:
+            return f"{weights[0].name} holds non-finite weights"
+    return None
+
+
+def _optimizer_problem(path: Path) -> str | None:
+    for name in ("optimizer.pt", "scheduler.pt"):
+        p = path / name
+        if not p.exists() or p.stat().st_size == 0:
+            return f"{name} is missing"
+        if not _readable_torch_file(p):
+            return f"{name} is truncated or unreadable"
+    return None
+
+
+def _fsdp_checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint FSDP saved (accelerate's sharded folders or full .bin files) cannot be resumed from."""
+    def present(names):
+        return any((path / n).is_dir() and any((path / n).iterdir()) or (path / n).is_file()
+                   and (path / n).stat().st_size > 0 for n in names)
+
+    if not present(FSDP_OPTIMIZER):
+        return "the FSDP optimizer state is missing"
+    if not (path / "scheduler.pt").exists() or not _readable_torch_file(path / "scheduler.pt"):
+        return "scheduler.pt is missing"
+    return None
+
+
+def _readable_torch_file(path: Path) -> bool:
+    """A torch.save file (a zip archive) whose members all read back with matching checksums."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return False
+
+
+def _numbered(folder: Path) -> list[tuple[int, Path]]:
+    """The checkpoint-N folders in `folder` with their step N, newest first."""
+    if not folder.is_dir():
+        return []
+    return sorted(((int(m.group(1)), p) for p in folder.iterdir()
+                   if p.is_dir() and (m := _CHECKPOINT.match(p.name))), reverse=True)
+
+
+def last_checkpoint(folder: Path, clean: bool = False) -> Path | None:
+    """The newest complete checkpoint-N in `folder`; incomplete newer ones warned about (and removed if clean)."""
+    for _, p in _numbered(Path(folder)):
+        problem = checkpoint_problem(p)
+        if problem is None:
+            return p
+        if clean:
+            warnings.warn(f"skipping incomplete checkpoint {p.name} ({problem}); it is removed", CheckpointWarning,
+                          stacklevel=2)
+            shutil.rmtree(p, ignore_errors=True)
+    return None
+
+
+def checkpoint_step(checkpoint: Path) -> int | None:
+    """The global step a (complete) checkpoint was saved at."""
+    return read_json(Path(checkpoint) / "trainer_state.json").get("global_step")
+
+
+def blow_up_start(history: list[dict], failed_step: int) -> int:
+    """The step where the divergence that ended in a non-finite value at `failed_step` began: the first
+    logged gradient norm above 10x the median of the logged ones (the weights before it were sane)."""
+    norms = [(h["step"], h["grad_norm"]) for h in history if isinstance(h.get("grad_norm"), (int, float))]
+    finite_norms = sorted(v for _, v in norms if math.isfinite(v))
+    if len(finite_norms) < 3:
+        return failed_step
+    limit = 10 * finite_norms[len(finite_norms) // 2]
+    return min([s for s, v in norms if not (v <= limit)] + [failed_step])
+
+
+def drop_checkpoints_from(folder: Path, step: int) -> None:
+    """Remove checkpoints saved at `step` or later: their weights led to a non-finite loss or gradient.
+
+    A checkpoint at step N holds the weights after N updates, which the loss of step N + 1 is computed
+    with; when step N + 1 is not finite, checkpoint-N is not a good one to resume from (its weights may
+    already be huge: the blow-up happens before the loss overflows)."""
+    for n, p in _numbered(Path(folder)):
+        if n >= step:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def rescale_learning_rate(sched, optimizer, new: float) -> float | None:
+    """Scale a resumed scheduler and optimizer to the learning rate `new` when the checkpoint's differs;
+    returns the checkpoint's learning rate when it did (None when nothing changed)."""
+    if not getattr(sched, "base_lrs", None):
+        return None
+    old = sched.base_lrs[0]
+    if not old or math.isclose(old, new, rel_tol=1e-9):
+        return None
+    ratio = new / old
+    sched.base_lrs = [lr * ratio for lr in sched.base_lrs]
+    if getattr(sched, "_last_lr", None):
+        sched._last_lr = [lr * ratio for lr in sched._last_lr]
+    for group in optimizer.param_groups:
+        group["lr"] *= ratio
+        if "initial_lr" in group:
+            group["initial_lr"] *= ratio
+    return old
+
+
+def kept_checkpoint(folder: Path, run: str) -> str:
+    """The sentence of an out-of-memory stop about the checkpoint kept (checked complete) and how to go on."""
+    ck = last_checkpoint(folder)
+    if ck is None:
+        return "No checkpoint had been saved yet: rerunning starts training over."
+    return (f"The last good checkpoint is kept: {ck} (step {checkpoint_step(ck)}), and training resumes from it: "
+            f"with smaller settings, {stage('train').rerun(run, ' --set key=value')}.")
