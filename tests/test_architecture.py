@@ -184,3 +184,25 @@ def test_each_stage_writes_only_its_declared_outputs(outputs, capsys):
         before = after
     orphans = [rel for rel in before if owner(rel) is None and rel.split("/")[0] not in SHARED_OUTPUTS]
     assert not orphans, f"files no stage declares: {orphans}"
+
+
+MAX_MODULE_LINES = 450
+
+
+def test_every_module_in_lib_is_short():
+    """One noun a module: a module past ~450 lines holds several and is split by noun."""
+    long = {f"lib/{p.name}": n for p in sorted(LIB.glob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+
+
+def test_every_module_opens_with_its_job():
+    missing = [f"lib/{name}.py" for name, tree in modules().items() if not ast.get_docstring(tree)]
+    assert not missing, f"modules without a docstring saying their one job: {missing}"
+
+
+def test_classes_live_at_module_level():
+    nested = [f"lib/{name}.py:{inner.lineno} {inner.name}" for name, tree in modules().items()
+              for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for inner in ast.walk(node) if isinstance(inner, ast.ClassDef)]
+    assert not nested, f"classes defined inside functions (define them at module level): {nested}"
