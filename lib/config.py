@@ -165,6 +165,9 @@ def apply_overrides(cfg: RunConfig, overrides) -> RunConfig:
             key, raw = item
         if raw is None and key.strip() in _field_map(cfg):
             continue
+        if key.strip() == "run" and raw != cfg.run:  # the run directory is named once: --run / RUN
+            raise ConfigError(f"'run' cannot be overridden (run={raw!r}): the run is named by --run "
+                              f"({cfg.run!r}); use --run {raw} to work on that run")
         set_value(cfg, key.strip(), raw)
     validate(cfg)
     return cfg

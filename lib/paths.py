@@ -15,7 +15,7 @@ from .errors import ConfigError, MissingStageError
 from .stages import stage
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # fullmatch: no final newline
 
 
 def outputs_dir() -> Path:
@@ -157,7 +157,7 @@ class RunPaths:
 
 
 def check_run_name(name: str) -> str:
-    if not isinstance(name, str) or not _RUN_NAME.match(name):
+    if not isinstance(name, str) or not _RUN_NAME.fullmatch(name):
         raise ConfigError(
             f"run name {name!r} is not usable: use letters, digits, '.', '_' or '-' (at most 100 characters)"
         )
