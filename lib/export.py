@@ -24,7 +24,7 @@ from pathlib import Path
 from .config import apply_overrides, load_config
 from .errors import MissingStageError, QualityGateError
 from .llamacpp import QUANT_TYPES, ExportError, build_gguf, converter_dir, llama_cpp_version
-from .ollama import modelfile_text
+from .ollama import check_modelfile_values, modelfile_text
 from .parity import check_parity
 from .paths import require, run_paths
 from .rundir import (
@@ -81,6 +81,7 @@ def _export_settings(paths, quant: str | None, overrides) -> tuple:
         raise MissingStageError(f"{paths.merged} holds no merged model: {stage('merge').first(paths.root.name)}")
     check_fresh(paths, "merge", paths.merged)  # a merged model of an earlier adapter is refused
     cfg = apply_overrides(load_config(paths.config), overrides or [])  # its one "None keeps" rule
+    check_modelfile_values(cfg)  # an unwritable system prompt is refused before any export work
     quant = (quant or cfg.export.quant).lower()
     if quant not in QUANT_TYPES:
         raise ExportError(f"unknown quantization type '{quant}' (one of {', '.join(QUANT_TYPES)})")

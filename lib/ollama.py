@@ -10,10 +10,10 @@ pieces around each message, kept only when those pieces reproduce every renderin
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
+from .errors import ConfigError
 from .templates import PROBE, end_of_turn_token, probe_messages, probe_renderings, stop_token_ids
 
 
@@ -100,8 +100,32 @@ def ollama_template(pieces: dict, with_head: bool) -> str:
             + f'{{{{ if not $last }}}}{lit(pieces["post_assistant"])}{{{{ end }}}}{{{{ end }}}}{{{{ end }}}}')
 
 
-def _quote(s: str) -> str:
-    return json.dumps(s, ensure_ascii=False)
+def unwritable(value: str, quotes: str = '"""') -> str | None:
+    """Why `value` cannot be written between `quotes` into a Modelfile so that Ollama reads it back as
+    itself, or None. Ollama's parser has no escapes: it drops characters that are not printable (save
+    space, tab and line ends), and a quoted value ends at the first line end where the text so far ends
+    with the closing quote (so `\"\"\"` then a new line would end a SYSTEM and start a FROM line)."""
+    odd = next((c for c in value if not (c.isprintable() or c in " \t\r\n")), None)
+    if odd is not None:
+        return f"it holds the character {odd!r}, which Ollama drops"
+    end = re.escape(quotes) + r"[ \t]*[\r\n]" if quotes == '"""' else r'["\r\n]'
+    if re.search(end, value):
+        where = "at a line end" if quotes == '"""' else "or a line end"
+        return f"it holds {quotes} ({where}), which would end the value early (a Modelfile has no escapes)"
+    return None
+
+
+def _quoted(key: str, value: str, quotes: str = '"""') -> str:
+    why = unwritable(value, quotes)
+    if why:
+        raise ConfigError(f"{key} cannot be written into the Ollama Modelfile: {why}; change it and export again")
+    return f"{quotes}{value}{quotes}"
+
+
+def check_modelfile_values(cfg) -> None:
+    """Refuse, before any export work, a setting the Modelfile cannot hold as it is (the system prompt)."""
+    if cfg.data.system_prompt:
+        _quoted("data.system_prompt", cfg.data.system_prompt)
 
 
 def modelfile_text(gguf_name: str, tokenizer, cfg, add_bos: bool) -> str:
@@ -112,18 +136,21 @@ def modelfile_text(gguf_name: str, tokenizer, cfg, add_bos: bool) -> str:
     pieces = template_pieces(tokenizer)
     if pieces is not None:
         template = ollama_template(pieces, with_head=not add_bos)
-        if '"""' not in template:
+        if unwritable(template) is None:
             lines.append(f'TEMPLATE """{template}"""')
+        else:
+            lines.append("# no TEMPLATE: this chat template's text cannot be written into a Modelfile as it is; "
+                         "Ollama uses the template inside the GGUF")
     else:
         lines.append("# no TEMPLATE: this chat template is not fixed text around each message; Ollama uses the "
                      "template inside the GGUF")
     for tok in tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer)):
-        lines.append(f"PARAMETER stop {_quote(tok)}")
+        lines.append("PARAMETER stop " + _quoted(f"the stop token {tok!r}", tok, quotes='"'))
     if g.do_sample:
         lines += [f"PARAMETER temperature {g.temperature:g}", f"PARAMETER top_k {g.top_k}", f"PARAMETER top_p {g.top_p:g}"]
     else:
         lines.append("PARAMETER temperature 0")
     lines += [f"PARAMETER repeat_penalty {g.repetition_penalty:g}", f"PARAMETER num_predict {g.max_new_tokens}"]
     if cfg.data.system_prompt and (pieces is None or pieces["pre_system"] is not None):
-        lines.append(f'SYSTEM """{cfg.data.system_prompt}"""')
+        lines.append(f"SYSTEM {_quoted('data.system_prompt', cfg.data.system_prompt)}")
     return "\n".join(lines) + "\n"
