@@ -6,7 +6,7 @@
 
 Counts, token lengths and their histogram, what max_length cuts (and a length that fits 99%), the
 trainable-token share, the end-of-turn token after every answer, system messages folded and
-conversations split per turn by the chat template, empty and duplicate examples, pad vs eos, the
+conversations split per turn by the chat template, special tokens' text in the data (encoded as text), empty and duplicate examples, pad vs eos, the
 chat template, and where every field of the input went.
 """
 
@@ -94,6 +94,8 @@ def _tally(enc_train: list[dict], enc_eval: list[dict], max_length: int) -> dict
         "no_tokens": sum(1 for e in enc_train if e["n_trained"] == 0),
         "folded": sum(1 for e in enc_train + enc_eval if e["system_folded"]),
         "appended": sum(e["n_stop_appended"] for e in enc_train),
+        "control": sum(1 for e in enc_train + enc_eval if e["n_control_text"]),
+        "control_tokens": sum(e["n_control_text"] for e in enc_train + enc_eval),
     }
 
 
@@ -122,6 +124,9 @@ def _audit_warnings(prepared: Prepared, tokenizer, t: dict, lengths: list[int], 
     if t["folded"]:
         warnings.append(f"the chat template accepts no system message: it was folded into the first user turn "
                         f"of {t['folded']} examples (chat does the same)")
+    if t["control"]:
+        warnings.append(f"{t['control']} examples hold a special token's text (e.g. <|im_start|>, <s>) in their messages "
+                        f"({t['control_tokens']} times): it is encoded as plain text, never as the control token")
     if n_split:
         warnings.append(f"the chat template rewrites earlier turns (e.g. drops <think> blocks): {n_split} "
                         "conversations were split into one example per assistant turn, each rendered as at inference")
@@ -185,7 +190,8 @@ def audit(prepared: Prepared, tokenizer, max_length: int, template_added: bool =
         "end_of_turn": {"token": end_of_turn_token(tokenizer), "answers_ending_with_it": t["eot"],
                         "answers": t["answers"], "answers_without_stop": t["answers"] - t["eot"],
                         "stop_appended_to_final_answer": t["appended"], "stop_token_ids": stop_token_ids(tokenizer)},
-        "template": {"system_folded_examples": t["folded"], "conversations_split_per_turn": n_split},
+        "template": {"system_folded_examples": t["folded"], "conversations_split_per_turn": n_split,
+                     "control_token_text_examples": t["control"], "control_token_text_occurrences": t["control_tokens"]},
         "pad_token": pad, "eos_token": eos, "pad_distinct_from_eos": pad is not None and pad != eos,
         "chat_template_present": not template_added,
         "warnings": _audit_warnings(prepared, tokenizer, t, lengths, max_length, template_added, n_split),
@@ -212,6 +218,8 @@ def audit_table(report: dict):
         ("answers ending with end-of-turn token", f"{eot['answers_ending_with_it']} of {eot['answers']} ({eot['token']})"),
         ("system message folded into the first user turn", f"{report['template']['system_folded_examples']} examples"),
         ("conversations split one assistant turn per example", report["template"]["conversations_split_per_turn"]),
+        ("special tokens written as text in the data (encoded as plain text)",
+         f"{report['template'].get('control_token_text_examples', 0)} examples"),
         ("pad token distinct from eos", f"{report['pad_distinct_from_eos']} (pad={report['pad_token']!r}, eos={report['eos_token']!r})"),
         ("chat template present", report["chat_template_present"]),
         ("warnings", len(report["warnings"])),

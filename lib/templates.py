@@ -45,6 +45,40 @@ def special_strings(tokenizer) -> list[str]:
     return sorted((s for s in specials if s), key=len, reverse=True)
 
 
+MASK = "\ue000"  # a private-use character: no template rewrites it, no tokenizer holds it as a special token
+
+
+def mask_specials(obj, specials: list[str]):
+    """`obj` (a message, a tool schema, ...) with every special token's text in its strings replaced by
+    as many MASK characters: rendered, it shows which characters of the rendering come from the data."""
+    if isinstance(obj, str):
+        for sp in specials:
+            obj = obj.replace(sp, MASK * len(sp))
+        return obj
+    if isinstance(obj, dict):
+        return {k: v if k == "role" else mask_specials(v, specials) for k, v in obj.items()}
+    return [mask_specials(v, specials) for v in obj] if isinstance(obj, list) else obj
+
+
+def specials_as_text(tokenizer, text: str, masked: str | None, ids: list, offsets: list) -> tuple[list, list, int]:
+    """The data's text is text: every special token the tokenizer found where `masked` has MASK (the
+    data, not the template, wrote it) is encoded again as plain text (`split_special_tokens`), so `<s>`
+    or `<|im_start|>` in an answer is never the control token. Returns ids, offsets, how many."""
+    special_ids = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    out_ids, out_offsets, n = [], [], 0
+    for i, (s, e) in zip(ids, offsets):
+        if i in special_ids and e > s and (masked is None or MASK in masked[s:e]):
+            sub = tokenizer(text[s:e], add_special_tokens=False, split_special_tokens=True,
+                            return_offsets_mapping=True)
+            out_ids += sub["input_ids"]
+            out_offsets += [(s + a, s + b) for a, b in sub["offset_mapping"]]
+            n += 1
+        else:
+            out_ids.append(i)
+            out_offsets.append((s, e))
+    return out_ids, out_offsets, n
+
+
 @dataclass(frozen=True)
 class TemplateInfo:
     """What a multi-turn probe rendering tells about a chat template."""

@@ -54,13 +54,16 @@ import json
 from dataclasses import dataclass
 
 from .templates import (
+    MASK,
     TemplateError,
     TemplateInfo,
     apply_template,
     has_chat_template,
     leading_special,
+    mask_specials,
     model_name,
     special_strings,
+    specials_as_text,
     template_info,
     trailing_special,
 )
@@ -322,20 +325,38 @@ def split_for_template(tokenizer, example: dict, inline_reasoning: bool = False)
     return out
 
 
+def _encode_conversation(tokenizer, example: dict, text: str) -> tuple[list, list, int]:
+    """Token ids and character offsets of the rendered conversation `text`, control tokens written by
+    the data encoded as plain text (`lib.templates.specials_as_text`)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    specials = special_strings(tokenizer)
+    fields = {"messages": example["messages"], "tools": example.get("tools")}
+    masked_fields = mask_specials(fields, specials)
+    if masked_fields == fields:
+        return ids, offsets, 0
+    masked, _, _ = _plan(tokenizer, dict(example, **masked_fields))
+    if len(masked) != len(text) or any(a != b and b != MASK for a, b in zip(text, masked)):
+        sp = next(sp for sp in specials if mask_specials(fields, [sp]) != fields)
+        raise TemplateError(f"a message contains the control token {sp!r} as text, and the chat template "
+                            "changes the text around it, so it cannot be encoded as plain text")
+    return specials_as_text(tokenizer, text, masked, ids, offsets)
+
+
 def encode_example(tokenizer, example: dict, max_length: int | None = None) -> dict:
     """Token ids and labels of one normalised example ({"messages": [...]} or {"text": ...}).
 
     Returns input_ids, labels, and for the audit: length (before truncation), n_answers (trained
     answers), n_cut (answers max_length cuts), n_eot (answers whose stop token is trained),
     n_stop_appended (final answers whose stop token the template leaves off and was appended),
-    system_folded, n_trained (trained tokens after truncation). Raises TemplateError (or
+    system_folded, n_control_text (special tokens' text in the data, encoded as plain text), n_trained
+    (trained tokens after truncation). Raises TemplateError (or
     HistoryRewriteError) when an answer or its stop token cannot be placed exactly.
     """
     if "messages" in example and example["messages"] is not None:
         text, turns, folded = _plan(tokenizer, example)
         spans = [(t.start, t.end) for t in turns]
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        ids, offsets, n_control = _encode_conversation(tokenizer, example, text)
         labels = [IGNORE_INDEX] * len(ids)
         answer_last_token = [-1] * len(spans)
         for t, (s, e) in enumerate(offsets):
@@ -349,8 +370,8 @@ def encode_example(tokenizer, example: dict, max_length: int | None = None) -> d
         n_eot = sum(1 for t in turns if t.stop is not None)
         n_appended = sum(1 for t in turns if t.appended)
     else:
-        text = example["text"]
-        body = tokenizer(text, add_special_tokens=False)["input_ids"]
+        enc = tokenizer(example["text"], add_special_tokens=False, return_offsets_mapping=True)
+        body, _, n_control = specials_as_text(tokenizer, example["text"], None, enc["input_ids"], enc["offset_mapping"])
         ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + body
         if tokenizer.eos_token_id is not None:
             ids = ids + [tokenizer.eos_token_id]
@@ -373,6 +394,7 @@ def encode_example(tokenizer, example: dict, max_length: int | None = None) -> d
         "n_eot": n_eot,
         "n_stop_appended": n_appended,
         "system_folded": folded,
+        "n_control_text": n_control,
         "n_trained": sum(1 for x in labels if x != IGNORE_INDEX),
     }
 
