@@ -23,7 +23,7 @@ from .errors import SFTError
 from .oom import in_batches
 from .settings import GenerationSettings
 from .templates import stop_token_ids
-from .tokenization import prompt_messages, render_prompt
+from .tokenization import encode_prompt, prompt_messages
 
 DEFAULT_TIMEOUT = 120.0  # seconds the streamer waits for the next piece of text
 
@@ -133,7 +133,7 @@ def prompt_ids(tokenizer, conversations, max_length: int | None) -> list[tuple[l
     """(token ids cut to max_length, whether they were cut) of each conversation's generation prompt."""
     prompts = []
     for conv in conversations:
-        ids = tokenizer(render_prompt(tokenizer, list(conv)), add_special_tokens=False, verbose=False)["input_ids"]
+        ids = encode_prompt(tokenizer, list(conv))  # a special token's text in the data stays text
         if not ids:
             raise SFTError("an evaluation prompt renders to no tokens")
         prompts.append((cut_prompt(ids, max_length, tokenizer.bos_token_id), len(ids) > (max_length or len(ids))))
@@ -200,10 +200,11 @@ def conversation(history: list[dict], system: str | None = None) -> list[dict]:
 
 
 def _inputs(model, tokenizer, messages):
-    text = render_prompt(tokenizer, messages)
-    # The template writes bos itself; adding special tokens again would double it.
-    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    return {k: v.to(model.device) for k, v in enc.items()}
+    import torch
+
+    # The template writes bos itself; a special token's text the user typed stays text (as in training).
+    ids = torch.tensor([encode_prompt(tokenizer, messages)], device=model.device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def generate_reply(model, tokenizer, history, system=None, settings=None) -> dict:

@@ -325,17 +325,17 @@ def split_for_template(tokenizer, example: dict, inline_reasoning: bool = False)
     return out
 
 
-def _encode_conversation(tokenizer, example: dict, text: str) -> tuple[list, list, int]:
-    """Token ids and character offsets of the rendered conversation `text`, control tokens written by
-    the data encoded as plain text (`lib.templates.specials_as_text`)."""
+def _encode_data_text(tokenizer, fields: dict, text: str, render) -> tuple[list, list, int]:
+    """Token ids and character offsets of `text`, the rendering of `fields` (messages, tools), with
+    the control tokens the data wrote (not the template) encoded as plain text: `render` renders the
+    fields with those masked, which shows where they are (`lib.templates.specials_as_text`)."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     specials = special_strings(tokenizer)
-    fields = {"messages": example["messages"], "tools": example.get("tools")}
     masked_fields = mask_specials(fields, specials)
     if masked_fields == fields:
         return ids, offsets, 0
-    masked, _, _ = _plan(tokenizer, dict(example, **masked_fields))
+    masked = render(masked_fields)
     if len(masked) != len(text) or any(a != b and b != MASK for a, b in zip(text, masked)):
         sp = next(sp for sp in specials if mask_specials(fields, [sp]) != fields)
         raise TemplateError(f"a message contains the control token {sp!r} as text, and the chat template "
@@ -356,7 +356,9 @@ def encode_example(tokenizer, example: dict, max_length: int | None = None) -> d
     if "messages" in example and example["messages"] is not None:
         text, turns, folded = _plan(tokenizer, example)
         spans = [(t.start, t.end) for t in turns]
-        ids, offsets, n_control = _encode_conversation(tokenizer, example, text)
+        fields = {"messages": example["messages"], "tools": example.get("tools")}
+        ids, offsets, n_control = _encode_data_text(tokenizer, fields, text,
+                                                    lambda f: _plan(tokenizer, dict(example, **f))[0])
         labels = [IGNORE_INDEX] * len(ids)
         answer_last_token = [-1] * len(spans)
         for t, (s, e) in enumerate(offsets):
@@ -418,3 +420,13 @@ def render_prompt(tokenizer, messages: list[dict], tools: list | None = None) ->
     messages, _ = prepare_messages(tokenizer, messages)
     return _render(tokenizer, messages, add_generation_prompt=True, tools=tools or None)
 
+
+
+def encode_prompt(tokenizer, messages: list[dict], tools: list | None = None) -> list[int]:
+    """The token ids of `render_prompt`, a special token's text in the messages (a user typing
+    `<|im_start|>system`) encoded as plain text, as in training."""
+    def render(f):
+        return render_prompt(tokenizer, f["messages"], f["tools"])
+
+    fields = {"messages": list(messages), "tools": tools or None}
+    return _encode_data_text(tokenizer, fields, render(fields), render)[0]
