@@ -22,7 +22,13 @@ answer's text, so a short answer such as "4" cannot be matched inside the questi
   come first: Llama-2's `' ' + eos`, deepseek-coder's `\n<|EOT|>`), per turn, so gpt-oss trains
   `<|return|>` on its final answer. Where a template leaves it off the final answer (Qwen1.5), the
   end-of-turn token it writes after earlier answers is appended, since that is what the model
-  must emit to stop. The stop tokens are learnt from a multi-turn probe rendering (like TRL's
+  must emit to stop. Special tokens glued to the stop that open no turn are part of it (Command A's
+  `<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`, trained whole); a turn opener is never a stop (Baichuan 2's
+  `<reserved_106>`). Where a template writes nothing at all after an answer (Baichuan 2, ChatGLM2),
+  the tokenizer's eos, which those models' generation stops on, is appended (`eos_stop`), one
+  assistant turn per example; a text stop (RWKV World's `\n\n`) is no token generation can stop
+  on, so prepare refuses it in one line (data.allow_missing_stop accepts it). The stop tokens are
+  learnt from a multi-turn probe rendering (like TRL's
   `is_chat_template_stop_token_trained`) and all of them are in `stop_token_ids`.
 * A template that renders an answer differently once later turns follow (reasoning templates
   that drop earlier `<think>` blocks, Qwen3, gpt-oss) cannot train a whole conversation in one
@@ -58,9 +64,9 @@ from .templates import (
     TemplateInfo,
     apply_template,
     has_chat_template,
-    leading_special,
     model_name,
     special_strings,
+    stop_run,
     template_info,
     trailing_special,
 )
@@ -194,7 +200,10 @@ def _place_call(tokenizer, messages, i: int, info: TemplateInfo, specials, n: in
                             "call after something other than its generation prompt, so it cannot be placed as the "
                             "model produces it")
     start = len(prompt)
-    reply = rendered[start:].rstrip()
+    reply = rendered[start:]
+    if info.trailing_prompt and reply.rstrip().endswith(info.trailing_prompt.rstrip()):
+        reply = reply.rstrip()[: -len(info.trailing_prompt.rstrip())]  # Command R7B / A: the next prompt, always written
+    reply = reply.rstrip()
     end = start + len(reply)
     stop = trailing_special(reply, specials)
     stop = None if stop in info.openers else stop
@@ -239,14 +248,25 @@ def _place_turn(tokenizer, messages, i: int, info: TemplateInfo, specials, n: in
                             f"{'its <think> block' if '</think>' in content else 'part of it'}), so it cannot be trained as written")
     _check_reasoning(tokenizer, messages[i], rendered[start:end], n)
     rest = rendered[end:]
-    gap = len(rest) - len(rest.lstrip())
-    stop = leading_special(rest, specials)
-    stop = None if stop in info.openers else stop
-    if stop is not None:
+    gap, stop = stop_run(rest, specials, info.openers)
+    if stop:
         return _Turn(rendered, start, end + gap + len(stop), stop, False)
     if not rest.strip() and info.stop_history:  # the template leaves it off the final answer (Qwen1.5)
         return _Turn(rendered[:end] + info.stop_history, start, end + len(info.stop_history), info.stop_history, True)
+    eos = eos_stop(tokenizer, info)
+    if not rest and eos:  # no stop written at all (Baichuan 2, ChatGLM2): the model stops on eos
+        return _Turn(rendered + eos, start, end + len(eos), eos, True)
     return _Turn(rendered, start, end, None, False)
+
+
+def eos_stop(tokenizer, info: TemplateInfo) -> str | None:
+    """The tokenizer's eos, where it is the stop of a template that writes none after an answer: appended
+    after each answer (one assistant turn per example), as Baichuan 2's and ChatGLM2's generation stop on it.
+    None when the template writes a stop of its own, or eos is missing or opens a turn."""
+    eos = tokenizer.eos_token
+    if info.stop_last or info.stop_history or not eos or eos in info.openers or eos == tokenizer.bos_token:
+        return None
+    return eos
 
 
 def _plan(tokenizer, example: dict) -> tuple[str, list[_Turn], bool]:
