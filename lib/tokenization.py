@@ -171,6 +171,8 @@ class _Turn:
     end: int  # one past the last trained character (after the stop token when there is one)
     stop: str | None
     appended: bool
+    call: bool = False  # the turn calls tools
+    reasoning: str | None = None  # its reasoning text (a separate field, or a <think> block in its content)
 
 
 def _check_no_stop_text(messages, info: TemplateInfo) -> None:
@@ -290,6 +292,10 @@ def _plan(tokenizer, example: dict) -> tuple[str, list[_Turn], bool]:
                 f"assistant message {i + 1 + folded}: the chat template renders it differently once later turns "
                 "follow (it rewrites the history, e.g. drops reasoning or changes the end-of-turn token); "
                 "train it one assistant turn per example (split_for_template; notebook 01 does this)")
+        m = messages[i]
+        turn.call = bool(m.get("tool_calls"))
+        think = (m.get("content") or "").partition("</think>")
+        turn.reasoning = m.get("reasoning_content") or (think[0].replace("<think>", "").strip() if think[1] else None)
         turns.append(turn)
     return text, turns, folded
 
@@ -351,21 +357,10 @@ def encode_example(tokenizer, example: dict, max_length: int | None = None) -> d
     system_folded, n_trained (trained tokens after truncation). Raises TemplateError (or
     HistoryRewriteError) when an answer or its stop token cannot be placed exactly.
     """
+    kinds = {"call": 0, "reasoning": 0}
     if "messages" in example and example["messages"] is not None:
-        text, turns, folded = _plan(tokenizer, example)
-        spans = [(t.start, t.end) for t in turns]
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        labels = [IGNORE_INDEX] * len(ids)
-        answer_last_token = [-1] * len(spans)
-        for t, (s, e) in enumerate(offsets):
-            if e <= s:
-                continue
-            for k, (s0, e0) in enumerate(spans):
-                if e > s0 and s < e0:
-                    labels[t] = ids[t]
-                    answer_last_token[k] = t
-        n_answers = len(spans)
+        ids, labels, answer_last_token, turns, folded = _encode_messages(tokenizer, example, kinds)
+        n_answers = len(turns)
         n_eot = sum(1 for t in turns if t.stop is not None)
         n_appended = sum(1 for t in turns if t.appended)
     else:
@@ -394,13 +389,44 @@ def encode_example(tokenizer, example: dict, max_length: int | None = None) -> d
         "n_stop_appended": n_appended,
         "system_folded": folded,
         "n_trained": sum(1 for x in labels if x != IGNORE_INDEX),
+        "n_trained_call": kinds["call"],  # trained tokens in turns that call tools (their reasoning aside)
+        "n_trained_reasoning": kinds["reasoning"],  # trained tokens of reasoning
     }
+
+
+def _encode_messages(tokenizer, example: dict, kinds: dict) -> tuple:
+    """(ids, labels, last token of each trained turn, the turns, system folded) of a conversation; `kinds`
+    counts the trained tokens in tool-calling turns and in reasoning."""
+    text, turns, folded = _plan(tokenizer, example)
+    spans = [(t.start, t.end) for t in turns]
+    thinks = []
+    for t in turns:
+        pos = text.find(t.reasoning, t.start, t.end) if t.reasoning else -1
+        thinks.append((pos, pos + len(t.reasoning)) if pos >= 0 else (0, 0))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [IGNORE_INDEX] * len(ids)
+    answer_last_token = [-1] * len(spans)
+    for t, (s, e) in enumerate(offsets):
+        if e <= s:
+            continue
+        for k, (s0, e0) in enumerate(spans):
+            if e > s0 and s < e0:
+                labels[t] = ids[t]
+                answer_last_token[k] = t
+                in_reasoning = e > thinks[k][0] and s < thinks[k][1]
+                kinds["reasoning"] += in_reasoning
+                kinds["call"] += turns[k].call and not in_reasoning
+    return ids, labels, answer_last_token, turns, folded
 
 
 def prompt_messages(messages: list[dict]) -> tuple[list[dict], str | None]:
     """Split a conversation for generation: everything before the last assistant turn, and that turn
-    (its text; for a turn that calls tools, the calls as JSON: [{"name", "arguments"}, ...])."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    (its text). A conversation that calls tools is split before its first call, the moment the model
+    must decide to call, and the reference is the calls as JSON: [{"name", "arguments"}, ...]."""
+    calls = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("tool_calls")]
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    last = calls[0] if calls else max(assistant, default=None)
     if last is None:
         return list(messages), None
     m = messages[last]

@@ -483,6 +483,11 @@ def test_prepare_trains_a_tool_set_through_a_tool_template(tmp_path, outputs):
     report = run_prepare("glaive", str(_write(tmp_path, [GLAIVE, GLAIVE])), overrides=opts)
     assert report["counts"]["train"] == 2
     assert read_examples(run_paths("glaive").train_data)[0]["messages"] == GLAIVE_MESSAGES
+    from lib.data import preview
+
+    shown = preview("glaive")  # the tool-calling example, its call and answer marked, the tool result not
+    assert '«<tool_call>\n{"name": "search_recipes"' in shown and "«{\"recipes\"" not in shown, shown
+    assert report["tools_and_reasoning"]["tool_calls"] == 2 and report["tools_and_reasoning"]["tool_results"] == 2
     with pytest.raises(SFTError, match=r"line 1: .*data\.inline_reasoning=true"):
         run_prepare("openai", str(_write(tmp_path, [OPENAI, OPENAI])), overrides=opts)
     run_prepare("openai", str(_write(tmp_path, [OPENAI, OPENAI])), overrides=opts + ["data.inline_reasoning=true"])
