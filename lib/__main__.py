@@ -6,7 +6,7 @@
     python -m lib evaluate --run NAME [--set key=value ...]
     python -m lib plot     --run NAME
     python -m lib merge    --run NAME [--set key=value ...]
-    python -m lib chat     --run NAME [--prompt TEXT] [--system TEXT]
+    python -m lib chat     --run NAME [--prompt TEXT] [--system TEXT] [--merged] [--tools FILE.json]
     python -m lib export   --run NAME [--quant q8_0] [--set export.key=value ...] [--allow-drift]
     python -m lib push     --run NAME --repo USER/NAME [--private] [--dry-run] [--include adapter,merged,gguf]
     python -m lib pipeline --run NAME --data PATH [--profile P] [--set key=value ...]
@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--prompt", default=None, help="one message; prints one reply (default: a chat loop)")
     ch.add_argument("--system", default=None, help="system prompt")
     ch.add_argument("--merged", action="store_true", help="use merged/ instead of base + adapter")
+    ch.add_argument("--tools", default=None,
+                    help="a JSON file of tool schemas; shows the tool call the model makes (not executed)")
     ex = add("export", "06: GGUF for llama.cpp / Ollama, a Modelfile and a parity check")
     ex.add_argument("--quant", default=None, help="f16, q8_0, q4_k_m, ... (default: export.quant of the config)")
     ex.add_argument("--allow-drift", action="store_true", help="exit 0 even when the parity check fails")
@@ -93,7 +95,7 @@ COMMANDS = {
     "push": lambda a: _entry("push")(a.run, a.repo, private=a.private, dry_run=a.dry_run,
                                      include=a.include.split(",") if a.include else None),
     "chat": lambda a: importlib.import_module("lib.chat").run_chat(a.run, prompt=a.prompt, system=a.system,
-                                                                   merged=a.merged),
+                                                                   merged=a.merged, tools=a.tools),
     "summary": lambda a: print("\n" + importlib.import_module("lib.summary").before_after(a.run) + "\n"),
 }
 

@@ -99,6 +99,27 @@ def _tally(enc_train: list[dict], enc_eval: list[dict], max_length: int) -> dict
     }
 
 
+def tool_counts(examples: list[dict], encoded: list[dict]) -> dict:
+    """Tool calls and reasoning blocks in the trained assistant turns, tool results (context, never
+    trained), and the share of the trained tokens in calls, in reasoning and in answers. Tool results
+    of a conversation split per turn are counted once (in its last part)."""
+    calls = results = reasoning = 0
+    for ex in examples:
+        msgs = ex.get("messages") or []
+        meta = ex.get("metadata") or {}
+        trained = [m for m in msgs if m["role"] == "assistant" and m.get("weight", 1) != 0]
+        calls += sum(len(m.get("tool_calls") or []) for m in trained)
+        reasoning += sum(1 for m in trained if m.get("reasoning_content") or "</think>" in (m.get("content") or ""))
+        if meta.get("turn", 1) == meta.get("turns", 1):
+            results += sum(m["role"] == "tool" for m in msgs)
+    total = max(1, sum(e["n_trained"] for e in encoded))
+    call = sum(e.get("n_trained_call", 0) for e in encoded) / total
+    think = sum(e.get("n_trained_reasoning", 0) for e in encoded) / total
+    return {"tool_calls": calls, "tool_results": results, "reasoning_blocks": reasoning,
+            "trained_token_share": {"tool_calls": round(call, 4), "reasoning": round(think, 4),
+                                    "answers": round(max(0.0, 1 - call - think), 4), "tool_results": 0.0}}
+
+
 def _histogram(lengths: list[int]) -> dict:
     """Token lengths in 5 to 30 equal-width integer bins: {"bin_edges": [...], "counts": [...]}."""
     bins = min(30, max(5, len(set(lengths))))
@@ -192,6 +213,7 @@ def audit(prepared: Prepared, tokenizer, max_length: int, template_added: bool =
                         "stop_appended_to_final_answer": t["appended"], "stop_token_ids": stop_token_ids(tokenizer)},
         "template": {"system_folded_examples": t["folded"], "conversations_split_per_turn": n_split,
                      "control_token_text_examples": t["control"], "control_token_text_occurrences": t["control_tokens"]},
+        "tools_and_reasoning": tool_counts(prepared.train, enc_train),
         "pad_token": pad, "eos_token": eos, "pad_distinct_from_eos": pad is not None and pad != eos,
         "chat_template_present": not template_added,
         "warnings": _audit_warnings(prepared, tokenizer, t, lengths, max_length, template_added, n_split),
@@ -220,11 +242,23 @@ def audit_table(report: dict):
         ("conversations split one assistant turn per example", report["template"]["conversations_split_per_turn"]),
         ("special tokens written as text in the data (encoded as plain text)",
          f"{report['template'].get('control_token_text_examples', 0)} examples"),
+        *_tool_rows(report.get("tools_and_reasoning")),
         ("pad token distinct from eos", f"{report['pad_distinct_from_eos']} (pad={report['pad_token']!r}, eos={report['eos_token']!r})"),
         ("chat template present", report["chat_template_present"]),
         ("warnings", len(report["warnings"])),
     ]
     return pd.DataFrame(rows, columns=["check", "value"]).set_index("check")
+
+
+def _tool_rows(tr: dict | None) -> list[tuple]:
+    """The audit table's rows on tool calls and reasoning (none when the data has neither)."""
+    if not tr or not (tr["tool_calls"] or tr["tool_results"] or tr["reasoning_blocks"]):
+        return []
+    share = tr["trained_token_share"]
+    return [("tool calls / tool results / reasoning blocks",
+             f"{tr['tool_calls']} / {tr['tool_results']} / {tr['reasoning_blocks']}"),
+            ("trained tokens in tool calls / reasoning / answers (tool results: never)",
+             f"{share['tool_calls']:.1%} / {share['reasoning']:.1%} / {share['answers']:.1%}")]
 
 
 def fields_table(report: dict):

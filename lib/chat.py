@@ -2,6 +2,7 @@
 
     python -m lib chat --run demo --prompt "Why does ice float?"   # one reply on stdout
     python -m lib chat --run demo [--system TEXT] [--merged]      # a chat loop in the terminal
+    python -m lib chat --run demo --tools tools.json --prompt "Weather in Oslo?"   # shows the call it makes
 
     from lib.chat import load_session, chat_widget
     session = load_session("demo")               # 4-bit base + adapter, as training saw it
@@ -15,11 +16,16 @@ run's `generation` settings and stops at the template's end-of-turn token
 (`lib.templates.stop_token_ids`, via `lib.generation.generation_kwargs`). With `stream=True` it returns an iterator of text pieces fed
 by transformers' `TextIteratorStreamer` from a generation thread (with a timeout, so a stuck
 generation cannot hang the caller).
+
+With `tools` (a list of tool schemas, or a JSON file holding one) the template renders them as in
+training, and a reply that calls a tool is shown as the call (`lib.toolcalls.parse_tool_call`):
+nothing is executed. A template that renders no tools refuses them in one line.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,19 +38,41 @@ from .loading import load_merged, load_tuned_model
 from .paths import require
 from .rundir import check_fresh, check_trained
 from .settings import GenerationSettings
+from .templates import model_name, template_info
+from .toolcalls import load_tools, parse_tool_call
 
 
 def chat(model, tokenizer, history, system: str | None = None, settings: GenerationSettings | None = None,
-         stream: bool = False, timeout: float = DEFAULT_TIMEOUT):
+         stream: bool = False, timeout: float = DEFAULT_TIMEOUT, tools=None):
     """The model's reply to `history` (a list of {"role", "content"} ending with the user's message).
 
     Returns the reply text, or with stream=True an iterator of text pieces that join to it.
-    Generation stops at the end-of-turn token; `settings` are the run's `generation` section.
+    Generation stops at the end-of-turn token; `settings` are the run's `generation` section;
+    `tools` the tool schemas the template renders (check_tools).
     """
+    tools = check_tools(tokenizer, tools)
     if not stream:
-        return generate_reply(model, tokenizer, history, system, settings)["text"]
+        return generate_reply(model, tokenizer, history, system, settings, tools)["text"]
     gc = generation_config(settings, tokenizer, getattr(model, "generation_config", None))
-    return stream_reply(model, tokenizer, conversation(history, system), gc, timeout)
+    return stream_reply(model, tokenizer, conversation(history, system), gc, timeout, tools)
+
+
+def check_tools(tokenizer, tools) -> list | None:
+    """`tools` (a list or a JSON file) as schemas, refused in one line where the chat template renders none."""
+    tools = load_tools(tools)
+    if tools and not template_info(tokenizer).renders_tools:
+        raise SFTError(f"chat: the chat template of {model_name(tokenizer)} does not render tools (it has no tools "
+                       "handling), so the model would never see them: train with a data.prompt_format that renders "
+                       "tools, or chat without --tools")
+    return tools
+
+
+def describe_call(reply: str) -> str | None:
+    """'tool call: NAME {arguments} (not executed)' for a reply that calls a tool, else None."""
+    call = parse_tool_call(reply)
+    if call is None:
+        return None
+    return f"tool call: {call['name']} {json.dumps(call['arguments'], ensure_ascii=False)} (not executed)"
 
 
 @dataclass
@@ -58,6 +86,7 @@ class ChatSession:
     history: list[dict] = field(default_factory=list)
     timeout: float = DEFAULT_TIMEOUT
     source: str = ""
+    tools: list | None = None  # tool schemas rendered with every prompt (no execution)
 
     def send(self, message: str) -> str:
         """Answer `message`, add both turns to the history and return the reply."""
@@ -70,7 +99,7 @@ class ChatSession:
         history = self.history + [{"role": "user", "content": message.strip()}]
         parts = []
         for piece in chat(self.model, self.tokenizer, history, self.system, self.settings,
-                          stream=True, timeout=self.timeout):
+                          stream=True, timeout=self.timeout, tools=self.tools):
             parts.append(piece)
             yield piece
         self.history = history + [{"role": "assistant", "content": "".join(parts).strip()}]
@@ -79,9 +108,10 @@ class ChatSession:
         self.history = []
 
 
-def load_session(run: str, merged: bool = False, system: str | None = None) -> ChatSession:
+def load_session(run: str, merged: bool = False, system: str | None = None, tools=None) -> ChatSession:
     """A chat session on the run's tuned model: base + adapter (the 4-bit base training used), or
-    with merged=True the merged 16-bit model in merged/."""
+    with merged=True the merged 16-bit model in merged/. `tools`: a list of tool schemas or a JSON file."""
+    tools = load_tools(tools)  # a bad file is named before the model loads
     ctx = open_run(run, "chat")
     paths, cfg = ctx.paths, ctx.cfg
     if merged:
@@ -95,7 +125,8 @@ def load_session(run: str, merged: bool = False, system: str | None = None) -> C
         model, tokenizer = load_tuned_model(cfg, paths.adapter, info=ctx.device)  # with the saved template
         source = f"{cfg.model.name_or_path} + {paths.adapter}"
     model.eval()
-    return ChatSession(model, tokenizer, settings=cfg.generation, system=system, source=source)
+    return ChatSession(model, tokenizer, settings=cfg.generation, system=system, source=source,
+                       tools=check_tools(tokenizer, tools))
 
 
 def run_script(session: ChatSession, prompts) -> list[dict]:
@@ -105,7 +136,8 @@ def run_script(session: ChatSession, prompts) -> list[dict]:
     """
     for prompt in prompts:
         reply = session.send(prompt)
-        print(f"you> {prompt}\nmodel> {reply}\n")
+        call = describe_call(reply) if session.tools else None
+        print(f"you> {prompt}\nmodel> {reply}\n" + (f"{call}\n" if call else ""))
     return session.history
 
 
@@ -171,19 +203,21 @@ def chat_widget(session: ChatSession):
     return ui
 
 
-def run_chat(run: str, prompt: str | None = None, system: str | None = None, merged: bool = False):
+def run_chat(run: str, prompt: str | None = None, system: str | None = None, merged: bool = False, tools=None):
     """Entry point of `python -m lib chat`: print one reply to `prompt`, or run a terminal chat loop.
 
-    Returns the reply (with a prompt) or the conversation (after the loop).
+    `tools`: a list of tool schemas or a JSON file (--tools); a reply that calls one is followed by the
+    call it makes (not executed). Returns the reply (with a prompt) or the conversation (after the loop).
     """
     for what, text in (("--prompt", prompt), ("--system", system)):
         problem = undecodable(text or "")
         if problem:  # checked before the model loads
             raise SFTError(f"chat: {what} is {problem}")
-    session = load_session(run, merged=merged, system=system)
+    session = load_session(run, merged=merged, system=system, tools=tools)
     if prompt is not None:
         reply = _print_stream(session, prompt)
         sys.stdout.write("\n")
+        _print_call(session, reply)
         return reply.strip()
     print(f"chatting with {session.source} (/clear starts over, /exit or Ctrl-D quits)", file=sys.stderr)
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach the message check, not a traceback
@@ -193,11 +227,13 @@ def run_chat(run: str, prompt: str | None = None, system: str | None = None, mer
             session.clear()
         elif text:
             sys.stdout.write("model> ")
+            reply = ""
             try:
-                _print_stream(session, text)
+                reply = _print_stream(session, text)
             except KeyboardInterrupt:
                 sys.stdout.write(" [interrupted]")
             sys.stdout.write("\n")
+            _print_call(session, reply)
     return session.history
 
 
@@ -209,6 +245,12 @@ def _print_stream(session, text: str) -> str:
         sys.stdout.write(piece)
         sys.stdout.flush()
     return "".join(parts)
+
+
+def _print_call(session, reply: str) -> None:
+    call = describe_call(reply) if session.tools else None
+    if call:
+        print(call)
 
 
 def _read_message() -> str | None:

@@ -136,7 +136,8 @@ def preview(run: str, index: int | None = None, split: str = "train") -> str:
     """One prepared example as the model sees it, trained tokens shown between « and ».
 
     index None: the first example with the most answers (trained or weight-0 context) (a multi-turn one when there is
-    one), so every answer's span and stop token can be checked by eye. An example split off a
+    one; one that calls tools first, when the data has any: the call and the answer are marked, the tool
+    results and schemas are not), so every answer's span and stop token can be checked by eye. An example split off a
     conversation (templates that rewrite history) is headed by which assistant turn it trains.
     """
     paths = run_paths(run)
@@ -150,7 +151,10 @@ def preview(run: str, index: int | None = None, split: str = "train") -> str:
         def answers(ex):
             return sum(m["role"] == "assistant" for m in ex.get("messages") or [])  # weight-0 ones shown as context
 
-        index = max(range(len(examples)), key=lambda i: (answers(examples[i]), -i))
+        def calls(ex):  # a tool-calling example first, when the run's data has one
+            return any(m.get("tool_calls") for m in ex.get("messages") or [])
+
+        index = max(range(len(examples)), key=lambda i: (calls(examples[i]), answers(examples[i]), -i))
         if answers(examples[index]) < 2:  # show how a conversation is trained with a sample one
             sample = REPO_ROOT / "data" / "examples" / "socratic_dialogues.json"
             convs = split_examples_for(tokenizer, prepare_examples(str(sample), eval_fraction=0.0).train)

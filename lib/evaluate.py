@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .context import open_run
 from .errors import MissingStageError, SFTError
-from .generation import eval_conversations, generate_answers
+from .generation import eval_conversations, eval_tools, generate_answers
 from .loading import load_tuned_model, release
 from .oom import out_of_memory
 from .paths import require, run_paths
@@ -52,6 +52,7 @@ from .rundir import (
 )
 from .scoring import perplexity
 from .stages import stage
+from .toolcalls import tool_call_metrics
 
 MODELS = ("base", "tuned")
 STAGING = ".staging-"  # results are built in eval/.staging-XXXXXXXX, then installed as one set
@@ -120,9 +121,14 @@ def text_metrics(predictions: list[str], references: list[str]) -> dict:
 
 
 def generation_metrics(predictions: list[dict], references: list[str]) -> dict:
-    """text_metrics plus the stop rate, for generate_answers() output."""
+    """text_metrics plus the stop rate, for generate_answers() output; for eval examples whose reference
+    is a tool call, the share of answers holding a call that parses as JSON and names the reference
+    function (lib/toolcalls.py)."""
     out = text_metrics([p["text"] for p in predictions], references)
     out["stop_rate"] = sum(bool(p["stopped"]) for p in predictions) / max(1, len(predictions))
+    calls = tool_call_metrics([p["text"] for p in predictions], references)
+    if calls is not None:
+        out.update(calls)
     return out
 
 
@@ -195,8 +201,8 @@ def _perplexities(model, tokenizer, examples, cfg, progress) -> dict:
     return ppl
 
 
-def _answers(model, tokenizer, conversations, cfg, progress) -> dict:
-    """Both models' answers, each from the same seed."""
+def _answers(model, tokenizer, conversations, cfg, progress, tools=None) -> dict:
+    """Both models' answers, each from the same seed (`tools`: each conversation's tool schemas or None)."""
     import torch
 
     bs, max_len = cfg.eval.batch_size, cfg.train.max_length
@@ -204,10 +210,10 @@ def _answers(model, tokenizer, conversations, cfg, progress) -> dict:
     torch.manual_seed(cfg.train.seed)
     with model.disable_adapter():
         answers["base"] = generate_answers(model, tokenizer, conversations, cfg.generation, bs,
-                                           desc="generate (base)", progress=progress, max_length=max_len)
+                                           desc="generate (base)", progress=progress, max_length=max_len, tools=tools)
     torch.manual_seed(cfg.train.seed)
     answers["tuned"] = generate_answers(model, tokenizer, conversations, cfg.generation, bs,
-                                        desc="generate (tuned)", progress=progress, max_length=max_len)
+                                        desc="generate (tuned)", progress=progress, max_length=max_len, tools=tools)
     return answers
 
 
@@ -218,7 +224,8 @@ def _generation(model, tokenizer, examples, cfg, progress) -> tuple[list[dict], 
     if not chosen:
         return [], None
     references = [c[2] for c in chosen]
-    answers = _answers(model, tokenizer, [c[1] for c in chosen], cfg, progress)
+    tools = eval_tools(examples, chosen)
+    answers = _answers(model, tokenizer, [c[1] for c in chosen], cfg, progress, tools if any(tools) else None)
     predictions = []
     for (index, prompt, reference), base, tuned in zip(chosen, answers["base"], answers["tuned"]):
         predictions.append({
@@ -274,6 +281,11 @@ def _print_results(ppl, ppl_seconds, predictions, gen_metrics, max_len) -> None:
         print(f"generated {len(predictions)} answers per model: BLEU base {gen_metrics['base']['bleu']:.1f} / "
               f"tuned {gen_metrics['tuned']['bleu']:.1f}, stop rate base {gen_metrics['base']['stop_rate']:.0%} / "
               f"tuned {gen_metrics['tuned']['stop_rate']:.0%} ({gen_metrics['seconds']:.1f}s)")
+        if "tool_call_examples" in gen_metrics["tuned"]:
+            b, t = gen_metrics["base"], gen_metrics["tuned"]
+            print(f"tool calls on {t['tool_call_examples']} prompts: parse as JSON base {b['tool_call_parse_rate']:.0%} / "
+                  f"tuned {t['tool_call_parse_rate']:.0%}, name the reference function base "
+                  f"{b['tool_name_match_rate']:.0%} / tuned {t['tool_name_match_rate']:.0%}")
 
 
 # ----------------------------------------------------------------------------- notebook views
@@ -305,7 +317,8 @@ def metrics_table(run: str, styled: bool = False):
     }
     labels = {"bleu": "BLEU (0-100)", "rouge_l": "ROUGE-L F1 (0-1)", "stop_rate": "stop rate (ended by end-of-turn)",
               "question_rate": "answers ending with a question", "questions_per_answer": "questions per answer",
-              "mean_words": "words per answer"}
+              "mean_words": "words per answer", "tool_call_parse_rate": "tool calls that parse as JSON",
+              "tool_name_match_rate": "tool calls naming the reference function"}
     for key, label in labels.items():
         row = {m: gen[m].get(key) for m in MODELS if isinstance(gen.get(m), dict)}
         if key in (gen.get("reference") or {}):

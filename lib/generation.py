@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from .config import undecodable
 from .errors import SFTError
 from .oom import in_batches
+from .prompts import encode_prompt, prompt_messages
 from .settings import GenerationSettings
 from .templates import stop_token_ids
-from .tokenization import encode_prompt, prompt_messages
 
 DEFAULT_TIMEOUT = 120.0  # seconds the streamer waits for the next piece of text
 
@@ -105,7 +105,7 @@ def generation_config(settings: GenerationSettings | None, tokenizer, base=None)
 
 
 def generate_answers(model, tokenizer, conversations, gen_cfg, batch_size: int = 8, desc: str = "generate",
-                     progress: bool = True, max_length: int | None = None) -> list[dict]:
+                     progress: bool = True, max_length: int | None = None, tools=None) -> list[dict]:
     """Answer each conversation (a list of messages ending with the user's turn).
 
     Returns [{"text": answer, "stopped": True if it ended with a stop token, False if it ran into
@@ -113,12 +113,13 @@ def generate_answers(model, tokenizer, conversations, gen_cfg, batch_size: int =
     given. Prompts are rendered with the tokenizer's chat template, cut to their last `max_length`
     tokens (the context training saw; a long prompt would otherwise cost memory and time without
     bound), and left-padded, so a batch gives the same answers as one prompt at a time. A batch that
-    runs out of memory is halved and retried (lib/oom.py).
+    runs out of memory is halved and retried (lib/oom.py). `tools`: one list of tool schemas (or None)
+    per conversation, rendered by the template as in training (a record's `tools`).
     """
     from tqdm.auto import tqdm
 
     kw = generation_kwargs(tokenizer, gen_cfg)
-    prompts = prompt_ids(tokenizer, conversations, max_length)
+    prompts = prompt_ids(tokenizer, conversations, max_length, tools)
     was_training = model.training
     model.eval()
     try:
@@ -129,11 +130,11 @@ def generate_answers(model, tokenizer, conversations, gen_cfg, batch_size: int =
         model.train(was_training)
 
 
-def prompt_ids(tokenizer, conversations, max_length: int | None) -> list[tuple[list[int], bool]]:
+def prompt_ids(tokenizer, conversations, max_length: int | None, tools=None) -> list[tuple[list[int], bool]]:
     """(token ids cut to max_length, whether they were cut) of each conversation's generation prompt."""
     prompts = []
-    for conv in conversations:
-        ids = encode_prompt(tokenizer, list(conv))  # a special token's text in the data stays text
+    for k, conv in enumerate(conversations):
+        ids = encode_prompt(tokenizer, list(conv), tools[k] if tools else None)  # data's special-token text stays text
         if not ids:
             raise SFTError("an evaluation prompt renders to no tokens")
         prompts.append((cut_prompt(ids, max_length, tokenizer.bos_token_id), len(ids) > (max_length or len(ids))))
@@ -165,8 +166,14 @@ def _generate_batch(model, tokenizer, batch, kw) -> list[dict]:
 
 
 
+def eval_tools(examples, chosen) -> list:
+    """The `tools` of each chosen eval example (eval_conversations' rows), None where it has none."""
+    return [examples[index].get("tools") or None for index, *_ in chosen]
+
+
 def eval_conversations(examples):
-    """(index, prompt messages, reference) of eval examples that end with an assistant answer."""
+    """(index, prompt messages, reference) of eval examples that end with an assistant answer (or call
+    tools: then the prompt ends before the first call, lib.tokenization.prompt_messages)."""
     out = []
     for i, ex in enumerate(examples):
         messages = ex.get("messages")
@@ -199,20 +206,20 @@ def conversation(history: list[dict], system: str | None = None) -> list[dict]:
     return msgs
 
 
-def _inputs(model, tokenizer, messages):
+def _inputs(model, tokenizer, messages, tools=None):
     import torch
 
     # The template writes bos itself; a special token's text the user typed stays text (as in training).
-    ids = torch.tensor([encode_prompt(tokenizer, messages)], device=model.device)
+    ids = torch.tensor([encode_prompt(tokenizer, messages, tools)], device=model.device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def generate_reply(model, tokenizer, history, system=None, settings=None) -> dict:
+def generate_reply(model, tokenizer, history, system=None, settings=None, tools=None) -> dict:
     """One reply with its details: text, token ids, and whether it ended at a stop token."""
     import torch
 
     gc = generation_config(settings, tokenizer, getattr(model, "generation_config", None))
-    inputs = _inputs(model, tokenizer, conversation(history, system))
+    inputs = _inputs(model, tokenizer, conversation(history, system), tools)
     with torch.no_grad():
         out = model.generate(**inputs, generation_config=gc)
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
@@ -234,11 +241,11 @@ class _Cancel:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def stream_reply(model, tokenizer, messages, gc, timeout) -> Iterator[str]:
+def stream_reply(model, tokenizer, messages, gc, timeout, tools=None) -> Iterator[str]:
     import torch
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-    inputs = _inputs(model, tokenizer, messages)
+    inputs = _inputs(model, tokenizer, messages, tools)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=timeout, skip_special_tokens=True)
     cancel = _Cancel()
     failure: list[BaseException] = []

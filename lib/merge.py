@@ -37,6 +37,7 @@ from .generation import generation_config
 from .loading import load_16bit_with_adapter, load_merged, load_tokenizer, load_tuned_model, release
 from .oom import out_of_memory
 from .paths import require, run_paths
+from .prompts import prompt_messages, render_prompt
 from .rundir import (
     check_trained,
     install,
@@ -47,7 +48,7 @@ from .rundir import (
 )
 from .scoring import check_examples, perplexity
 from .settings import RunConfig
-from .tokenization import IGNORE_INDEX, encode_example, prompt_messages, render_prompt
+from .tokenization import IGNORE_INDEX, encode_example
 
 LOGIT_SAMPLES = 4  # eval conversations whose logits are compared position by position
 

@@ -24,10 +24,11 @@ from pathlib import Path
 from .generation import eval_conversations, generate_reply
 from .loading import load_merged, release
 from .ollama import render_with_pieces, template_pieces
+from .prompts import render_prompt
 from .scoring import perplexity
 from .settings import GenerationSettings
 from .templates import stop_token_ids
-from .tokenization import IGNORE_INDEX, encode_example, render_prompt
+from .tokenization import IGNORE_INDEX, encode_example
 
 # Default tolerances by type: (relative perplexity drift, smallest greedy agreement).
 # Greedy answers fork at the first near-tie, so quantized types are not held to an agreement (measured on

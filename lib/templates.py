@@ -91,6 +91,7 @@ class TemplateInfo:
     call_form: tuple | None = None  # (arguments as a JSON string, content null) it renders tool calls with
     stop_call: str | None = None  # special token that ends an assistant turn calling tools (gpt-oss: <|call|>)
     reasoning_key: str | None = None  # message key whose reasoning it renders (reasoning_content, thinking, ...)
+    trailing_prompt: str | None = None  # generation prompt it writes after every conversation (Command R7B / A)
 
 
 _INFO_CACHE: dict = {}
@@ -129,7 +130,35 @@ def trailing_special(text: str, specials) -> str | None:
     return next((s for s in specials if rest.endswith(s)), None)
 
 
-def _probe_tools(tokenizer, specials, openers) -> tuple:
+def stop_run(text: str, specials, openers) -> tuple[int, str]:
+    """(whitespace before it, the stop) written at the start of `text`, right after an answer: the special
+    token there and every special token glued to it that opens no turn, so a stop of several tokens
+    (Command A's <|END_RESPONSE|><|END_OF_TURN_TOKEN|>) is trained whole. ("" when none.)"""
+    gap = len(text) - len(text.lstrip())
+    pos = gap
+    while (tok := next((s for s in specials if text.startswith(s, pos)), None)) is not None and tok not in openers:
+        pos += len(tok)
+    return gap, text[gap:pos]
+
+
+def last_special(run: str, specials) -> str | None:
+    """The last special token of a stop run: the one generation stops on."""
+    return next((s for s in specials if run and run.endswith(s)), None)
+
+
+def _trailing_prompt(tokenizer, rendered: dict, specials) -> str | None:
+    """The generation prompt a template writes after every conversation, add_generation_prompt or not
+    (Command R7B / A): what follows the closing token of the user's turn; None for other templates."""
+    text, u1 = rendered["u1"], PROBE["u1"]
+    if not text or text != rendered["u1+"] or u1 not in text:
+        return None
+    after = text[text.index(u1) + len(u1):]
+    closing = leading_special(after, specials)
+    rest = after.lstrip()[len(closing):] if closing else ""
+    return rest or None
+
+
+def _probe_tools(tokenizer, specials, openers, trailing_prompt=None) -> tuple:
     """(renders tools, the tool-call form it renders, the token ending a tool-call turn), by rendering."""
     user = [{"role": "user", "content": PROBE["u1"]}]
     try:
@@ -149,6 +178,8 @@ def _probe_tools(tokenizer, specials, openers) -> tuple:
             except TemplateError:
                 continue
             reply = text[len(prompt):] if text.startswith(prompt) else text[text.index(PROBE["u1"]):]
+            if trailing_prompt and reply.endswith(trailing_prompt):
+                reply = reply[: -len(trailing_prompt)]
             if "QzPROBEtoolQZ" in reply and "QzPROBEvalQZ" in reply and '\\"QzPROBEargQZ' not in reply:
                 stop = trailing_special(reply, specials)
                 return renders_tools, (args_as_string, content_none), None if stop in openers else stop
@@ -178,35 +209,54 @@ def template_info(tokenizer) -> TemplateInfo:
     """Probe the chat template once (cached): system support, stop tokens, turn openers.
 
     A special token right after an answer is its stop token unless it is what opens the next
-    user turn (a template that writes no end-of-turn token, e.g. `<|assistant|>...<|user|>`).
-    It counts as an end-of-turn token when it also follows the final answer, is eos, or closes
-    the system turn (gpt-oss's `<|end|>`).
+    user turn (a template that writes no end-of-turn token, e.g. `<|assistant|>...<|user|>`, or
+    Baichuan 2's `<reserved_106>`): a turn opener is never a stop. It counts as an end-of-turn token
+    when it also follows the final answer, is eos, or closes the system turn (gpt-oss's `<|end|>`)
+    without opening the user's. Special tokens glued to it that open no turn belong to the stop
+    (Command A's `<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`): stop_last / stop_history name the last
+    one, which generation stops on.
     """
     key = (tokenizer.chat_template, tuple(special_strings(tokenizer)), tokenizer.bos_token, tokenizer.eos_token)
     if key in _INFO_CACHE:
         return _INFO_CACHE[key]
     specials = special_strings(tokenizer)
-    sys_, u1, a1, u2, a2 = PROBE.values()
     rendered = probe_renderings(tokenizer)
     system_ok = rendered["s u1 a1 u2 a2"] is not None
     text = rendered["s u1 a1 u2 a2"] if system_ok else rendered["u1 a1 u2 a2"] or ""
-    user_prefix = (rendered["u1"] or "").split(u1)[0]
+    user_prefix = (rendered["u1"] or "").split(PROBE["u1"])[0]
     bos = tokenizer.bos_token if tokenizer.bos_token and tokenizer.bos_token != tokenizer.eos_token else None
     openers = {s for s in specials if s in user_prefix} | ({bos} if bos else set())
-    stop_history = stop_last = None
-    if all(p in text for p in (a1, u2, a2)):
-        stop_last = leading_special(text[text.index(a2) + len(a2):], specials)
-        stop_last = None if stop_last == bos else stop_last
-        stop_history = leading_special(text[text.index(a1) + len(a1): text.index(u2)], specials)
-        closes_system = sys_ in text and leading_special(text[text.index(sys_) + len(sys_):], specials)
-        if stop_history in openers and stop_history not in (stop_last, tokenizer.eos_token, closes_system):
-            stop_history = None
+    stop_history, stop_last = _first_stops(tokenizer, text, specials, openers, bos, user_prefix)
     openers -= {stop_history, stop_last, tokenizer.eos_token}
-    renders_tools, call_form, stop_call = _probe_tools(tokenizer, specials, openers)
+    stop_history, stop_last = (last_special(stop_run(after, specials, openers)[1], specials) if first else None
+                               for first, after in ((stop_history, _after(text, "a1")), (stop_last, _after(text, "a2"))))
+    trailing = _trailing_prompt(tokenizer, rendered, specials)
+    renders_tools, call_form, stop_call = _probe_tools(tokenizer, specials, openers, trailing)
     info = TemplateInfo(system_ok, stop_history, stop_last, frozenset(openers), renders_tools, call_form, stop_call,
-                        _probe_reasoning(tokenizer))
+                        _probe_reasoning(tokenizer), trailing)
     _INFO_CACHE[key] = info
     return info
+
+
+def _after(text: str, name: str) -> str:
+    marker = PROBE[name]
+    return text[text.index(marker) + len(marker):] if marker in text else ""
+
+
+def _first_stops(tokenizer, text: str, specials, openers, bos, user_prefix) -> tuple:
+    """(stop after earlier answers, stop after the final one): the first special token after each."""
+    sys_, a1, u2, a2 = PROBE["s"], PROBE["a1"], PROBE["u2"], PROBE["a2"]
+    if not all(p in text for p in (a1, u2, a2)):
+        return None, None
+    stop_last = leading_special(_after(text, "a2"), specials)
+    stop_last = None if stop_last == bos else stop_last
+    stop_history = leading_special(text[text.index(a1) + len(a1): text.index(u2)], specials)
+    closes_system = sys_ in text and leading_special(_after(text, "s"), specials)
+    if closes_system and closes_system == trailing_special(user_prefix, specials):
+        closes_system = None  # it opens the user's turn (Baichuan 2: the system text, then <reserved_106>)
+    if stop_history in openers and stop_history not in (stop_last, tokenizer.eos_token, closes_system):
+        stop_history = None
+    return stop_history, stop_last
 
 
 def end_of_turn_token(tokenizer) -> str | None:

@@ -22,7 +22,13 @@ answer's text, so a short answer such as "4" cannot be matched inside the questi
   come first: Llama-2's `' ' + eos`, deepseek-coder's `\n<|EOT|>`), per turn, so gpt-oss trains
   `<|return|>` on its final answer. Where a template leaves it off the final answer (Qwen1.5), the
   end-of-turn token it writes after earlier answers is appended, since that is what the model
-  must emit to stop. The stop tokens are learnt from a multi-turn probe rendering (like TRL's
+  must emit to stop. Special tokens glued to the stop that open no turn are part of it (Command A's
+  `<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`, trained whole); a turn opener is never a stop (Baichuan 2's
+  `<reserved_106>`). Where a template writes nothing at all after an answer (Baichuan 2, ChatGLM2),
+  the tokenizer's eos, which those models' generation stops on, is appended (`eos_stop`), one
+  assistant turn per example; a text stop (RWKV World's `\n\n`) is no token generation can stop
+  on, so prepare refuses it in one line (data.allow_missing_stop accepts it). The stop tokens are
+  learnt from a multi-turn probe rendering (like TRL's
   `is_chat_template_stop_token_trained`) and all of them are in `stop_token_ids`.
 * A template that renders an answer differently once later turns follow (reasoning templates
   that drop earlier `<think>` blocks, Qwen3, gpt-oss) cannot train a whole conversation in one
@@ -59,11 +65,11 @@ from .templates import (
     TemplateInfo,
     apply_template,
     has_chat_template,
-    leading_special,
     mask_specials,
     model_name,
     special_strings,
     specials_as_text,
+    stop_run,
     template_info,
     trailing_special,
 )
@@ -108,7 +114,7 @@ def no_reasoning_place(tokenizer) -> str:
             "field to train the answers without it")
 
 
-def _render(tokenizer, messages, add_generation_prompt=False, tools=None) -> str:
+def render_messages(tokenizer, messages, add_generation_prompt=False, tools=None) -> str:
     if tools and not template_info(tokenizer).renders_tools:
         raise TemplateError(f"the chat template of {model_name(tokenizer)} does not render tools (it has no tools "
                             "handling), so the model would never see the tool schemas: choose a model or "
@@ -145,7 +151,7 @@ def _edge(tokenizer, messages, i: int, rendered: str, at_end: bool, tools=None) 
     for v in dict.fromkeys(variants):
         marked = dict(messages[i], content=v + _SENTINEL if at_end else _SENTINEL + v)
         try:
-            text = _render(tokenizer, list(messages[:i]) + [marked], tools=tools)
+            text = render_messages(tokenizer, list(messages[:i]) + [marked], tools=tools)
         except TemplateError:
             continue
         if text.count(_SENTINEL) != 1:
@@ -168,6 +174,8 @@ class _Turn:
     end: int  # one past the last trained character (after the stop token when there is one)
     stop: str | None
     appended: bool
+    call: bool = False  # the turn calls tools
+    reasoning: str | None = None  # its reasoning text (a separate field, or a <think> block in its content)
 
 
 def _check_no_stop_text(messages, info: TemplateInfo) -> None:
@@ -190,14 +198,17 @@ def _place_call(tokenizer, messages, i: int, info: TemplateInfo, specials, n: in
     """Assistant message i, which calls tools, rendered as the last message and placed: what the
     template writes after the generation prompt, up to and including the token that ends the turn."""
     m = messages[i]
-    rendered = _render(tokenizer, messages[: i + 1], tools=tools)
-    prompt = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+    rendered = render_messages(tokenizer, messages[: i + 1], tools=tools)
+    prompt = render_messages(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
     if not rendered.startswith(prompt):
         raise TemplateError(f"assistant message {n}: the chat template of {model_name(tokenizer)} renders the tool "
                             "call after something other than its generation prompt, so it cannot be placed as the "
                             "model produces it")
     start = len(prompt)
-    reply = rendered[start:].rstrip()
+    reply = rendered[start:]
+    if info.trailing_prompt and reply.rstrip().endswith(info.trailing_prompt.rstrip()):
+        reply = reply.rstrip()[: -len(info.trailing_prompt.rstrip())]  # Command R7B / A: the next prompt, always written
+    reply = reply.rstrip()
     end = start + len(reply)
     stop = trailing_special(reply, specials)
     stop = None if stop in info.openers else stop
@@ -221,8 +232,8 @@ def _place_turn(tokenizer, messages, i: int, info: TemplateInfo, specials, n: in
     if messages[i].get("tool_calls"):
         return _place_call(tokenizer, messages, i, info, specials, n, tools)
     content = messages[i]["content"]
-    rendered = _render(tokenizer, messages[: i + 1], tools=tools)
-    prompt = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+    rendered = render_messages(tokenizer, messages[: i + 1], tools=tools)
+    prompt = render_messages(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
     end = _edge(tokenizer, messages, i, rendered, at_end=True, tools=tools)
     if end is None:
         why = ("it drops or rewrites its <think> block" if "</think>" in content
@@ -242,14 +253,25 @@ def _place_turn(tokenizer, messages, i: int, info: TemplateInfo, specials, n: in
                             f"{'its <think> block' if '</think>' in content else 'part of it'}), so it cannot be trained as written")
     _check_reasoning(tokenizer, messages[i], rendered[start:end], n)
     rest = rendered[end:]
-    gap = len(rest) - len(rest.lstrip())
-    stop = leading_special(rest, specials)
-    stop = None if stop in info.openers else stop
-    if stop is not None:
+    gap, stop = stop_run(rest, specials, info.openers)
+    if stop:
         return _Turn(rendered, start, end + gap + len(stop), stop, False)
     if not rest.strip() and info.stop_history:  # the template leaves it off the final answer (Qwen1.5)
         return _Turn(rendered[:end] + info.stop_history, start, end + len(info.stop_history), info.stop_history, True)
+    eos = eos_stop(tokenizer, info)
+    if not rest and eos:  # no stop written at all (Baichuan 2, ChatGLM2): the model stops on eos
+        return _Turn(rendered + eos, start, end + len(eos), eos, True)
     return _Turn(rendered, start, end, None, False)
+
+
+def eos_stop(tokenizer, info: TemplateInfo) -> str | None:
+    """The tokenizer's eos, where it is the stop of a template that writes none after an answer: appended
+    after each answer (one assistant turn per example), as Baichuan 2's and ChatGLM2's generation stop on it.
+    None when the template writes a stop of its own, or eos is missing or opens a turn."""
+    eos = tokenizer.eos_token
+    if info.stop_last or info.stop_history or not eos or eos in info.openers or eos == tokenizer.bos_token:
+        return None
+    return eos
 
 
 def _plan(tokenizer, example: dict) -> tuple[str, list[_Turn], bool]:
@@ -259,7 +281,7 @@ def _plan(tokenizer, example: dict) -> tuple[str, list[_Turn], bool]:
     tools = example.get("tools") or None
     info = template_info(tokenizer)
     specials = special_strings(tokenizer)
-    text = _render(tokenizer, messages, tools=tools)
+    text = render_messages(tokenizer, messages, tools=tools)
     trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
     turns = []
     for i in trained:
@@ -273,6 +295,10 @@ def _plan(tokenizer, example: dict) -> tuple[str, list[_Turn], bool]:
                 f"assistant message {i + 1 + folded}: the chat template renders it differently once later turns "
                 "follow (it rewrites the history, e.g. drops reasoning or changes the end-of-turn token); "
                 "train it one assistant turn per example (split_for_template; notebook 01 does this)")
+        m = messages[i]
+        turn.call = bool(m.get("tool_calls"))
+        think = (m.get("content") or "").partition("</think>")
+        turn.reasoning = m.get("reasoning_content") or (think[0].replace("<think>", "").strip() if think[1] else None)
         turns.append(turn)
     return text, turns, folded
 
@@ -325,7 +351,7 @@ def split_for_template(tokenizer, example: dict, inline_reasoning: bool = False)
     return out
 
 
-def _encode_data_text(tokenizer, fields: dict, text: str, render) -> tuple[list, list, int]:
+def encode_data_text(tokenizer, fields: dict, text: str, render) -> tuple[list, list, int]:
     """Token ids and character offsets of `text`, the rendering of `fields` (messages, tools), with
     the control tokens the data wrote (not the template) encoded as plain text: `render` renders the
     fields with those masked, which shows where they are (`lib.templates.specials_as_text`)."""
@@ -353,22 +379,10 @@ def encode_example(tokenizer, example: dict, max_length: int | None = None) -> d
     (trained tokens after truncation). Raises TemplateError (or
     HistoryRewriteError) when an answer or its stop token cannot be placed exactly.
     """
+    kinds = {"call": 0, "reasoning": 0}
     if "messages" in example and example["messages"] is not None:
-        text, turns, folded = _plan(tokenizer, example)
-        spans = [(t.start, t.end) for t in turns]
-        fields = {"messages": example["messages"], "tools": example.get("tools")}
-        ids, offsets, n_control = _encode_data_text(tokenizer, fields, text,
-                                                    lambda f: _plan(tokenizer, dict(example, **f))[0])
-        labels = [IGNORE_INDEX] * len(ids)
-        answer_last_token = [-1] * len(spans)
-        for t, (s, e) in enumerate(offsets):
-            if e <= s:
-                continue
-            for k, (s0, e0) in enumerate(spans):
-                if e > s0 and s < e0:
-                    labels[t] = ids[t]
-                    answer_last_token[k] = t
-        n_answers = len(spans)
+        ids, labels, answer_last_token, turns, folded, n_control = _encode_messages(tokenizer, example, kinds)
+        n_answers = len(turns)
         n_eot = sum(1 for t in turns if t.stop is not None)
         n_appended = sum(1 for t in turns if t.appended)
     else:
@@ -398,35 +412,34 @@ def encode_example(tokenizer, example: dict, max_length: int | None = None) -> d
         "system_folded": folded,
         "n_control_text": n_control,
         "n_trained": sum(1 for x in labels if x != IGNORE_INDEX),
+        "n_trained_call": kinds["call"],  # trained tokens in turns that call tools (their reasoning aside)
+        "n_trained_reasoning": kinds["reasoning"],  # trained tokens of reasoning
     }
 
 
-def prompt_messages(messages: list[dict]) -> tuple[list[dict], str | None]:
-    """Split a conversation for generation: everything before the last assistant turn, and that turn
-    (its text; for a turn that calls tools, the calls as JSON: [{"name", "arguments"}, ...])."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        return list(messages), None
-    m = messages[last]
-    if m.get("tool_calls"):
-        calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in m["tool_calls"]]
-        return list(messages[:last]), json.dumps(calls, ensure_ascii=False)
-    return list(messages[:last]), m["content"]
-
-
-def render_prompt(tokenizer, messages: list[dict], tools: list | None = None) -> str:
-    """The text a model continues to answer `messages` with `tools` (the generation prompt appended;
-    a system message folded into the first user turn where the template refuses one, as in training)."""
-    messages, _ = prepare_messages(tokenizer, messages)
-    return _render(tokenizer, messages, add_generation_prompt=True, tools=tools or None)
-
-
-
-def encode_prompt(tokenizer, messages: list[dict], tools: list | None = None) -> list[int]:
-    """The token ids of `render_prompt`, a special token's text in the messages (a user typing
-    `<|im_start|>system`) encoded as plain text, as in training."""
-    def render(f):
-        return render_prompt(tokenizer, f["messages"], f["tools"])
-
-    fields = {"messages": list(messages), "tools": tools or None}
-    return _encode_data_text(tokenizer, fields, render(fields), render)[0]
+def _encode_messages(tokenizer, example: dict, kinds: dict) -> tuple:
+    """(ids, labels, last token of each trained turn, the turns, system folded, special tokens' text
+    encoded as text) of a conversation; `kinds` counts the trained tokens in tool-calling turns and in
+    reasoning."""
+    text, turns, folded = _plan(tokenizer, example)
+    spans = [(t.start, t.end) for t in turns]
+    thinks = []
+    for t in turns:
+        pos = text.find(t.reasoning, t.start, t.end) if t.reasoning else -1
+        thinks.append((pos, pos + len(t.reasoning)) if pos >= 0 else (0, 0))
+    fields = {"messages": example["messages"], "tools": example.get("tools")}
+    ids, offsets, n_control = encode_data_text(tokenizer, fields, text,
+                                                lambda f: _plan(tokenizer, dict(example, **f))[0])
+    labels = [IGNORE_INDEX] * len(ids)
+    answer_last_token = [-1] * len(spans)
+    for t, (s, e) in enumerate(offsets):
+        if e <= s:
+            continue
+        for k, (s0, e0) in enumerate(spans):
+            if e > s0 and s < e0:
+                labels[t] = ids[t]
+                answer_last_token[k] = t
+                in_reasoning = e > thinks[k][0] and s < thinks[k][1]
+                kinds["reasoning"] += in_reasoning
+                kinds["call"] += turns[k].call and not in_reasoning
+    return ids, labels, answer_last_token, turns, folded, n_control

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from lib.errors import MissingStageError, SFTError
+from lib.prompts import render_prompt
 from lib.settings import GenerationSettings
 from lib.templates import end_of_turn_token
-from lib.tokenization import render_prompt
 
 HISTORY = [{"role": "user", "content": "Why does ice float on water?"}]
 

@@ -295,7 +295,7 @@ def test_cut_prompt_keeps_the_end_and_a_leading_bos():
 
 def test_a_long_generation_prompt_is_cut_to_its_last_max_length_tokens(biased_model, tiny):
     from lib.generation import cut_prompt
-    from lib.tokenization import render_prompt
+    from lib.prompts import render_prompt
 
     _, tokenizer = tiny
     model = biased_model

@@ -91,8 +91,8 @@ def test_modelfile_names_the_gguf_template_stops_and_settings(merged_run, f16_ex
     from lib.config import apply_overrides, load_config
     from lib.ollama import render_with_pieces, template_pieces
     from lib.paths import run_paths
+    from lib.prompts import render_prompt
     from lib.templates import stop_token_ids
-    from lib.tokenization import render_prompt
 
     paths = run_paths(merged_run)
     cfg = apply_overrides(load_config(paths.config), QUICK)  # the settings the export ran with

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from lib.errors import ConfigError, DataError
+from lib.prompts import render_prompt
 from lib.templates import apply_prompt_format, stop_token_ids
-from lib.tokenization import IGNORE_INDEX, encode_example, render_prompt
+from lib.tokenization import IGNORE_INDEX, encode_example
 
 CONV = {"messages": [{"role": "user", "content": "What is 2+2? Is it 4?"}, {"role": "assistant", "content": "4"},
                      {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6"}]}

@@ -217,8 +217,8 @@ def merged_and_adapter_answers(run: str, n: int = 2, max_new_tokens: int = 40):
     from lib.config import load_config
     from lib.loading import load_16bit_with_adapter
     from lib.paths import run_paths
+    from lib.prompts import prompt_messages
     from lib.readers import read_examples
-    from lib.tokenization import prompt_messages
 
     paths = run_paths(run)
     merged = AutoModelForCausalLM.from_pretrained(paths.merged, dtype=torch.float32).eval()

@@ -109,6 +109,8 @@ def oracle_turn(tok, spec, msgs, i):
         return full, start, ce + gap + len(eot["after_final_answer"]), True
     if eot["after_final_answer"] is None and eot["after_earlier_answers"] and not after.strip():
         return full[:ce] + eot["after_earlier_answers"], start, ce + len(eot["after_earlier_answers"]), True
+    if spec.get("appended_stop") and not after:  # nothing follows the answer: the model stops on eos (its data file)
+        return full[:ce] + spec["appended_stop"], start, ce + len(spec["appended_stop"]), True
     raise Unplaceable("the declared end-of-turn token is not where the oracle expects it")
 
 
@@ -160,6 +162,9 @@ def check(tok, spec, case):
         assert "\n" not in str(e) and str(e), f"a refusal must be one line: {e!r}"
         assert isinstance(expected, Unplaceable), f"refused ({e}) although the oracle places every answer"
         return "refused"
+    if spec.get("text_stop") and isinstance(expected, Unplaceable):  # RWKV World: a text stop, no token
+        assert all(e["n_eot"] == 0 < e["n_answers"] for e in got), "a text stop is no stop token"
+        return "no stop token (prepare refuses it)"
     assert not isinstance(expected, Unplaceable), f"encoded although the oracle says: {expected}"
     assert len(got) == len(expected), "split into a different number of sequences"
     for enc, (text, spans, n_stop) in zip(got, expected):
@@ -190,9 +195,10 @@ def test_stop_token_ids_hold_every_end_of_turn_token(tiny_base, name):
     spec = SPECS[name]
     tok = with_template(tiny_base, spec)
     ids = stop_token_ids(tok)
-    for s in spec["end_of_turn"].values():
-        if s:
-            assert tok.convert_tokens_to_ids(s) in ids, s
+    for s in list(spec["end_of_turn"].values()) + [spec.get("appended_stop")]:
+        if s:  # a stop of several tokens (Command A's <|END_RESPONSE|><|END_OF_TURN_TOKEN|>): generation ends on its last
+            last = [t for t in spec["special_tokens"] + [spec["eos_token"]] if s.endswith(t)][0]
+            assert tok.convert_tokens_to_ids(last) in ids, s
 
 
 # ----------------------------------------------------------------------------- SmolLM2's real tokenizer

@@ -1,7 +1,8 @@
 """Tool calling and reasoning in a separate field, on real chat templates, checked by position.
 
 The real templates of tests/templates/*.json (Qwen2.5, Qwen3, QwQ, Llama 3.1/3.2/3.3, gpt-oss,
-Mistral-Nemo, Mistral-Small-3.2, Granite 3.0/3.3, DeepSeek-R1, DeepSeek-V3.1, SmolLM2) render
+Mistral-Nemo, Mistral-Small-3.2, Granite 3.0/3.3, DeepSeek-R1, DeepSeek-V3.1, SmolLM2, Hermes 3, Command R7B,
+SmolLM3, Baichuan 2, ChatGLM2, RWKV World) render
 conversations with tools, tool calls, tool results and reasoning. Each is put on the tiny tokenizer
 (its special tokens added) and on SmolLM2's real one, and lib.tokenization's labels are compared
 token by token with the oracle below, which uses none of the project's code: it finds a tool call
@@ -94,7 +95,7 @@ CASES = {
 # (Qwen <|im_end|>, Llama 3.x <|eot_id|>, gpt-oss <|call|>, Mistral </s>).
 TOOL_STOP = {"qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>", "qwq": "<|im_end|>", "llama3.1": "<|eot_id|>",
              "llama3.2": "<|eot_id|>", "llama3.3": "<|eot_id|>", "gpt-oss": "<|call|>", "mistral-nemo": "</s>",
-             "mistral-small-3.2": "</s>"}
+             "mistral-small-3.2": "</s>", "hermes3": "<|im_end|>", "command-r7b": "<|END_OF_TURN_TOKEN|>"}
 
 # The trained text of the call in single_call, as each template writes it (by hand, from the model cards).
 CALLS = {
@@ -106,6 +107,9 @@ CALLS = {
     "gpt-oss": ' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>',
     "mistral-nemo": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "call00001"}]</s>',
     "mistral-small-3.2": '[TOOL_CALLS]get_weather[CALL_ID]call00001[ARGS]{"city": "Paris"}</s>',
+    "hermes3": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+    "command-r7b": '<|START_THINKING|><|END_THINKING|><|START_ACTION|>[\n    {"tool_call_id": "0", "tool_name": '
+                   '"get_weather", "parameters": {"city": "Paris"}}\n]<|END_ACTION|><|END_OF_TURN_TOKEN|>',
 }
 
 NO_TOOLS = "does not render tools (it has no tools handling)"
@@ -136,6 +140,15 @@ OUTCOMES = {
                    "reasoning_then_call": NO_REASONING},
     "deepseek-v3.1": {**{c: NO_TOOLS for c in TOOL_CASES}, "reasoning": DROPS_THINK},
     "smollm2": {**{c: NO_TOOLS for c in TOOL_CASES}, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
+    "hermes3": {"reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
+    # Command R7B / A: calls in <|START_ACTION|>, answers end <|END_RESPONSE|><|END_OF_TURN_TOKEN|> (trained whole);
+    # it renders reasoning only beside a call, so a final answer's has no place
+    "command-r7b": {"reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
+    # SmolLM3 reads xml_tools, not tools; its <think> tokens take reasoning inline
+    "smollm3": {c: NO_TOOLS for c in TOOL_CASES},
+    "baichuan2": {**{c: NO_TOOLS for c in TOOL_CASES}, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
+    "chatglm2": {**{c: NO_TOOLS for c in TOOL_CASES}, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
+    "rwkv-world": {**{c: NO_TOOLS for c in TOOL_CASES}, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
 }
 
 
@@ -308,7 +321,8 @@ def test_the_trained_call_is_the_templates_syntax(tiny_base, name):
     assert TOOL_STOP[name] and tok.convert_tokens_to_ids(TOOL_STOP[name]) in stop_token_ids(tok)
 
 
-@pytest.mark.parametrize("name", ["qwen2.5", "qwen3", "llama3.1", "gpt-oss", "mistral-nemo", "granite3.3"])
+@pytest.mark.parametrize("name", ["qwen2.5", "qwen3", "llama3.1", "gpt-oss", "mistral-nemo", "granite3.3", "hermes3",
+                                  "command-r7b"])
 def test_on_smollm2_real_tokenizer(smol_tokenizer, name):
     spec = SPECS[name]
     tok = with_template(smol_tokenizer, spec)
@@ -316,6 +330,30 @@ def test_on_smollm2_real_tokenizer(smol_tokenizer, name):
         out = check(tok, spec, name, case)
         want = OUTCOMES[name].get(case, "exact")
         assert (out[0] == "exact") if want == "exact" else (want in out), (case, out)
+
+
+def test_multi_token_stops_and_appended_eos_by_value(tiny_base):
+    """Command A's two-token stop is trained whole; Baichuan 2 trains eos (its generation stop), never the
+    user-turn opener <reserved_106> that follows an answer; RWKV World's text stop leaves no stop token."""
+    msgs = [U("Hi?"), A("Hello."), U("Bye?"), A("Bye.")]
+    spec = SPECS["command-r7b"]
+    tok = with_template(tiny_base, spec)
+    enc = encode_example(tok, {"messages": msgs})
+    text = render(tok, msgs, None)
+    assert trained_texts(tok, text, enc["labels"]) == ["<|START_RESPONSE|>Hello.<|END_RESPONSE|><|END_OF_TURN_TOKEN|>",
+                                                        "<|START_RESPONSE|>Bye.<|END_RESPONSE|><|END_OF_TURN_TOKEN|>"]
+    assert tok.convert_tokens_to_ids("<|END_OF_TURN_TOKEN|>") in stop_token_ids(tok)
+    spec = SPECS["baichuan2"]
+    tok = with_template(tiny_base, spec)
+    parts = split_for_template(tok, {"messages": msgs})
+    assert len(parts) == 2 and parts[0]["messages"][-1] == A("Hello.")
+    runs = [r for p in parts for enc in [encode_example(tok, p)]
+            for r in trained_texts(tok, render(tok, p["messages"], None) + "</s>", enc["labels"])]
+    assert runs == ["Hello.</s>", "Bye.</s>"]
+    assert tok.convert_tokens_to_ids("<reserved_106>") not in stop_token_ids(tok)
+    tok = with_template(tiny_base, SPECS["rwkv-world"])
+    enc = encode_example(tok, {"messages": msgs})
+    assert enc["n_eot"] == 0 < enc["n_answers"]
 
 
 def test_smollm2_own_template_refuses_tools_in_one_line(smol_tokenizer):
@@ -435,6 +473,11 @@ def test_prepare_trains_a_tool_set_through_a_tool_template(tmp_path, outputs):
     report = run_prepare("glaive", str(_write(tmp_path, [GLAIVE, GLAIVE])), overrides=opts)
     assert report["counts"]["train"] == 2
     assert read_examples(run_paths("glaive").train_data)[0]["messages"] == GLAIVE_MESSAGES
+    from lib.data import preview
+
+    shown = preview("glaive")  # the tool-calling example, its call and answer marked, the tool result not
+    assert '«<tool_call>\n{"name": "search_recipes"' in shown and "«{\"recipes\"" not in shown, shown
+    assert report["tools_and_reasoning"]["tool_calls"] == 2 and report["tools_and_reasoning"]["tool_results"] == 2
     with pytest.raises(SFTError, match=r"line 1: .*data\.inline_reasoning=true"):
         run_prepare("openai", str(_write(tmp_path, [OPENAI, OPENAI])), overrides=opts)
     run_prepare("openai", str(_write(tmp_path, [OPENAI, OPENAI])), overrides=opts + ["data.inline_reasoning=true"])
