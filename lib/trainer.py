@@ -240,6 +240,17 @@ class GuardedSFTTrainer(SFTTrainer):
             self._close_bars()
             raise
 
+    def _run_epoch(self, *args, **kwargs):
+        """One pass over the data, or none when a resumed checkpoint is at the schedule's last step already
+        (Trainer would train one step more: it checks the step count only after a step)."""
+        done, total = self.state.global_step, self.state.max_steps
+        if done > total > 0:
+            raise ConfigError(past_the_end(kwargs.get("resume_from_checkpoint"), done, total))
+        if done == total > 0:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def _close_bars(self) -> None:
         for cb in self.callback_handler.callbacks:
             if getattr(cb, "training_bar", None) is not None:
@@ -351,6 +362,15 @@ def non_finite_message(what: str, step: int, args, checkpoint, run: str = "RUN")
     tips.append("checking the data for empty or garbled answers")
     return (f"training stopped at step {step}: the {what} is not finite (nan or inf); {kept}; {how}. "
             f"Other remedies: {', '.join(tips[1:])}.")
+
+
+def past_the_end(checkpoint, step: int, total: int) -> str:
+    """The ConfigError of a checkpoint saved after more steps than the training now has."""
+    name = Path(checkpoint).name if checkpoint else "the checkpoint"
+    run = Path(checkpoint).parent.parent.name if checkpoint else "RUN"
+    return (f"train.max_steps / train.num_train_epochs: {name} is at step {step}, past the {total} steps training "
+            f"has now; set them to train at least {step} steps, or train the {total} steps from scratch: "
+            f"{stage('train').rerun(run, ' --retrain')}")
 
 
 def oom_doing(trainer, cfg) -> str:
