@@ -21,7 +21,13 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from .checkpoints import blow_up_start, drop_checkpoints_from, last_checkpoint, rescale_learning_rate
+from .checkpoints import (
+    blow_up_start,
+    drop_checkpoints_from,
+    last_checkpoint,
+    past_the_end,
+    rescale_learning_rate,
+)
 from .errors import ConfigError, TrainingError
 from .rundir import is_main_rank, write_atomic
 from .stages import stage
@@ -362,15 +368,6 @@ def non_finite_message(what: str, step: int, args, checkpoint, run: str = "RUN")
     tips.append("checking the data for empty or garbled answers")
     return (f"training stopped at step {step}: the {what} is not finite (nan or inf); {kept}; {how}. "
             f"Other remedies: {', '.join(tips[1:])}.")
-
-
-def past_the_end(checkpoint, step: int, total: int) -> str:
-    """The ConfigError of a checkpoint saved after more steps than the training now has."""
-    name = Path(checkpoint).name if checkpoint else "the checkpoint"
-    run = Path(checkpoint).parent.parent.name if checkpoint else "RUN"
-    return (f"train.max_steps / train.num_train_epochs: {name} is at step {step}, past the {total} steps training "
-            f"has now; set them to train at least {step} steps, or train the {total} steps from scratch: "
-            f"{stage('train').rerun(run, ' --retrain')}")
 
 
 def oom_doing(trainer, cfg) -> str:

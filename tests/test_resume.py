@@ -5,6 +5,7 @@ own is skipped like any damaged one."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -90,3 +91,98 @@ def test_a_kill_while_the_adapter_is_saved_resumes_to_the_same_adapter(prepared_
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert summary["final_eval_loss"] == expected["final_eval_loss"]
+
+
+# ------------------------------------------------------------------------------ settings that shape a checkpoint
+
+
+def _snapshot(root):
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def _refused(run, argv, capsys) -> str:
+    """The one line of a refused CLI command; nothing in the run directory written (config.yaml as it was)."""
+    from lib.__main__ import main
+
+    root = run_paths(run).root
+    before, config = _snapshot(root), run_paths(run).config.read_bytes()
+    assert main([*argv[:1], "--run", run, *argv[1:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert _snapshot(root) == before and run_paths(run).config.read_bytes() == config
+    return err[0]
+
+
+@pytest.mark.parametrize("setting, old", [
+    ("lora.alpha=64", "32"), ("train.max_length=128", "256"), ("quant.mode=none", "4bit"), ("lora.r=8", "16"),
+    ("lora.target_modules=attention", "all-linear"), ("lora.use_dora=true", "false"),
+    ("train.per_device_train_batch_size=4", "8"), ("train.seed=7", "42"),
+])
+def test_resuming_with_a_setting_that_shapes_the_checkpoint_is_refused(interrupted, capsys, setting, old):
+    key, new = setting.split("=")
+    line = _refused(interrupted, ["train", "--set", setting], capsys)
+    assert line.startswith(f"error: {key}: checkpoint-2 was trained with {key}={old}, not {new}; "
+                           f"put it back (--set {key}={old})"), line
+    assert f"--retrain --set {setting}" in line
+
+
+def test_resuming_past_max_steps_is_refused(interrupted, capsys):
+    line = _refused(interrupted, ["train", "--set", "train.max_steps=1"], capsys)
+    assert "checkpoint-2 is at step 2, past the 1 steps" in line and "--retrain" in line
+
+
+def test_prepare_with_another_rank_on_the_same_data_is_refused_until_put_back(interrupted, capsys):
+    """prepare --set on the same data keeps the checkpoints and saves the new rank: train names it, and
+    resumes once it is put back."""
+    from conftest import FAST_TRAIN, SAMPLE, copy_run
+
+    from lib.data import run_prepare
+
+    run = copy_run(interrupted, "reprepared")
+    run_prepare(run, str(SAMPLE), profile="tiny", overrides=[*FAST_TRAIN, *SHORT, "train.max_steps=4", "lora.r=8"])
+    line = _refused(run, ["train"], capsys)
+    assert line.startswith("error: lora.r: checkpoint-2 was trained with lora.r=16, not 8; put it back")
+    from lib.train import run_train
+
+    summary = run_train(run, overrides=["lora.r=16"])
+    assert summary["resumed_from"] == "checkpoint-2" and summary["global_step"] == 4
+
+
+def test_a_checkpoint_whose_step_is_not_its_own_is_skipped(interrupted, tmp_path):
+    """A hand-edited global_step (1,000,000) is damage: the checkpoint is skipped with a warning, never
+    reported as trained; the folder's number, the state's max_steps and the scheduler's count all say so."""
+    from lib.checkpoints import CheckpointWarning, checkpoint_problem, last_checkpoint
+
+    def edited(name, **changes):
+        ck = tmp_path / name
+        shutil.copytree(run_paths(interrupted).checkpoints / "checkpoint-2", ck)
+        state = json.loads((ck / "trainer_state.json").read_text())
+        (ck / "trainer_state.json").write_text(json.dumps({**state, **changes}))
+        return ck
+
+    assert checkpoint_problem(edited("checkpoint-2")) is None
+    assert checkpoint_problem(edited("checkpoint-3", global_step=1_000_000)) == (
+        "global_step 1000000 in trainer_state.json is not the step of checkpoint-3")
+    assert "is not the step" in checkpoint_problem(edited("checkpoint-4", global_step="4"))
+    assert checkpoint_problem(edited("checkpoint-1000000", global_step=1_000_000)) == (
+        "global_step 1000000 in trainer_state.json is past its max_steps 4")
+    assert checkpoint_problem(edited("checkpoint-1", global_step=1)) == (
+        "global_step 1 in trainer_state.json is behind scheduler.pt's 2 steps")
+    with pytest.warns(CheckpointWarning) as warned:
+        assert last_checkpoint(tmp_path, clean=True).name == "checkpoint-2"
+    assert [str(w.message).split()[3] for w in warned] == ["checkpoint-1000000", "checkpoint-4", "checkpoint-3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_a_run_whose_checkpoint_claims_a_million_steps_trains_from_the_start(interrupted):
+    from conftest import copy_run
+
+    from lib.checkpoints import CheckpointWarning
+    from lib.train import run_train
+
+    run = copy_run(interrupted, "million")
+    state = run_paths(run).checkpoints / "checkpoint-2" / "trainer_state.json"
+    state.write_text(state.read_text().replace('"global_step": 2', '"global_step": 1000000'))
+    with pytest.warns(CheckpointWarning, match="global_step 1000000 .* not the step of checkpoint-2"):
+        summary = run_train(run)
+    assert summary["resumed_from"] is None and summary["global_step"] == 4
