@@ -186,3 +186,35 @@ def test_a_run_whose_checkpoint_claims_a_million_steps_trains_from_the_start(int
     with pytest.warns(CheckpointWarning, match="global_step 1000000 .* not the step of checkpoint-2"):
         summary = run_train(run)
     assert summary["resumed_from"] is None and summary["global_step"] == 4
+
+
+# ------------------------------------------------------------------------------ a finished run's base model
+
+
+def test_a_finished_run_refuses_another_base_and_keeps_its_config(trained_run, smol_dir, capsys):
+    line = _refused(trained_run, ["train", "--set", f"model.name_or_path={smol_dir}"], capsys)
+    assert line.startswith(f"error: model.name_or_path: the adapter was trained with model.name_or_path=tiny, "
+                           f"not {smol_dir}; put it back (--set model.name_or_path=tiny)"), line
+    assert f"--retrain --set model.name_or_path={smol_dir}" in line
+    line = _refused(trained_run, ["train", "--set", "lora.r=8"], capsys)
+    assert line.startswith("error: lora.r: the adapter was trained with lora.r=16, not 8")
+    line = _refused(trained_run, ["evaluate", "--set", f"model.name_or_path={smol_dir}"], capsys)
+    assert line.startswith("error: model.name_or_path: the adapter was trained with model.name_or_path=tiny")
+
+
+def test_the_stages_that_load_the_adapter_refuse_another_base(trained_run, smol_dir, capsys):
+    """config.yaml names another base (e.g. `prepare --set` on the same data): evaluate, merge and chat refuse
+    to load the adapter on it."""
+    from conftest import copy_run
+
+    from lib.chat import load_session
+    from lib.config import apply_overrides, load_config, save_config
+    from lib.errors import ConfigError
+
+    run = copy_run(trained_run, "other-base")
+    paths = run_paths(run)
+    save_config(apply_overrides(load_config(paths.config), [f"model.name_or_path={smol_dir}"]), paths.config)
+    for command in ("evaluate", "merge"):
+        assert "the adapter was trained with model.name_or_path=tiny" in _refused(run, [command], capsys)
+    with pytest.raises(ConfigError, match="the adapter was trained with model.name_or_path=tiny"):
+        load_session(run)
