@@ -207,7 +207,8 @@ def kept_checkpoint(folder: Path, run: str) -> str:
     if ck is None:
         return "No checkpoint had been saved yet: rerunning starts training over."
     return (f"The last good checkpoint is kept: {ck} (step {checkpoint_step(ck)}), and training resumes from it: "
-            f"with smaller settings, {stage('train').rerun(run, ' --set key=value')}.")
+            f"with smaller settings, {stage('train').rerun(run, ' --set key=value')}; a setting that shapes the "
+            "checkpoint (train.max_length, quant.mode, ...) needs --retrain.")
 
 
 def record_settings(paths, cfg) -> None:

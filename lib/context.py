@@ -57,19 +57,23 @@ def open_run(run: str, stage: str, overrides=()) -> RunContext:
 
 # The settings that shape a checkpoint: the base its weights were trained on and how it was quantized, the
 # adapter's shape (trained parameters, their optimizer state and scale), and the batches its step count is
-# a position in. A checkpoint resumed with another value would mix two trainings in one adapter (or fail to
-# load). The learning rate, its schedule, the number of steps, dropout, evaluation and logging may change.
+# a position in (with EXAMPLES_PER_STEP: the batch may be split differently, as the out-of-memory message
+# suggests, but not resized). A checkpoint resumed with another value would mix two trainings in one adapter
+# (or fail to load). The learning rate, its schedule, the number of steps, dropout, the optimizer, precision,
+# evaluation and logging may change.
 SHAPING = ("model.name_or_path", "quant.mode", "quant.quant_type", "quant.double_quant",
            "lora.r", "lora.alpha", "lora.target_modules", "lora.use_dora", "lora.use_rslora", "lora.init",
-           "lora.bias", "lora.loraplus_lr_ratio", "train.optim",
-           "train.max_length", "train.batching", "train.per_device_train_batch_size",
-           "train.gradient_accumulation_steps", "train.seed")
+           "lora.bias", "lora.loraplus_lr_ratio", "train.max_length", "train.batching", "train.seed")
+EXAMPLES_PER_STEP = "train.per_device_train_batch_size x train.gradient_accumulation_steps"
 
 
 def shaping_settings(cfg) -> dict:
-    """{key: value} of the SHAPING settings of a RunConfig (or of a to_dict of one)."""
+    """{key: value} of the SHAPING settings of a RunConfig (or of a to_dict of one), and EXAMPLES_PER_STEP."""
     d = cfg if isinstance(cfg, dict) else to_dict(cfg)
-    return {k: d.get(k.split(".")[0], {}).get(k.split(".")[1]) for k in SHAPING}
+    out = {k: d.get(k.split(".")[0], {}).get(k.split(".")[1]) for k in SHAPING}
+    t = d.get("train", {})
+    out[EXAMPLES_PER_STEP] = t.get("per_device_train_batch_size", 0) * t.get("gradient_accumulation_steps", 0)
+    return out
 
 
 def _text(v) -> str:
@@ -85,8 +89,11 @@ def mismatch(recorded: dict, cfg, what: str, keys=SHAPING) -> str | None:
         if key in recorded and recorded[key] != now[key]:
             old, new = _text(recorded[key]), _text(now[key])
             return (f"{key}: {what} was trained with {key}={old}, not {new}; put it back (--set {key}={old}) "
-                    f"or train from scratch with {new}: "
-                    f"{stage('train').rerun(cfg.run, f' --retrain --set {key}={new}')}")
+                    f"or train from scratch with {new}: {stage('train').rerun(cfg.run, f' --retrain --set {key}={new}')}")
+    if keys is SHAPING and recorded.get(EXAMPLES_PER_STEP) not in (None, now[EXAMPLES_PER_STEP]):
+        return (f"{EXAMPLES_PER_STEP}: {what} was trained with {recorded[EXAMPLES_PER_STEP]} examples per "
+                f"optimizer step, not {now[EXAMPLES_PER_STEP]}; split the batch differently but keep the product, "
+                f"or train from scratch: {stage('train').rerun(cfg.run, ' --retrain')}")
     return None
 
 
@@ -97,9 +104,9 @@ def check_base(paths, cfg) -> None:
     """Refuse (ConfigError) a base model other than the one the run's adapter was trained on."""
     trained = paths.adapter / "run_config.json"
     try:
-        recorded = shaping_settings(json.loads(trained.read_text(encoding="utf-8")))
-    except (OSError, ValueError, AttributeError):
+        trained_on = json.loads(trained.read_text(encoding="utf-8"))["model"]["name_or_path"]
+    except (OSError, ValueError, LookupError, TypeError, RecursionError):
         return  # no adapter yet, or one saved before run_config.json: the adapter's own checks speak
-    problem = mismatch(recorded, cfg, "the adapter", keys=("model.name_or_path",))
+    problem = mismatch({"model.name_or_path": trained_on}, cfg, "the adapter", keys=("model.name_or_path",))
     if problem:
         raise ConfigError(problem)

@@ -116,7 +116,7 @@ def _refused(run, argv, capsys) -> str:
 @pytest.mark.parametrize("setting, old", [
     ("lora.alpha=64", "32"), ("train.max_length=128", "256"), ("quant.mode=none", "4bit"), ("lora.r=8", "16"),
     ("lora.target_modules=attention", "all-linear"), ("lora.use_dora=true", "false"),
-    ("train.per_device_train_batch_size=4", "8"), ("train.seed=7", "42"),
+    ("train.seed=7", "42"),
 ])
 def test_resuming_with_a_setting_that_shapes_the_checkpoint_is_refused(interrupted, capsys, setting, old):
     key, new = setting.split("=")
@@ -124,6 +124,18 @@ def test_resuming_with_a_setting_that_shapes_the_checkpoint_is_refused(interrupt
     assert line.startswith(f"error: {key}: checkpoint-2 was trained with {key}={old}, not {new}; "
                            f"put it back (--set {key}={old})"), line
     assert f"--retrain --set {setting}" in line
+
+
+def test_the_batch_may_be_split_differently_but_not_resized(interrupted, capsys):
+    from lib.checkpoints import resume_problem
+    from lib.config import apply_overrides, load_config
+
+    cfg = load_config(run_paths(interrupted).config)
+    split = ["train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=2"]
+    assert resume_problem(run_paths(interrupted), apply_overrides(cfg, split)) is None  # as out of memory suggests
+    line = _refused(interrupted, ["train", "--set", "train.per_device_train_batch_size=4"], capsys)
+    assert line.startswith("error: train.per_device_train_batch_size x train.gradient_accumulation_steps: "
+                           "checkpoint-2 was trained with 8 examples per optimizer step, not 4"), line
 
 
 def test_resuming_past_max_steps_is_refused(interrupted, capsys):
