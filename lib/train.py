@@ -21,7 +21,9 @@ sequences of a batch concatenated, with position_ids restarting at each one: no 
 attention across examples), packing, pad_longest, group_by_length, or pad_max (lib/trainer.py).
 
 Rerunning continues from the last complete checkpoint (an incomplete one is removed with a
-warning); a finished run is left alone unless retrain=True (plan.finished: every step after
+warning), with the settings that shape it (lib.context.SHAPING, recorded in checkpoints/settings.json):
+another value is refused before config.yaml is saved, as it is against a finished run's adapter. A
+checkpoint at the schedule's last step ends the training. A finished run is left alone unless retrain=True (plan.finished: every step after
 plan_training then does nothing). A non-finite loss or gradient stops training with a TrainingError
 before the optimizer applies it, so every checkpoint stays good. Each step that writes holds the
 run's lock (lib/rundir.py); run_train holds it throughout.
