@@ -47,12 +47,9 @@ def checkpoint_problem(path: Path) -> str | None:
     for h in history:
         if any(isinstance(h.get(k), float) and not math.isfinite(h[k]) for k in ("loss", "grad_norm", "eval_loss")):
             return f"a non-finite loss or gradient norm was logged at step {h.get('step')}"
-    step_problem = _step_problem(path, saved)
-    if step_problem:
-        return step_problem
     if any((path / n).exists() for n in FSDP_WEIGHTS):
-        return _fsdp_checkpoint_problem(path)
-    return _weights_problem(path) or _optimizer_problem(path)
+        return _fsdp_checkpoint_problem(path) or _step_problem(path, saved)
+    return _weights_problem(path) or _optimizer_problem(path) or _step_problem(path, saved)
 
 
 def _step_problem(path: Path, state: dict) -> str | None:

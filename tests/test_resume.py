@@ -59,7 +59,8 @@ def interrupted(prepared_run):
 # ------------------------------------------------------------------------------ exact resume
 
 
-@pytest.mark.parametrize("length", ["train.max_steps=4", "train.num_train_epochs=0.2"])
+@pytest.mark.parametrize("length", ["train.max_steps=4",
+                                    pytest.param("train.num_train_epochs=0.2", marks=pytest.mark.slow)])
 def test_a_kill_while_the_adapter_is_saved_resumes_to_the_same_adapter(prepared_run, monkeypatch, length):
     """Killed in save_adapter, after the checkpoint of the last step: the rerun trains no step more (a
     checkpoint at the last step, with max_steps or with a fraction of an epoch, is the end of training)."""
