@@ -9,39 +9,13 @@ import json
 import shutil
 
 import pytest
+from test_adapters import _stop_at, _tensors  # a KeyboardInterrupt after a step; an adapter's tensors
+from test_train import _fresh_copy  # a copy of the prepared run without any training in it
 
 from lib.paths import run_paths
 
 # A few steps, a checkpoint every two: steps 2 and 4 are saved, 4 the last.
 SHORT = ["train.save_steps=2", "train.eval_steps=2", "train.logging_steps=1", "train.save_total_limit=3"]
-
-
-def _fresh_copy(prepared_run, name):
-    """A copy of the prepared run without anything a training left in it."""
-    from conftest import copy_run
-
-    run = copy_run(prepared_run, name)
-    paths = run_paths(run)
-    for p in (paths.checkpoints, paths.adapter, paths.logs, paths.model_summary.parent):
-        shutil.rmtree(p, ignore_errors=True)
-    return run
-
-
-def _tensors(folder):
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
-
-
-def _stop_at(step):
-    from transformers import TrainerCallback
-
-    class StopAt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == step:
-                raise KeyboardInterrupt
-
-    return StopAt()
 
 
 @pytest.fixture(scope="module")
