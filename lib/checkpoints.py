@@ -4,6 +4,10 @@ which checkpoints it spoiled, the learning rate of a resumed run, and what an ou
     from lib.checkpoints import last_checkpoint, checkpoint_problem
     last_checkpoint(run_paths("demo").checkpoints)        # Path('.../checkpoint-20'), or None
     checkpoint_problem(path)                              # 'optimizer.pt is missing', or None if complete
+    resume_problem(paths, cfg)                            # 'lora.r: checkpoint-20 was trained with ...', or None
+
+A training that starts from scratch records the settings that shape its checkpoints (lib.context.SHAPING)
+and the hash of the training data in checkpoints/settings.json; resuming with other ones is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import shutil
 import warnings
 from pathlib import Path
 
-from .rundir import read_json
+from .context import mismatch, shaping_settings
+from .rundir import file_hash, read_json, write_json
 from .stages import stage
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -35,15 +40,41 @@ def checkpoint_problem(path: Path) -> str | None:
     if not state.exists():
         return "trainer_state.json is missing"
     try:
-        history = json.loads(state.read_text(encoding="utf-8")).get("log_history") or []
+        saved = json.loads(state.read_text(encoding="utf-8"))
+        history = saved.get("log_history") or []
     except (ValueError, OSError, AttributeError):
         return "trainer_state.json is unreadable"
     for h in history:
         if any(isinstance(h.get(k), float) and not math.isfinite(h[k]) for k in ("loss", "grad_norm", "eval_loss")):
             return f"a non-finite loss or gradient norm was logged at step {h.get('step')}"
     if any((path / n).exists() for n in FSDP_WEIGHTS):
-        return _fsdp_checkpoint_problem(path)
-    return _weights_problem(path) or _optimizer_problem(path)
+        return _fsdp_checkpoint_problem(path) or _step_problem(path, saved)
+    return _weights_problem(path) or _optimizer_problem(path) or _step_problem(path, saved)
+
+
+def _step_problem(path: Path, state: dict) -> str | None:
+    """Why the global_step of a checkpoint's trainer_state.json is not the step it was saved at: not its folder's
+    number, past the state's own max_steps, or behind the step count of its learning-rate scheduler."""
+    step, total = state.get("global_step"), state.get("max_steps")
+    if type(step) is not int or step < 1 or path.name != f"checkpoint-{step}":
+        return f"global_step {step!r} in trainer_state.json is not the step of {path.name}"
+    if type(total) is int and 0 < total < step:
+        return f"global_step {step} in trainer_state.json is past its max_steps {total}"
+    scheduled = _scheduler_steps(path / "scheduler.pt")
+    if scheduled is not None and scheduled > step:  # fewer only where fp16 skipped an overflowing step
+        return f"global_step {step} in trainer_state.json is behind scheduler.pt's {scheduled} steps"
+    return None
+
+
+def _scheduler_steps(path: Path) -> int | None:
+    """The steps a saved learning-rate scheduler has taken (None if unreadable: the file checks say so)."""
+    try:
+        import torch
+
+        steps = torch.load(str(path), map_location="cpu", weights_only=True).get("last_epoch")
+    except Exception:
+        return None
+    return steps if type(steps) is int else None
 
 
 def _weights_problem(path: Path) -> str | None:
@@ -173,4 +204,40 @@ def kept_checkpoint(folder: Path, run: str) -> str:
     if ck is None:
         return "No checkpoint had been saved yet: rerunning starts training over."
     return (f"The last good checkpoint is kept: {ck} (step {checkpoint_step(ck)}), and training resumes from it: "
-            f"with smaller settings, {stage('train').rerun(run, ' --set key=value')}.")
+            f"with smaller settings, {stage('train').rerun(run, ' --set key=value')}; a setting that shapes the "
+            "checkpoint (train.max_length, quant.mode, ...) needs --retrain.")
+
+
+def record_settings(paths, cfg) -> None:
+    """checkpoints/settings.json: what shapes the checkpoints of a training that starts from scratch."""
+    write_json(paths.checkpoint_settings, {"settings": shaping_settings(cfg),
+                                           "train_data": file_hash(paths.train_data)})
+
+
+def resume_problem(paths, cfg) -> str | None:
+    """Why `cfg` cannot resume the run's last complete checkpoint (one line), or None: a setting that shapes it
+    differs from its record, the training data changed since, or it is past train.max_steps."""
+    ck = last_checkpoint(paths.checkpoints)
+    if ck is None:
+        return None
+    step, total = checkpoint_step(ck), cfg.train.max_steps
+    if 0 < total < step:
+        return past_the_end(ck, step, total)
+    try:
+        record = read_json(paths.checkpoint_settings)
+        settings, data = record["settings"], record["train_data"]
+    except Exception:
+        return None  # checkpoints saved before the record existed
+    if data != file_hash(paths.train_data):
+        return (f"{paths.train_data}: prepared again since {ck.name} was saved (other training examples); train "
+                f"from scratch on them: {stage('train').rerun(cfg.run, ' --retrain')}")
+    return mismatch(settings, cfg, ck.name)
+
+
+def past_the_end(checkpoint, step: int, total: int) -> str:
+    """Why a checkpoint saved after more steps than the training now has cannot be resumed (one line)."""
+    name = Path(checkpoint).name if checkpoint else "the checkpoint"
+    run = Path(checkpoint).parent.parent.name if checkpoint else "RUN"
+    return (f"train.max_steps / train.num_train_epochs: {name} is at step {step}, past the {total} steps training "
+            f"has now; set them to train at least {step} steps, or train the {total} steps from scratch: "
+            f"{stage('train').rerun(run, ' --retrain')}")

@@ -137,10 +137,14 @@ class RunPaths:
     def push(self) -> Path:
         return self.root / "push"
 
-    # 03 train: the adapter before the first step, the tracker's folder
+    # 03 train: the adapter before the first step, what shapes the checkpoints, the tracker's folder
     @property
     def initial_adapter(self) -> Path:
         return self.checkpoints / "initial-adapter"
+
+    @property
+    def checkpoint_settings(self) -> Path:  # the settings that shape the checkpoints (lib.context.SHAPING)
+        return self.checkpoints / "settings.json"
 
     @property
     def tensorboard(self) -> Path:

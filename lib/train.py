@@ -21,7 +21,9 @@ sequences of a batch concatenated, with position_ids restarting at each one: no 
 attention across examples), packing, pad_longest, group_by_length, or pad_max (lib/trainer.py).
 
 Rerunning continues from the last complete checkpoint (an incomplete one is removed with a
-warning); a finished run is left alone unless retrain=True (plan.finished: every step after
+warning), with the settings that shape it (lib.context.SHAPING, recorded in checkpoints/settings.json):
+another value is refused before config.yaml is saved, as it is against a finished run's adapter. A
+checkpoint at the schedule's last step ends the training. A finished run is left alone unless retrain=True (plan.finished: every step after
 plan_training then does nothing). A non-finite loss or gradient stops training with a TrainingError
 before the optimizer applies it, so every checkpoint stays good. Each step that writes holds the
 run's lock (lib/rundir.py); run_train holds it throughout.
@@ -34,9 +36,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoints import checkpoint_step, kept_checkpoint, last_checkpoint
+from .checkpoints import checkpoint_step, kept_checkpoint, last_checkpoint, record_settings, resume_problem
 from .config import apply_overrides, from_dict, load_config, save_config, to_dict
-from .errors import DataError, SFTError
+from .context import mismatch, shaping_settings
+from .errors import ConfigError, DataError, SFTError
 from .figures import load_inputs, panel_figure
 from .loading import MUTATING_INITS, adapter_variant
 from .model import load_model_and_tokenizer, load_model_config, parameter_counts, with_lora, write_summary
@@ -99,9 +102,13 @@ def plan_training(run: str, overrides=(), retrain: bool = False) -> TrainingPlan
         cfg = apply_overrides(old, overrides) if overrides else old
         state = PartialState()
         check_settings(cfg, paths)  # a bad setting stops here, before config.yaml is written
+        finished = is_finished(paths) and not retrain
+        problem = None if retrain else adapter_problem(paths, cfg) if finished else resume_problem(paths, cfg)
+        if problem:  # a setting that shapes the adapter or checkpoint: refused, config.yaml left as it was
+            raise ConfigError(problem)
         if state.is_main_process and overrides:
             save_config(cfg, paths.config)
-        if is_finished(paths) and not retrain:
+        if finished:
             return TrainingPlan(cfg, paths, state, finished=_finished_summary(paths, cfg))
         if state.is_main_process:
             begin(paths, "train")  # until the end, adapter/ and logs/ are not a finished training
@@ -111,6 +118,8 @@ def plan_training(run: str, overrides=(), retrain: bool = False) -> TrainingPlan
         state.wait_for_everyone()
         with state.main_process_first():  # the main process removes incomplete checkpoints
             resume = last_checkpoint(paths.checkpoints, clean=state.is_main_process)
+        if resume is None and state.is_main_process:
+            record_settings(paths, cfg)  # what the checkpoints of this training are resumed with
     step = checkpoint_step(resume) if resume else None
     if resume:
         print_main(f"resuming from {resume.name} (step {step})")
@@ -329,6 +338,11 @@ def trained_config(paths):
         except SFTError:
             pass
     return load_config(paths.config)
+
+
+def adapter_problem(paths, cfg) -> str | None:
+    """Why `cfg` does not fit the finished run's adapter (a setting that shapes it differs), or None."""
+    return mismatch(shaping_settings(trained_config(paths)), cfg, "the adapter")
 
 
 def _changed(old, new) -> list[str]:

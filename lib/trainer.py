@@ -21,7 +21,13 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from .checkpoints import blow_up_start, drop_checkpoints_from, last_checkpoint, rescale_learning_rate
+from .checkpoints import (
+    blow_up_start,
+    drop_checkpoints_from,
+    last_checkpoint,
+    past_the_end,
+    rescale_learning_rate,
+)
 from .errors import ConfigError, TrainingError
 from .rundir import is_main_rank, write_atomic
 from .stages import stage
@@ -239,6 +245,17 @@ class GuardedSFTTrainer(SFTTrainer):
         except BaseException:  # an error or an interrupt: close the progress bar it leaves open
             self._close_bars()
             raise
+
+    def _run_epoch(self, *args, **kwargs):
+        """One pass over the data, or none when a resumed checkpoint is at the schedule's last step already
+        (Trainer would train one step more: it checks the step count only after a step)."""
+        done, total = self.state.global_step, self.state.max_steps
+        if done > total > 0:
+            raise ConfigError(past_the_end(kwargs.get("resume_from_checkpoint"), done, total))
+        if done == total > 0:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def _close_bars(self) -> None:
         for cb in self.callback_handler.callbacks:
