@@ -36,7 +36,7 @@ from .errors import SFTError
 from .generation import DEFAULT_TIMEOUT, conversation, generate_reply, generation_config, stream_reply
 from .loading import load_merged, load_tuned_model
 from .paths import require
-from .rundir import check_fresh, check_trained
+from .rundir import check_files, check_result, check_trained
 from .settings import GenerationSettings
 from .templates import model_name, template_info
 from .toolcalls import load_tools, parse_tool_call
@@ -115,8 +115,11 @@ def load_session(run: str, merged: bool = False, system: str | None = None, tool
     ctx = open_run(run, "chat")
     paths, cfg = ctx.paths, ctx.cfg
     if merged:
+        # complete (not a killed merge), every file as merge wrote it (hashed: ~1 s a 500 MB), and not a
+        # merge of an adapter trained before a retrain
+        check_result(paths, "merge")
         require(paths, "merged")
-        check_fresh(paths, "merge", paths.merged)  # not a merge of an adapter trained before a retrain
+        check_files(paths, "merge", paths.merged.glob("*.safetensors"))  # a run merged before manifests
         model, tokenizer = load_merged(paths.merged, info=ctx.device)
         source = str(paths.merged)
     else:

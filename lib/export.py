@@ -28,7 +28,7 @@ from .ollama import check_modelfile_values, modelfile_text
 from .parity import check_parity
 from .paths import require, run_paths
 from .rundir import (
-    check_fresh,
+    check_result,
     inputs,
     install,
     remove_leftovers,
@@ -53,9 +53,9 @@ def run_export(run: str, quant: str | None = None, overrides=(), allow_drift: bo
     QualityGateError when the parity check failed (the CLI exits 1), unless `allow_drift`.
     """
     paths = run_paths(run)
-    cfg, quant = _export_settings(paths, quant, overrides)
-    examples, _ = check_examples(paths, cfg)
-    with run_lock(paths, "export"):
+    with run_lock(paths, "export"):  # first: a second export touches nothing of the running one's (its log)
+        cfg, quant = _export_settings(paths, quant, overrides)
+        examples, _ = check_examples(paths, cfg)
         log_path = write_atomic(paths.export_log, "")
         remove_leftovers(paths.root, r"\.export-\w{8}")  # staging folders of a killed export
         with staging(paths.root, ".export-") as tmp:
@@ -79,7 +79,9 @@ def _export_settings(paths, quant: str | None, overrides) -> tuple:
     require(paths, "config")
     if not (paths.merged / "config.json").exists():
         raise MissingStageError(f"{paths.merged} holds no merged model: {stage('merge').first(paths.root.name)}")
-    check_fresh(paths, "merge", paths.merged)  # a merged model of an earlier adapter is refused
+    # every file of merged/ as merge wrote it (hashed: zeroed weights would pass the parity check, as garbage
+    # converts to the same garbage), and not a merge of an earlier adapter
+    check_result(paths, "merge")
     cfg = apply_overrides(load_config(paths.config), overrides or [])  # its one "None keeps" rule
     check_modelfile_values(cfg)  # an unwritable system prompt is refused before any export work
     quant = (quant or cfg.export.quant).lower()

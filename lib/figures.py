@@ -23,7 +23,7 @@ from .rundir import (
     check_fresh,
     fingerprint,
     read_json,
-    stale_inputs,
+    unusable,
 )
 from .stages import stage
 
@@ -105,11 +105,10 @@ def load_inputs(run: str) -> dict:
     if paths.perplexity.exists():
         check_fresh(paths, "evaluate", paths.eval_dir)  # eval/ of an adapter trained before a retrain
     ppl = _read_optional(paths.perplexity)
-    merge_report = _read_optional(paths.merge_report)
-    if merge_report is not None and stale_inputs(paths, "merge"):
-        print(f"note: {paths.merged} was merged from an earlier adapter; its figures are left out "
-              f"({stage('merge').rerun(run)})")
-        merge_report = None
+    problem = unusable(paths, "merge", verify=["merged/merge_report.json"])  # interrupted, damaged or stale
+    if problem:
+        print(f"note: the merged model's figures are left out: {problem}")
+    merge_report = None if problem else _read_optional(paths.merge_report)
     data_report = _read_optional(paths.data_report)
     cfg = None
     if paths.config.exists():

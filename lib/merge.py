@@ -39,6 +39,7 @@ from .oom import out_of_memory
 from .paths import require, run_paths
 from .prompts import prompt_messages, render_prompt
 from .rundir import (
+    check_result,
     check_trained,
     install,
     remove_leftovers,
@@ -288,7 +289,9 @@ def gate_failure(report: dict) -> str | None:
 
 def _run_merge(paths, run, overrides) -> dict:
     require(paths, "config", "adapter", "eval_data")
-    trained = check_trained(paths)  # a damaged adapter is named, with the stage to rerun
+    # what merge reads: the adapter and the prepared data, intact and complete (never eval/: merge does not
+    # depend on evaluate, whose results may be interrupted or stale)
+    sources = {"prepare": check_result(paths, "prepare"), "train": check_trained(paths)}
     # merge folders of a merge that was killed (as large as the model; no live writer: we hold the lock)
     remove_leftovers(paths.root, r"\.merged-[A-Za-z0-9_]{8}|\.merged-old(-\d+)?")
     ctx = open_run(run, "merge", overrides)
@@ -299,7 +302,9 @@ def _run_merge(paths, run, overrides) -> dict:
             report = merge_and_check(cfg, paths.adapter, examples, tmp, split=split, info=ctx.device)
         report["fail_on_drift"] = cfg.merge.fail_on_drift
         write_json(tmp / "merge_report.json", report)
-        install(paths, "merge", {paths.merged: tmp}, [f"{paths.merged.name}/merge_report.json"], {"train": trained})
+        # every file of merged/ in the manifest: readers hash them (a zeroed or truncated weight file is refused)
+        files = sorted(f"{paths.merged.name}/{p.relative_to(tmp).as_posix()}" for p in tmp.rglob("*") if p.is_file())
+        install(paths, "merge", {paths.merged: tmp}, files, sources)
     lg = report["logits"]
     print(f"merged into {paths.merged} ({report['merged_dtype']}): perplexity {report['perplexity']['merged']['perplexity']:.4f} "
           f"vs adapter {report['perplexity']['adapter']['perplexity']:.4f} (drift {report['relative_drift']:.3%}, "

@@ -13,12 +13,25 @@ from __future__ import annotations
 from .config import to_dict
 from .loading import MUTATING_INITS, adapter_variant
 from .readers import recorded_data_hash
-from .rundir import read_json
+from .rundir import is_pending, read_json, unusable
 
 
 def _read(path):
     """A figure file for the model card: None when the stage has not run (a damaged one is an error)."""
     return read_json(path, "rerun the stage that writes it") if path.exists() else None
+
+
+def _figures(paths, stage: str, path, verify=None):
+    """A stage's figure file for the pushed card, or None when that stage's results are missing, interrupted,
+    damaged or stale (of an earlier adapter or merge): left out, and said. verify: the files hashed (the
+    figure file by default, not a model's weights)."""
+    if not path.exists() and not is_pending(paths, stage):
+        return None
+    problem = unusable(paths, stage, verify=verify or [path.relative_to(paths.root).as_posix()])
+    if problem:
+        print(f"note: the model card leaves out the figures of {path.relative_to(paths.root)}: {problem}")
+        return None
+    return _read(path)
 
 
 def _fmt(x, spec=".4f"):
@@ -38,7 +51,7 @@ def model_card(cfg, paths, parts=("adapter",), training: dict | None = None) -> 
     lines = [*_front_matter(cfg, parts), f"# {cfg.run}" if pushed else f"# LoRA adapter: {cfg.run}", "",
              _description(cfg), "", *_facts(cfg, paths, parts), *_training_lines(training)]
     if pushed:
-        lines += _evaluation_lines(paths) + _parity_lines(_read(paths.parity) or {})
+        lines += _evaluation_lines(paths) + _parity_lines(_figures(paths, "export", paths.parity) or {})
     lines += _use_lines(parts, pushed)
     lines += ["## Configuration", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip(),
               "```", ""]
@@ -98,9 +111,9 @@ def _training_lines(summary: dict) -> list[str]:
 
 
 def _evaluation_lines(paths) -> list[str]:
-    ppl = _read(paths.perplexity) or {}
-    gen = _read(paths.generation_metrics) or {}
-    merge = _read(paths.merge_report) or {}
+    ppl = _figures(paths, "evaluate", paths.perplexity, verify=True) or {}  # all of eval/ checked: one set
+    gen = (_read(paths.generation_metrics) or {}) if ppl else {}
+    merge = _figures(paths, "merge", paths.merge_report) or {}
     lines = ["", "## Evaluation", "", "| model | perplexity (eval answers) |", "|---|---|"]
     for m in ("base", "tuned", "merged"):
         if isinstance(ppl.get(m), dict):

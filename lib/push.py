@@ -26,10 +26,11 @@ from .errors import ConfigError, MissingStageError, SFTError, first_line
 from .modelcard import model_card
 from .paths import run_paths
 from .rundir import (
-    check_fresh,
+    check_result,
     check_trained,
-    fingerprint,
     install,
+    is_pending,
+    read_manifest,
     remove_leftovers,
     run_lock,
     staging,
@@ -69,17 +70,20 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 PART_STAGE = {"adapter": "train", "merged": "merge", "gguf": "export"}
 
 
-def _checked_sources(paths, wanted: list[str]) -> dict:
-    """Each wanted part intact (as its stage wrote it) and fresh (made from the current upstream results);
-    returns the fingerprints push records as its inputs."""
+def _checked_sources(paths, wanted: list[str], have: dict) -> dict:
+    """Each wanted part complete (its stage not interrupted), intact (every recorded file hashed) and fresh
+    all the way up (a GGUF of a merge of an earlier adapter is stale); returns the fingerprints push
+    records as its inputs. A merged model or export is reduced to the files its manifest records (never
+    a GGUF of another quantization left in export/ by an earlier export)."""
     sources = {}
     for part in wanted:
         name = PART_STAGE[part]
         if name == "train":
-            sources[name] = check_trained(paths)
-        else:
-            sources[name] = fingerprint(paths, name)
-            check_fresh(paths, name, paths.merged if name == "merge" else paths.export)
+            check_trained(paths)  # the adapter's files parse
+        sources[name] = check_result(paths, name)
+        recorded = (read_manifest(paths, name) or {}).get("outputs")
+        if name != "train" and recorded is not None:
+            have[part] = [paths.root / rel for rel in sorted(recorded)]
     return sources
 
 
@@ -90,17 +94,21 @@ def build_folder(run: str, repo: str, include=None) -> Path:
     with run_lock(paths, "push"):
         cfg = load_config(paths.config)
         have = available_parts(paths)
-        wanted = list(include) if include else [p for p in PARTS if p in have]
+        # a part whose stage is being installed (or was killed installing) is refused below, never left out
+        wanted = list(include) if include else [p for p in PARTS if p in have or is_pending(paths, PART_STAGE[p])]
         unknown = [p for p in wanted if p not in PARTS]
         if unknown:
             raise ConfigError(f"push --include: unknown part(s) {', '.join(unknown)} (choose from {', '.join(PARTS)})")
+        for part in wanted:
+            read_manifest(paths, PART_STAGE[part])  # RunDirError naming the stage to rerun if interrupted
         missing = [p for p in wanted if p not in have]
         if missing or not wanted:
             first = PART_STAGE[missing[0] if missing else "adapter"]
             raise MissingStageError(f"{paths.root}: nothing to push for '{missing[0] if missing else 'adapter'}': "
                                     f"{stage_named(first).first(run)}")
-        sources = _checked_sources(paths, wanted)
-        remove_leftovers(paths.root, r"\.push-\w{8}")  # staging folders of a killed push
+        # staging folders of a killed push, and the old push/ of one killed while swapping it in
+        remove_leftovers(paths.root, r"\.push-\w{8}|\.push-old(-\d+)?")
+        sources = _checked_sources(paths, wanted, have)
         with staging(paths.root, ".push-") as tmp:
             for part in wanted:
                 for f in have[part]:

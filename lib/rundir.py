@@ -302,13 +302,16 @@ def read_manifest(paths, stage: str) -> dict | None:
     return m
 
 
-def fingerprint(paths, stage: str, verify: bool = True) -> str | None:
-    """The fingerprint of the stage's current results, after checking every recorded output is intact."""
+def fingerprint(paths, stage: str, verify=True) -> str | None:
+    """The fingerprint of the stage's current results, after checking every recorded output is intact
+    (verify: True hashes every output; a collection of run-relative paths hashes only those; False none)."""
     m = read_manifest(paths, stage)
     if m is None:
         return None
     if verify:
         for rel, digest in m["outputs"].items():
+            if verify is not True and rel not in verify:
+                continue
             p = paths.root / rel
             if not p.is_file():
                 raise RunDirError(f"{p} is missing (written by {stage}): {rerun(paths, stage)}")
@@ -346,6 +349,38 @@ def check_fresh(paths, stage: str, what: str | None = None) -> None:
         raise RunDirError(
             f"{what or paths.root / stage} is stale: it was computed from earlier {' and '.join(changed)} "
             f"results ({' and '.join(changed)} ran again since): {rerun(paths, stage)}")
+
+
+def result_dir(paths, stage: str) -> Path:
+    """The folder that holds a stage's results, for messages (merged/, eval/, export/, adapter/, ...)."""
+    return paths.root / next(o.split("/")[0] for o in _stage(stage).outputs if o != "checkpoints")
+
+
+def check_result(paths, stage: str, verify=True) -> str | None:
+    """What every reader checks before using a stage's results: the stage is not interrupted (or running),
+    its recorded outputs are intact (hashed against the manifest; `verify` as in fingerprint), and they are
+    fresh all the way up: each stage they were computed from, and each of those, still holds the results
+    recorded (a GGUF of a merge of an earlier adapter is stale). Returns the stage's fingerprint; raises
+    RunDirError naming the stage to rerun. A run written before manifests is accepted as it is."""
+    found = fingerprint(paths, stage, verify=verify)
+    todo, seen = [stage], set()
+    while todo:
+        s = todo.pop()
+        if s not in seen:
+            seen.add(s)
+            check_fresh(paths, s, result_dir(paths, s))
+            todo += list((read_manifest(paths, s) or {}).get("inputs", {}))
+    return found
+
+
+def unusable(paths, stage: str, verify=True) -> str | None:
+    """Why a stage's results must not be read (check_result's message), or None when they may: for readers
+    that leave a part out and say so instead of refusing (the summary, the pushed model card's figures)."""
+    try:
+        check_result(paths, stage, verify)
+    except RunDirError as e:
+        return str(e)
+    return None
 
 
 def check_files(paths, stage: str, files) -> None:

@@ -9,7 +9,9 @@ It reads what the stages wrote (eval/perplexity.json, eval/generation_metrics.js
 eval/predictions.jsonl, logs/training_summary.json, merged/merge_report.json when there) and
 computes nothing new: base vs tuned perplexity, the share of generated answers that are questions
 and that stop on their own (the end-of-turn token, not the length limit), and one eval prompt
-answered by the base and the tuned model side by side.
+answered by the base and the tuned model side by side. It checks the manifests of what it reads first
+(lib/rundir.py check_result): eval/ interrupted, damaged or of an earlier adapter is refused, naming
+evaluate to rerun; a merge report in that state is left out, and the summary says so.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import textwrap
 
 from .paths import require, run_paths
 from .readers import read_examples
-from .rundir import read_json
+from .rundir import check_result, is_pending, read_json, unusable
 
 
 def _pct(x) -> str:
@@ -45,10 +47,12 @@ def before_after(run: str, width: int = 100) -> str:
     """The run's before/after summary as text (see the module docstring)."""
     paths = run_paths(run)
     require(paths, "perplexity", "generation_metrics")
+    # eval/ complete (not a killed evaluate's mixture) and of the current adapter and data; then the training
+    # summary is the one that adapter came with (its hash is part of train's fingerprint, checked too)
+    check_result(paths, "evaluate")
     ppl = _read_result(paths.perplexity)
     gen = _read_result(paths.generation_metrics)
     train = _read_result(paths.training_summary) if paths.training_summary.exists() else {}
-    merged = _read_result(paths.merge_report) if paths.merge_report.exists() else None
 
     model = train.get("model") or "?"
     head = f"Before / after fine-tuning: {model}, run {run}"
@@ -75,10 +79,7 @@ def before_after(run: str, width: int = 100) -> str:
         notes.append(f"{n} eval prompts, {mode}, at most {settings.get('max_new_tokens', '?')} new tokens")
     if ref is not None:
         notes.append(f"the training answers: {ref:.0%} questions")
-    merged_ppl = ((merged or {}).get("perplexity") or {}).get("merged")
-    if isinstance(merged_ppl, dict) and "perplexity" in merged_ppl:
-        drift = f", drift {merged['relative_drift']:.2%} from the adapter" if "relative_drift" in merged else ""
-        notes.append(f"merged model: perplexity {merged_ppl['perplexity']:.2f}{drift}")
+    notes += _merged_note(paths)
     if notes:
         lines.append("  (" + "; ".join(notes) + ")")
 
@@ -89,6 +90,22 @@ def before_after(run: str, width: int = 100) -> str:
         lines += _answer("base", ex.get("base", ""), bool(ex.get("base_stopped")), width)
         lines += _answer("tuned", ex.get("tuned", ""), bool(ex.get("tuned_stopped")), width)
     return "\n".join(lines)
+
+
+def _merged_note(paths) -> list[str]:
+    """The merged model's figures from merged/merge_report.json, when merge's results are complete, intact
+    and of the current adapter; otherwise a note that they are left out, and why."""
+    if not paths.merge_report.exists() and not is_pending(paths, "merge"):
+        return []
+    problem = unusable(paths, "merge", verify=[paths.merge_report.relative_to(paths.root).as_posix()])
+    if problem:
+        return [f"merged model left out: {problem}"]
+    merged = _read_result(paths.merge_report)
+    merged_ppl = (merged.get("perplexity") or {}).get("merged") if isinstance(merged, dict) else None
+    if not (isinstance(merged_ppl, dict) and "perplexity" in merged_ppl):
+        return []
+    drift = f", drift {merged['relative_drift']:.2%} from the adapter" if "relative_drift" in merged else ""
+    return [f"merged model: perplexity {merged_ppl['perplexity']:.2f}{drift}"]
 
 
 def _read_result(path):

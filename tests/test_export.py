@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import copy_run
+from conftest import copy_run, reseal
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -180,11 +180,13 @@ def test_failed_conversions_are_one_line(merged_run, capsys):
     cfg = json.loads(cfg_file.read_text())
     cfg["architectures"] = ["NoSuchModelForCausalLM"]
     cfg_file.write_text(json.dumps(cfg))
+    reseal(run, "merge")  # as if merge wrote it (a changed file is refused before the converter runs)
     _assert_bad_export(["export", "--run", run], capsys, run, "does not know the architecture NoSuchModelForCausalLM")
     # weights the converter cannot read
     run = copy_run(merged_run, "export_broken_weights")
     weights = run_paths(run).merged / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
+    reseal(run, "merge")
     _assert_bad_export(["export", "--run", run], capsys, run, "converter failed", "export.log")
 
 

@@ -233,7 +233,7 @@ def test_results_of_an_earlier_adapter_are_refused_after_retrain(outputs, capsys
 
     assert main(["evaluate", "--run", run]) == 0
     data = load_inputs(run)  # eval is fresh again; the stale merged figure is left out, and said
-    assert "merged" not in data["perplexity"] and "merged from an earlier adapter" in capsys.readouterr().out
+    assert "merged" not in data["perplexity"] and "merged model's figures are left out" in capsys.readouterr().out
     assert main(["plot", "--run", run]) == 0
 
 
