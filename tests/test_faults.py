@@ -1,0 +1,91 @@
+"""Faults and hostile files (issue 22): a full or read-only disk, memory running out, damaged checkpoint
+files, hostile config.yaml and data files, an unbounded max_new_tokens. Each ends in one line (exit 2 or
+3), loses nothing and leaves the run usable. Faults are injected at exact points (a patched write or
+function); nothing fills the disk or the memory."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+
+from lib.__main__ import main
+from lib.config import load_config, make_config, save_config
+from lib.errors import ConfigError
+from lib.paths import REPO_ROOT
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+# ------------------------------------------------------------------------------ config.yaml
+
+
+@pytest.fixture()
+def config_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    save_config(make_config("tiny", run="x"), path)
+    return path
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("non-UTF-8 bytes", lambda t: t.encode() + b"# \xff\xfe\n", ": not valid UTF-8 (byte 0xff)"),
+    ("5,000-deep nesting", lambda t: t.replace("name_or_path: tiny", "name_or_path: " + "[" * 5000 + "]" * 5000),
+     "invalid YAML (nested more than 20 levels deep)"),
+    ("an anchor and alias", lambda t: t.replace("name_or_path: tiny", "name_or_path: &a tiny\n  revision: *a"),
+     "invalid YAML (YAML anchors and aliases (&name, *name) are not allowed)"),
+    ("a list for a string", lambda t: t.replace("name_or_path: tiny", "name_or_path: [a, b]"),
+     "model.name_or_path: cannot use ['a', 'b'] (expected str)"),
+    ("a mapping for a string", lambda t: t.replace("name_or_path: tiny", "name_or_path: {a: b}"),
+     "model.name_or_path: cannot use {'a': 'b'} (expected str)"),
+])
+def test_a_hostile_config_yaml_is_one_line(config_file, name, edit, message):
+    text = edit(config_file.read_text())
+    config_file.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError) as e:
+        load_config(config_file)
+    assert str(e.value).startswith(str(config_file)) and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    """Ten levels of ten aliases (10^10 strings once expanded): refused at the first anchor. Run in a
+    process limited to 2 GB and 60 s, so that a regression fails the test instead of taking the machine."""
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 10)]
+    lines += ["model:", "  name_or_path: *a9"]
+    path = tmp_path / "config.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+            "from lib.config import load_config\n"
+            "try:\n    load_config(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert out.stdout.startswith("ConfigError") and "anchors and aliases" in out.stdout, out.stdout + out.stderr
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1 << 20  # KiB: under 1 GiB
+
+
+def test_a_fifo_in_place_of_config_yaml_is_refused_without_blocking(config_file):
+    config_file.unlink()
+    os.mkfifo(config_file)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(config_file)
+
+
+def test_a_hostile_config_yaml_is_one_line_in_the_cli(prepared_run, capsys):
+    from conftest import copy_run
+
+    from lib.paths import run_paths
+
+    run = copy_run(prepared_run, "faults-config")
+    cfg = run_paths(run).config
+    cfg.write_bytes(cfg.read_bytes().replace(b"name_or_path: tiny", b"name_or_path: &a tiny\n  revision: *a"))
+    assert main(["train", "--run", run]) == 2
+    assert "anchors and aliases" in _one_error_line(capsys)
