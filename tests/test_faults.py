@@ -89,3 +89,47 @@ def test_a_hostile_config_yaml_is_one_line_in_the_cli(prepared_run, capsys):
     cfg.write_bytes(cfg.read_bytes().replace(b"name_or_path: tiny", b"name_or_path: &a tiny\n  revision: *a"))
     assert main(["train", "--run", run]) == 2
     assert "anchors and aliases" in _one_error_line(capsys)
+
+
+# ------------------------------------------------------------------------------ data files
+
+_GOOD = '{"prompt": "a question", "completion": "an answer"}\n'
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("a 5,000-digit integer", '{"prompt": "hi", "completion": ' + "9" * 5000 + "}\n",
+     "line 1: invalid JSON (a number too long: Exceeds the limit (4300 digits)"),
+    ("a 100,000-deep array", '{"prompt": "hi", "completion": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+     "line 1: invalid JSON (nested too deeply)"),
+    ("a lone surrogate escape", '{"prompt": "hi \\ud83d there", "completion": "ok"}\n',
+     "line 1: field 'prompt': a lone surrogate escape"),
+])
+def test_a_hostile_data_file_is_one_line_naming_file_line_and_field(outputs, tmp_path, capsys, name, content,
+                                                                     message):
+    data = tmp_path / "data.jsonl"
+    data.write_text(_GOOD * 3 + content + _GOOD * 3)
+    assert main(["prepare", "--run", "hostile", "--data", str(data)]) == 2
+    assert _one_error_line(capsys).startswith(f"error: {data}: " + message.replace("line 1", "line 4"))
+    assert not (outputs / "hostile").exists()
+
+
+def test_a_hostile_json_array_names_the_record(outputs, tmp_path, capsys):
+    data = tmp_path / "data.json"
+    data.write_text("[" + (_GOOD * 2).replace("\n", ",") + '{"prompt": "x", "completion": "\\udc00"}]')
+    assert main(["prepare", "--run", "hostile", "--data", str(data)]) == 2
+    assert _one_error_line(capsys).startswith(f"error: {data}: record 3: a lone surrogate escape")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["prepare", "--run", "hostile", "--data", str(deep)]) == 2
+    assert _one_error_line(capsys) == f"error: {deep}: invalid JSON (nested too deeply)"
+
+
+def test_a_200000_character_field_reads_the_same_from_csv_and_jsonl(tmp_path):
+    from lib.readers import load_records
+
+    long = "x" * 200_000
+    (tmp_path / "d.csv").write_text('prompt,completion\nhi,"' + long + '"\n')
+    (tmp_path / "d.jsonl").write_text('{"prompt": "hi", "completion": "' + long + '"}\n')
+    csv_rows = [r.record for r in load_records(str(tmp_path / "d.csv")).records]
+    jsonl_rows = [r.record for r in load_records(str(tmp_path / "d.jsonl")).records]
+    assert csv_rows == jsonl_rows == [{"prompt": "hi", "completion": long}]
