@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import subprocess
 import sys
 
@@ -133,3 +134,57 @@ def test_a_200000_character_field_reads_the_same_from_csv_and_jsonl(tmp_path):
     csv_rows = [r.record for r in load_records(str(tmp_path / "d.csv")).records]
     jsonl_rows = [r.record for r in load_records(str(tmp_path / "d.jsonl")).records]
     assert csv_rows == jsonl_rows == [{"prompt": "hi", "completion": long}]
+
+
+# ------------------------------------------------------------------------------ checkpoint files
+
+
+def _hostile_pickle(path):
+    """The same zip archive with its pickle replaced by one that calls os.system (valid zip, valid CRCs)."""
+    import pickle
+    import zipfile
+
+    class Call:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > /dev/null",))
+
+    members = {}
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            members[info.filename] = z.read(info)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name, data in members.items():
+            z.writestr(name, pickle.dumps(Call(), protocol=2) if name.endswith("data.pkl") else data)
+
+
+def _set_global_step(path, value):
+    import json
+
+    state = json.loads(path.read_text())
+    state["global_step"] = value
+    path.write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("name, damage, problem", [
+    ("optimizer.pt", _hostile_pickle, "optimizer.pt is truncated or unreadable"),
+    ("scheduler.pt", _hostile_pickle, "scheduler.pt is truncated or unreadable"),
+    ("rng_state.pth", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+     "rng_state.pth is truncated or unreadable"),
+    ("rng_state.pth", _hostile_pickle, "rng_state.pth is truncated or unreadable"),
+    ("trainer_state.json", lambda p: _set_global_step(p, "20"), "global_step is not a whole number ('20')"),
+    ("trainer_state.json", lambda p: _set_global_step(p, 20.5), "global_step is not a whole number ('20.5')"),
+])
+def test_a_damaged_checkpoint_file_skips_the_checkpoint(trained_run, tmp_path, name, damage, problem):
+    from lib.checkpoints import CheckpointWarning, checkpoint_problem, last_checkpoint
+    from lib.paths import run_paths
+
+    found = sorted(run_paths(trained_run).checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    older, newer = found[-2], found[-1]
+    for ck in (older, newer):
+        shutil.copytree(ck, tmp_path / ck.name)
+    assert checkpoint_problem(tmp_path / newer.name) is None
+    damage(tmp_path / newer.name / name)
+    assert checkpoint_problem(tmp_path / newer.name) == problem or problem in checkpoint_problem(tmp_path / newer.name)
+    with pytest.warns(CheckpointWarning, match=f"{newer.name} "):
+        assert last_checkpoint(tmp_path, clean=True) == tmp_path / older.name
+    assert not (tmp_path / newer.name).exists()
