@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import copy_run
 
 from lib.__main__ import main
 from lib.config import load_config, make_config, save_config
@@ -188,3 +189,193 @@ def test_a_damaged_checkpoint_file_skips_the_checkpoint(trained_run, tmp_path, n
     with pytest.warns(CheckpointWarning, match=f"{newer.name} "):
         assert last_checkpoint(tmp_path, clean=True) == tmp_path / older.name
     assert not (tmp_path / newer.name).exists()
+
+
+# ------------------------------------------------------------------------------ generation
+
+
+def test_an_unbounded_max_new_tokens_is_cut_to_the_models_context(trained_run):
+    import warnings
+
+    from lib.generation import generate_answers, generate_reply
+    from lib.loading import load_tuned_model
+    from lib.paths import run_paths
+    from lib.settings import GenerationSettings
+
+    cfg = load_config(run_paths(trained_run).config)
+    model, tokenizer = load_tuned_model(cfg, run_paths(trained_run).adapter)[:2]
+    context = model.config.max_position_embeddings
+    huge = GenerationSettings(max_new_tokens=2147483647, do_sample=False)
+    with pytest.warns(UserWarning, match=f"max_new_tokens=2147483647 is more than the model's context of {context}"):
+        reply = generate_reply(model, tokenizer, [{"role": "user", "content": "hi"}], settings=huge)
+    assert reply["n_tokens"] < context
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        answers = generate_answers(model, tokenizer, [[{"role": "user", "content": "hi"}]], huge, progress=False)
+    assert len(answers) == 1 and any("cut to" in str(w.message) for w in seen)
+
+
+# ------------------------------------------------------------------------------ full and read-only disks, memory
+
+SAMPLE2 = REPO_ROOT / "data" / "examples" / "socratic_dialogues.json"
+
+
+def _failing_fdopen(monkeypatch, outputs, err, name_part=""):
+    """os.fdopen whose files under `outputs` (named with `name_part`) fail to write with OSError(err)."""
+    import errno as errno_mod
+
+    real = os.fdopen
+
+    class Failing:
+        def __init__(self, f, path):
+            self.f, self.path = f, path
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(err, os.strerror(err), self.path)
+
+    def fdopen(fd, *a, **kw):
+        f = real(fd, *a, **kw)
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.startswith(str(outputs)) and name_part in os.path.basename(path):
+            return Failing(f, path)
+        return f
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    return errno_mod
+
+
+def test_a_full_disk_while_preparing_keeps_the_earlier_data(outputs, monkeypatch, capsys):
+    import errno
+
+    from lib.paths import run_paths
+    from lib.rundir import fingerprint
+
+    assert main(["prepare", "--run", "full", "--data", str(REPO_ROOT / "data/examples/socratic_questions.jsonl")]) == 0
+    paths = run_paths("full")
+    before = paths.train_data.read_bytes()
+    _failing_fdopen(monkeypatch, outputs, errno.ENOSPC, "eval.jsonl")
+    capsys.readouterr()
+    assert main(["prepare", "--run", "full", "--data", str(SAMPLE2)]) == 3
+    line = _one_error_line(capsys)
+    assert line.startswith("error: no space left on the device: ") and "eval.jsonl" in line and " GB free of " in line
+    assert "The run's earlier data and config.yaml are kept." in line and "python -m lib prepare --run full" in line
+    assert paths.train_data.read_bytes() == before and fingerprint(paths, "prepare")  # intact, as it was
+    assert not [p for p in outputs.iterdir() if "-prepare-" in p.name]  # no staging folder left
+
+
+def test_a_read_only_outputs_folder_and_outputs_that_is_a_file_are_one_line(outputs, monkeypatch, capsys, tmp_path):
+    import errno
+
+    data = str(REPO_ROOT / "data/examples/socratic_questions.jsonl")
+    _failing_fdopen(monkeypatch, outputs, errno.EROFS)
+    assert main(["prepare", "--run", "ro", "--data", data]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("error: the file system is read-only: ") and "make " in line and "writable" in line
+    monkeypatch.undo()
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    monkeypatch.setenv("SFT_OUTPUTS_DIR", str(afile))
+    assert main(["prepare", "--run", "x", "--data", data]) == 2
+    assert _one_error_line(capsys).startswith(f"error: a file stands where a folder should be: {afile} ")
+
+
+def test_prepare_overwrite_does_not_delete_through_a_symlinked_run_folder(outputs, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "checkpoints").mkdir()
+    (elsewhere / "precious.txt").write_text("keep me")
+    (outputs / "linked").symlink_to(elsewhere)
+    assert main(["prepare", "--run", "linked", "--data", str(SAMPLE2), "--overwrite"]) == 2
+    assert "is a symbolic link" in _one_error_line(capsys)
+    assert (elsewhere / "precious.txt").read_text() == "keep me"
+
+
+def test_cpu_out_of_memory_is_the_exit_3_message(prepared_run, monkeypatch, capsys):
+    from lib import data, loading, train
+
+    monkeypatch.setattr(data, "audit", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+        "1073741824 bytes. Error code 12 (Cannot allocate memory)")))
+    assert main(["prepare", "--run", "oom", "--data", str(SAMPLE2)]) == 3
+    line = _one_error_line(capsys)
+    assert line.startswith("error: out of memory in prepare: ") and "GiB available of" in line
+    run = copy_run(prepared_run, "faults-oom")
+
+    def no_memory(*a, **kw):
+        raise MemoryError()
+
+    monkeypatch.setattr(train, "load_model_and_tokenizer", no_memory)
+    assert loading  # the loader train calls is patched where train looks it up
+    assert main(["train", "--run", run]) == 3
+    assert _one_error_line(capsys).startswith("error: out of memory in training, loading the model: ")
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_saving_a_checkpoint_or_the_adapter_is_one_line_and_training_resumes(prepared_run,
+                                                                                             monkeypatch, capsys):
+    """torch's writer fails as it does on a full disk ("unexpected pos") at the second checkpoint, then the
+    final adapter's safetensors write fails; each is exit 3 in one line, and the third run finishes."""
+    import safetensors.torch
+    import torch
+
+    from lib.paths import run_paths
+
+    run = copy_run(prepared_run, "faults-full")
+    sets = ["--set", "train.max_steps=4", "--set", "train.save_steps=2", "--set", "train.eval_steps=2"]
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *a, **kw):
+        calls.append(str(f))
+        if "checkpoint-4" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 1664 vs 1558")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert main(["train", "--run", run, *sets]) == 3
+    line = _one_error_line(capsys)
+    assert "writing a file failed (" in line and "unexpected pos" in line and " GB free of " in line
+    assert "The checkpoints saved before are kept" in line
+    monkeypatch.undo()
+    real_st = safetensors.torch.save_file
+
+    def save_file(tensors, filename, *a, **kw):
+        if "checkpoint-" not in str(filename):
+            raise OSError(28, "No space left on device", str(filename))
+        return real_st(tensors, filename, *a, **kw)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    assert main(["train", "--run", run, *sets]) == 3
+    assert _one_error_line(capsys).startswith("error: no space left on the device: ")
+    monkeypatch.undo()
+    assert main(["train", "--run", run, *sets]) == 0
+    paths = run_paths(run)
+    assert (paths.adapter / "adapter_model.safetensors").exists()
+    assert not [p for p in paths.root.iterdir() if p.name.startswith(".")]
+
+
+def test_a_full_disk_while_merging_or_evaluating_keeps_nothing_half_written(trained_run, monkeypatch, capsys):
+    import errno
+
+    import safetensors.torch
+
+    from lib.paths import run_paths
+
+    run = copy_run(trained_run, "faults-merge")
+    paths = run_paths(run)
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **kw: (_ for _ in ()).throw(
+        RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                     "\"No space left on device\" })")))
+    assert main(["merge", "--run", run]) == 3
+    assert "No space left on device" in _one_error_line(capsys)
+    assert not paths.merged.exists() and not [p for p in paths.root.iterdir() if p.name.startswith(".merged-")]
+    monkeypatch.undo()
+    _failing_fdopen(monkeypatch, paths.root, errno.ENOSPC, "metrics")
+    assert main(["evaluate", "--run", run, "--set", "eval.generate_examples=1", "--set", "eval.max_examples=2"]) == 3
+    assert "The earlier evaluate results are kept" in _one_error_line(capsys)
+    assert not paths.generation_metrics.exists()
