@@ -321,6 +321,7 @@ def test_a_full_disk_while_saving_a_checkpoint_or_the_adapter_is_one_line_and_tr
                                                                                              monkeypatch, capsys):
     """torch's writer fails as it does on a full disk ("unexpected pos") at the second checkpoint, then the
     final adapter's safetensors write fails; each is exit 3 in one line, and the third run finishes."""
+    import peft.peft_model
     import safetensors.torch
     import torch
 
@@ -348,7 +349,7 @@ def test_a_full_disk_while_saving_a_checkpoint_or_the_adapter_is_one_line_and_tr
             raise OSError(28, "No space left on device", str(filename))
         return real_st(tensors, filename, *a, **kw)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", save_file)  # what peft's save_pretrained calls
     assert main(["train", "--run", run, *sets]) == 3
     assert _one_error_line(capsys).startswith("error: no space left on the device: ")
     monkeypatch.undo()
@@ -361,13 +362,13 @@ def test_a_full_disk_while_saving_a_checkpoint_or_the_adapter_is_one_line_and_tr
 def test_a_full_disk_while_merging_or_evaluating_keeps_nothing_half_written(trained_run, monkeypatch, capsys):
     import errno
 
-    import safetensors.torch
+    import transformers.modeling_utils
 
     from lib.paths import run_paths
 
     run = copy_run(trained_run, "faults-merge")
     paths = run_paths(run)
-    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **kw: (_ for _ in ()).throw(
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", lambda *a, **kw: (_ for _ in ()).throw(
         RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
                      "\"No space left on device\" })")))
     assert main(["merge", "--run", run]) == 3
