@@ -28,7 +28,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import QualityGateError, SFTError
+from .errors import QualityGateError, SFTError, disk_error
 from .paths import run_paths
 from .rundir import is_main_rank
 from .stages import pipeline_stages, stage
@@ -135,6 +135,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a full or read-only disk, memory running out: one line (lib/errors.py, lib/oom.py)
+        error = disk_error(e, args.command, run_paths(args.run).root) or \
+            importlib.import_module("lib.oom").stage_out_of_memory(e, args.command, args.run)
+        if error is None:
+            raise
+        if is_main_rank():
+            print(f"error: {error}", file=sys.stderr)
+        return error.exit_status
 
 
 if __name__ == "__main__":

@@ -42,8 +42,13 @@ def checkpoint_problem(path: Path) -> str | None:
     try:
         saved = json.loads(state.read_text(encoding="utf-8"))
         history = saved.get("log_history") or []
-    except (ValueError, OSError, AttributeError):
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            raise ValueError("log_history is not a list of records")
+    except (ValueError, OSError, AttributeError, RecursionError):
         return "trainer_state.json is unreadable"
+    step = saved.get("global_step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"trainer_state.json's global_step is not a whole number ({str(step)[:40]!r})"
     for h in history:
         if any(isinstance(h.get(k), float) and not math.isfinite(h[k]) for k in ("loss", "grad_norm", "eval_loss")):
             return f"a non-finite loss or gradient norm was logged at step {h.get('step')}"
@@ -104,6 +109,14 @@ def _optimizer_problem(path: Path) -> str | None:
             return f"{name} is missing"
         if not _readable_torch_file(p):
             return f"{name} is truncated or unreadable"
+    return _rng_problem(path)
+
+
+def _rng_problem(path: Path) -> str | None:
+    """The random states are optional (the trainer resumes without them), but one that is there must load."""
+    for p in sorted(path.glob("rng_state*.pth")):
+        if not _readable_torch_file(p):
+            return f"{p.name} is truncated or unreadable"
     return None
 
 
@@ -117,18 +130,29 @@ def _fsdp_checkpoint_problem(path: Path) -> str | None:
         return "the FSDP optimizer state is missing"
     if not (path / "scheduler.pt").exists() or not _readable_torch_file(path / "scheduler.pt"):
         return "scheduler.pt is missing"
-    return None
+    return _rng_problem(path)
 
 
 def _readable_torch_file(path: Path) -> bool:
-    """A torch.save file (a zip archive) whose members all read back with matching checksums."""
+    """A torch.save file (a zip archive) whose members all read back with matching checksums and that loads
+    as the trainer loads it (weights only, numpy's random state allowed: no code in a pickle runs)."""
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as z:
-            return z.testzip() is None
+            if z.testzip() is not None:
+                return False
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
         return False
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        with safe_globals():
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # an unpickling error, a global that is not allowed, a damaged record: not loadable
+        return False
+    return True
 
 
 def _numbered(folder: Path) -> list[tuple[int, Path]]:

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import math
 import os
+import stat
 import types
 import typing
 from pathlib import Path
@@ -101,6 +102,8 @@ def convert_value(key: str, raw, annotation):
                     raise ValueError("a boolean is not a number")
                 return float(str(raw).strip()) if not isinstance(raw, (int, float)) else float(raw)
             if t is str:
+                if isinstance(raw, (list, dict)):
+                    raise TypeError("a list or mapping is not a string")
                 return str(raw)
         except (TypeError, ValueError):
             continue  # try the next allowed type
@@ -117,7 +120,7 @@ def _convert_collection(key: str, raw, kind: type):
         text = raw.strip()
         if text[:1] in "{[":
             try:
-                value = yaml.safe_load(text)
+                value = yaml.load(text, Loader=PlainLoader)
             except yaml.YAMLError as e:
                 raise ConfigError(f"{key}: cannot read {raw!r} ({str(e).splitlines()[0]})") from None
         elif kind is dict:
@@ -344,6 +347,55 @@ def save_config(cfg: RunConfig, path) -> Path:
     return write_atomic(path, header + yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
 
+MAX_DEPTH = 20  # config.yaml is two levels deep (section, key); lists and mappings as values add one or two
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class PlainLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases, at most MAX_DEPTH levels deep, refused before anything is built.
+
+    config.yaml never needs them; an alias bomb (2 KB that expand to gigabytes) or a nesting thousands of
+    levels deep would otherwise cost minutes and gigabytes, or end in a RecursionError."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "YAML anchors and aliases (&name, *name) are not allowed",
+                                              event.start_mark)
+        depth = getattr(self, "_depth", 0)
+        if depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep",
+                                              event.start_mark)
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
+
+
+def _config_text(path: Path) -> str:
+    """The text of config.yaml: a regular file (a FIFO in its place would block the read forever), at most
+    MAX_CONFIG_BYTES, UTF-8; anything else is a ConfigError naming the file (and line)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path}: not a regular file (a FIFO, device or folder); config.yaml must be a file")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {st.st_size} bytes, more than a configuration holds "
+                              f"({MAX_CONFIG_BYTES} at most)")
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not valid UTF-8 "
+                          f"(byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+
+
 def load_config(path) -> RunConfig:
     path = Path(path)
     if path.is_dir():
@@ -351,9 +403,12 @@ def load_config(path) -> RunConfig:
     if not path.exists():
         raise MissingStageError(f"{path} not found: {stage('prepare').first(path.parent.name)}")
     try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+        d = yaml.load(_config_text(path), Loader=PlainLoader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: {where}invalid YAML ({what})") from None
     return from_dict(d, source=str(path))
 
 

@@ -105,6 +105,10 @@ def _install(tmp: Path, paths, new_hash: str, overwrite: bool) -> None:
                     f"run '{paths.root.name}' already holds results trained on other data ({later[0].name}/); "
                     "choose another run name, or overwrite it (OVERWRITE = True in notebook 01, "
                     "--overwrite on the command line)")
+            if paths.root.is_symlink():  # never delete through a link: what it points to may hold anything
+                raise SFTError(f"{paths.root} is a symbolic link (to {paths.root.resolve()}): --overwrite does "
+                               "not delete through a link; remove the link or empty the folder it points to "
+                               "yourself, or choose another run name")
             shutil.rmtree(paths.root)
     paths.root.mkdir(parents=True, exist_ok=True)
     # All four files as one: a kill between two moves leaves the stage marked interrupted, never a mixture.

@@ -6,6 +6,11 @@ traceback; notebooks show the same message. Anything else is a bug and keeps its
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+from pathlib import Path
+
 
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none), for one-line errors."""
@@ -35,6 +40,75 @@ class OutOfMemoryError(SFTError):
     machine is too small for these settings (a script can retry with smaller ones)."""
 
     exit_status = 3
+
+
+class DiskError(SFTError):
+    """Writing a result failed: the disk is full (exit 3, like out of memory: the input was fine) or the
+    outputs folder cannot be written (exit 2). The message names the path, the free space, what is kept."""
+
+    def __init__(self, message: str, full: bool):
+        super().__init__(message)
+        self.exit_status = 3 if full else 2
+
+
+# Errors of a full, read-only or unwritable disk: OSError numbers, and the messages torch's and safetensors'
+# writers raise them under (torch: "PytorchStreamWriter failed writing file ...", "unexpected pos ...").
+_DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted", errno.ENOTDIR: "a file stands where a folder should be",
+                errno.EEXIST: "a file stands where a folder should be"}
+_FULL = ("No space left on device", "os error 28", "Disk quota exceeded", "PytorchStreamWriter failed",
+         "unexpected pos")
+_READ_ONLY = ("Read-only file system", "os error 30")
+# What a failed write leaves, by command: every stage installs its files only once all are written.
+KEPT = {"prepare": "The run's earlier data and config.yaml are kept.",
+        "train": "The checkpoints saved before are kept; rerunning train resumes from the newest complete one.",
+        "pipeline": "The results of the stages that finished are kept."}
+
+
+def disk_fault(e: BaseException) -> tuple[str, str | None, bool] | None:
+    """(what went wrong, the path if known, whether the disk is full) of a full, read-only or unwritable disk
+    anywhere in e's chain of causes; None for any other error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+            return _DISK_ERRNOS[e.errno], e.filename, e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not isinstance(e, OSError) and any(m in str(e) for m in _FULL + _READ_ONLY):
+            full = not any(m in str(e) for m in _READ_ONLY)
+            return f"writing a file failed ({first_line(e)[:100]})", None, full
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def free_space(path) -> str:
+    """'1.20 GB free of 50.0 GB on /mount' for the file system holding `path` (or its nearest existing folder)."""
+    p = Path(path).absolute()
+    while not p.is_dir() and p != p.parent:
+        p = p.parent
+    try:
+        usage = shutil.disk_usage(p)
+    except OSError:
+        return "free space unknown"
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return f"{usage.free / 1e9:.2f} GB free of {usage.total / 1e9:.1f} GB on {p}"
+
+
+def disk_error(e: BaseException, command: str, run_root) -> DiskError | None:
+    """The one-line DiskError for a disk fault in e during `command` on the run at `run_root` (None if e is
+    something else): what failed, the path, the free space, what is kept, and the command to rerun."""
+    fault = disk_fault(e)
+    if fault is None:
+        return None
+    what, path, full = fault
+    path = path or run_root
+    kept = KEPT.get(command, f"The earlier {command} results are kept (or, if the write was cut off while "
+                             "installing them, marked interrupted for the next run to redo).")
+    fix = ("free some space" if full else f"move the file {path} away or set SFT_OUTPUTS_DIR to a folder"
+           if "file stands" in what else f"make {path} writable (or set SFT_OUTPUTS_DIR to a writable folder)")
+    again = f"python -m lib {command} --run {Path(run_root).name}"
+    return DiskError(f"{what}: {path} ({free_space(path)}). {kept} Then {fix} and rerun: {again}", full)
 
 
 class DataError(SFTError):

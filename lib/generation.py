@@ -13,9 +13,11 @@ longer than `max_length` tokens is cut to its last `max_length` (`cut_prompt`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import queue
 import threading
+import warnings
 from collections.abc import Iterator
 
 from .config import undecodable
@@ -68,6 +70,21 @@ def generation_kwargs(tokenizer, gen_cfg) -> dict:
     if int(s.get("no_repeat_ngram_size", 0) or 0) > 0:
         kw["no_repeat_ngram_size"] = int(s["no_repeat_ngram_size"])
     return kw
+
+
+def bounded_new_tokens(model, prompt_length: int, max_new_tokens: int) -> int:
+    """max_new_tokens cut to what the model's context leaves after the prompt (max_position_embeddings), with
+    a warning when it was more: past its positions a model generates garbage or fails, and an unbounded
+    setting (2147483647) would run until killed."""
+    config = getattr(model, "config", None)
+    context = next((getattr(config, k, None) for k in ("max_position_embeddings", "n_positions", "max_seq_len")
+                    if isinstance(getattr(config, k, None), int)), None)
+    if context is None or prompt_length + max_new_tokens <= context:
+        return max_new_tokens
+    left = max(1, context - prompt_length)
+    warnings.warn(f"generation.max_new_tokens={max_new_tokens} is more than the model's context of {context} "
+                  f"positions leaves after a prompt of {prompt_length} tokens: cut to {left}", stacklevel=3)
+    return left
 
 
 def cut_prompt(ids: list[int], max_length: int | None, bos_token_id=None) -> list[int]:
@@ -153,6 +170,7 @@ def _generate_batch(model, tokenizer, batch, kw) -> list[dict]:
     for row, (ids, _) in enumerate(batch):  # left padding: every prompt ends where generation starts
         input_ids[row, width - len(ids):] = torch.tensor(ids)
         mask[row, width - len(ids):] = 1
+    kw = {**kw, "max_new_tokens": bounded_new_tokens(model, width, kw["max_new_tokens"])}
     with torch.no_grad():
         seqs = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kw)
     out = []
@@ -220,6 +238,7 @@ def generate_reply(model, tokenizer, history, system=None, settings=None, tools=
 
     gc = generation_config(settings, tokenizer, getattr(model, "generation_config", None))
     inputs = _inputs(model, tokenizer, conversation(history, system), tools)
+    gc.max_new_tokens = bounded_new_tokens(model, inputs["input_ids"].shape[1], gc.max_new_tokens)
     with torch.no_grad():
         out = model.generate(**inputs, generation_config=gc)
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
@@ -246,6 +265,8 @@ def stream_reply(model, tokenizer, messages, gc, timeout, tools=None) -> Iterato
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     inputs = _inputs(model, tokenizer, messages, tools)
+    gc = copy.copy(gc)
+    gc.max_new_tokens = bounded_new_tokens(model, inputs["input_ids"].shape[1], gc.max_new_tokens)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=timeout, skip_special_tokens=True)
     cancel = _Cancel()
     failure: list[BaseException] = []

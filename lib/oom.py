@@ -27,14 +27,15 @@ from .memory import changes_to_try, ranked_changes
 logger = logging.getLogger(__name__)
 
 # Messages of out-of-memory errors that torch does not raise as torch.OutOfMemoryError.
-OOM_MESSAGES = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "out of memory")
+OOM_MESSAGES = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "out of memory", "can't allocate memory",
+                "Cannot allocate memory", "not enough memory")
 
 
 def is_oom(e: BaseException) -> bool:
     """An out-of-memory error of torch (CUDA, or another accelerator's, or the CPU allocator's)."""
     import torch
 
-    if isinstance(e, torch.OutOfMemoryError):
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):  # MemoryError: Python's, the CPU's memory
         return True
     return isinstance(e, RuntimeError) and any(m in str(e) for m in OOM_MESSAGES)
 
@@ -72,13 +73,35 @@ def memory_figures() -> str:
     import torch
 
     if not torch.cuda.is_available():
-        return "peak and card memory unavailable (no CUDA device in this process)"
+        return f"peak and card memory unavailable (no CUDA device in this process); the machine's memory: {ram()}"
     idx = torch.cuda.current_device()
     props = torch.cuda.get_device_properties(idx)
     peak = torch.cuda.max_memory_allocated(idx) / GIB
     reserved = torch.cuda.max_memory_reserved(idx) / GIB
     return (f"peak {peak:.2f} GiB allocated ({reserved:.2f} GiB reserved) of the {props.name}'s "
             f"{props.total_memory / GIB:.2f} GiB")
+
+
+def ram() -> str:
+    """'3.1 GiB available of 16.0 GiB' (Linux), or why unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = dict(line.split(":", 1) for line in f)
+        kib = {k: int(v.split()[0]) for k, v in info.items() if k in ("MemAvailable", "MemTotal")}
+        return f"{kib['MemAvailable'] / 2**20:.1f} GiB available of {kib['MemTotal'] / 2**20:.1f} GiB"
+    except (OSError, ValueError, KeyError):
+        return "available memory unknown"
+
+
+def stage_out_of_memory(e: BaseException, command: str, run: str) -> OutOfMemoryError | None:
+    """The one-line OutOfMemoryError for memory that ran out outside a stage's own out_of_memory block
+    (e.g. the CPU's while preparing data or exporting); None for any other error."""
+    if not is_oom(e):
+        return None
+    release()
+    return OutOfMemoryError(f"out of memory in {command}: {memory_figures()}. Nothing was installed: the run's "
+                            f"earlier results are kept. Free memory (close other programs, restart a notebook's "
+                            f"kernel) or use a machine with more, then rerun: python -m lib {command} --run {run}")
 
 
 def _fmt(changes, total=None) -> str:

@@ -71,27 +71,49 @@ def _read_text(path: Path) -> str:
                         line=line) from None
 
 
+def json_value(text: str, path, line: int | None = None):
+    """The JSON value of `text`, or a DataError naming the file (and line) for invalid JSON, a number of more
+    than 4,300 digits, nesting deeper than Python's recursion allows, or a lone surrogate escape ("\\ud83d",
+    which no UTF-8 text can hold), named by its field."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        hint = " (one JSON object a line? name the file .jsonl)" if "Extra data" in e.msg and line is None else ""
+        raise DataError(path, f"invalid JSON ({e.msg}){hint}", line=line or e.lineno) from None
+    except RecursionError:
+        raise DataError(path, "invalid JSON (nested too deeply)", line=line) from None
+    except ValueError as e:  # int('9' * 5000): "Exceeds the limit (4300 digits) for integer string conversion"
+        raise DataError(path, f"invalid JSON (a number too long: {str(e).split(';')[0]})", line=line) from None
+    if "\\u" in text:
+        _check_surrogates(obj, path, line)
+    return obj
+
+
+def _check_surrogates(obj, path, line) -> None:
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else [(None, obj)]
+    for key, value in items:
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            record = None
+            if line is None and isinstance(obj, list):
+                record, key = key + 1, None
+            raise DataError(path, "a lone surrogate escape (\\ud800-\\udfff without its pair): not text",
+                            line=line, record=record, field=key if isinstance(key, str) else None) from None
+
+
 def _read_jsonl(path: Path) -> Loaded:
     text = _read_text(path)
     records = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, f"invalid JSON ({e.msg})", line=n) from None
-        records.append(RawRecord(obj, str(path), line=n))
+        records.append(RawRecord(json_value(line, path, n), str(path), line=n))
     return Loaded(records, str(path), "jsonl")
 
 
 def _read_json_records(path: Path) -> Loaded:
-    text = _read_text(path)
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        hint = " (one JSON object a line? name the file .jsonl)" if "Extra data" in e.msg else ""
-        raise DataError(path, f"invalid JSON ({e.msg}){hint}", line=e.lineno) from None
+    obj = json_value(_read_text(path), path)
     if isinstance(obj, list):
         return Loaded([RawRecord(r, str(path), index=i) for i, r in enumerate(obj, start=1)], str(path), "json")
     if isinstance(obj, dict):
@@ -112,6 +134,8 @@ def _read_json_records(path: Path) -> Loaded:
 
 def _read_csv(path: Path) -> Loaded:
     text = _read_text(path)
+    # A field may be as long as in a JSON file (the csv module's default limit is 131,072 characters).
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     # strict: a quote that is never closed, or text after a closing quote, is an error (the default
     # reader would swallow the rest of the file into one field).
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
@@ -266,10 +290,7 @@ def read_examples(path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(path, f"invalid JSON ({e.msg})", line=n) from None
+                out.append(json_value(line, path, n))
     return out
 
 
