@@ -46,20 +46,21 @@ def checkpoint_problem(path: Path) -> str | None:
             raise ValueError("log_history is not a list of records")
     except (ValueError, OSError, AttributeError, RecursionError):
         return "trainer_state.json is unreadable"
-    step = saved.get("global_step")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        return f"trainer_state.json's global_step is not a whole number ({str(step)[:40]!r})"
     for h in history:
         if any(isinstance(h.get(k), float) and not math.isfinite(h[k]) for k in ("loss", "grad_norm", "eval_loss")):
             return f"a non-finite loss or gradient norm was logged at step {h.get('step')}"
     if any((path / n).exists() for n in FSDP_WEIGHTS):
         return _fsdp_checkpoint_problem(path) or _step_problem(path, saved)
+    # the files first (a missing one is named), then what trainer_state.json says of the step
     return _weights_problem(path) or _optimizer_problem(path) or _step_problem(path, saved)
 
 
 def _step_problem(path: Path, state: dict) -> str | None:
     """Why the global_step of a checkpoint's trainer_state.json is not the step it was saved at: not its folder's
     number, past the state's own max_steps, or behind the step count of its learning-rate scheduler."""
+    step = state.get("global_step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"trainer_state.json's global_step is not a whole number ({str(step)[:40]!r})"
     step, total = state.get("global_step"), state.get("max_steps")
     if type(step) is not int or step < 1 or path.name != f"checkpoint-{step}":
         return f"global_step {step!r} in trainer_state.json is not the step of {path.name}"

@@ -150,7 +150,7 @@ def test_a_checkpoint_whose_step_is_not_its_own_is_skipped(interrupted, tmp_path
     assert checkpoint_problem(edited("checkpoint-2")) is None
     assert checkpoint_problem(edited("checkpoint-3", global_step=1_000_000)) == (
         "global_step 1000000 in trainer_state.json is not the step of checkpoint-3")
-    assert "is not the step" in checkpoint_problem(edited("checkpoint-4", global_step="4"))
+    assert "is not a whole number ('4')" in checkpoint_problem(edited("checkpoint-4", global_step="4"))
     assert checkpoint_problem(edited("checkpoint-1000000", global_step=1_000_000)) == (
         "global_step 1000000 in trainer_state.json is past its max_steps 4")
     assert checkpoint_problem(edited("checkpoint-1", global_step=1)) == (
