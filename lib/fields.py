@@ -29,6 +29,7 @@ UNUSED = "unused (kept as metadata, never seen by the model)"
 IGNORED = "ignored (data.ignore_fields)"
 METADATA = "metadata (kept with the example, never seen by the model)"
 NOT_TRAINED = "not trained"
+RENDERED = "copy: the whole record rendered as text"
 # An unused field named like this decides what is trained (OpenAI's weight, LLaMA-Factory's loss_weight,
 # Axolotl's train): ignoring it would train what the data says not to, so any value of it is refused.
 _TRAINING_FLAG = re.compile(r"weight|train|mask|loss", re.IGNORECASE)
@@ -60,8 +61,17 @@ def _copy_of(value, record: dict, conv: Converted) -> str | None:
     if not pieces:
         pieces = [m["content"].strip() for m in messages if m["content"].strip()]
     if pieces and all(p in value for p in pieces):
-        return "copy: the whole record rendered as text"
+        return RENDERED
     return None
+
+
+def _other_text(value: str, record: dict, conv: Converted) -> str:
+    """What a rendering of the record holds besides the used fields' text (a prompt template's words, or
+    text the model would never see: the audit shows it)."""
+    for f in conv.used:
+        if isinstance(record.get(f), str) and record[f].strip():
+            value = value.replace(record[f].strip(), " ", 1)
+    return " ".join(value.split())
 
 
 def _example(value) -> str:
@@ -81,6 +91,7 @@ class FieldCount:
     uses: Counter = field(default_factory=Counter)
     example: str | None = None
     first_unused: RawRecord | None = None
+    other_text: str = ""  # the longest text a rendering of the record holds besides the used fields
 
 
 class FieldAccount:
@@ -106,6 +117,10 @@ class FieldAccount:
             else:
                 use = (has_text(value) and _copy_of(value, record, conv)) or UNUSED
             self._count(key, use, value, rec)
+            if use == RENDERED:
+                other = _other_text(value, record, conv)
+                c = self.fields[key]
+                c.other_text = max(c.other_text, other, key=len)
         for label, value in conv.turn_extras.items():
             self._count(label, IGNORED if label in self.ignore else UNUSED, value, rec)
 
@@ -171,6 +186,10 @@ class FieldAccount:
                 out.append(f"field '{key}' holds text in {c.unused_text} of {self.records} records that nothing "
                            "uses (kept as metadata in data/*.jsonl): map it with data.columns or list it in "
                            "data.ignore_fields")
+            if c.uses.get(RENDERED):
+                out.append(f"field '{key}' ({c.uses[RENDERED]} records) holds every used field's text and is taken as "
+                           f"a rendering of the record; besides them it holds up to {len(c.other_text)} characters, "
+                           f"e.g. {_example(c.other_text)!r}: if that is data, map the field with data.columns")
             for use, n in c.uses.items():
                 if use.startswith(NOT_TRAINED):
                     out.append(f"field '{key}' ({n} records) is {use}")

@@ -456,3 +456,13 @@ def test_columns_from_the_command_line_in_every_spelling():
         assert make_config("tiny", overrides=[f"data.columns={text}"]).data.columns == {"prompt": "q", "response": "a"}
     assert make_config("tiny", overrides=["data.ignore_fields=notes, url"]).data.ignore_fields == ["notes", "url"]
     assert make_config("tiny", overrides=["data.columns={}"]).data.columns is None
+
+
+def test_a_rendering_of_the_record_says_what_else_it_holds(tmp_path):
+    """A `text` beside instruction/output that holds them is taken as a rendering; whatever else it holds
+    (here a passage the model would never see) is named in the audit, never dropped unmentioned."""
+    rec = {"instruction": "Summarise.", "output": "Short.",
+           "text": "Passage: the river floods each spring.\n### Instruction:\nSummarise.\n### Response:\nShort."}
+    p = prepare_examples(str(_write(tmp_path, [rec])), eval_fraction=0.0)
+    line = next(w for w in p.notes if w.startswith("field 'text'"))
+    assert "taken as a rendering of the record" in line and "Passage: the river floods each spring." in line
