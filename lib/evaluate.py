@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .context import open_run
 from .errors import MissingStageError, SFTError
+from .forgetting import forgetting_check
 from .generation import eval_conversations, eval_tools, generate_answers
 from .loading import load_tuned_model, release
 from .oom import out_of_memory
@@ -90,11 +91,24 @@ def _run_evaluate(paths, run, overrides, progress) -> dict:
         ppl = _perplexities(model, tokenizer, examples, cfg, progress)
         ppl_seconds = time.time() - started
         predictions, gen_metrics = _generation(model, tokenizer, examples, cfg, progress)
+        forgetting = _forgetting(model, tokenizer, cfg, paths, progress)
     del model
     release()
-    _write_results(paths, sources, ppl, predictions, gen_metrics)
+    _write_results(paths, sources, ppl, predictions, gen_metrics, forgetting)
     _print_results(ppl, ppl_seconds, predictions, gen_metrics, cfg.train.max_length)
-    return {"perplexity": ppl, "generation": gen_metrics, "predictions": predictions}
+    if forgetting is not None:
+        print(f"forgetting check on {forgetting['prompts']} general prompts: {forgetting['reading']} "
+              f"({forgetting['seconds']:.1f}s)")
+    return {"perplexity": ppl, "generation": gen_metrics, "predictions": predictions, "forgetting": forgetting}
+
+
+def _forgetting(model, tokenizer, cfg, paths, progress) -> dict | None:
+    """The forgetting check (lib/forgetting.py), timed; None when eval.general_prompts is None."""
+    started = time.time()
+    result = forgetting_check(model, tokenizer, cfg, paths, progress)
+    if result is not None:
+        result["seconds"] = round(time.time() - started, 2)
+    return result
 
 
 def _check_inputs(paths, run) -> dict:
@@ -186,7 +200,7 @@ def _generation(model, tokenizer, examples, cfg, progress) -> tuple[list[dict], 
     }
 
 
-def _write_results(paths, sources, ppl, predictions, gen_metrics) -> None:
+def _write_results(paths, sources, ppl, predictions, gen_metrics, forgetting=None) -> None:
     """Everything computed: now write, as one set (nothing half-written if anything before failed or
     the process is killed while the files are moved in: see lib/rundir.py)."""
     with staging(paths.eval_dir, STAGING) as staged:
@@ -194,7 +208,9 @@ def _write_results(paths, sources, ppl, predictions, gen_metrics) -> None:
         write_jsonl(staged / paths.predictions.name, predictions)
         write_json(staged / paths.generation_metrics.name, gen_metrics if gen_metrics is not None else
                    {"examples": 0, "skipped": "eval.generate_examples is 0 or the eval data has no conversations"})
-        targets = (paths.perplexity, paths.predictions, paths.generation_metrics)
+        write_json(staged / paths.forgetting.name, forgetting if forgetting is not None else
+                   {"skipped": "eval.general_prompts is None"})
+        targets = (paths.perplexity, paths.predictions, paths.generation_metrics, paths.forgetting)
         install(paths, "evaluate", {t: staged / t.name for t in targets},
                 [str(t.relative_to(paths.root)) for t in targets], sources)
 

@@ -89,6 +89,10 @@ class RunPaths:
     def training_summary(self) -> Path:
         return self.logs / "training_summary.json"
 
+    @property
+    def samples(self) -> Path:  # answers to a few eval prompts at step 0 and every evaluation
+        return self.logs / "samples.jsonl"
+
     # 04 evaluate
     @property
     def eval_dir(self) -> Path:
@@ -105,6 +109,14 @@ class RunPaths:
     @property
     def generation_metrics(self) -> Path:
         return self.eval_dir / "generation_metrics.json"
+
+    @property
+    def forgetting(self) -> Path:  # the forgetting check: the tuned model on the base model's general answers
+        return self.eval_dir / "forgetting.json"
+
+    @property
+    def forgetting_base(self) -> Path:  # the base model's answers to the general prompts (a cache)
+        return self.eval_dir / "forgetting_base.jsonl"
 
     # 05 plots
     @property
@@ -176,8 +188,9 @@ def run_paths(run: str) -> RunPaths:
 STAGE_OF = {
     "config": "prepare", "train_data": "prepare", "eval_data": "prepare", "data_report": "prepare",
     "model_summary": "configure",
-    "adapter": "train", "metrics_csv": "train", "training_summary": "train",
+    "adapter": "train", "metrics_csv": "train", "training_summary": "train", "samples": "train",
     "perplexity": "evaluate", "predictions": "evaluate", "generation_metrics": "evaluate",
+    "forgetting": "evaluate", "forgetting_base": "evaluate",
     "plots": "plot", "merged": "merge", "merge_report": "merge", "export": "export", "parity": "export",
 }
 

@@ -236,6 +236,19 @@ class EvalSettings:
     batch_size: int = _f(8, "Examples per perplexity / generation batch.", range=POSITIVE)
     max_examples: int | None = _f(None, "Evaluate at most this many eval examples (None: all).", range=POSITIVE)
     generate_examples: int = _f(16, "Eval prompts to generate answers for (0: skip generation).", range=NON_NEGATIVE)
+    sample_prompts: int = _f(4, "Eval prompts answered (greedy) at step 0 and at every evaluation while training, "
+                                "into logs/samples.jsonl and the metrics CSV; 0: off. Costs SAMPLE_COST of the "
+                                "training time with the smol profile.", range=NON_NEGATIVE)
+    sample_max_new_tokens: int = _f(48, "Longest answer sampled while training: longer shows more, costs more.",
+                                    range=POSITIVE)
+    general_prompts: str | None = _f("data/general_prompts.jsonl", "Forgetting check: general prompts unrelated to "
+                                     "the training data (a JSONL file of prompt or messages records); the base "
+                                     "model's greedy answers to them are the references the tuned model is scored "
+                                     "on. None: skip the check.")
+    general_examples: int | None = _f(None, "Forgetting check: use at most this many of the general prompts (None: "
+                                            "all); fewer is faster and a less sure figure.", range=POSITIVE)
+    general_max_new_tokens: int = _f(64, "Longest base-model answer of the forgetting check (answers are made "
+                                         "once per base model and cached in eval/).", range=POSITIVE)
 
 
 @dataclass
@@ -314,6 +327,10 @@ PROFILES: dict[str, dict[str, object]] = {
         "train.save_total_limit": 2,
         "train.precision": "fp32",
         "eval.generate_examples": 8,
+        "eval.sample_prompts": 2,  # the tiny model's answers are noise: a token budget that only shows the feature
+        "eval.sample_max_new_tokens": 8,
+        "eval.general_examples": 8,
+        "eval.general_max_new_tokens": 8,
         "generation.max_new_tokens": 48,
     },
     # A real pretrained instruct model on the CPU: SmolLM2-135M-Instruct (lib/realmodel.py), NF4 with

@@ -58,6 +58,7 @@ from .rundir import (
     run_lock,
     write_json,
 )
+from .samples import SamplesCallback
 from .settings import RunConfig
 from .templates import TemplateError
 from .tokenization import encode_example
@@ -197,13 +198,16 @@ def build_datasets(plan: TrainingPlan, tokenizer) -> tuple:
 
 def build_sft_trainer(plan: TrainingPlan, model, tokenizer, train_ds, eval_ds=None, callbacks=()):
     """The run's SFTTrainer (lib.trainer.GuardedSFTTrainer): checkpoints in checkpoints/, every log appended
-    to logs/training_metrics.csv (the rows after the resumed checkpoint dropped); `callbacks`: extra
+    to logs/training_metrics.csv and the answers to a few eval prompts to logs/samples.jsonl (lib/samples.py; the
+    rows after the resumed checkpoint dropped); `callbacks`: extra
     transformers TrainerCallbacks. None when the run has finished."""
     if plan.finished:
         return None
     callbacks = list(callbacks)
     if plan.main:
-        callbacks.insert(0, MetricsCallback(plan.paths.metrics_csv, plan.resume_step))
+        metrics = MetricsCallback(plan.paths.metrics_csv, plan.resume_step)
+        # answers first: the metrics callback's tokens-per-second clock restarts after them
+        callbacks[:0] = [SamplesCallback(plan.cfg, tokenizer, plan.paths, plan.resume_step, metrics), metrics]
     return build_trainer(plan.cfg, model, tokenizer, train_ds, eval_ds, plan.paths.checkpoints,
                          resuming=plan.resume is not None, callbacks=callbacks)
 
@@ -261,6 +265,8 @@ def training_summary(trainer, plan: TrainingPlan) -> dict:
         "global_step": trainer.state.global_step,
         "epoch": round(trainer.state.epoch or 0.0, 4),
         "runtime_s": round(plan.runtime_s, 2),
+        "sample_seconds": round(sum(getattr(c, "seconds", 0.0) for c in trainer.callback_handler.callbacks
+                                    if isinstance(c, SamplesCallback)), 2),
         "resumed_from": plan.resume.name if plan.resume else None,
         "train_tokens": int(trainer.state.num_input_tokens_seen),
         **plan.counts,
@@ -308,9 +314,10 @@ def _finish(plan: TrainingPlan, summary: dict) -> None:
     """logs/training_summary.json, the stage's manifest, and the closing lines."""
     cfg, paths = plan.cfg, plan.paths
     write_json(paths.training_summary, summary)
+    samples = ["logs/samples.jsonl"] if paths.samples.exists() else []
     finish(paths, "train", [paths.adapter.name + "/adapter_model.safetensors",
                             paths.adapter.name + "/adapter_config.json",
-                            "logs/training_summary.json", "logs/training_metrics.csv"],
+                            "logs/training_summary.json", "logs/training_metrics.csv", *samples],
            {"prepare": fingerprint(paths, "prepare", verify=False)})
     print_main(f"trained {summary['global_step']} steps in {summary['runtime_s']:.1f} s; eval loss "
                f"{summary['initial_eval_loss']} -> {summary['final_eval_loss']}; adapter in {paths.adapter}")

@@ -34,8 +34,11 @@ from .stages import stage
 from .tokenization import IGNORE_INDEX
 from .trainer_args import sft_config
 
+# The scores of the answers sampled while training (lib/samples.py), one row a sampled step, as evaluate has them.
+SAMPLE_COLUMNS = ["sample_stop_rate", "sample_question_rate", "sample_questions_per_answer", "sample_mean_words",
+                  "sample_bleu", "sample_rouge_l"]
 METRIC_COLUMNS = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
-                  "tokens_per_second", "peak_memory_mb"]
+                  "tokens_per_second", "peak_memory_mb", *SAMPLE_COLUMNS]
 # fp16 mixed precision skips a step when its scaled gradients overflow; this many in a row is a real problem.
 MAX_SKIPPED_FP16_STEPS = 20
 
@@ -172,6 +175,10 @@ class MetricsCallback(TrainerCallback):
                 row["tokens_per_second"] = round((tokens - self._last[1]) / (now - self._last[0]), 1)
             self._last = (now, tokens)
         row["peak_memory_mb"] = round(_peak_memory_mb(), 1)
+        self.append(row)
+
+    def append(self, row: dict) -> None:
+        """One row of the CSV (columns of METRIC_COLUMNS; the others left empty)."""
         with open(self.path, "a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, fieldnames=METRIC_COLUMNS).writerow(
                 {k: ("" if v is None else v) for k, v in row.items()})
