@@ -11,6 +11,7 @@
     python -m lib push     --run NAME --repo USER/NAME [--private] [--dry-run] [--include adapter,merged,gguf]
     python -m lib pipeline --run NAME --data PATH [--profile P] [--set key=value ...]
     python -m lib summary  --run NAME      # before/after: perplexity, questions, stop rate, one prompt
+    python -m lib compare  RUN [RUN ...] [--figure PATH]   # settings that differ, losses, results, answers
 
 Exit status 0 on success; bad input (data, configuration, a stage not run yet, a damaged, stale or
 half-written result in the run directory, another process writing the same run) prints one line
@@ -29,7 +30,7 @@ import importlib
 import sys
 
 from .errors import QualityGateError, SFTError, disk_error
-from .paths import run_paths
+from .paths import outputs_dir, run_paths
 from .rundir import is_main_rank
 from .stages import pipeline_stages, stage
 
@@ -73,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     pu.add_argument("--include", default=None, help="comma-separated: adapter, merged, gguf (default: those there)")
     add("pipeline", "every stage in order, then the before/after summary", data=True)
     add("summary", "the before/after summary of an evaluated run", sets=False)
+    co = sub.add_parser("compare", help="runs side by side: settings that differ, losses, results, answers")
+    co.add_argument("runs", nargs="+", metavar="RUN", help="run names (outputs/<run>/)")
+    co.add_argument("--figure", default=None, help="also draw the loss curves into this PNG file")
     return p
 
 
@@ -97,6 +101,7 @@ COMMANDS = {
     "chat": lambda a: importlib.import_module("lib.chat").run_chat(a.run, prompt=a.prompt, system=a.system,
                                                                    merged=a.merged, tools=a.tools),
     "summary": lambda a: print("\n" + importlib.import_module("lib.summary").before_after(a.run) + "\n"),
+    "compare": lambda a: importlib.import_module("lib.compare").run_compare(a.runs, figure=a.figure),
 }
 
 
@@ -136,8 +141,9 @@ def main(argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a full or read-only disk, memory running out: one line (lib/errors.py, lib/oom.py)
-        error = disk_error(e, args.command, run_paths(args.run).root) or \
-            importlib.import_module("lib.oom").stage_out_of_memory(e, args.command, args.run)
+        where = run_paths(args.run).root if getattr(args, "run", None) else outputs_dir()
+        error = disk_error(e, args.command, where) or \
+            importlib.import_module("lib.oom").stage_out_of_memory(e, args.command, getattr(args, "run", ""))
         if error is None:
             raise
         if is_main_rank():

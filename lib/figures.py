@@ -32,7 +32,7 @@ COLORS = {"train": "#1f77b4", "eval": "#d62728", "base": "#7f7f7f", "tuned": "#1
           "other": "#9467bd"}
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
          "xtick.labelsize": 10, "ytick.labelsize": 10, "axes.grid": True, "grid.alpha": 0.3}
-PANELS = ["loss", "learning_rate", "grad_norm", "tokens_per_second", "perplexity", "generation_metrics",
+PANELS = ["loss", "behaviour", "learning_rate", "grad_norm", "tokens_per_second", "perplexity", "generation_metrics",
           "token_lengths", "peak_memory"]
 
 
@@ -203,6 +203,30 @@ def panel_loss(ax, data):
     ax.legend(loc="best")
 
 
+# The answers sampled while training (lib/samples.py): the metrics CSV's sample_* columns, on a 0-1 scale.
+BEHAVIOUR = {"sample_stop_rate": ("stop on their own", "#2ca02c"),
+             "sample_question_rate": ("end with a question", "#9467bd"),
+             "sample_rouge_l": ("ROUGE-L F1 vs reference", "#1f77b4"),
+             "sample_bleu": ("BLEU / 100", "#ff7f0e")}
+
+
+def panel_behaviour(ax, data):
+    m = data["metrics"]
+    shown = [k for k in BEHAVIOUR if k in m]
+    if not shown:
+        return _placeholder(ax, "Answers during training", "no answers sampled while training "
+                            f"(eval.sample_prompts is 0, or notebook {stage('train').notebook} not run)")
+    for key in shown:
+        label, color = BEHAVIOUR[key]
+        steps, values = m[key]
+        _line(ax, steps, [v / 100 if key == "sample_bleu" else v for v in values], label=label, color=color)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("Answers during training (sample prompts)")
+    ax.set_ylabel("share of answers / score (0-1)")
+    _step_axis(ax, [x for k in shown for x in m[k][0]])
+    ax.legend(loc="best")
+
+
 def panel_learning_rate(ax, data):
     _series_panel(ax, data, "learning_rate", "Learning-rate schedule", "learning rate",
                   "learning rate not logged", color=COLORS["other"], sci=True)
@@ -310,6 +334,7 @@ def panel_token_lengths(ax, data):
 
 DRAW = {
     "loss": panel_loss,
+    "behaviour": panel_behaviour,
     "learning_rate": panel_learning_rate,
     "grad_norm": panel_grad_norm,
     "tokens_per_second": panel_tokens_per_second,
@@ -324,6 +349,7 @@ def has_data(name: str, data: dict) -> bool:
     m = data["metrics"]
     return {
         "loss": "loss" in m or "eval_loss" in m,
+        "behaviour": any(k in m for k in BEHAVIOUR),
         "learning_rate": "learning_rate" in m,
         "grad_norm": "grad_norm" in m,
         "tokens_per_second": "tokens_per_second" in m,
@@ -358,14 +384,17 @@ def _title(data) -> str:
 
 
 def overview_figure(data: dict):
-    """The 4 x 2 overview of every panel, as a matplotlib Figure (Agg canvas)."""
+    """The overview of every panel, two a row, as a matplotlib Figure (Agg canvas)."""
     import matplotlib
 
+    rows = (len(PANELS) + 1) // 2
     with matplotlib.rc_context(STYLE):
-        fig = _figure((12, 15))
-        axes = fig.subplots(4, 2).flatten()
+        fig = _figure((12, 3.75 * rows))
+        axes = fig.subplots(rows, 2).flatten()
         for ax, name in zip(axes, PANELS):
             DRAW[name](ax, data)
+        for ax in axes[len(PANELS):]:
+            ax.set_visible(False)
         fig.suptitle(_title(data), fontsize=13)
     return fig
 

@@ -181,3 +181,26 @@ def reading(ratio: float, kl: float | None = None) -> str:
                "far from the base: general ability has likely suffered")
     kl_text = f", mean KL {kl:.3f} nats a token" if kl is not None else ""
     return f"the tuned model {how} per token than the base ({verdict}{kl_text})"
+
+
+def forgetting_table(run: str):
+    """eval/forgetting.json as a one-column DataFrame for notebook 04's report (rows: figures), its reading as
+    the caption; a DataFrame saying why when the check was skipped."""
+    import pandas as pd
+
+    from .paths import require, run_paths
+    from .rundir import check_fresh, read_json
+
+    paths = run_paths(run)
+    require(paths, "forgetting")
+    check_fresh(paths, "evaluate", paths.eval_dir)
+    result = read_json(paths.forgetting)
+    if "ratio" not in result:
+        return pd.DataFrame({"forgetting check": [result.get("skipped", "not run")]}, index=["skipped"])
+    rows = {"general prompts": result["prompts"], "base answer tokens scored": result["tokens"],
+            "base model's perplexity on them": result["base_perplexity"],
+            "tuned model's perplexity on them": result["tuned_perplexity"],
+            "ratio tuned / base (1.0: unchanged)": result["ratio"],
+            "mean KL(base || tuned), nats a token": result["mean_kl"],
+            "base answers that stopped": result["base_answers_stopped"], "reading": result["reading"]}
+    return pd.DataFrame({"forgetting check": rows})

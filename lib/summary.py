@@ -6,7 +6,7 @@
     print(before_after("demo"))
 
 It reads what the stages wrote (eval/perplexity.json, eval/generation_metrics.json,
-eval/predictions.jsonl, logs/training_summary.json, merged/merge_report.json when there) and
+eval/predictions.jsonl, eval/forgetting.json (the forgetting check), logs/training_summary.json, merged/merge_report.json when there) and
 computes nothing new: base vs tuned perplexity, the share of generated answers that are questions
 and that stop on their own (the end-of-turn token, not the length limit), and one eval prompt
 answered by the base and the tuned model side by side. It checks the manifests of what it reads first
@@ -82,6 +82,7 @@ def before_after(run: str, width: int = 100) -> str:
     notes += _merged_note(paths)
     if notes:
         lines.append("  (" + "; ".join(notes) + ")")
+    lines += _forgetting_lines(paths, width)
 
     predictions = read_examples(paths.predictions) if paths.predictions.exists() else []
     ex = _example(predictions)
@@ -90,6 +91,16 @@ def before_after(run: str, width: int = 100) -> str:
         lines += _answer("base", ex.get("base", ""), bool(ex.get("base_stopped")), width)
         lines += _answer("tuned", ex.get("tuned", ""), bool(ex.get("tuned_stopped")), width)
     return "\n".join(lines)
+
+
+def _forgetting_lines(paths, width: int) -> list[str]:
+    """The forgetting check (eval/forgetting.json) in plain words, when evaluate ran it."""
+    result = _read_result(paths.forgetting) if paths.forgetting.exists() else None
+    if not isinstance(result, dict) or "ratio" not in result:
+        return []
+    text = (f"General ability (forgetting check, {result['prompts']} general prompts answered by the base model): "
+            f"perplexity ratio tuned/base {result['ratio']:.2f}; {result['reading']}.")
+    return [""] + textwrap.wrap(text, width=width, subsequent_indent="  ")
 
 
 def _merged_note(paths) -> list[str]:
