@@ -278,8 +278,10 @@ def test_the_trained_run_leaves_adapter_logs_and_model_card(trained_run):
     assert "base model: `tiny`" in card and data_hash in card and "learning_rate" in card
 
     rows = _metrics(paths)
+    from lib.trainer import SAMPLE_COLUMNS
+
     assert list(rows[0]) == ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
-                             "tokens_per_second", "peak_memory_mb"]
+                             "tokens_per_second", "peak_memory_mb", *SAMPLE_COLUMNS]
     train_rows = [r for r in rows if r["loss"]]
     eval_rows = [r for r in rows if r["eval_loss"]]
     assert len(train_rows) >= 10 and len(eval_rows) >= 3 and eval_rows[0]["step"] == "0"
@@ -358,6 +360,13 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(prepared_run, trained_ru
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
     steps = [int(r["step"]) for r in _metrics(paths) if r["loss"]]
     assert len(steps) == len(set(steps)), "rows of the interrupted steps are not duplicated"
+    from lib.samples import read_samples
+
+    sampled = [(r["step"], r["index"]) for r in read_samples(paths.samples)]
+    assert len(sampled) == len(set(sampled)), "answers of the interrupted steps are not duplicated"
+    assert {s for s, _ in sampled} == {r["step"] for r in read_samples(run_paths(trained_run).samples)}
+    sample_rows = [int(r["step"]) for r in _metrics(paths) if r["sample_bleu"]]
+    assert len(sample_rows) == len(set(sample_rows))
     assert summary["initial_eval_loss"] == pytest.approx(reference["initial_eval_loss"])
 
 

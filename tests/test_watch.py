@@ -136,3 +136,45 @@ def test_forgetting_is_1_for_the_base_model_against_itself(prepared_run):
     bad.write_text('{"prompt": "hi"}\n{"text": 3}\n', encoding="utf-8")
     with pytest.raises(DataError, match="line 2"):
         load_general_prompts(bad)
+
+
+@pytest.mark.slow
+def test_forgetting_rises_on_a_smol_run_trained_to_overfit(smol_dir, outputs):
+    """SmolLM2 with a fresh LoRA adapter (B = 0: the base itself) scores 1.0; a few steps at a high learning
+    rate on four Socratic examples make the base model's general answers clearly less likely."""
+    import torch
+
+    from lib.config import make_config
+    from lib.forgetting import forgetting_check
+    from lib.model import load_model_and_tokenizer, with_lora
+    from lib.tokenization import IGNORE_INDEX, encode_example
+
+    cfg = make_config("smol", overrides=["quant.mode=none", "eval.general_examples=6",
+                                         "eval.general_max_new_tokens=24", "train.max_length=96"])
+    model, tok = load_model_and_tokenizer(cfg, for_training=True)
+    model = with_lora(model, cfg)
+    paths = RunPaths(outputs / "smol-forget")
+    before = forgetting_check(model, tok, cfg, paths, progress=False)
+    assert before["ratio"] == pytest.approx(1.0, abs=1e-6) and before["mean_kl"] == pytest.approx(0.0, abs=1e-6)
+
+    from conftest import SAMPLE
+
+    records = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()[:4]]
+    encoded = [encode_example(tok, {"messages": [{"role": "user", "content": r["instruction"]},
+                                                 {"role": "assistant", "content": "\n".join(r["output"])}]}, 96)
+               for r in records]
+    width = max(len(e["input_ids"]) for e in encoded)
+    ids = torch.tensor([e["input_ids"] + [tok.pad_token_id] * (width - len(e["input_ids"])) for e in encoded])
+    labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in encoded])
+    mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in encoded])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(8):
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    cached = paths.forgetting_base.stat().st_mtime_ns
+    after = forgetting_check(model, tok, cfg, paths, progress=False)
+    assert paths.forgetting_base.stat().st_mtime_ns == cached  # the base answers came from the cache
+    assert after["ratio"] > 1.2 and after["mean_kl"] > 0.05, after
+    assert "less likely" in after["reading"]
