@@ -12,11 +12,11 @@ from conftest import copy_run
 from lib.__main__ import main
 from lib.config import apply_overrides, load_config, save_config
 from lib.paths import RunPaths, run_paths
-from lib.samples import SamplesCallback, read_samples, samples_table
-from lib.trainer import read_metrics_rows
 
 
 def _rows_by_step(path) -> dict[int, list[dict]]:
+    from lib.samples import read_samples
+
     out: dict[int, list[dict]] = {}
     for r in read_samples(path):
         out.setdefault(r["step"], []).append(r)
@@ -31,7 +31,9 @@ def test_samples_at_step_0_every_evaluation_and_the_last_step_scored_as_evaluate
     the last step; at the last step they are the evaluation stage's own answers (same prompts, the run's stop
     tokens, greedy) and the CSV's sample_* figures are its generation metrics."""
     from lib.evaluate import run_evaluate
+    from lib.samples import samples_table
     from lib.summary import before_after
+    from lib.trainer import read_metrics_rows
 
     paths = run_paths(trained_run)
     cfg = load_config(paths.config)
@@ -68,6 +70,7 @@ def test_samples_at_step_0_every_evaluation_and_the_last_step_scored_as_evaluate
 def test_a_resumed_training_drops_the_samples_after_its_checkpoint(outputs):
     """Rows after the checkpoint resumed from are dropped (they are sampled again), as in the metrics CSV."""
     from lib.config import make_config
+    from lib.samples import SamplesCallback, read_samples
 
     paths = RunPaths(outputs / "r")
     paths.samples.parent.mkdir(parents=True)
