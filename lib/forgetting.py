@@ -34,6 +34,7 @@ from .oom import in_batches
 from .paths import resolve_repo_path
 from .readers import read_examples
 from .rundir import write_jsonl
+from .scoring import padded_batch
 from .tokenization import IGNORE_INDEX, encode_example
 
 
@@ -129,13 +130,7 @@ def _batch(model, batch, pad: int) -> list[tuple[float, float, float, int]]:
     import torch
     import torch.nn.functional as F
 
-    width = max(len(e["input_ids"]) for e in batch)
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, e in enumerate(batch):
-        n = len(e["input_ids"])
-        ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+    ids, labels, mask = padded_batch(batch, pad)
     device = model_device(model)
     disable = getattr(model, "disable_adapter", None)
     with torch.no_grad():

@@ -60,10 +60,9 @@ def perplexity(model, tokenizer, examples, batch_size: int = 8, max_length: int 
             "examples": len(encoded), "examples_cut": n_cut}
 
 
-def _batch_nll(model, batch, pad: int, device) -> list[tuple[float, int]]:
-    """(summed NLL, scored tokens) of each encoded example of one right-padded batch."""
+def padded_batch(batch, pad: int):
+    """(input_ids, labels, attention_mask) tensors of encoded examples, right-padded to the longest."""
     import torch
-    import torch.nn.functional as F
 
     width = max(len(e["input_ids"]) for e in batch)
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -74,6 +73,15 @@ def _batch_nll(model, batch, pad: int, device) -> list[tuple[float, int]]:
         ids[row, :n] = torch.tensor(e["input_ids"])
         labels[row, :n] = torch.tensor(e["labels"])
         mask[row, :n] = 1
+    return ids, labels, mask
+
+
+def _batch_nll(model, batch, pad: int, device) -> list[tuple[float, int]]:
+    """(summed NLL, scored tokens) of each encoded example of one right-padded batch."""
+    import torch
+    import torch.nn.functional as F
+
+    ids, labels, mask = padded_batch(batch, pad)
     out = []
     with torch.no_grad():
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
