@@ -1,5 +1,5 @@
-"""Answers during training: a few fixed eval prompts answered (greedy) at step 0, at every evaluation and at
-the last step, into logs/samples.jsonl, with their scores in the metrics CSV.
+"""Answers during training: a few fixed eval prompts answered (greedy) at step 0 and at every evaluation (at the
+last step instead when there are no evaluations), into logs/samples.jsonl, with their scores in the metrics CSV.
 
     from lib.samples import SamplesCallback, samples_table, read_samples
     trainer = build_sft_trainer(plan, model, tokenizer, train_ds, eval_ds)   # adds SamplesCallback itself
@@ -75,7 +75,7 @@ def _in_notebook() -> bool:
 
 
 class SamplesCallback(TrainerCallback):
-    """Answers the sample prompts at step 0, at every evaluation and at the last step (see the module)."""
+    """Answers the sample prompts at step 0 and at every evaluation (see the module)."""
 
     def __init__(self, cfg, tokenizer, paths, resume_step: int | None = None, metrics=None, live: bool | None = None):
         self.cfg, self.tokenizer, self.path, self.metrics = cfg, tokenizer, paths.samples, metrics
@@ -140,7 +140,8 @@ class SamplesCallback(TrainerCallback):
         self._sample(args, state, model)
 
     def on_step_end(self, args, state, control, model=None, **kw):
-        if state.max_steps and state.global_step >= state.max_steps:
+        # without evaluations, the last step is sampled too (with them, the evaluations are the points: cheaper)
+        if args.eval_strategy == "no" and state.max_steps and state.global_step >= state.max_steps:
             self._sample(args, state, model)
 
 

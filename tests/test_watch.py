@@ -26,10 +26,14 @@ def _rows_by_step(path) -> dict[int, list[dict]]:
 # ----------------------------------------------------------------------------- answers during training
 
 
-def test_samples_at_step_0_every_evaluation_and_the_last_step_scored_as_evaluate_scores(trained_run):
-    """The fixture run (tiny profile: 2 prompts, 8 new tokens): answers at step 0, at each evaluation and at
-    the last step; at the last step they are the evaluation stage's own answers (same prompts, the run's stop
+def test_samples_at_step_0_and_every_evaluation_scored_as_evaluate_scores(trained_run):
+    """The fixture run (tiny profile: 2 prompts, 8 new tokens): answers at step 0 and at each evaluation; with
+    the adapter of the last one they are the evaluation stage's own answers (same prompts, the run's stop
     tokens, greedy) and the CSV's sample_* figures are its generation metrics."""
+    import shutil
+
+    from conftest import reseal
+
     from lib.evaluate import run_evaluate
     from lib.samples import samples_table
     from lib.summary import before_after
@@ -39,14 +43,18 @@ def test_samples_at_step_0_every_evaluation_and_the_last_step_scored_as_evaluate
     cfg = load_config(paths.config)
     csv_rows = read_metrics_rows(paths.metrics_csv)
     eval_steps = {int(r["step"]) for r in csv_rows if r["eval_loss"]}
-    last = json.loads(paths.training_summary.read_text())["global_step"]
     by_step = _rows_by_step(paths.samples)
-    assert set(by_step) == eval_steps | {0, last} and 0 in eval_steps and len(eval_steps) >= 3
+    assert set(by_step) == eval_steps and 0 in eval_steps and len(eval_steps) >= 3
     assert all(len(rows) == cfg.eval.sample_prompts == 2 for rows in by_step.values())
     sampled = {int(r["step"]): r for r in csv_rows if r["sample_bleu"]}
     assert set(sampled) == set(by_step)
 
+    # The adapter of the last sampled step, evaluated on the same prompts with the same settings.
+    last = max(by_step)
     run = copy_run(trained_run, "watch-eval")
+    adapter = run_paths(run).adapter / "adapter_model.safetensors"
+    shutil.copyfile(run_paths(run).checkpoints / f"checkpoint-{last}" / "adapter_model.safetensors", adapter)
+    reseal(run, "train")
     overrides = [f"eval.generate_examples={cfg.eval.sample_prompts}",
                  f"generation.max_new_tokens={cfg.eval.sample_max_new_tokens}", "generation.do_sample=false"]
     result = run_evaluate(run, overrides=overrides, progress=False)
