@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from lib.settings import PROFILES
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "examples" / "socratic_questions.jsonl"
 
@@ -97,8 +99,14 @@ def smol_tokenizer(smol_dir):
     return AutoTokenizer.from_pretrained(smol_dir)
 
 
+# The answers sampled while training and the forgetting check cost about a fifth of a tiny training and a few
+# seconds an evaluation (4-bit generation on the CPU): the unit tests run the tiny profile without them; the
+# fixture run and tests/test_watch.py turn them on. The notebooks (nbval: their own kernel) keep the profile's.
+PROFILES["tiny"] = {**PROFILES["tiny"], "eval.sample_prompts": 0, "eval.general_prompts": None}
+
 # Training settings small enough for a unit test, large enough to learn something.
 FAST_TRAIN = [
+    "eval.sample_prompts=2",
     "train.num_train_epochs=2",
     "train.eval_steps=10",
     "train.save_steps=10",

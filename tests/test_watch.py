@@ -55,7 +55,8 @@ def test_samples_at_step_0_and_every_evaluation_scored_as_evaluate_scores(traine
     adapter = run_paths(run).adapter / "adapter_model.safetensors"
     shutil.copyfile(run_paths(run).checkpoints / f"checkpoint-{last}" / "adapter_model.safetensors", adapter)
     reseal(run, "train")
-    overrides = [f"eval.generate_examples={cfg.eval.sample_prompts}",
+    overrides = ["eval.max_examples=2", "eval.general_prompts=data/general_prompts.jsonl", "eval.general_examples=4",
+                 f"eval.generate_examples={cfg.eval.sample_prompts}",
                  f"generation.max_new_tokens={cfg.eval.sample_max_new_tokens}", "generation.do_sample=false"]
     result = run_evaluate(run, overrides=overrides, progress=False)
     final = sorted(by_step[last], key=lambda r: r["index"])
@@ -65,9 +66,9 @@ def test_samples_at_step_0_and_every_evaluation_scored_as_evaluate_scores(traine
     for column in ("stop_rate", "question_rate", "questions_per_answer", "mean_words", "bleu", "rouge_l"):
         assert float(sampled[last][f"sample_{column}"]) == pytest.approx(tuned[column], rel=1e-9, abs=1e-12)
 
-    # The forgetting check ran with it (tiny: 8 general prompts) and the summary says it in words.
+    # The forgetting check ran with it and the summary says it in words.
     forgetting = json.loads(run_paths(run).forgetting.read_text())
-    assert forgetting["prompts"] == 8 and math.isfinite(forgetting["ratio"]) and forgetting["mean_kl"] >= 0
+    assert forgetting["prompts"] == 4 and math.isfinite(forgetting["ratio"]) and forgetting["mean_kl"] >= 0
     assert "forgetting check" in before_after(run) and "likely" in forgetting["reading"]
 
     table = samples_table(trained_run)
@@ -133,7 +134,7 @@ def test_forgetting_is_1_for_the_base_model_against_itself(prepared_run):
 
     cfg = load_config(run_paths(prepared_run).config)
     model, tok = load_model_and_tokenizer(cfg, for_training=False)
-    prompts = load_general_prompts(cfg.eval.general_prompts)
+    prompts = load_general_prompts("data/general_prompts.jsonl")
     assert len(prompts) >= 30
     examples = [{"messages": p + [{"role": "assistant", "content": "Paris is the capital of France."}]}
                 for p in prompts[:6]]
