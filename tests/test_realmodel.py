@@ -25,6 +25,8 @@ SMOL_FAST = [
     "train.save_steps=19",
     "eval.generate_examples=6",
     "generation.max_new_tokens=64",
+    "eval.sample_prompts=0",  # the answers during training and the forgetting check on SmolLM2: test_watch.py
+    "eval.general_prompts=None",
 ]
 
 

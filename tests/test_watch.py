@@ -152,36 +152,33 @@ def test_forgetting_is_1_for_the_base_model_against_itself(prepared_run):
 
 @pytest.mark.slow
 def test_forgetting_rises_on_a_smol_run_trained_to_overfit(smol_dir, outputs):
-    """SmolLM2 with a fresh LoRA adapter (B = 0: the base itself) scores 1.0; a few steps at a high learning
-    rate on four Socratic examples make the base model's general answers clearly less likely."""
+    """SmolLM2 with a LoRA adapter trained a few steps at a high learning rate on two Socratic examples: the
+    base model's general answers (made with the adapter off, cached) become clearly less likely."""
     import torch
 
     from lib.config import make_config
-    from lib.forgetting import forgetting_check
+    from lib.forgetting import base_answers, forgetting_check, load_general_prompts
     from lib.model import load_model_and_tokenizer, with_lora
-    from lib.tokenization import IGNORE_INDEX, encode_example
+    from lib.scoring import padded_batch
+    from lib.tokenization import encode_example
 
-    cfg = make_config("smol", overrides=["quant.mode=none", "eval.general_examples=6",
-                                         "eval.general_max_new_tokens=24", "train.max_length=96"])
+    cfg = make_config("smol", overrides=["quant.mode=none", "eval.general_examples=3",
+                                         "eval.general_max_new_tokens=12", "train.max_length=64"])
     model, tok = load_model_and_tokenizer(cfg, for_training=True)
     model = with_lora(model, cfg)
     paths = RunPaths(outputs / "smol-forget")
-    before = forgetting_check(model, tok, cfg, paths, progress=False)
-    assert before["ratio"] == pytest.approx(1.0, abs=1e-6) and before["mean_kl"] == pytest.approx(0.0, abs=1e-6)
+    base_answers(model, tok, cfg, paths, load_general_prompts(cfg.eval.general_prompts)[:3], progress=False)
 
     from conftest import SAMPLE
 
-    records = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()[:4]]
+    records = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()[:2]]
     encoded = [encode_example(tok, {"messages": [{"role": "user", "content": r["instruction"]},
-                                                 {"role": "assistant", "content": "\n".join(r["output"])}]}, 96)
+                                                 {"role": "assistant", "content": "\n".join(r["output"])}]}, 64)
                for r in records]
-    width = max(len(e["input_ids"]) for e in encoded)
-    ids = torch.tensor([e["input_ids"] + [tok.pad_token_id] * (width - len(e["input_ids"])) for e in encoded])
-    labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in encoded])
-    mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in encoded])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    ids, labels, mask = padded_batch(encoded, tok.pad_token_id)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    for _ in range(8):
+    for _ in range(3):
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
