@@ -248,7 +248,7 @@ class EvalSettings:
                                      "on. None: skip the check.")
     general_examples: int | None = _f(None, "Forgetting check: use at most this many of the general prompts (None: "
                                             "all); fewer is faster and a less sure figure.", range=POSITIVE)
-    general_max_new_tokens: int = _f(64, "Longest base-model answer of the forgetting check (answers are made "
+    general_max_new_tokens: int = _f(32, "Longest base-model answer of the forgetting check (answers are made "
                                          "once per base model and cached in eval/).", range=POSITIVE)
 
 
@@ -359,6 +359,7 @@ PROFILES: dict[str, dict[str, object]] = {
         "train.save_total_limit": 2,
         "train.precision": "fp32",
         "eval.generate_examples": 8,
+        "eval.general_examples": 16,  # the forgetting check: 16 prompts of every kind, about a minute on 2 cores
         "generation.max_new_tokens": 96,
         # The merged fp32 model differs from the NF4 base + adapter it is checked against by the NF4
         # rounding of a real model's weights (~5% perplexity here, the merged one being better); the
