@@ -359,7 +359,7 @@ PROFILES: dict[str, dict[str, object]] = {
         "train.save_total_limit": 2,
         "train.precision": "fp32",
         "eval.generate_examples": 8,
-        "eval.general_examples": 16,  # the forgetting check: 16 prompts of every kind, about a minute on 2 cores
+        "eval.general_examples": 16,  # the forgetting check: 16 prompts of every kind, ~2 minutes on 2 busy cores (20 s cached)
         "generation.max_new_tokens": 96,
         # The merged fp32 model differs from the NF4 base + adapter it is checked against by the NF4
         # rounding of a real model's weights (~5% perplexity here, the merged one being better); the
