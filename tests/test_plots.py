@@ -53,7 +53,7 @@ def test_plots_of_the_trained_run(trained_run):
 
     pngs = run_plots(run)
     assert pngs[0] == paths.plots / "metrics_plot.png"
-    _check_png(pngs[0], size=(1200, 1500))
+    _check_png(pngs[0], size=(1200, 1875))  # 5 rows of 2 panels
     names = {p.stem for p in pngs[1:]}
     assert {"loss", "learning_rate", "grad_norm", "tokens_per_second", "perplexity", "generation_metrics",
             "token_lengths"} <= names <= set(PANELS)
