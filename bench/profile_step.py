@@ -9,13 +9,14 @@ One warm-up step, then `--steps` profiled steps. The table gives, per cost, the 
 operators that make it (each operator's total, children included, so a cost counts once) as a
 share of the profiled steps' wall time:
 
-  LM head + loss      TRL's fused LM head (_ChunkedLogProbFunction: the 49k-vocabulary projection,
-                      log-softmax and its backward), forward and backward
-  4-bit dequantize    bitsandbytes turning NF4 weights into the compute dtype (forward and backward)
-  matmul              every other matrix product (base weights after dequantization, LoRA A and B)
-  attention           scaled_dot_product_attention, forward and backward
-  optimizer           AdamW's step over the LoRA weights (and zero_grad)
-  other               the rest: norms, activations, rotary embeddings, casts, the autograd engine
+  LM head + loss          TRL's fused LM head (ChunkedLogProbFunction: the 49k-vocabulary projection,
+                          log-softmax and its backward), forward and backward
+  4-bit layers            bitsandbytes' MatMul4Bit, forward and backward: dequantizing the NF4 weights
+                          to the compute dtype (reported as a part) and the matrix products
+  attention               scaled_dot_product_attention, forward and backward
+  optimizer               AdamW's step over the LoRA weights (and zero_grad)
+  LoRA and other matmuls  every other matrix product (the adapters' A and B, forward and backward)
+  other                   the rest: norms, activations, rotary embeddings, casts, the autograd engine
 """
 
 from __future__ import annotations
@@ -33,15 +34,15 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench.vs_trl import PROFILE, PROJECT_SETUPS, RUN, common_overrides, prepare_data  # noqa: E402
 
-# cost -> operator names (prefix match) whose total time makes it; the first match wins.
+# cost -> parts of the operator names that make it (the first cost that matches an operator takes it).
 COSTS = {
-    "LM head + loss": ("_ChunkedLogProbFunction",),
-    "4-bit dequantize": ("bitsandbytes::dequantize_4bit", "bitsandbytes::dequantize_blockwise"),
-    "attention": ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product",
-                  "ScaledDotProduct", "aten::_efficient_attention"),
+    "LM head + loss": ("ChunkedLogProbFunction",),
+    "4-bit layers (dequantize + matmul)": ("MatMul4Bit",),
+    "attention": ("ScaledDotProduct", "scaled_dot_product"),
     "optimizer": ("Optimizer.step", "Optimizer.zero_grad"),
-    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "MmBackward", "AddmmBackward"),
+    "LoRA and other matmuls": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "MmBackward", "AddmmBackward"),
 }
+DEQUANTIZE = ("dequantize_4bit", "dequantize_blockwise")  # inside the 4-bit layers; reported as a part of them
 
 
 def batches(bench, cfg, n: int, batch_size: int) -> list:
@@ -56,26 +57,36 @@ def batches(bench, cfg, n: int, batch_size: int) -> list:
     return [collate([features[i] for i in range(k * batch_size, (k + 1) * batch_size)]) for k in range(n)]
 
 
-def cost_table(events, wall_us: float) -> list[tuple[str, float, float]]:
-    """[(cost, seconds, share of wall)] from the profiler's events: each event is counted once, under the first
-    cost whose operator it is, and not again for an enclosing operator of the same cost."""
-    spans: dict[str, list[tuple[float, float]]] = {c: [] for c in COSTS}
-    for e in events:
-        for cost, names in COSTS.items():
-            if e.name.startswith(names):
-                spans[cost].append((e.time_range.start, e.time_range.end))
-                break
-    out, counted = [], 0.0
-    for cost, ranges in spans.items():
-        total, end = 0.0, -1.0
-        for start, stop in sorted(ranges):  # union of the ranges: nested ops of a cost count once
-            if stop <= end:
-                continue
+def _cost_of(name: str) -> str | None:
+    return next((cost for cost, parts in COSTS.items() if any(p in name for p in parts)), None)
+
+
+def _union(spans) -> float:
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        if stop > end:
             total += stop - max(start, end)
             end = stop
-        counted += total
-        out.append((cost, total / 1e6, total / wall_us))
-    out.append(("other", max(0.0, wall_us - counted) / 1e6, max(0.0, 1 - counted / wall_us)))
+    return total
+
+
+def cost_table(events, wall_us: float) -> list[tuple[str, float, float]]:
+    """[(cost, seconds, share of wall)] from the profiler's events. An operator inside another counted one
+    (a matmul inside the LM head, a dequantize inside a 4-bit layer) counts once, for the outer one."""
+    spans = sorted(((e.time_range.start, e.time_range.end, _cost_of(e.name)) for e in events if _cost_of(e.name)),
+                   key=lambda s: (s[0], -s[1]))
+    totals = dict.fromkeys(COSTS, 0.0)
+    end = float("-inf")
+    for start, stop, cost in spans:  # outermost first: a span inside a counted one is skipped
+        if stop > end:
+            totals[cost] += stop - max(start, end)
+            end = stop
+    out = [(cost, t / 1e6, t / wall_us) for cost, t in totals.items()]
+    deq = _union((e.time_range.start, e.time_range.end) for e in events if any(d in e.name for d in DEQUANTIZE))
+    out.insert(2, ("  of which 4-bit dequantize", deq / 1e6, deq / wall_us))
+    counted = sum(totals.values())
+    out.append(("other (norms, activations, rotary, casts, autograd)", max(0.0, wall_us - counted) / 1e6,
+                max(0.0, 1 - counted / wall_us)))
     return out
 
 
@@ -90,13 +101,15 @@ def main(argv=None) -> int:
     opts.examples = (opts.steps + 1) * opts.batch_size
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
+    import transformers
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.measure import Bench
+    from bench.measure import Bench, _kineto_quiet
     from lib.config import make_config
     from lib.loading import compute_dtype_name
     from lib.trainer_args import precision
 
+    transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="profile-outputs-") as outputs:
         os.environ["SFT_OUTPUTS_DIR"] = outputs
         prepare_data(opts, print)
@@ -106,7 +119,7 @@ def main(argv=None) -> int:
     bench.step(work[0])  # warm-up
     tokens = sum(int(b["input_ids"].numel()) for b in work[1:])
     started = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with _kineto_quiet(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for batch in work[1:]:
             bench.step(batch)
     wall = time.perf_counter() - started
