@@ -79,8 +79,11 @@ test-notebooks: install-export
 	SFT_OUTPUTS_DIR=$(CURDIR)/outputs/_nbval SFT_PROFILE=tiny \
 		$(BIN)/python -m pytest --nbval --nbval-current-env notebooks/ -q -p no:cacheprovider
 
+# The batching modes on the tiny model (~1 min), then this project against plain TRL on SmolLM2-135M-Instruct
+# (4 setups, 2 rounds, a process each: ~8 min on 2 CPU cores). Figures: bench/RESULTS.md.
 bench: install
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/vs_trl.py
 
 # Strip outputs and execution counts from the notebooks before committing.
 strip: install

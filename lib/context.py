@@ -52,7 +52,8 @@ def open_run(run: str, stage: str, overrides=()) -> RunContext:
     if stage in ADAPTER_READERS:
         check_base(paths, cfg)
     info = device_info()
-    return RunContext(run, stage, paths, cfg, info, compute_dtype_name(cfg, info), attn_implementation(cfg, info))
+    compute = compute_dtype_name(cfg, info, training=stage == "train")
+    return RunContext(run, stage, paths, cfg, info, compute, attn_implementation(cfg, info))
 
 
 # The settings that shape a checkpoint: the base its weights were trained on and how it was quantized, the

@@ -16,18 +16,17 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
 from .attention import register as register_packed_sdpa
 from .config import apply_overrides, hf_token
 from .errors import ConfigError, SFTError, first_line
+from .hardware import GIB, bf16_ok, device_info, fsdp_enabled  # noqa: F401 (device_info, bf16_ok: imported from here too)
 from .realmodel import resolve_model
 from .templates import apply_prompt_format, ensure_chat_template
 
 logger = logging.getLogger(__name__)
 
-GIB = 1024**3
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # Initialisations that move the principal part of each base weight into A and B (the base keeps the
 # residual): their adapters are saved converted to a plain LoRA of the original base (save_adapter).
@@ -36,34 +35,6 @@ MUTATING_INITS = ("pissa", "olora")
 
 # --------------------------------------------------------------------------------------------
 # Hardware, dtypes and placement
-
-
-def device_info() -> dict:
-    """What this process runs on: device type, GPU name, compute capability, memory."""
-    import torch
-
-    if torch.cuda.is_available():
-        idx = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
-        props = torch.cuda.get_device_properties(idx)
-        return {
-            "device": "cuda",
-            "index": idx,
-            "name": props.name,
-            "capability": list(torch.cuda.get_device_capability(idx)),
-            "memory_gb": round(props.total_memory / GIB, 2),
-            "count": torch.cuda.device_count(),
-        }
-    return {"device": "cpu", "name": "CPU", "capability": None, "memory_gb": None, "count": 0}
-
-
-def bf16_ok(info: dict) -> bool:
-    """bf16 compute is supported: a GPU of compute capability >= 8."""
-    return info["device"] == "cuda" and info["capability"][0] >= 8
-
-
-def fsdp_enabled() -> bool:
-    """This process was started by `accelerate launch` with an FSDP config (configs/accelerate_fsdp_qlora.yaml)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes")
 
 
 def device_map(info: dict) -> dict | None:
@@ -76,14 +47,21 @@ def device_map(info: dict) -> dict | None:
     return {"": "cpu"}
 
 
-def compute_dtype_name(cfg, info: dict | None = None) -> str:
-    """quant.compute_dtype resolved: bfloat16 at compute capability >= 8, float16 on older GPUs, float32 on CPU."""
+def compute_dtype_name(cfg, info: dict | None = None, training: bool = False) -> str:
+    """quant.compute_dtype resolved: bfloat16 at compute capability >= 8, float16 on older GPUs. On the CPU,
+    float32, except in training on a CPU with native bfloat16 (hardware.cpu_bf16), where `auto` and an
+    explicit bfloat16 train in bfloat16; evaluation, merging and the parity check stay float32 there."""
     info = info or device_info()
+    if info["device"] != "cuda":
+        wanted = cfg.quant.compute_dtype
+        if not training:
+            return "float32"
+        if wanted == "auto":
+            return "bfloat16" if info.get("cpu_bf16") else "float32"
+        return wanted
     if cfg.quant.compute_dtype != "auto":
         return cfg.quant.compute_dtype
-    if info["device"] == "cuda":
-        return "bfloat16" if bf16_ok(info) else "float16"
-    return "float32"
+    return "bfloat16" if bf16_ok(info) else "float16"
 
 
 def quant_storage_name(cfg, info: dict | None = None) -> str:
@@ -139,8 +117,9 @@ def release() -> None:
 # Quantization and LoRA configuration
 
 
-def quantization_config(cfg, info: dict | None = None):
-    """The BitsAndBytesConfig of quant.mode: 4bit (NF4/FP4, double quantization), 8bit, or None."""
+def quantization_config(cfg, info: dict | None = None, training: bool = False):
+    """The BitsAndBytesConfig of quant.mode: 4bit (NF4/FP4, double quantization), 8bit, or None; `training`:
+    the compute dtype training uses (compute_dtype_name)."""
     from transformers import BitsAndBytesConfig
 
     mode = cfg.quant.mode
@@ -153,7 +132,7 @@ def quantization_config(cfg, info: dict | None = None):
             load_in_4bit=True,
             bnb_4bit_quant_type=cfg.quant.quant_type,
             bnb_4bit_use_double_quant=cfg.quant.double_quant,
-            bnb_4bit_compute_dtype=torch_dtype(compute_dtype_name(cfg, info)),
+            bnb_4bit_compute_dtype=torch_dtype(compute_dtype_name(cfg, info, training)),
             bnb_4bit_quant_storage=quant_storage_name(cfg, info),
         )
     raise ConfigError(f"quant.mode: '{mode}' is not one of 4bit, 8bit, none")
@@ -363,7 +342,7 @@ def load_model_and_tokenizer(cfg, for_training: bool = True, adapter=None, info:
     info = info or device_info()
     name = resolve_model(cfg.model.name_or_path)
     tokenizer = load_tokenizer(cfg)
-    qconf = quantization_config(cfg, info)
+    qconf = quantization_config(cfg, info, training=for_training)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **_pretrained_kwargs(cfg, info, qconf))
     except (OSError, ValueError) as e:

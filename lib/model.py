@@ -94,7 +94,7 @@ def build_summary(cfg, model, footprint: int, est: dict) -> dict:
                  "init": cfg.lora.init, "loraplus_lr_ratio": cfg.lora.loraplus_lr_ratio},
         "quantization": {"mode": q.mode, "quant_type": q.quant_type if q.mode == "4bit" else None,
                          "double_quant": q.double_quant if q.mode == "4bit" else None,
-                         "compute_dtype": compute_dtype_name(cfg, info)},
+                         "compute_dtype": compute_dtype_name(cfg, info, training=True)},
         "precision": precision(cfg, info),
         "attn_implementation": attn_implementation(cfg, info),
         "gradient_checkpointing": cfg.model.gradient_checkpointing,

@@ -150,8 +150,10 @@ class QuantSettings:
     mode: str = _f("4bit", "4bit (QLoRA), 8bit, or none (plain LoRA on 16/32-bit weights).")
     quant_type: str = _f("nf4", "4-bit type: nf4 (best for normal-distributed weights) or fp4.")
     double_quant: bool = _f(True, "Quantize the quantization constants too: ~0.4 bit/param saved.")
-    compute_dtype: str = _f("auto", "Matmul dtype: auto (bf16 at compute capability >= 8, fp16 on older "
-                                    "GPUs, fp32 on CPU), bfloat16, float16, float32.")
+    compute_dtype: str = _f("auto", "Matmul dtype of the 4-bit base: auto (bf16 on GPUs of compute capability 8 "
+                                    "or more, fp16 on older ones; on a CPU with AVX512-BF16 or AMX, bf16 in "
+                                    "training only, else fp32), bfloat16, float16, float32. On the CPU, "
+                                    "evaluation, merging and the parity check always compute in fp32.")
     quant_storage: str = _f("auto", "Dtype the packed 4-bit weights are stored in: auto (the compute dtype under "
                                     "FSDP, which shards only float tensors of one dtype; uint8 otherwise), uint8, "
                                     "bfloat16, float16, float32. Same memory either way; under FSDP it must equal "
@@ -342,7 +344,7 @@ PROFILES: dict[str, dict[str, object]] = {
     "smol": {
         "model.name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
         "model.gpu": "T4",
-        "quant.compute_dtype": "float32",
+        "quant.compute_dtype": "auto",  # bfloat16 in training where the CPU computes it natively
         "lora.r": 16,
         "lora.alpha": 32,
         "lora.dropout": 0.0,

@@ -110,3 +110,43 @@ def test_bad_options_exit_2(capsys, monkeypatch):
     assert "--arch" in capsys.readouterr().err
     assert bench.main(["--steps", "9", "--examples", "16", "--batch-size", "8"]) == 2
     assert "error: --examples" in capsys.readouterr().err
+
+
+def test_vs_trl_summary_ratios_are_per_round_medians():
+    from bench import vs_trl
+
+    def run(tokens, seconds, loss=2.0):
+        return {"train_s": seconds, "real_tokens": tokens, "slots": tokens + 100, "batches": 12, "steps": 12,
+                "train_loss": loss, "last_loss": loss - 0.5, "peak_rss_mib": 2000.0 + seconds, "compute": "c"}
+
+    runs = {"project": [run(1000, 10), run(1000, 20)],        # 100 and 50 tok/s
+            "trl_default": [run(1000, 20), run(1000, 20)],    # 50 and 50
+            "trl_fastest": [run(1000, 10), run(1000, 40)]}    # 100 and 25
+    rows = {r["setup"]: r for r in vs_trl.summarise(runs)}
+    p = rows["project"]
+    assert p["tokens_per_s"] == 75 and p["tokens_per_s_rounds"] == [100, 50]
+    assert p["x_trl_default"] == 1.5  # median of 2.0 and 1.0 (each round side by side)
+    assert p["x_trl_fastest"] == 1.5  # median of 1.0 and 2.0
+    assert rows["trl_default"]["x_trl_default"] == 1.0
+    assert p["peak_rss_mib"] == 2020 and abs(p["padding_share"] - 100 / 1100) < 1e-12
+    table = vs_trl.format_table(list(rows.values()))
+    assert "| project " in table and "1.50x" in table and table.count("\n") == 4
+
+
+def test_profile_costs_count_nested_operators_once():
+    from types import SimpleNamespace as NS
+
+    from bench import profile_step
+
+    def ev(name, start, end):
+        return NS(name=name, time_range=NS(start=start, end=end))
+
+    events = [ev("ChunkedLogProbFunction", 0, 30), ev("aten::mm", 5, 25),          # a matmul inside the LM head
+              ev("MatMul4Bit", 40, 60), ev("bitsandbytes::dequantize_4bit", 41, 45), ev("aten::mm", 46, 59),
+              ev("aten::mm", 70, 80),                                                  # a LoRA matmul
+              ev("Optimizer.step#AdamW.step", 85, 95)]
+    table = {name: (s, share) for name, s, share in profile_step.cost_table(events, 100.0)}
+    assert table["LM head + loss"][1] == 0.30 and table["4-bit layers (dequantize + matmul)"][1] == 0.20
+    assert table["  of which 4-bit dequantize"][1] == 0.04
+    assert table["LoRA and other matmuls"][1] == 0.10 and table["optimizer"][1] == 0.10
+    assert abs(table["other (norms, activations, rotary, casts, autograd)"][1] - 0.30) < 1e-12

@@ -25,6 +25,16 @@ def test_compute_dtype_and_precision_follow_the_hardware():
     assert compute_dtype_name(cfg, CPU) == "float32" and precision(cfg, CPU) == "fp32"
     with pytest.raises(ConfigError, match="bf16 needs compute capability >= 8"):
         precision(make_config("t4", overrides={"train.precision": "bf16"}), T4)
+    # A CPU with native bfloat16 (AVX512-BF16 or AMX) trains the 4-bit base in bfloat16; evaluation,
+    # merging and the parity check (training=False) stay float32, as on every other CPU.
+    cpu_bf16 = {**CPU, "cpu_bf16": True}
+    assert compute_dtype_name(cfg, cpu_bf16, training=True) == "bfloat16"
+    assert compute_dtype_name(cfg, cpu_bf16) == "float32"
+    assert compute_dtype_name(cfg, {**CPU, "cpu_bf16": False}, training=True) == "float32"
+    assert compute_dtype_name(cfg, CPU, training=True) == "float32"  # not detected: never guessed
+    fp32 = make_config("smol", overrides={"quant.compute_dtype": "float32"})
+    assert compute_dtype_name(fp32, cpu_bf16, training=True) == "float32"  # on request
+    assert compute_dtype_name(make_config("smol"), cpu_bf16, training=True) == "bfloat16"  # the profile: auto
     with pytest.raises(ConfigError, match="fp16 mixed precision needs a GPU"):
         precision(make_config("tiny", overrides={"train.precision": "fp16"}), CPU)
 
@@ -201,6 +211,41 @@ def test_gradients_are_the_same_after_an_evaluation(tiny_cfg):
 
     for a, b in zip(grads(False), grads(True)):
         torch.testing.assert_close(a, b)
+
+
+def test_cpu_bf16_is_detected_and_can_be_overridden(monkeypatch):
+    import torch
+
+    from lib.hardware import cpu_bf16, device_info
+
+    monkeypatch.delenv("SFT_CPU_BF16", raising=False)
+    assert cpu_bf16() == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    monkeypatch.setenv("SFT_CPU_BF16", "0")
+    assert not cpu_bf16() and device_info()["cpu_bf16"] is False
+    monkeypatch.setenv("SFT_CPU_BF16", "1")
+    assert cpu_bf16() and device_info()["cpu_bf16"] is True
+
+
+def test_training_load_computes_in_bf16_where_the_cpu_has_it(monkeypatch):
+    """The bitsandbytes layers of a training load compute in bfloat16 on a bf16 CPU; the LoRA weights stay
+    float32; a load for evaluation computes in float32."""
+    import torch
+    from bitsandbytes.nn import Linear4bit
+
+    from lib.loading import add_lora, load_model_and_tokenizer
+
+    monkeypatch.setenv("SFT_CPU_BF16", "1")
+    cfg = make_config("tiny", overrides={"quant.compute_dtype": "auto"})
+    model = add_lora(load_model_and_tokenizer(cfg, for_training=True)[0], cfg)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert layers and {m.compute_dtype for m in layers} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    ids = torch.tensor([[5, 6, 7, 8]])
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    evaluation = load_model_and_tokenizer(cfg, for_training=False)[0]
+    assert {m.compute_dtype for m in evaluation.modules() if isinstance(m, Linear4bit)} == {torch.float32}
 
 
 def test_load_for_inference_is_in_eval_mode(tiny_cfg):
