@@ -57,6 +57,18 @@ def test_parameters_are_config_keys_with_their_help_text(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_papermill_reads_every_parameter_and_every_cell_has_an_id(path):
+    """papermill skips a parameters line holding a second "=" ("Unable to parse line") and then calls
+    the parameter unknown; nbformat 4.5 wants an id on every cell (MissingIDFieldWarning)."""
+    from papermill.inspection import inspect_notebook
+
+    assert all(c.get("id") for c in cells(path)), f"{path.name}: a cell without an id"
+    found = set(inspect_notebook(path))
+    names = [n for n, _, _ in parameters(path)]
+    assert found == set(names), f"{path.name}: papermill does not see {sorted(set(names) - found)}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_run_cells_use_the_parameters_through_one_function(path):
     """No hand-written {"section.key": PARAMETER} maps; the settings table follows the parameters."""
     srcs = ["".join(c["source"]) for c in cells(path) if c["cell_type"] == "code"]
