@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 
-from .config import apply_overrides, default_profile, field_help, load_config, make_config
+from .config import apply_overrides, field_help, load_config, make_config
 from .paths import REPO_ROOT, outputs_dir, run_paths
 from .settings import PROFILES, RunConfig
 
@@ -79,9 +79,9 @@ def setup(mount_drive: bool = False, seed: int = 42, install: bool = True) -> di
 
     set_seed(seed)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    info = {"torch": torch.__version__, "device": device, "outputs": str(outputs_dir()),
-            "profile": default_profile()}
-    print(f"torch {info['torch']} on {device}; runs in {info['outputs']}; default profile {info['profile']}")
+    # No profile here: the parameters cell below chooses it, and the settings table names it.
+    info = {"torch": torch.__version__, "device": device, "outputs": str(outputs_dir())}
+    print(f"torch {info['torch']} on {device}; runs in {info['outputs']}")
     return info
 
 
