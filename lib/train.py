@@ -41,7 +41,7 @@ from .config import apply_overrides, from_dict, load_config, save_config, to_dic
 from .context import mismatch, shaping_settings
 from .errors import ConfigError, DataError, SFTError
 from .figures import load_inputs, panel_figure
-from .formatting import table
+from .formatting import num, table
 from .loading import MUTATING_INITS, adapter_variant
 from .model import load_model_and_tokenizer, load_model_config, parameter_counts, with_lora, write_summary
 from .modelcard import model_card
@@ -320,8 +320,8 @@ def _finish(plan: TrainingPlan, summary: dict) -> None:
                             paths.adapter.name + "/adapter_config.json",
                             "logs/training_summary.json", "logs/training_metrics.csv"],
            {"prepare": fingerprint(paths, "prepare", verify=False)})
-    print_main(f"trained {summary['global_step']} steps in {summary['runtime_s']:.1f} s; eval loss "
-               f"{summary['initial_eval_loss']} -> {summary['final_eval_loss']}; adapter in {paths.adapter}")
+    print_main(f"trained {summary['global_step']:,} steps in {summary['runtime_s']:.1f} s; eval loss "
+               f"{num(summary['initial_eval_loss'])} -> {num(summary['final_eval_loss'])}; adapter in {paths.adapter}")
     if summary["stopped_early"]:
         print_main(f"stopped early at step {summary['stopped_at_step']}: the eval loss did not improve for "
                    f"{cfg.train.early_stopping_patience} evaluation(s); the adapter is the best step's, "

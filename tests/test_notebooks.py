@@ -103,3 +103,24 @@ def test_settings_table_shows_effective_values_and_marks_differences(outputs):
     assert (table["differs"] == "*").sum() == 2
     with pytest.raises(ConfigError, match="train.learning_rat"):
         settings_table("t", {"train.learning_rat": 1.0}, ["train"], new_run=True)
+
+
+def test_papermill_runs_a_notebook_without_a_warning_and_it_reads_well(outputs, tmp_path, caplog):
+    """Notebook 01 through papermill with the parameters a user passes (-p): papermill must parse every line of
+    the parameters cell ("Unable to parse line") and know every parameter ("Passed unknown parameter"), and the
+    executed page must keep tests/rendered.py's rules."""
+    import logging
+
+    import papermill
+
+    from tests.rendered import problems
+
+    caplog.set_level(logging.WARNING, logger="papermill")
+    nb = papermill.execute_notebook(
+        str(ROOT / "notebooks" / "01_prepare_data.ipynb"), str(tmp_path / "01.ipynb"), cwd=str(ROOT / "notebooks"),
+        parameters={"RUN_NAME": "papermill", "PROFILE": "tiny", "TRAIN_MAX_LENGTH": 256, "DATA_MAX_EXAMPLES": 40},
+        progress_bar=False, log_output=False)
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("papermill") and r.levelno >= logging.WARNING]
+    assert not said, f"papermill warned: {said}"
+    assert not problems(nb), problems(nb)
+    assert (outputs / "papermill" / "data" / "report.json").exists()
