@@ -42,6 +42,17 @@ def quiet() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # bitsandbytes' noise: see lib/__init__.py
 
 
+def readable_tables() -> None:
+    """pandas tables as a reader wants them: long names wrap instead of being cut with '…', and numbers are
+    rounded as lib.formatting.num writes them (7,074 rather than 7074.000000; 4 significant digits)."""
+    import pandas as pd
+
+    from .formatting import num
+
+    pd.set_option("display.max_colwidth", None)
+    pd.set_option("display.float_format", num)
+
+
 def _show_short_errors() -> None:
     """In IPython, show a bad-input error (SFTError) as its one-line message, not a traceback."""
     try:
@@ -64,6 +75,7 @@ def setup(mount_drive: bool = False, seed: int = 42, install: bool = True) -> di
     """The setup cell: work from the repository root, seed, and print the hardware and outputs folder."""
     os.chdir(REPO_ROOT)  # relative paths (data/examples/...) as in the README
     quiet()
+    readable_tables()
     _show_short_errors()
     if in_colab():
         if install:
