@@ -320,7 +320,7 @@ def metrics_table(run: str, styled: bool = False):
         row = {m: gen[m].get(key) for m in MODELS if isinstance(gen.get(m), dict)}
         if key in (gen.get("reference") or {}):
             row["reference"] = gen["reference"][key]
-        if row:
+        if any(v is not None for v in row.values()):  # tool-call rates only for data with tool calls
             rows[label] = row
     columns = [c for c in ("base", "tuned", "reference") if any(c in r for r in rows.values())]
     df = pd.DataFrame(rows).T.reindex(columns=columns)

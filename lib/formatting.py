@@ -39,7 +39,9 @@ def num(value, digits: int = 4) -> str:
 
 def pct(value, digits: int = 1) -> str:
     """A share (0.125) as a percentage ('12.5%'); None as '-'."""
-    return "-" if value is None else f"{value * 100:.{digits}f}%".replace(".0%", "%")
+    if value is None or value != value:  # None or NaN
+        return "-"
+    return f"{value * 100:.{digits}f}%".replace(".0%", "%")
 
 
 def table(df, digits: int = 4):
