@@ -256,12 +256,17 @@ def run_chat(run: str, prompt: str | None = None, system: str | None = None, mer
 
 
 def _print_stream(session, text: str) -> str:
-    """Print the reply to `text` piece by piece as it is generated; return it whole."""
+    """Print the reply to `text` piece by piece as it is generated; return it whole. A reply cut at
+    max_new_tokens is said on stderr (stdout stays the reply alone)."""
     parts = []
     for piece in session.stream(text):
         parts.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
+    mark = session.shown("").strip()
+    if mark:
+        sys.stdout.write("\n")
+        print(mark, file=sys.stderr, flush=True)
     return "".join(parts)
 
 
