@@ -219,16 +219,19 @@ def convert(model_dir, out_file, outtype: str, log_path) -> Path:
 
 @contextlib.contextmanager
 def _c_output_to(path: Path):
-    """Send what C code writes on stdout/stderr (llama.cpp's quantizer log) to a file."""
+    """Send llama.cpp's quantizer log to a file: what C code writes on file descriptors 1 and 2, and what
+    llama-cpp-python's log callback prints to sys.stderr (in Jupyter that is the kernel's stream, not fd 2)."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(path, "ab") as f:
+    with open(path, "ab") as f, open(path, "a", encoding="utf-8", errors="replace") as text, \
+            contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
         try:
             yield
         finally:
+            text.flush()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])

@@ -1,6 +1,7 @@
 """What a reader of an executed notebook sees, checked on its HTML page (nbconvert), three rules:
 
-- no stderr output over 20 lines (a tool's log on Jupyter's pink background reads as a failure);
+- no cell with more than 20 lines of stderr (a tool's log on Jupyter's pink background reads as a failure; a
+  cell's stderr pieces, kept apart by papermill, show as one block);
 - no number printed with more than 6 significant digits in a table cell or a printed line
   ("3.7159759998321533", "7074.000000");
 - no name cut with "…" (or "...") inside a table cell (long names wrap); the cut marks of lib/formatting.py
@@ -15,7 +16,6 @@ notebook it runs through papermill.
 
 from __future__ import annotations
 
-import html
 import re
 from html.parser import HTMLParser
 
@@ -37,12 +37,11 @@ def long_numbers(text: str) -> list[str]:
 
 
 class _Cells(HTMLParser):
-    """The text of every table cell (td, th) of a page, and of every stderr and stdout output block."""
+    """The text of every table cell (td, th) of a page, and of every plain-text output (printed lines)."""
 
     def __init__(self):
         super().__init__()
         self.cells: list[str] = []
-        self.stderr: list[str] = []
         self.stdout: list[str] = []
         self._stack: list[tuple[str, list[str]]] = []
 
@@ -51,8 +50,6 @@ class _Cells(HTMLParser):
         mime = a.get("data-mime-type", "")
         if tag in ("td", "th"):
             self._stack.append(("cell", []))
-        elif mime == "application/vnd.jupyter.stderr":
-            self._stack.append(("stderr", []))
         elif mime == "text/plain":  # printed lines (stdout) and plain-text results
             self._stack.append(("stdout", []))
         elif self._stack:
@@ -65,7 +62,7 @@ class _Cells(HTMLParser):
         if kind == "" and self._stack:
             self._stack[-1][1].extend(parts)
         elif kind:
-            {"cell": self.cells, "stderr": self.stderr, "stdout": self.stdout}[kind].append("".join(parts))
+            {"cell": self.cells, "stdout": self.stdout}[kind].append("".join(parts))
 
     def handle_data(self, data):
         if self._stack:
@@ -85,10 +82,11 @@ def problems(nb) -> list[str]:
     found = _Cells()
     found.feed(page(nb))
     out = []
-    for text in found.stderr:
+    for i, cell in enumerate(nb.cells):  # a cell's stderr pieces (papermill keeps each write) show as one block
+        text = "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("name") == "stderr")
         n = len(text.strip("\n").splitlines())
         if n > MAX_STDERR_LINES:
-            out.append(f"a stderr output of {n} lines: {html.unescape(text.strip())[:200]!r}")
+            out.append(f"cell {i}: stderr output of {n} lines: {text.strip()[:200]!r}")
     for text in found.cells + found.stdout:
         for number in long_numbers(text):
             out.append(f"{number} printed with more than {MAX_SIGNIFICANT_DIGITS} significant digits in "

@@ -41,7 +41,9 @@ def _html_table(df) -> nbformat.NotebookNode:
 
 def test_reading_rules_catch_what_they_name():
     log = nbformat.v4.new_output("stream", name="stderr", text="llama_model_loader: - kv 0\n" * 21)
-    assert "a stderr output of 21 lines" in problems(_notebook(log))[0]
+    assert "stderr output of 21 lines" in problems(_notebook(log))[0]
+    pieces = [nbformat.v4.new_output("stream", name="stderr", text="[ 1/272] output_norm.weight\n")] * 21
+    assert "stderr output of 21 lines" in problems(_notebook(*pieces))[0]  # one block on the page
     short = nbformat.v4.new_output("stream", name="stderr", text="a warning\n" * 20)
     assert problems(_notebook(short)) == []
 
