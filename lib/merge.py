@@ -239,7 +239,7 @@ def _report(cfg, merged: dict, adapter: dict, unmerged_logits) -> dict:
     if not drift <= tol:
         warnings_.append(
             f"merged model's perplexity drifts {drift:.2%} from the adapter model's "
-            f"({ppl_merged['perplexity']:.4f} vs {ppl_adapter['perplexity']:.4f}), beyond merge.tolerance={tol:g}")
+            f"({ppl_merged['perplexity']:.6g} vs {ppl_adapter['perplexity']:.6g}), beyond merge.tolerance={tol:g}")
     if not merged["template"]["ok"]:
         warnings_.append("the merged tokenizer does not render conversations as training did: "
                          + "; ".join(merged["template"]["mismatches"][:3]))
@@ -307,8 +307,8 @@ def _run_merge(paths, run, overrides) -> dict:
         files = sorted(f"{paths.merged.name}/{p.relative_to(tmp).as_posix()}" for p in tmp.rglob("*") if p.is_file())
         install(paths, "merge", {paths.merged: tmp}, files, sources)
     lg = report["logits"]
-    print(f"merged into {paths.merged} ({report['merged_dtype']}): perplexity {report['perplexity']['merged']['perplexity']:.4f} "
-          f"vs adapter {report['perplexity']['adapter']['perplexity']:.4f} (drift {report['relative_drift']:.3%}, "
+    print(f"merged into {paths.merged} ({report['merged_dtype']}): perplexity {report['perplexity']['merged']['perplexity']:.6g} "
+          f"vs adapter {report['perplexity']['adapter']['perplexity']:.6g} (drift {report['relative_drift']:.3%}, "
           f"tolerance {report['tolerance'] * 100:.3g}%); max logit difference {lg['max_abs_diff_vs_adapter']:.3g} "
           f"vs adapter, {lg['max_abs_diff_vs_unmerged']:.2g} vs unmerged")
     for w in report["warnings"]:
@@ -324,9 +324,9 @@ def merge_table(report: dict):
     p, lg, dt = report["perplexity"], report["logits"], report.get("merged_dtype", "16-bit")
     tol = f"{report['tolerance'] * 100:.3g}%"
     rows = [
-        ("perplexity, adapter model (4-bit base + adapter)", f"{p['adapter']['perplexity']:.4g}",
+        ("perplexity, adapter model (4-bit base + adapter)", f"{p['adapter']['perplexity']:.6g}",
          "the model as training saw it: the reference"),
-        (f"perplexity, merged model ({dt})", f"{p['merged']['perplexity']:.4g}", "the model you ship"),
+        (f"perplexity, merged model ({dt})", f"{p['merged']['perplexity']:.6g}", "the model you ship"),
         ("relative drift", f"{report['relative_drift']:.2%}",
          f"checked: passes up to {tol} (merge.tolerance). The adapter learnt on NF4-rounded weights and now sits "
          f"on the original {dt} ones, so a drift of a few % is the quantization error, expected; tens of % "

@@ -133,8 +133,8 @@ def _parity_failures(e, n_prompts, same_prompt, eog, ppl, greedy, stop) -> list[
         failures.append(f"stop tokens: {[t for t, ok in eog.items() if not ok]} are not end-of-generation in the "
                         "GGUF (llama.cpp would not stop there)")
     if not drift <= ppl_tol:
-        failures.append(f"perplexity drift {drift:.2%} ({ppl_ll['perplexity']:.4f} llama.cpp vs "
-                        f"{ppl_hf['perplexity']:.4f} transformers) > export.ppl_tolerance {ppl_tol:g}")
+        failures.append(f"perplexity drift {drift:.2%} ({ppl_ll['perplexity']:.6g} llama.cpp vs "
+                        f"{ppl_hf['perplexity']:.6g} transformers) > export.ppl_tolerance {ppl_tol:g}")
     if not agree >= min_agree:
         failures.append(f"greedy agreement {agree:.0%} over the first {n} tokens < export.min_agreement {min_agree:g}")
     if not abs(stop_ll - stop_hf) <= e.stop_rate_tolerance:
@@ -239,7 +239,7 @@ def parity_table(report: dict):
         (f"greedy answers identical over {g['tokens']} tokens", f"{g['agreement']:.0%}",
          f"checked: passes at {g['min_agreement']:.0%} or more. A quantized GGUF shifts logits a little, so greedy "
          "answers fork at the first near-tie and may still be good; 0% with a high drift would be alarming"),
-        ("perplexity llama.cpp / transformers", f"{p['llama_cpp']['perplexity']:.4g} / {p['transformers']['perplexity']:.4g}",
+        ("perplexity llama.cpp / transformers", f"{p['llama_cpp']['perplexity']:.6g} / {p['transformers']['perplexity']:.6g}",
          "the same answer tokens scored by both"),
         ("relative perplexity drift", f"{p['relative_drift']:.2%}",
          f"checked: passes up to {p['tolerance'] * 100:.3g}% (export.ppl_tolerance, by GGUF type); the cost of the "
