@@ -218,6 +218,20 @@ def chat_widget(session: ChatSession):
     # Handles for code (and tests) that drive the widget without a front end.
     ui.input, ui.send_button, ui.clear_button, ui.conversation, ui.status = box, send, clear, conversation_view, status
     print(WIDGET_NOTE)
+    return _plain_text_note(ui)
+
+
+def _plain_text_note(ui):
+    """The widget, whose plain-text form (what a page without a front end shows) is a note, not a VBox repr."""
+    bundle = ui._repr_mimebundle_
+
+    def _repr_mimebundle_(**kwargs):
+        data = bundle(**kwargs)
+        if isinstance(data, dict) and "text/plain" in data:
+            data["text/plain"] = "(the chat box: shown in a live Jupyter or Colab kernel)"
+        return data
+
+    ui._repr_mimebundle_ = _repr_mimebundle_
     return ui
 
 

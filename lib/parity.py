@@ -237,7 +237,8 @@ def parity_table(report: dict):
          f"{t['identical']} / {t['identical_from_gguf_template']} / {t['identical_from_modelfile_template']} of {n}",
          "checked: must be all; fewer means llama.cpp feeds the model other text than training did"),
         (f"greedy answers identical over {g['tokens']} tokens", f"{g['agreement']:.0%}",
-         f"checked: passes at {g['min_agreement']:.0%} or more. A quantized GGUF shifts logits a little, so greedy "
+         (f"checked: passes at {g['min_agreement']:.0%} or more" if g["min_agreement"] else
+          "not held to a minimum (export.min_agreement 0)") + ". A quantized GGUF shifts logits a little, so greedy "
          "answers fork at the first near-tie and may still be good; 0% with a high drift would be alarming"),
         ("perplexity llama.cpp / transformers", f"{p['llama_cpp']['perplexity']:.6g} / {p['transformers']['perplexity']:.6g}",
          "the same answer tokens scored by both"),

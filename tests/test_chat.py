@@ -276,6 +276,7 @@ def test_a_reply_cut_at_max_new_tokens_is_marked_and_one_that_stopped_is_not(tin
     assert "cut at" not in cut.history[-1]["content"]  # the mark is shown, never fed back to the model
     ui = chat_widget(cut)
     assert "live Jupyter or Colab kernel" in capsys.readouterr().out
+    assert ui._repr_mimebundle_()["text/plain"] == "(the chat box: shown in a live Jupyter or Colab kernel)"
     ui.input.value = "And why?"
     ui.send_button.click()
     assert ui.status.value == f"[… cut at max_new_tokens={n}: did not stop]"
