@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from .config import undecodable
 from .context import open_run
 from .errors import SFTError
+from .formatting import CUT_AT_MAX_NEW_TOKENS, mark_cut
 from .generation import DEFAULT_TIMEOUT, conversation, generate_reply, generation_config, stream_reply
 from .loading import load_merged, load_tuned_model
 from .paths import require
@@ -43,18 +44,19 @@ from .toolcalls import load_tools, parse_tool_call
 
 
 def chat(model, tokenizer, history, system: str | None = None, settings: GenerationSettings | None = None,
-         stream: bool = False, timeout: float = DEFAULT_TIMEOUT, tools=None):
+         stream: bool = False, timeout: float = DEFAULT_TIMEOUT, tools=None, info: dict | None = None):
     """The model's reply to `history` (a list of {"role", "content"} ending with the user's message).
 
     Returns the reply text, or with stream=True an iterator of text pieces that join to it.
     Generation stops at the end-of-turn token; `settings` are the run's `generation` section;
-    `tools` the tool schemas the template renders (check_tools).
+    `tools` the tool schemas the template renders (check_tools); `info` (streaming) is filled with whether
+    max_new_tokens cut the reply (lib.generation.stream_reply).
     """
     tools = check_tools(tokenizer, tools)
     if not stream:
         return generate_reply(model, tokenizer, history, system, settings, tools)["text"]
     gc = generation_config(settings, tokenizer, getattr(model, "generation_config", None))
-    return stream_reply(model, tokenizer, conversation(history, system), gc, timeout, tools)
+    return stream_reply(model, tokenizer, conversation(history, system), gc, timeout, tools, info)
 
 
 def check_tools(tokenizer, tools) -> list | None:
@@ -87,22 +89,29 @@ class ChatSession:
     timeout: float = DEFAULT_TIMEOUT
     source: str = ""
     tools: list | None = None  # tool schemas rendered with every prompt (no execution)
+    last_cut: dict = field(default_factory=dict)  # of the last reply: stream_reply's info (cut, max_new_tokens)
 
     def send(self, message: str) -> str:
         """Answer `message`, add both turns to the history and return the reply."""
         return "".join(self.stream(message))
 
     def stream(self, message: str) -> Iterator[str]:
-        """Like send, piece by piece; the history grows once the reply is complete."""
+        """Like send, piece by piece; the history grows once the reply is complete, and `last_cut` then says
+        whether max_new_tokens cut it (the mark to show: `shown(reply)`)."""
         if not isinstance(message, str) or not message.strip():
             raise SFTError("chat: the message is empty")
         history = self.history + [{"role": "user", "content": message.strip()}]
-        parts = []
+        parts, self.last_cut = [], {}
         for piece in chat(self.model, self.tokenizer, history, self.system, self.settings,
-                          stream=True, timeout=self.timeout, tools=self.tools):
+                          stream=True, timeout=self.timeout, tools=self.tools, info=self.last_cut):
             parts.append(piece)
             yield piece
         self.history = history + [{"role": "assistant", "content": "".join(parts).strip()}]
+
+    def shown(self, reply: str) -> str:
+        """The last reply as shown to a reader: marked when max_new_tokens cut it."""
+        cut = self.last_cut or {}
+        return mark_cut(reply, bool(cut.get("cut")), CUT_AT_MAX_NEW_TOKENS.format(n=cut.get("max_new_tokens")))
 
     def clear(self) -> None:
         self.history = []
@@ -140,7 +149,7 @@ def run_script(session: ChatSession, prompts) -> list[dict]:
     for prompt in prompts:
         reply = session.send(prompt)
         call = describe_call(reply) if session.tools else None
-        print(f"you> {prompt}\nmodel> {reply}\n" + (f"{call}\n" if call else ""))
+        print(f"you> {prompt}\nmodel> {session.shown(reply)}\n" + (f"{call}\n" if call else ""))
     return session.history
 
 
@@ -154,6 +163,11 @@ def _conversation_html(history: list[dict], partial: str | None = None) -> str:
         rows.append(f'<div style="background:{color};padding:6px 10px;margin:4px 0;border-radius:6px">'
                     f"<b>{who}:</b> {body}</div>")
     return "".join(rows) or '<div style="color:#888">No messages yet.</div>'
+
+
+WIDGET_NOTE = ("The chat box below appears in a live Jupyter or Colab kernel; in a saved page or a headless run "
+               "(papermill, nbval) there is no front end to draw it: chat in a terminal with "
+               "`python -m lib chat --run RUN_NAME`.")
 
 
 def chat_widget(session: ChatSession):
@@ -186,7 +200,7 @@ def chat_widget(session: ChatSession):
             for piece in session.stream(text):
                 partial += piece
                 conversation_view.value = _conversation_html(pending, partial)
-            status.value = ""
+            status.value = session.shown("").strip()  # '[… cut at max_new_tokens=N: did not stop]', or nothing
         except SFTError as e:
             status.value = f"error: {e}"
         finally:
@@ -203,6 +217,21 @@ def chat_widget(session: ChatSession):
     ui = w.VBox([conversation_view, w.HBox([box, w.VBox([send, clear])]), status])
     # Handles for code (and tests) that drive the widget without a front end.
     ui.input, ui.send_button, ui.clear_button, ui.conversation, ui.status = box, send, clear, conversation_view, status
+    print(WIDGET_NOTE)
+    return _plain_text_note(ui)
+
+
+def _plain_text_note(ui):
+    """The widget, whose plain-text form (what a page without a front end shows) is a note, not a VBox repr."""
+    bundle = ui._repr_mimebundle_
+
+    def _repr_mimebundle_(**kwargs):
+        data = bundle(**kwargs)
+        if isinstance(data, dict) and "text/plain" in data:
+            data["text/plain"] = "(the chat box: shown in a live Jupyter or Colab kernel)"
+        return data
+
+    ui._repr_mimebundle_ = _repr_mimebundle_
     return ui
 
 
@@ -241,12 +270,17 @@ def run_chat(run: str, prompt: str | None = None, system: str | None = None, mer
 
 
 def _print_stream(session, text: str) -> str:
-    """Print the reply to `text` piece by piece as it is generated; return it whole."""
+    """Print the reply to `text` piece by piece as it is generated; return it whole. A reply cut at
+    max_new_tokens is said on stderr (stdout stays the reply alone)."""
     parts = []
     for piece in session.stream(text):
         parts.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
+    mark = session.shown("").strip()
+    if mark:
+        sys.stdout.write("\n")
+        print(mark, file=sys.stderr, flush=True)
     return "".join(parts)
 
 

@@ -23,6 +23,7 @@ from .audit import audit, split_examples_for, split_for_template
 from .config import apply_overrides, load_config, make_config, save_config, validate
 from .errors import SFTError
 from .examples import prepare_examples
+from .formatting import CUT_AT_MAX_LENGTH, mark_cut
 from .loading import load_tokenizer
 from .paths import REPO_ROOT, run_paths
 from .readers import read_examples, recorded_data_hash
@@ -137,12 +138,14 @@ def run_prepare(run: str, data: str | None = None, fmt: str = "auto", profile: s
 
 
 def preview(run: str, index: int | None = None, split: str = "train") -> str:
-    """One prepared example as the model sees it, trained tokens shown between « and ».
+    """One prepared example as the model sees it, trained tokens shown between « and », and a mark where
+    max_length cuts it.
 
-    index None: the first example with the most answers (trained or weight-0 context) (a multi-turn one when there is
-    one; one that calls tools first, when the data has any: the call and the answer are marked, the tool
-    results and schemas are not), so every answer's span and stop token can be checked by eye. An example split off a
-    conversation (templates that rewrite history) is headed by which assistant turn it trains.
+    index None: the first of the run's own examples with the most answers (trained or weight-0 context), one
+    that calls tools first when the data has any (the call and the answer are marked, the tool results and
+    schemas are not), so every answer's span and stop token can be checked by eye. When the run's data has no
+    multi-turn conversation, one borrowed from the sample data follows it, labelled as such. An example split
+    off a conversation (templates that rewrite history) is headed by which assistant turn it trains.
     """
     paths = run_paths(run)
     cfg = load_config(paths.config)
@@ -150,26 +153,39 @@ def preview(run: str, index: int | None = None, split: str = "train") -> str:
     examples = read_examples(paths.train_data if split == "train" else paths.eval_data)
     if not examples:
         return f"(no {split} examples)"
-    head = ""
-    if index is None:
-        def answers(ex):
-            return sum(m["role"] == "assistant" for m in ex.get("messages") or [])  # weight-0 ones shown as context
+    if index is not None:
+        return _rendered(tokenizer, examples[index % len(examples)], cfg.train.max_length)
+    best = _richest(examples)
+    out = _rendered(tokenizer, examples[best], cfg.train.max_length)
+    if _answers(examples[best]) < 2:  # show how a conversation is trained with a sample one, after the user's own
+        sample = REPO_ROOT / "data" / "examples" / "socratic_dialogues.json"
+        convs = split_examples_for(tokenizer, prepare_examples(str(sample), eval_fraction=0.0).train)
+        out += (f"\n\n---- not your data: this run's data has no multi-turn conversation, so here is one from "
+                f"{sample.name}, rendered with this run's template ----\n"
+                + _rendered(tokenizer, convs[_richest(convs)], cfg.train.max_length))
+    return out
 
-        def calls(ex):  # a tool-calling example first, when the run's data has one
-            return any(m.get("tool_calls") for m in ex.get("messages") or [])
 
-        index = max(range(len(examples)), key=lambda i: (calls(examples[i]), answers(examples[i]), -i))
-        if answers(examples[index]) < 2:  # show how a conversation is trained with a sample one
-            sample = REPO_ROOT / "data" / "examples" / "socratic_dialogues.json"
-            convs = split_examples_for(tokenizer, prepare_examples(str(sample), eval_fraction=0.0).train)
-            examples, index = convs, max(range(len(convs)), key=lambda i: (answers(convs[i]), -i))
-            head = f"(no multi-turn conversation in this run's data; one from {sample.name} with this run's template)\n"
-    example = examples[index % len(examples)]
-    enc = encode_example(tokenizer, example, cfg.train.max_length)
+def _answers(ex: dict) -> int:
+    return sum(m["role"] == "assistant" for m in ex.get("messages") or [])  # weight-0 ones shown as context
+
+
+def _richest(examples: list[dict]) -> int:
+    """The first example with the most answers, a tool-calling one first when there is one."""
+    def calls(ex):
+        return any(m.get("tool_calls") for m in ex.get("messages") or [])
+
+    return max(range(len(examples)), key=lambda i: (calls(examples[i]), _answers(examples[i]), -i))
+
+
+def _rendered(tokenizer, example: dict, max_length: int) -> str:
+    """The example's tokens as text, the trained runs between « and », a mark where max_length cuts it."""
+    enc = encode_example(tokenizer, example, max_length)
     meta = example.get("metadata", {})
+    head = ""
     if "turn" in meta:
-        head += (f"(assistant turn {meta['turn']} of {meta['turns']} of a conversation the chat template rewrites; "
-                 "earlier answers are untrained context)\n")
+        head = (f"(assistant turn {meta['turn']} of {meta['turns']} of a conversation the chat template rewrites; "
+                "earlier answers are untrained context)\n")
     out, run_ids, trained = [head], [], False
     for tid, lab in zip(enc["input_ids"], enc["labels"]):
         now = lab != IGNORE_INDEX
@@ -182,4 +198,4 @@ def preview(run: str, index: int | None = None, split: str = "train") -> str:
     if run_ids:
         text = tokenizer.decode(run_ids)
         out.append(f"«{text}»" if trained else text)
-    return "".join(out)
+    return mark_cut("".join(out), enc["length"] > max_length, CUT_AT_MAX_LENGTH.format(n=max_length))

@@ -34,6 +34,7 @@ from pathlib import Path
 from .context import open_run
 from .errors import MissingStageError, SFTError
 from .forgetting import forgetting_check
+from .formatting import CUT_AT_MAX_NEW_TOKENS, mark_cut, num, pct, table
 from .generation import eval_conversations, eval_tools, generate_answers
 from .loading import load_tuned_model, release
 from .oom import out_of_memory
@@ -239,46 +240,97 @@ def _print_results(ppl, ppl_seconds, predictions, gen_metrics, max_len) -> None:
 # ----------------------------------------------------------------------------- notebook views
 
 
-def _styled(df, formats: dict | None = None):
-    sty = df.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left", "vertical-align": "top"})
-    sty = sty.set_table_styles([{"selector": "th", "props": [("text-align", "left")]}])
-    for fmt, rows in (formats or {}).items():
-        sty = sty.format(fmt, subset=(rows, df.columns), na_rep="")
-    return sty
+# Generation metrics: key -> (label, better: "higher" / "lower" / "reference" (closer to the eval answers), a share?)
+GENERATION_ROWS = {
+    "bleu": ("BLEU (0-100)", "higher", False), "rouge_l": ("ROUGE-L F1 (0-1)", "higher", False),
+    "stop_rate": ("answers that stop on their own (end-of-turn)", "higher", True),
+    "question_rate": ("answers ending with a question", "reference", True),
+    "questions_per_answer": ("questions per answer", "reference", False),
+    "mean_words": ("words per answer", "reference", False),
+    "tool_call_parse_rate": ("tool calls that parse as JSON", "higher", True),
+    "tool_name_match_rate": ("tool calls naming the reference function", "higher", True)}
 
 
 def metrics_table(run: str, styled: bool = False):
     """Perplexity and generation metrics of both models as a DataFrame (rows: metrics; columns: models,
-    and the references' own style scores). styled: a pandas Styler with readable number formats."""
+    and the references' own style scores). styled: the notebook's view, numbers rounded and shares as
+    percentages, with a change column saying the direction (better / worse / closer to the eval answers)."""
     import pandas as pd
 
-    paths = run_paths(run)
-    require(paths, "perplexity", "generation_metrics")
-    check_fresh(paths, "evaluate", paths.eval_dir)
-    ppl = _read_eval_json(paths.perplexity)
-    gen = _read_eval_json(paths.generation_metrics)
+    ppl, gen = _eval_results(run)
     models = [m for m in ("base", "tuned") if isinstance(ppl.get(m), dict)]
     rows = {
         "perplexity (lower is better)": {m: ppl[m]["perplexity"] for m in models},
         "loss per answer token (nats)": {m: ppl[m]["loss"] for m in models},
         "answer tokens scored": {m: ppl[m]["tokens"] for m in models},
     }
-    labels = {"bleu": "BLEU (0-100)", "rouge_l": "ROUGE-L F1 (0-1)", "stop_rate": "stop rate (ended by end-of-turn)",
-              "question_rate": "answers ending with a question", "questions_per_answer": "questions per answer",
-              "mean_words": "words per answer", "tool_call_parse_rate": "tool calls that parse as JSON",
-              "tool_name_match_rate": "tool calls naming the reference function"}
-    for key, label in labels.items():
+    for key, (label, _, _) in GENERATION_ROWS.items():
         row = {m: gen[m].get(key) for m in MODELS if isinstance(gen.get(m), dict)}
         if key in (gen.get("reference") or {}):
             row["reference"] = gen["reference"][key]
-        if row:
+        if any(v is not None for v in row.values()):  # tool-call rates only for data with tool calls
             rows[label] = row
     columns = [c for c in ("base", "tuned", "reference") if any(c in r for r in rows.values())]
     df = pd.DataFrame(rows).T.reindex(columns=columns)
-    if not styled:
-        return df
-    counts = [r for r in ("answer tokens scored",) if r in df.index]
-    return _styled(df, {"{:,.3f}": [r for r in df.index if r not in counts], "{:,.0f}": counts})
+    return _readable(df) if styled else df
+
+
+def _readable(df):
+    """metrics_table's notebook view: base, tuned, change (with its direction); the eval answers' own score
+    inside the change of the rows it is the target of."""
+    import pandas as pd
+
+    how = {label: (better, share) for label, better, share in GENERATION_ROWS.values()}
+    how |= {"perplexity (lower is better)": ("lower", False), "loss per answer token (nats)": ("lower", False)}
+    out = []
+    for label, r in df.iterrows():
+        better, share = how.get(label, (None, False))
+        shown = {m: (pct(r.get(m), 0) if share else num(r.get(m))) for m in ("base", "tuned") if m in r}
+        out.append({"": label, **shown, "change": _change(r.get("base"), r.get("tuned"), r.get("reference"),
+                                                            better, share)})
+    return table(pd.DataFrame(out).set_index(""))
+
+
+def _change(b, t, ref, better, share) -> str:
+    """'-68% (better)', '+88 points (better)', '+3.1 (closer to the eval answers' 4.0)'."""
+    if better is None or b is None or t is None or b != b or t != t:
+        return ""
+    if share:
+        text = f"{(t - b) * 100:+.0f} points"
+    else:
+        text = f"{(t - b) / abs(b):+.0%}" if b else f"{t - b:+.3g}"
+    if better == "reference":
+        if ref is None or ref != ref:
+            return text
+        target = pct(ref, 0) if share else num(ref)
+        word = "closer to" if abs(t - ref) < abs(b - ref) else "no closer to" if abs(t - ref) == abs(b - ref) else "further from"
+        return f"{text} ({word} the eval answers' {target})"
+    word = "same" if t == b else "better" if (t < b) == (better == "lower") else "worse"
+    return f"{text} ({word})"
+
+
+def metrics_verdict(run: str) -> str:
+    """One line under notebook 04's table: what the figures say, in plain words."""
+    ppl, gen = _eval_results(run)
+    b, t = ppl["base"]["perplexity"], ppl["tuned"]["perplexity"]
+    if t < b:
+        line = (f"Fine-tuning worked on the eval split: perplexity {num(b)} -> {num(t)} ({(b - t) / b:.0%} lower), "
+                "the tuned model finds the reference answers more likely")
+    else:
+        line = (f"Fine-tuning did not help on the eval split: perplexity {num(b)} -> {num(t)}; train longer, check "
+                "the data (notebook 01) or lower the learning rate if the loss rose")
+    if gen.get("examples"):
+        stop = [gen[m].get("stop_rate") for m in MODELS]
+        line += (f"; answers that stop on their own {pct(stop[0], 0)} -> {pct(stop[1], 0)} "
+                 f"(over {gen['examples']} generated answers, a small sample)")
+    return line + "."
+
+
+def _eval_results(run: str) -> tuple[dict, dict]:
+    paths = run_paths(run)
+    require(paths, "perplexity", "generation_metrics")
+    check_fresh(paths, "evaluate", paths.eval_dir)
+    return _read_eval_json(paths.perplexity), _read_eval_json(paths.generation_metrics)
 
 
 def predictions_table(run: str, n: int = 5, styled: bool = False):
@@ -298,12 +350,12 @@ def predictions_table(run: str, n: int = 5, styled: bool = False):
         df[f"{m} stopped"] = [r.get(f"{m}_stopped") for r in rows]
     if not styled:
         return df
-    view = df.copy()
-    for m in MODELS:
-        view[m] = view[m].map(lambda t: t if t.strip() else "(empty answer)")
-        view[f"{m} stopped"] = view[f"{m} stopped"].map(
-            lambda x: "yes" if x else "no: cut at max_new_tokens")
-    return _styled(view)
+    view = df.drop(columns=[f"{m} stopped" for m in MODELS])
+    limit = (_read_eval_json(paths.generation_metrics).get("generation") or {}).get("max_new_tokens", "?")
+    for m in MODELS:  # the mark comes from the token ids (generate_answers' "stopped"), not the text
+        view[m] = [mark_cut(t if t.strip() else "(empty answer)", not r.get(f"{m}_stopped"),
+                            CUT_AT_MAX_NEW_TOKENS.format(n=limit)) for t, r in zip(view[m], rows)]
+    return table(view)
 
 
 def _read_eval_json(path):

@@ -102,8 +102,8 @@ def _install_export(paths, tmp: Path, name: str, modelfile: str, report: dict) -
 
 def _print_export(gguf: Path, report: dict) -> None:
     p = report["perplexity"]
-    print(f"exported {gguf} ({report['gguf_mb']} MB): perplexity {p['llama_cpp']['perplexity']:.4f} "
-          f"llama.cpp vs {p['transformers']['perplexity']:.4f} transformers (drift {p['relative_drift']:.2%}), "
+    print(f"exported {gguf} ({report['gguf_mb']} MB): perplexity {p['llama_cpp']['perplexity']:.6g} "
+          f"llama.cpp vs {p['transformers']['perplexity']:.6g} transformers (drift {p['relative_drift']:.2%}), "
           f"greedy agreement {report['greedy']['agreement']:.0%} over {report['greedy']['tokens']} tokens, stop rate "
           f"{report['stop_rate']['llama_cpp']:.0%} vs {report['stop_rate']['transformers']:.0%}")
     for f in report["failures"]:

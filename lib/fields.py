@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from .errors import DataError
 from .formats import known_metadata
+from .formatting import mark_cut
 from .readers import RawRecord
 from .turns import Converted
 
@@ -77,7 +78,7 @@ def _other_text(value: str, record: dict, conv: Converted) -> str:
 def _example(value) -> str:
     text = value if isinstance(value, str) else repr(value)
     text = " ".join(text.split())
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 60 else mark_cut(text[:57], True, "cut at 60 characters")
 
 
 @dataclass

@@ -260,7 +260,9 @@ class _Cancel:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def stream_reply(model, tokenizer, messages, gc, timeout, tools=None) -> Iterator[str]:
+def stream_reply(model, tokenizer, messages, gc, timeout, tools=None, info: dict | None = None) -> Iterator[str]:
+    """The reply's text piece by piece; `info` (a dict), once the stream ends, says whether the reply was cut:
+    {"cut": no stop token and max_new_tokens reached, "max_new_tokens": the limit, "n_tokens": tokens made}."""
     import torch
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
@@ -268,6 +270,7 @@ def stream_reply(model, tokenizer, messages, gc, timeout, tools=None) -> Iterato
     gc = copy.copy(gc)
     gc.max_new_tokens = bounded_new_tokens(model, inputs["input_ids"].shape[1], gc.max_new_tokens)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=timeout, skip_special_tokens=True)
+    new_ids = _recorded(streamer)
     cancel = _Cancel()
     failure: list[BaseException] = []
 
@@ -297,5 +300,23 @@ def stream_reply(model, tokenizer, messages, gc, timeout, tools=None) -> Iterato
         thread.join(timeout=timeout)
     if failure:
         raise failure[0]
+    if info is not None:
+        stopped = bool(new_ids) and new_ids[-1] in set(gc.eos_token_id or [])
+        info.update(cut=not stopped and len(new_ids) >= gc.max_new_tokens, max_new_tokens=gc.max_new_tokens,
+                    n_tokens=len(new_ids))
+
+
+def _recorded(streamer) -> list[int]:
+    """The generated token ids a streamer receives (the prompt left out), recorded as they come."""
+    ids: list[int] = []
+    put = streamer.put
+
+    def recording_put(value):
+        if not streamer.next_tokens_are_prompt:
+            ids.extend(value.reshape(-1).tolist())
+        put(value)
+
+    streamer.put = recording_put
+    return ids
 
 

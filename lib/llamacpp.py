@@ -197,7 +197,8 @@ def _conversion_error(log: str, model_dir: Path, log_path: Path) -> ExportError:
     lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
     errors = [ln for ln in lines if re.match(r"(\w+(Error|Exception)|ERROR|NotImplementedError)\b", ln)]
     why = (errors or lines or ["no output"])[-1]
-    return ExportError(f"{model_dir}: llama.cpp's converter failed: {why[:300]} (full log: {log_path})")
+    return ExportError(f"{model_dir}: llama.cpp's converter failed: {why[:300]} (full log: {log_path}); its last "
+                       f"lines: {log_tail(log_path)}")
 
 
 def convert(model_dir, out_file, outtype: str, log_path) -> Path:
@@ -218,20 +219,33 @@ def convert(model_dir, out_file, outtype: str, log_path) -> Path:
 
 @contextlib.contextmanager
 def _c_output_to(path: Path):
-    """Send what C code writes on stdout/stderr (llama.cpp's quantizer log) to a file."""
+    """Send llama.cpp's quantizer log to a file: what C code writes on file descriptors 1 and 2, and what
+    llama-cpp-python's log callback prints to sys.stderr (in Jupyter that is the kernel's stream, not fd 2)."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(path, "ab") as f:
+    with open(path, "ab") as f, open(path, "a", encoding="utf-8", errors="replace") as text, \
+            contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
         try:
             yield
         finally:
+            text.flush()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+
+
+def log_tail(log_path, lines: int = 5) -> str:
+    """The last lines of logs/export.log on one line ('a | b'): shown in the error when a step fails, never
+    otherwise (the log stays in the file; an error is one line)."""
+    try:
+        text = Path(log_path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no log)"
+    return " | ".join(ln.strip()[:160] for ln in [ln for ln in text.splitlines() if ln.strip()][-lines:]) or "(empty log)"
 
 
 def quantize(in_file, out_file, quant: str, log_path) -> Path:
@@ -246,7 +260,8 @@ def quantize(in_file, out_file, quant: str, log_path) -> Path:
     with _c_output_to(Path(log_path)):
         rc = llama_cpp.llama_model_quantize(str(in_file).encode(), str(out_file).encode(), ctypes.byref(params))
     if rc != 0 or not Path(out_file).exists():
-        raise ExportError(f"{in_file}: llama.cpp's quantizer failed to make {quant} (status {rc}; log: {log_path})")
+        raise ExportError(f"{in_file}: llama.cpp's quantizer failed to make {quant} (status {rc}; log: {log_path}); "
+                          f"its last lines: {log_tail(log_path)}")
     return Path(out_file)
 
 

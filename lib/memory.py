@@ -285,6 +285,8 @@ def estimate_memory(model_config, cfg, gpu: str | None = None, suggest: bool = T
     gpu_name, gpu_mem = _chosen_gpu(cfg, info, gpu)
     est = _estimate_dict(cfg, arch, total_params, targets, act_bytes, parts, act, gpu_name, gpu_mem)
     est["multi_gpu"] = multi_gpu(parts, arch["num_layers"], gpus or max(2, info.get("count") or 0))
+    # the card estimated for is this machine's (model.gpu auto, or naming the GPU here), not another one
+    est["gpu_here"] = bool(gpu_name) and info["device"] == "cuda" and gpu_name.lower() in str(info.get("name")).lower()
     total_gib = sum(parts.values()) / GIB
     if suggest and (est["fits"] is False or (gpu_mem is not None and total_gib > 0.9 * gpu_mem)):
         est["suggestions"] = _suggestions(model_config, cfg, est, gpu_name, gpu_mem)
@@ -362,6 +364,11 @@ def _suggestions(model_config, cfg, est, gpu_name, gpu_mem) -> list[str]:
     return out
 
 
+def gpu_source(est: dict) -> str:
+    """Which card an estimate is for, in words: this machine's, or the one model.gpu names."""
+    return "this machine's GPU" if est.get("gpu_here") else "the card model.gpu names, not this machine"
+
+
 def format_estimate(est: dict) -> str:
     """The estimate as a small readable table."""
     lines = [f"Memory estimate for {est['model']} ({est['params_total'] / 1e6:.1f}M parameters, "
@@ -375,8 +382,9 @@ def format_estimate(est: dict) -> str:
                  f"{a['with_checkpointing']:.3f} GB with it")
     if est["gpu"]:
         verdict = "fits" if est["fits"] else "does NOT fit"
-        lines.append(f"  {verdict} on {est['gpu']} ({est['gpu_memory_gb']} GB)")
-    lines.append("  " + ", ".join(f"{n}: {'yes' if g['fits'] else 'no'}" for n, g in est["gpus"].items()))
+        lines.append(f"  estimate: {verdict} on {est['gpu']} ({est['gpu_memory_gb']} GB), {gpu_source(est)}")
+    lines.append("  fits on other cards (estimate): "
+                 + ", ".join(f"{n}: {'yes' if g['fits'] else 'no'}" for n, g in est["gpus"].items()))
     m = est.get("multi_gpu")
     if m:
         lines.append(f"  on {m['gpus']} GPUs, per GPU: DDP {m['ddp_gb_per_gpu']:.3f} GB (a full copy each; torchrun), "

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .context import open_run
 from .errors import QualityGateError, SFTError
+from .formatting import table
 from .generation import generation_config
 from .loading import load_16bit_with_adapter, load_merged, load_tokenizer, load_tuned_model, release
 from .oom import out_of_memory
@@ -238,7 +239,7 @@ def _report(cfg, merged: dict, adapter: dict, unmerged_logits) -> dict:
     if not drift <= tol:
         warnings_.append(
             f"merged model's perplexity drifts {drift:.2%} from the adapter model's "
-            f"({ppl_merged['perplexity']:.4f} vs {ppl_adapter['perplexity']:.4f}), beyond merge.tolerance={tol:g}")
+            f"({ppl_merged['perplexity']:.6g} vs {ppl_adapter['perplexity']:.6g}), beyond merge.tolerance={tol:g}")
     if not merged["template"]["ok"]:
         warnings_.append("the merged tokenizer does not render conversations as training did: "
                          + "; ".join(merged["template"]["mismatches"][:3]))
@@ -306,8 +307,8 @@ def _run_merge(paths, run, overrides) -> dict:
         files = sorted(f"{paths.merged.name}/{p.relative_to(tmp).as_posix()}" for p in tmp.rglob("*") if p.is_file())
         install(paths, "merge", {paths.merged: tmp}, files, sources)
     lg = report["logits"]
-    print(f"merged into {paths.merged} ({report['merged_dtype']}): perplexity {report['perplexity']['merged']['perplexity']:.4f} "
-          f"vs adapter {report['perplexity']['adapter']['perplexity']:.4f} (drift {report['relative_drift']:.3%}, "
+    print(f"merged into {paths.merged} ({report['merged_dtype']}): perplexity {report['perplexity']['merged']['perplexity']:.6g} "
+          f"vs adapter {report['perplexity']['adapter']['perplexity']:.6g} (drift {report['relative_drift']:.3%}, "
           f"tolerance {report['tolerance'] * 100:.3g}%); max logit difference {lg['max_abs_diff_vs_adapter']:.3g} "
           f"vs adapter, {lg['max_abs_diff_vs_unmerged']:.2g} vs unmerged")
     for w in report["warnings"]:
@@ -317,19 +318,31 @@ def _run_merge(paths, run, overrides) -> dict:
 
 
 def merge_table(report: dict):
-    """The merge report as a small table (a pandas DataFrame) for notebook 06."""
+    """The merge report for notebook 06: each figure, and what it means (what passes, what would be alarming)."""
     import pandas as pd
 
-    p, lg = report["perplexity"], report["logits"]
+    p, lg, dt = report["perplexity"], report["logits"], report.get("merged_dtype", "16-bit")
+    tol = f"{report['tolerance'] * 100:.3g}%"
     rows = [
-        ("perplexity, adapter model (4-bit base + adapter)", f"{p['adapter']['perplexity']:.4f}"),
-        ("perplexity, merged model (16-bit)", f"{p['merged']['perplexity']:.4f}"),
-        ("relative drift (tolerance)", f"{report['relative_drift']:.3%} ({report['tolerance'] * 100:.3g}%)"),
-        ("max |logit difference| vs adapter model", f"{lg['max_abs_diff_vs_adapter']:.4g}"),
-        ("top-1 agreement vs adapter model", f"{lg['top1_agreement_vs_adapter']:.1%}"),
-        ("max |logit difference| vs unmerged 16-bit (merge only)", f"{lg['max_abs_diff_vs_unmerged']:.2g}"),
-        ("template round trip", "identical" if report["template"]["ok"] else "DIFFERENT"),
-        ("end-of-sequence ids", ", ".join(map(str, report["eos_token_id"]))),
-        ("check", "ok" if report["ok"] else "FAILED"),
+        ("perplexity, adapter model (4-bit base + adapter)", f"{p['adapter']['perplexity']:.6g}",
+         "the model as training saw it: the reference"),
+        (f"perplexity, merged model ({dt})", f"{p['merged']['perplexity']:.6g}", "the model you ship"),
+        ("relative drift", f"{report['relative_drift']:.2%}",
+         f"checked: passes up to {tol} (merge.tolerance). The adapter learnt on NF4-rounded weights and now sits "
+         f"on the original {dt} ones, so a drift of a few % is the quantization error, expected; tens of % "
+         "would mean the merged model is not the trained one"),
+        ("max |logit difference| vs adapter model", f"{lg['max_abs_diff_vs_adapter']:.3g}",
+         "not checked: the largest gap over all positions and the whole vocabulary; the 4-bit and the full-precision "
+         "base differ in every weight, so single logits far apart (even 10 or more) are normal"),
+        ("top-1 agreement vs adapter model", f"{lg['top1_agreement_vs_adapter']:.1%}",
+         "not checked: positions where both pick the same next token; near-ties flip with the base's rounding, "
+         "so 70-90% is usual; far below would be worth a look"),
+        (f"max |logit difference| vs unmerged {dt} (merge only)", f"{lg['max_abs_diff_vs_unmerged']:.2g}",
+         "checked: the merge arithmetic alone (same base, adapter merged or not); must be below 0.01 (rounding), "
+         "more means the merge went wrong"),
+        ("template round trip", "identical" if report["template"]["ok"] else "DIFFERENT",
+         "checked: the saved tokenizer renders conversations exactly as training did"),
+        ("end-of-sequence ids", ", ".join(map(str, report["eos_token_id"])), "where generation stops"),
+        ("check", "ok" if report["ok"] else "FAILED", "drift within tolerance and template identical"),
     ]
-    return pd.DataFrame(rows, columns=["measure", "value"]).set_index("measure")
+    return table(pd.DataFrame(rows, columns=["measure", "value", "what it means"]).set_index("measure"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from .config import apply_overrides, load_config, save_config
 from .errors import ConfigError
+from .formatting import table
 from .loading import (
     GIB,
     adapter_variant,
@@ -26,7 +27,7 @@ from .loading import (
     load_model_and_tokenizer,
     load_model_config,
 )
-from .memory import estimate_memory
+from .memory import estimate_memory, gpu_source
 from .paths import require, run_paths
 from .realmodel import resolve_model
 from .rundir import write_json
@@ -102,6 +103,7 @@ def build_summary(cfg, model, footprint: int, est: dict) -> dict:
         "weights_footprint_gb": round(footprint / GIB, 6),
         "memory_estimate": est,
         "model_repr": repr(model.get_base_model()),
+        "adapted_modules": adapted_modules(model),
         "transformers_version": transformers.__version__,
     }
 
@@ -150,17 +152,52 @@ def _quant_text(q: dict) -> str:
     return f"{q['mode']}, {q['compute_dtype']} compute"
 
 
+# What each attention implementation is, in a word (notebook 02's table; model.attn_implementation).
+ATTENTION_WORDS = {"sdpa": "PyTorch's scaled dot-product attention",
+                   "sdpa_packed": "PyTorch's sdpa run on each example of a padding-free row (lib/attention.py; "
+                                  "the sdpa setting with train.batching padding_free or packing)",
+                   "eager": "plain matmul attention", "flash_attention_2": "flash attention 2",
+                   "flash_attention_3": "flash attention 3"}
+
+
+def adapted_modules(model) -> list[dict]:
+    """One entry per adapted module type (q_proj, ...): how many layers, the base layer's class and shape
+    (in x out), the rank, and the LoRA parameters they train together."""
+    kinds: dict[str, dict] = {}
+    for name, m in model.named_modules():
+        if not hasattr(m, "lora_A") or not len(m.lora_A):
+            continue
+        base = m.get_base_layer()
+        kind = kinds.setdefault(name.rsplit(".", 1)[-1], {
+            "module": name.rsplit(".", 1)[-1], "count": 0, "layer": type(base).__name__, "shapes": set(),
+            "rank": sorted({int(r) for r in m.r.values()}), "trainable_params": 0})
+        kind["count"] += 1
+        kind["shapes"].add(f"{getattr(base, 'in_features', '?')} x {getattr(base, 'out_features', '?')}")
+        kind["trainable_params"] += sum(p.numel() for n, p in m.named_parameters() if p.requires_grad and "lora_" in n)
+    return [{**k, "shapes": sorted(k["shapes"]), "rank": ", ".join(map(str, k["rank"]))} for k in kinds.values()]
+
+
+def adapted_table(summary: dict):
+    """model/summary.json's adapted modules as a table, one row per module type (instead of the model's repr)."""
+    import pandas as pd
+
+    rows = [{"module": k["module"], "layers": k["count"], "wraps": k["layer"], "shape (in x out)": ", ".join(k["shapes"]),
+             "rank": k["rank"], "trainable parameters": k["trainable_params"]} for k in summary["adapted_modules"]]
+    return table(pd.DataFrame(rows).set_index("module"))
+
+
 def model_table(summary: dict):
-    """The summary's key facts as a two-column pandas DataFrame."""
+    """The summary's key facts as a two-column table (lib.formatting.table: long names wrap, never cut)."""
     import pandas as pd
 
     est = summary["memory_estimate"]
+    attn = summary["attn_implementation"]
     rows = [
         ("model", f"{summary['model']} ({summary['architecture']})"),
         ("device", summary["device"]["name"]),
         ("quantization", _quant_text(summary["quantization"])),
         ("training precision", summary["precision"]),
-        ("attention", summary["attn_implementation"]),
+        ("attention", f"{attn}: {ATTENTION_WORDS.get(attn, attn)}"),
         ("gradient checkpointing", summary["gradient_checkpointing"]),
         ("LoRA", f"r={summary['lora']['r']}, alpha={summary['lora']['alpha']}, dropout={summary['lora']['dropout']}, "
                  f"bias={summary['lora']['bias']}"),
@@ -169,6 +206,7 @@ def model_table(summary: dict):
         ("trainable parameters", f"{summary['trainable_params']:,} ({summary['trainable_percent']:.3f}%)"),
         ("total parameters", f"{summary['total_params']:,}"),
         ("weights in memory", f"{summary['weights_footprint_gb']:.4f} GB"),
-        ("estimated training memory", f"{est['total_gb']:.2f} GB" + (f" on {est['gpu']}" if est["gpu"] else "")),
+        ("estimated training memory", f"{est['total_gb']:.2f} GB (an estimate" + (
+            f"; {'fits' if est['fits'] else 'does not fit'} on {est['gpu']}, {gpu_source(est)})" if est["gpu"] else ")")),
     ]
-    return pd.DataFrame(rows, columns=["", "value"]).set_index("")
+    return table(pd.DataFrame(rows, columns=["", "value"]).set_index(""))

@@ -11,6 +11,7 @@ how to load it.
 from __future__ import annotations
 
 from .config import to_dict
+from .formatting import num
 from .loading import MUTATING_INITS, adapter_variant
 from .readers import recorded_data_hash
 from .rundir import is_pending, read_json, unusable
@@ -101,7 +102,7 @@ def _training_lines(summary: dict) -> list[str]:
     return [
         f"- steps: {summary.get('global_step')}, epochs: {summary.get('epoch')}, "
         f"tokens trained on: {summary.get('train_tokens')}",
-        f"- eval loss: {summary.get('initial_eval_loss')} before, {summary.get('final_eval_loss')} after"
+        f"- eval loss: {num(summary.get('initial_eval_loss'))} before, {num(summary.get('final_eval_loss'))} after"
         + (f", best {best:.4f}" if isinstance(best, float) else ""),
         f"- trainable parameters: {summary.get('trainable_params')} of {summary.get('total_params')}",
         f"- adapter from step {summary.get('adapter_from_step')}"

@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 
-from .config import apply_overrides, default_profile, field_help, load_config, make_config
+from .config import apply_overrides, field_help, load_config, make_config
 from .paths import REPO_ROOT, outputs_dir, run_paths
 from .settings import PROFILES, RunConfig
 
@@ -40,6 +40,17 @@ def in_colab() -> bool:
 def quiet() -> None:
     """Hide messages that say nothing to a user (bitsandbytes' optional CPU kernels, tokenizer forks)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # bitsandbytes' noise: see lib/__init__.py
+
+
+def readable_tables() -> None:
+    """pandas tables as a reader wants them: long names wrap instead of being cut with '…', and numbers are
+    rounded as lib.formatting.num writes them (7,074 rather than 7074.000000; 4 significant digits)."""
+    import pandas as pd
+
+    from .formatting import num
+
+    pd.set_option("display.max_colwidth", None)
+    pd.set_option("display.float_format", num)
 
 
 def _show_short_errors() -> None:
@@ -64,6 +75,7 @@ def setup(mount_drive: bool = False, seed: int = 42, install: bool = True) -> di
     """The setup cell: work from the repository root, seed, and print the hardware and outputs folder."""
     os.chdir(REPO_ROOT)  # relative paths (data/examples/...) as in the README
     quiet()
+    readable_tables()
     _show_short_errors()
     if in_colab():
         if install:
@@ -79,9 +91,9 @@ def setup(mount_drive: bool = False, seed: int = 42, install: bool = True) -> di
 
     set_seed(seed)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    info = {"torch": torch.__version__, "device": device, "outputs": str(outputs_dir()),
-            "profile": default_profile()}
-    print(f"torch {info['torch']} on {device}; runs in {info['outputs']}; default profile {info['profile']}")
+    # No profile here: the parameters cell below chooses it, and the settings table names it.
+    info = {"torch": torch.__version__, "device": device, "outputs": str(outputs_dir())}
+    print(f"torch {info['torch']} on {device}; runs in {info['outputs']}")
     return info
 
 

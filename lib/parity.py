@@ -21,6 +21,7 @@ import math
 import os
 from pathlib import Path
 
+from .formatting import table
 from .generation import eval_conversations, generate_reply
 from .loading import load_merged, release
 from .ollama import render_with_pieces, template_pieces
@@ -132,8 +133,8 @@ def _parity_failures(e, n_prompts, same_prompt, eog, ppl, greedy, stop) -> list[
         failures.append(f"stop tokens: {[t for t, ok in eog.items() if not ok]} are not end-of-generation in the "
                         "GGUF (llama.cpp would not stop there)")
     if not drift <= ppl_tol:
-        failures.append(f"perplexity drift {drift:.2%} ({ppl_ll['perplexity']:.4f} llama.cpp vs "
-                        f"{ppl_hf['perplexity']:.4f} transformers) > export.ppl_tolerance {ppl_tol:g}")
+        failures.append(f"perplexity drift {drift:.2%} ({ppl_ll['perplexity']:.6g} llama.cpp vs "
+                        f"{ppl_hf['perplexity']:.6g} transformers) > export.ppl_tolerance {ppl_tol:g}")
     if not agree >= min_agree:
         failures.append(f"greedy agreement {agree:.0%} over the first {n} tokens < export.min_agreement {min_agree:g}")
     if not abs(stop_ll - stop_hf) <= e.stop_rate_tolerance:
@@ -225,20 +226,29 @@ def check_parity(model_dir, gguf_path, cfg, examples: list[dict], quant: str, pr
 
 
 def parity_table(report: dict):
-    """The parity report as a small table (a pandas DataFrame) for notebook 06."""
+    """The parity report for notebook 06: each figure, and what it means (its tolerance, what would be alarming)."""
     import pandas as pd
 
     p, g, s, t = report["perplexity"], report["greedy"], report["stop_rate"], report["prompt_tokens"]
+    n = report["prompts"]
     rows = [
-        ("GGUF", f"{report['gguf']} ({report['gguf_mb']} MB)"),
+        ("GGUF", f"{report['gguf']} ({report['gguf_mb']:,.1f} MB)", "the file llama.cpp, Ollama and LM Studio load"),
         ("prompts with identical tokens (llama.cpp / GGUF template / Modelfile)",
-         f"{t['identical']} / {t['identical_from_gguf_template']} / {t['identical_from_modelfile_template']} "
-         f"of {report['prompts']}"),
-        (f"greedy answers identical over {g['tokens']} tokens (minimum)", f"{g['agreement']:.0%} ({g['min_agreement']:.0%})"),
-        ("perplexity llama.cpp / transformers", f"{p['llama_cpp']['perplexity']:.4f} / {p['transformers']['perplexity']:.4f}"),
-        ("relative perplexity drift (tolerance)", f"{p['relative_drift']:.3%} ({p['tolerance'] * 100:.3g}%)"),
-        ("stop rate llama.cpp / transformers", f"{s['llama_cpp']:.0%} / {s['transformers']:.0%}"),
-        ("stop tokens end generation in the GGUF", "yes" if report["stop_tokens"]["end_of_generation_in_gguf"] else "NO"),
-        ("check", "ok" if report["ok"] else "FAILED: " + "; ".join(report["failures"])),
+         f"{t['identical']} / {t['identical_from_gguf_template']} / {t['identical_from_modelfile_template']} of {n}",
+         "checked: must be all; fewer means llama.cpp feeds the model other text than training did"),
+        (f"greedy answers identical over {g['tokens']} tokens", f"{g['agreement']:.0%}",
+         (f"checked: passes at {g['min_agreement']:.0%} or more" if g["min_agreement"] else
+          "not held to a minimum (export.min_agreement 0)") + ". A quantized GGUF shifts logits a little, so greedy "
+         "answers fork at the first near-tie and may still be good; 0% with a high drift would be alarming"),
+        ("perplexity llama.cpp / transformers", f"{p['llama_cpp']['perplexity']:.6g} / {p['transformers']['perplexity']:.6g}",
+         "the same answer tokens scored by both"),
+        ("relative perplexity drift", f"{p['relative_drift']:.2%}",
+         f"checked: passes up to {p['tolerance'] * 100:.3g}% (export.ppl_tolerance, by GGUF type); the cost of the "
+         "GGUF's precision. Far beyond it: a wrong conversion"),
+        ("stop rate llama.cpp / transformers", f"{s['llama_cpp']:.0%} / {s['transformers']:.0%}",
+         f"checked: may differ by up to {s.get('tolerance', 0):.0%} (export.stop_rate_tolerance)"),
+        ("stop tokens end generation in the GGUF", "yes" if report["stop_tokens"]["end_of_generation_in_gguf"] else "NO",
+         "checked: otherwise llama.cpp would run past the answer"),
+        ("check", "ok" if report["ok"] else "FAILED: " + "; ".join(report["failures"]), "every checked line passes"),
     ]
-    return pd.DataFrame(rows, columns=["measure", "value"]).set_index("measure")
+    return table(pd.DataFrame(rows, columns=["measure", "value", "what it means"]).set_index("measure"))

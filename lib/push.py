@@ -127,7 +127,7 @@ def run_push(run: str, repo: str, private: bool = False, dry_run: bool = False, 
     folder = build_folder(run, repo, include)
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     if dry_run:
-        print(f"dry run: {len(files)} files in {folder} would be uploaded to {repo}: {', '.join(files)}")
+        print(f"dry run: {len(files)} files in {folder} would be uploaded to {repo}: {_grouped(files)}")
         return folder
     token = hf_token()
     if not token:
@@ -144,3 +144,12 @@ def run_push(run: str, repo: str, private: bool = False, dry_run: bool = False, 
         raise PushError(f"upload to {repo} failed: {type(e).__name__}: {first_line(e)[:300]}") from None
     print(f"pushed {len(files)} files to https://huggingface.co/{repo} ({getattr(info, 'commit_url', '')})")
     return folder
+
+
+def _grouped(files: list[str]) -> str:
+    """'README.md, adapter/ (6 files), merged/ (5 files)': a folder's files counted, not listed one by one."""
+    groups: dict[str, int] = {}
+    for f in files:
+        top = f.split("/", 1)[0] + "/" if "/" in f else f
+        groups[top] = groups.get(top, 0) + 1
+    return ", ".join(g if not g.endswith("/") else f"{g} ({n} file{'s' if n > 1 else ''})" for g, n in groups.items())

@@ -41,9 +41,9 @@ class Range:
         if self.lo is not None and self.hi is not None:
             text = f"in {'(' if self.lo_open else '['}{n(self.lo)}, {n(self.hi)}{')' if self.hi_open else ']'}"
         elif self.lo is not None:
-            text = f"{'>' if self.lo_open else '>='} {n(self.lo)}"
+            text = f"{'above' if self.lo_open else 'at least'} {n(self.lo)}"
         elif self.hi is not None:
-            text = f"{'<' if self.hi_open else '<='} {n(self.hi)}"
+            text = f"{'below' if self.hi_open else 'at most'} {n(self.hi)}"
         else:
             text = "any number"
         return text + "".join(f", or {n(a)}" for a in self.also)
@@ -172,12 +172,12 @@ class LoraSettings:
                                "closer to full fine-tuning at low rank; each step is slower (the base weight is "
                                "dequantized to take its row norms) and needs a little more memory. Merges exactly.")
     use_rslora: bool = _f(False, "rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r, so high ranks keep "
-                                 "learning; at r=16 the same alpha gives a 4x larger update: lower alpha or the "
+                                 "learning; at rank 16 the same alpha gives a 4x larger update: lower alpha or the "
                                  "learning rate.")
-    init: str = _f("default", "Adapter initialisation: default (B=0: the model starts as the base), pissa (A, B "
-                              "from the top singular vectors of the weights: faster convergence; needs quant.mode="
+    init: str = _f("default", "Adapter initialisation: default (B starts at zero: the model starts as the base), pissa (A, B "
+                              "from the top singular vectors of the weights: faster convergence; needs quant.mode "
                               "none), olora (from a QR decomposition; works on a 4-bit base), loftq (A, B cancel the "
-                              "4-bit quantization error at the start; needs quant.mode=4bit; merged into the "
+                              "4-bit quantization error at the start; needs quant.mode 4bit; merged into the "
                               "dequantized 4-bit base). pissa/olora are saved converted to a plain LoRA of rank "
                               "2r on the original base.")
     loraplus_lr_ratio: float | None = _f(None, "LoRA+: the B matrices (and DoRA magnitudes) learn this many times "
@@ -212,9 +212,9 @@ class TrainSettings:
     max_grad_norm: float = _f(1.0, "Gradient clipping threshold (0: no clipping).", range=NON_NEGATIVE)
     logging_steps: int = _f(10, "Log every N steps.", range=POSITIVE)
     eval_strategy: str = _f("steps", "When to evaluate: steps, epoch, or no.")
-    eval_steps: int = _f(50, "Evaluate every N steps (with eval_strategy=steps).", range=POSITIVE)
+    eval_steps: int = _f(50, "Evaluate every N steps (with eval_strategy steps).", range=POSITIVE)
     save_strategy: str = _f("steps", "When to checkpoint: steps, epoch, or no.")
-    save_steps: int = _f(50, "Checkpoint every N steps (with save_strategy=steps).", range=POSITIVE)
+    save_steps: int = _f(50, "Checkpoint every N steps (with save_strategy steps).", range=POSITIVE)
     save_total_limit: int | None = _f(3, "Keep at most N checkpoints (None: keep all).", range=POSITIVE)
     load_best_model_at_end: bool = _f(False, "Finish with the checkpoint of lowest eval loss.")
     early_stopping_patience: int | None = _f(None, "Stop when the eval loss has not improved for this many "
@@ -259,7 +259,7 @@ class GenerationSettings:
     max_new_tokens: int = _f(128, "Longest answer: longer is slower and may ramble.", range=POSITIVE)
     do_sample: bool = _f(False, "Sample (varied answers) instead of greedy decoding (repeatable).")
     temperature: float = _f(0.7, "Sampling temperature (with do_sample): higher is more random; for "
-                                   "repeatable answers use do_sample=false, not 0.", range=ABOVE_ZERO)
+                                   "repeatable answers turn do_sample off, not 0.", range=ABOVE_ZERO)
     top_k: int = _f(50, "Sample from the k most likely tokens (0: off).", range=NON_NEGATIVE)
     top_p: float = _f(0.9, "Sample from the smallest set with this much probability.", range=Range(0, 1, lo_open=True))
     no_repeat_ngram_size: int = _f(0, "Forbid repeating n-grams of this size (0: off).", range=NON_NEGATIVE)

@@ -41,11 +41,13 @@ from .config import apply_overrides, from_dict, load_config, save_config, to_dic
 from .context import mismatch, shaping_settings
 from .errors import ConfigError, DataError, SFTError
 from .figures import load_inputs, panel_figure
+from .formatting import num, table
 from .loading import MUTATING_INITS, adapter_variant
 from .model import load_model_and_tokenizer, load_model_config, parameter_counts, with_lora, write_summary
 from .modelcard import model_card
 from .oom import out_of_memory
 from .paths import RunPaths, require, run_paths
+from .progress import LiveProgress
 from .readers import read_examples
 from .rundir import (
     begin,
@@ -208,8 +210,14 @@ def build_sft_trainer(plan: TrainingPlan, model, tokenizer, train_ds, eval_ds=No
         metrics = MetricsCallback(plan.paths.metrics_csv, plan.resume_step)
         # answers first: the metrics callback's tokens-per-second clock restarts after them
         callbacks[:0] = [SamplesCallback(plan.cfg, tokenizer, plan.paths, plan.resume_step, metrics), metrics]
-    return build_trainer(plan.cfg, model, tokenizer, train_ds, eval_ds, plan.paths.checkpoints,
-                         resuming=plan.resume is not None, callbacks=callbacks)
+    trainer = build_trainer(plan.cfg, model, tokenizer, train_ds, eval_ds, plan.paths.checkpoints,
+                            resuming=plan.resume is not None, callbacks=callbacks)
+    from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
+
+    if plan.main and DEFAULT_PROGRESS_CALLBACK.__name__ == "NotebookProgressCallback":  # inside a notebook
+        trainer.remove_callback(DEFAULT_PROGRESS_CALLBACK)
+        trainer.add_callback(LiveProgress())  # the loss at every log, updated in place; the answers table under it
+    return trainer
 
 
 def train(trainer, plan: TrainingPlan):
@@ -319,8 +327,8 @@ def _finish(plan: TrainingPlan, summary: dict) -> None:
                             paths.adapter.name + "/adapter_config.json",
                             "logs/training_summary.json", "logs/training_metrics.csv", *samples],
            {"prepare": fingerprint(paths, "prepare", verify=False)})
-    print_main(f"trained {summary['global_step']} steps in {summary['runtime_s']:.1f} s; eval loss "
-               f"{summary['initial_eval_loss']} -> {summary['final_eval_loss']}; adapter in {paths.adapter}")
+    print_main(f"trained {summary['global_step']:,} steps in {summary['runtime_s']:.1f} s; eval loss "
+               f"{num(summary['initial_eval_loss'])} -> {num(summary['final_eval_loss'])}; adapter in {paths.adapter}")
     if summary["stopped_early"]:
         print_main(f"stopped early at step {summary['stopped_at_step']}: the eval loss did not improve for "
                    f"{cfg.train.early_stopping_patience} evaluation(s); the adapter is the best step's, "
@@ -397,14 +405,28 @@ def run_train(run: str, overrides=(), retrain: bool = False, callbacks=()) -> di
 
 
 def metrics_frame(run: str):
-    """logs/training_metrics.csv as a pandas DataFrame."""
+    """logs/training_metrics.csv as a pandas DataFrame, one row per step (a step's training and evaluation logs
+    merged)."""
     import pandas as pd
 
     paths = run_paths(run)
     require(paths, "metrics_csv")
-    return pd.read_csv(paths.metrics_csv)
+    return pd.read_csv(paths.metrics_csv).groupby("step", as_index=False, sort=True).first()
+
+
+def metrics_table(run: str, last: int = 8):
+    """The last `last` steps of metrics_frame, as notebook 03 shows them (lib.formatting.table)."""
+    return table(metrics_frame(run).tail(last).set_index("step"))
 
 
 def loss_figure(run: str):
     """Training and evaluation loss against the step (the loss panel of notebook 05, as a Figure)."""
     return panel_figure("loss", load_inputs(run))
+
+
+def summary_table(summary: dict):
+    """logs/training_summary.json as notebook 03 shows it: one row a figure (library versions left out),
+    numbers rounded (lib.formatting.table)."""
+    import pandas as pd
+
+    return table(pd.Series({k: v for k, v in summary.items() if k != "versions"}, name="value").to_frame())

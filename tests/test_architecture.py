@@ -16,12 +16,14 @@ import pytest
 
 LIB = Path(__file__).resolve().parent.parent / "lib"
 STAGES = {"data": 0, "formats": 0, "turns": 0, "fields": 0, "examples": 0, "audit": 0, "model": 1, "train": 2,
-          "trainer": 2, "checkpoints": 2, "samples": 2, "evaluate": 3, "forgetting": 3, "plots": 4, "merge": 5, "chat": 6, "export": 6, "llamacpp": 6,
-          "ollama": 6, "parity": 6, "summary": 6, "push": 6, "compare": 6}  # summary: the before/after report that ends the pipeline
-SHARED = {"config", "settings", "hardware", "templates", "toolcalls", "textmetrics", "prompts", "context", "paths", "rundir", "stages", "errors", "tokenization", "tiny",
+          "trainer": 2, "progress": 2, "checkpoints": 2, "samples": 2, "evaluate": 3, "forgetting": 3, "plots": 4,
+          "merge": 5, "chat": 6, "export": 6, "llamacpp": 6, "ollama": 6, "parity": 6, "summary": 6, "push": 6,
+          "compare": 6}  # summary: the before/after report that ends the pipeline
+SHARED = {"config", "settings", "hardware", "templates", "toolcalls", "textmetrics", "prompts", "context", "paths",
+          "rundir", "stages", "errors", "tokenization", "tiny",
           "realmodel", "loading", "figures", "generation", "memory", "notebook", "attention", "scoring", "readers",
           "trainer_args", "oom",
-          "modelcard"}  # modelcard: the README.md of the adapter (train) and of the pushed repository (push)
+          "formatting", "modelcard"}  # modelcard: the README.md of the adapter (train) and of the pushed repository (push)
 MAX_FUNCTION_LINES = 60
 
 

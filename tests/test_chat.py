@@ -256,3 +256,27 @@ def test_cli_chat_loop_skips_a_line_that_is_not_utf8(trained_run, monkeypatch, c
     assert "error: the message is not valid UTF-8 text (byte 0xff at character 1)" in captured.err
     assert "Traceback" not in captured.err
     assert captured.out.count("model> ") == 1  # the next line is answered
+
+
+def test_a_reply_cut_at_max_new_tokens_is_marked_and_one_that_stopped_is_not(tiny_tokenizer, chain, capsys):
+    """Decided from the token ids: the chain then its end-of-turn token fits in len(chain) + 1 new tokens (stopped,
+    no mark); with len(chain) - 1 it is cut (marked, with the limit), in the scripted exchange and the widget."""
+    from lib.chat import ChatSession, chat_widget, run_script
+
+    model, _ = chain_model(tiny_tokenizer, chain)
+    whole = ChatSession(model, tiny_tokenizer, GenerationSettings(max_new_tokens=len(chain) + 1))
+    run_script(whole, [HISTORY[0]["content"]])
+    assert whole.last_cut["cut"] is False and "cut at" not in capsys.readouterr().out
+
+    n = len(chain) - 1
+    cut = ChatSession(model, tiny_tokenizer, GenerationSettings(max_new_tokens=n))
+    run_script(cut, [HISTORY[0]["content"]])
+    assert cut.last_cut == {"cut": True, "max_new_tokens": n, "n_tokens": n}
+    assert f"[… cut at max_new_tokens={n}: did not stop]" in capsys.readouterr().out
+    assert "cut at" not in cut.history[-1]["content"]  # the mark is shown, never fed back to the model
+    ui = chat_widget(cut)
+    assert "live Jupyter or Colab kernel" in capsys.readouterr().out
+    assert ui._repr_mimebundle_()["text/plain"] == "(the chat box: shown in a live Jupyter or Colab kernel)"
+    ui.input.value = "And why?"
+    ui.send_button.click()
+    assert ui.status.value == f"[… cut at max_new_tokens={n}: did not stop]"

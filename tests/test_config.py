@@ -58,7 +58,7 @@ def test_overrides_convert_types():
     ("train.max_steps=ten", "train.max_steps: cannot use 'ten' (expected int)"),
     ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing: cannot use 'maybe'"),
     ("quant.mode=3bit", "quant.mode: '3bit' is not one of 4bit, 8bit, none"),
-    ("lora.r=0", "lora.r: must be >= 1, got 0"),
+    ("lora.r=0", "lora.r: must be at least 1, got 0"),
     ("train.max_length=None", "train.max_length: None is not allowed"),
     ("no-equals-sign", "not of the form key=value"),
 ])

@@ -428,3 +428,22 @@ def test_rerun_on_other_data_does_not_clobber_results(outputs):
     assert paths.adapter.exists()
     run_prepare("r", str(EX / "prompt_completion.jsonl"), overwrite=True)
     assert not paths.adapter.exists()
+
+
+
+def test_preview_shows_the_runs_own_data_first_and_marks_a_cut(prepared_run):
+    """The first example is the user's; a borrowed multi-turn sample (the run's data is single-turn) follows,
+    labelled; an example longer than max_length ends with the cut mark, decided from its token count."""
+    from lib.config import load_config
+    from lib.data import _rendered, preview, tokenizer_with_template_flag
+    from lib.paths import run_paths
+    from lib.readers import read_examples
+
+    paths = run_paths(prepared_run)
+    examples = read_examples(paths.train_data)
+    own, _, borrowed = preview(prepared_run).partition("---- not your data:")
+    assert any(ex["messages"][0]["content"][:30] in own for ex in examples)
+    assert "socratic_dialogues.json" in borrowed
+    tokenizer, _ = tokenizer_with_template_flag(load_config(paths.config))
+    assert _rendered(tokenizer, examples[0], 8).endswith("[… cut at max_length=8: longer than what training sees]")
+    assert "cut at" not in _rendered(tokenizer, examples[0], 100_000)

@@ -16,6 +16,7 @@ from lib.evaluate import (
     generation_metrics,
     is_question,
     metrics_table,
+    metrics_verdict,
     predictions_table,
     run_evaluate,
     style_scores,
@@ -253,6 +254,16 @@ def test_run_evaluate_on_the_trained_run(trained_run):
     assert table.loc["perplexity (lower is better)", "tuned"] == pytest.approx(ppl["tuned"]["perplexity"])
     side = predictions_table(run, n=3)
     assert len(side) == 3 and list(side.columns[:4]) == ["prompt", "reference", "base", "tuned"]
+    # notebook 04's view: a change column with its direction, shares as percentages, no empty tool-call rows,
+    # a verdict line; answers cut at max_new_tokens (from the token ids: not stopped) marked
+    view = metrics_table(run, styled=True).data
+    assert list(view.columns) == ["base", "tuned", "change"] and not any("tool calls" in r for r in view.index)
+    assert view.loc["answers that stop on their own (end-of-turn)", "tuned"].endswith("%")
+    assert view.loc["perplexity (lower is better)", "change"].endswith(("(better)", "(worse)", "(same)"))
+    assert metrics_verdict(run).startswith("Fine-tuning")
+    shown = predictions_table(run, 4, styled=True).data
+    for m in ("base", "tuned"):
+        assert [("[… cut at max_new_tokens=" in t) for t in shown[m]] == [not r[f"{m}_stopped"] for r in rows]
 
     # Overrides: no generation, fewer examples; files are replaced consistently.
     again = run_evaluate(run, overrides=["eval.generate_examples=0", "eval.max_examples=3"], progress=False)
@@ -355,3 +366,4 @@ def test_damaged_tokenizer_in_the_adapter_is_blamed_on_the_adapter(trained_run, 
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {adapter}: the tokenizer saved with the adapter cannot be loaded")
     assert "model.name_or_path" not in err
+

@@ -259,7 +259,7 @@ def test_configure_writes_summary_and_config(prepared_run):
     from conftest import copy_run
 
     from lib.config import load_config
-    from lib.model import configure, model_table
+    from lib.model import adapted_table, configure, model_table
     from lib.paths import run_paths
 
     run = copy_run(prepared_run, "configure")
@@ -277,7 +277,13 @@ def test_configure_writes_summary_and_config(prepared_run):
     assert "Linear4bit" in saved["model_repr"] and "lora_A" in saved["model_repr"]
     cfg = load_config(paths.config)
     assert cfg.lora.r == 8 and cfg.lora.target_modules == "attention" and cfg.lora.alpha == 32
-    assert len(model_table(summary)) > 5
+    shown = model_table(summary).data  # a Styler: long names wrap in their cell, never cut
+    assert len(shown) > 5 and "an estimate" in shown.loc["estimated training memory", "value"]
+    assert shown.loc["attention", "value"].startswith(summary["attn_implementation"] + ": ")
+    kinds = {k["module"]: k for k in summary["adapted_modules"]}  # one entry per module type, not the repr
+    assert sorted(kinds) == ["k_proj", "o_proj", "q_proj", "v_proj"] and {k["rank"] for k in kinds.values()} == {"8"}
+    assert sum(k["trainable_params"] for k in kinds.values()) == saved["trainable_params"]
+    assert len(adapted_table(summary).data) == 4
 
 
 def test_configure_without_data_names_notebook_01(outputs):

@@ -57,6 +57,18 @@ def test_parameters_are_config_keys_with_their_help_text(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_papermill_reads_every_parameter_and_every_cell_has_an_id(path):
+    """papermill skips a parameters line holding a second "=" ("Unable to parse line") and then calls
+    the parameter unknown; nbformat 4.5 wants an id on every cell (MissingIDFieldWarning)."""
+    from papermill.inspection import inspect_notebook
+
+    assert all(c.get("id") for c in cells(path)), f"{path.name}: a cell without an id"
+    found = set(inspect_notebook(path))
+    names = [n for n, _, _ in parameters(path)]
+    assert found == set(names), f"{path.name}: papermill does not see {sorted(set(names) - found)}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_run_cells_use_the_parameters_through_one_function(path):
     """No hand-written {"section.key": PARAMETER} maps; the settings table follows the parameters."""
     srcs = ["".join(c["source"]) for c in cells(path) if c["cell_type"] == "code"]
@@ -91,3 +103,24 @@ def test_settings_table_shows_effective_values_and_marks_differences(outputs):
     assert (table["differs"] == "*").sum() == 2
     with pytest.raises(ConfigError, match="train.learning_rat"):
         settings_table("t", {"train.learning_rat": 1.0}, ["train"], new_run=True)
+
+
+def test_papermill_runs_a_notebook_without_a_warning_and_it_reads_well(outputs, tmp_path, caplog):
+    """Notebook 01 through papermill with the parameters a user passes (-p): papermill must parse every line of
+    the parameters cell ("Unable to parse line") and know every parameter ("Passed unknown parameter"), and the
+    executed page must keep tests/rendered.py's rules."""
+    import logging
+
+    import papermill
+
+    from tests.rendered import problems
+
+    caplog.set_level(logging.WARNING, logger="papermill")
+    nb = papermill.execute_notebook(
+        str(ROOT / "notebooks" / "01_prepare_data.ipynb"), str(tmp_path / "01.ipynb"), cwd=str(ROOT / "notebooks"),
+        parameters={"RUN_NAME": "papermill", "PROFILE": "tiny", "TRAIN_MAX_LENGTH": 256, "DATA_MAX_EXAMPLES": 40},
+        progress_bar=False, log_output=False)
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("papermill") and r.levelno >= logging.WARNING]
+    assert not said, f"papermill warned: {said}"
+    assert not problems(nb), problems(nb)
+    assert (outputs / "papermill" / "data" / "report.json").exists()

@@ -85,7 +85,7 @@ def test_notebook_02_update_config_checks_before_saving(run):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--set", "train.learning_rate=nan"], "error: train.learning_rate: must be a finite number"),
-    (["train", "--set", b"generation.temperature=0"], "error: generation.temperature: must be > 0"),
+    (["train", "--set", b"generation.temperature=0"], "error: generation.temperature: must be above 0"),
     (["chat", "--prompt", b"\xff caf\xe9"], "error: chat: --prompt is not valid UTF-8 text (byte 0xff at character 1)"),
 ])
 def test_cli_process_prints_one_line_and_no_traceback(run, argv, message):

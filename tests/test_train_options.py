@@ -265,8 +265,8 @@ def _history(paths, step):
      "train.load_best_model_at_end needs an evaluation split and train.eval_strategy"),
     ({"train.early_stopping_threshold": 0.01},
      "train.early_stopping_threshold needs train.early_stopping_patience"),
-    ({"train.early_stopping_patience": 0}, "train.early_stopping_patience: must be >= 1"),
-    ({"train.neftune_noise_alpha": 0.0}, "train.neftune_noise_alpha: must be > 0"),
+    ({"train.early_stopping_patience": 0}, "train.early_stopping_patience: must be at least 1"),
+    ({"train.neftune_noise_alpha": 0.0}, "train.neftune_noise_alpha: must be above 0"),
 ])
 def test_training_option_conflicts_are_one_line_naming_both_settings(overrides, message):
     from lib.errors import ConfigError
