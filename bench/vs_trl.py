@@ -96,7 +96,8 @@ def _timed_train(trainer) -> dict:
 def common_overrides(opts) -> dict:
     return {"train.max_steps": opts.steps, "train.per_device_train_batch_size": opts.batch_size,
             "train.gradient_accumulation_steps": 1, "train.eval_strategy": "no", "train.save_strategy": "no",
-            "train.logging_steps": 1, "train.report_to": "none", "train.seed": opts.seed}
+            "train.logging_steps": 1, "train.report_to": "none", "train.seed": opts.seed,
+            "eval.sample_prompts": 0}  # answers during training: a cost of its own, not of a training step
 
 
 def project_trainer(setup: str, opts):
