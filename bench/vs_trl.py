@@ -104,7 +104,9 @@ def project_trainer(setup: str, opts):
     """The project's own training steps (lib.train), as `python -m lib train` wires them: (trainer, plan)."""
     from lib.train import attach_lora, build_datasets, build_sft_trainer, load_model, plan_training
 
-    plan = plan_training(RUN, {**common_overrides(opts), **PROJECT_SETUPS[setup]}, retrain=True)
+    run = f"{RUN}-{setup}"  # a run of its own, prepared afresh: no setting left in config.yaml by another setup
+    prepare_data(opts, lambda _: None, run)
+    plan = plan_training(run, {**common_overrides(opts), **PROJECT_SETUPS[setup]}, retrain=True)
     model, tokenizer = load_model(plan)
     model = attach_lora(model, plan)
     train_ds, _ = build_datasets(plan, tokenizer)
@@ -185,12 +187,16 @@ def worker(setup: str, opts) -> dict:
 # The side-by-side run
 
 
-def prepare_data(opts, log) -> None:
+def prepare_data(opts, log, run: str = RUN) -> None:
+    import contextlib
+    import io
+
     from lib.data import run_prepare
 
     data = REPO_ROOT / "data" / "examples" / "socratic_questions.jsonl"
-    run_prepare(RUN, str(data), profile=PROFILE, overrides={"data.max_examples": opts.examples}, overwrite=True)
-    log(f"prepared {opts.examples} examples of {data.name} into {os.environ['SFT_OUTPUTS_DIR']}/{RUN}")
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_prepare(run, str(data), profile=PROFILE, overrides={"data.max_examples": opts.examples}, overwrite=True)
+    log(f"prepared {opts.examples} examples of {data.name} into {os.environ['SFT_OUTPUTS_DIR']}/{run}")
 
 
 def run_setup(setup: str, opts) -> dict:
