@@ -29,6 +29,7 @@ from .checkpoints import (
     rescale_learning_rate,
 )
 from .errors import ConfigError, TrainingError
+from .lmhead import compact_lm_head
 from .rundir import is_main_rank, write_atomic
 from .stages import stage
 from .tokenization import IGNORE_INDEX
@@ -341,6 +342,9 @@ def build_trainer(cfg, model, tokenizer, train_dataset, eval_dataset=None, outpu
     for p in trainer.model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    if trainer.args.device.type == "cpu":  # TRL's head projects every position off-GPU: only the trained ones
+        model = trainer.model
+        compact_lm_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
     return trainer
 
 

@@ -16,7 +16,7 @@ import pytest
 
 LIB = Path(__file__).resolve().parent.parent / "lib"
 STAGES = {"data": 0, "formats": 0, "turns": 0, "fields": 0, "examples": 0, "audit": 0, "model": 1, "train": 2,
-          "trainer": 2, "progress": 2, "checkpoints": 2, "samples": 2, "evaluate": 3, "forgetting": 3, "plots": 4,
+          "trainer": 2, "lmhead": 2, "progress": 2, "checkpoints": 2, "samples": 2, "evaluate": 3, "forgetting": 3, "plots": 4,
           "merge": 5, "chat": 6, "export": 6, "llamacpp": 6, "ollama": 6, "parity": 6, "summary": 6, "push": 6,
           "compare": 6}  # summary: the before/after report that ends the pipeline
 SHARED = {"config", "settings", "hardware", "templates", "toolcalls", "textmetrics", "prompts", "context", "paths",

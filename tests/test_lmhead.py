@@ -1,0 +1,81 @@
+"""The CPU's compact LM head (lib/lmhead.py) against TRL's fused head, by value: per-token log-probabilities,
+entropy, top-1 flags, loss and the LoRA gradients at the trained positions; and the trainer installs it."""
+
+from __future__ import annotations
+
+import pytest
+
+from lib.config import make_config
+
+
+def _batch(tok):
+    import torch
+
+    rows = [tok("Why does ice float on water? Because it is less dense.")["input_ids"],
+            tok("What is rain? Water falling from clouds.")["input_ids"]]
+    width = max(map(len, rows))
+    ids = torch.full((2, width), tok.pad_token_id)
+    mask = torch.zeros((2, width), dtype=torch.long)
+    labels = torch.full((2, width), -100)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+        labels[i, len(r) // 2:len(r)] = torch.tensor(r[len(r) // 2:])  # the second half of each row is trained
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _run(model, batch, num_items=None):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, fused_lm_head=True, num_items_in_batch=num_items)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("num_items", [None, 7])
+def test_compact_head_equals_trls_fused_head_at_trained_positions(num_items):
+    import torch
+    from conftest import tiny_lora_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from lib.lmhead import OUTPUTS, compact_lm_head
+
+    cfg = make_config("tiny")
+    model, tok = tiny_lora_model(cfg)
+    base = model.get_base_model()
+    add_fused_lm_head(base, outputs=OUTPUTS)  # what SFTTrainer does
+    batch = _batch(tok)
+    ref, ref_grads = _run(model, batch, num_items)
+    assert compact_lm_head(base) and compact_lm_head(base)  # installed once; a second call changes nothing
+    out, grads = _run(model, batch, num_items)
+    assert torch.equal(out.label_mask, ref.label_mask) and int(out.label_mask.sum()) > 4
+    torch.testing.assert_close(out.log_probs, ref.log_probs, atol=1e-5, rtol=1e-5)
+    assert float(out.log_probs.detach()[~out.label_mask].abs().sum()) == 0.0  # zero where nothing is trained, as TRL's
+    torch.testing.assert_close(out.entropy, ref.entropy, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.is_top1, ref.is_top1)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4)
+    plain = model(**{k: v for k, v in batch.items() if k != "labels"})  # without fused_lm_head: the model's own
+    assert plain.logits.shape[-1] == base.config.vocab_size
+
+
+def test_untrained_batch_gives_a_differentiable_zero_and_the_trainer_installs_the_head(tmp_path):
+    import torch
+    from conftest import tiny_lora_model
+
+    from lib.lmhead import trained_positions_head
+    from lib.train import encode_dataset
+    from lib.trainer import build_trainer
+
+    cfg = make_config("tiny")
+    model, tok = tiny_lora_model(cfg)
+    hidden = torch.randn(1, 5, model.config.hidden_size, requires_grad=True)
+    out = trained_positions_head(model.get_output_embeddings(), hidden, torch.full((1, 5), -100))
+    out.loss.backward()
+    assert float(out.loss) == 0.0 and hidden.grad is not None and float(hidden.grad.abs().sum()) == 0.0
+    data = encode_dataset(tok, [{"messages": [{"role": "user", "content": "Hi"},
+                                              {"role": "assistant", "content": "Why?"}]}], 64, None)
+    trainer = build_trainer(cfg, model, tok, data, output_dir=tmp_path / "checkpoints")
+    assert getattr(trainer.model.get_base_model().forward, "compact_lm_head", False)  # the CPU: compact
