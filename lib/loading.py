@@ -6,8 +6,9 @@
     peft_model = load_16bit_with_adapter(cfg, paths.adapter)        # unquantized base + adapter (merge)
     model, tokenizer = load_merged(paths.merged)                    # a merged folder by path (merge, chat, export)
 
-The compute dtype follows the hardware: bf16 at CUDA compute capability >= 8, fp16 on older
-GPUs (a T4), fp32 on the CPU, where bitsandbytes runs NF4 too. The tiny and real-model caches
+The compute dtype follows the hardware (lib/hardware.py): bf16 at CUDA compute capability >= 8, fp16
+on older GPUs (a T4); on the CPU, where bitsandbytes runs NF4 too, bf16 for training where the CPU
+has native bf16 (AVX512-BF16, AMX) and fp32 for everything else. The tiny and real-model caches
 (lib.tiny, lib.realmodel) are reached through `lib.realmodel.resolve_model`.
 """
 
