@@ -339,7 +339,7 @@ PROFILES: dict[str, dict[str, object]] = {
     # A real pretrained instruct model on the CPU: SmolLM2-135M-Instruct (lib/realmodel.py), NF4 with
     # bf16 compute in training where the CPU has it (1.46x fp32, the same eval loss to 0.02%), else fp32. A pretrained model wants a ~10x lower learning rate than the random tiny one; small
     # batches give more updates per example. On the Socratic sample data (153 examples) 1.5 epochs
-    # (59 steps, ~2.5 minutes on 2 CPU cores) take the greedy answers from 0% to 100% questions and
+    # (59 steps, ~1.7 minutes on 2 CPU cores) take the greedy answers from 0% to 100% questions and
     # from 12% to 100% stopping on their own (measured; see README).
     "smol": {
         "model.name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
