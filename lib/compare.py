@@ -203,12 +203,15 @@ def _text(df, width: int = 60) -> str:
     return view.to_string()
 
 
+def status_lines(runs: list[RunView]) -> list[str]:
+    """One line a run: what it is missing, or that it has every result."""
+    return [f"{r.name}: missing {'; '.join(r.missing)}" if r.missing else f"{r.name}: complete" for r in runs]
+
+
 def report(runs: list[RunView]) -> str:
     """The comparison as text (what `python -m lib compare` prints)."""
     lines = [f"Comparing {len(runs)} runs: {', '.join(r.name for r in runs)}", ""]
-    for r in runs:
-        if r.missing:
-            lines.append(f"{r.name}: missing {'; '.join(r.missing)}")
+    lines += [line for line, r in zip(status_lines(runs), runs) if r.missing]
     lines += ["", "Settings that differ:", _text(settings_diff(runs)), "", "Results:", _text(results_table(runs)),
               "", "Answers to the same prompts (tuned):", _text(answers_table(runs), width=50)]
     sources = [f"{r.name}: {r.answers_from}" for r in runs if r.answers_from]

@@ -32,33 +32,59 @@ def _run(model, batch, num_items=None):
     return out, grads
 
 
-@pytest.mark.parametrize("num_items", [None, 7])
-def test_compact_head_equals_trls_fused_head_at_trained_positions(num_items):
+def _compare_heads(model, batch, num_items=None, atol=1e-5):
+    """TRL's fused head, then the compact one, on the same model and batch: equal at every position."""
     import torch
-    from conftest import tiny_lora_model
     from trl.trainer.utils import add_fused_lm_head
 
     from lib.lmhead import OUTPUTS, compact_lm_head
 
-    cfg = make_config("tiny")
-    model, tok = tiny_lora_model(cfg)
     base = model.get_base_model()
     add_fused_lm_head(base, outputs=OUTPUTS)  # what SFTTrainer does
-    batch = _batch(tok)
     ref, ref_grads = _run(model, batch, num_items)
     assert compact_lm_head(base) and compact_lm_head(base)  # installed once; a second call changes nothing
     out, grads = _run(model, batch, num_items)
     assert torch.equal(out.label_mask, ref.label_mask) and int(out.label_mask.sum()) > 4
-    torch.testing.assert_close(out.log_probs, ref.log_probs, atol=1e-5, rtol=1e-5)
+    assert int(out.label_mask.sum()) < out.label_mask.numel()  # some positions are not trained: the point
+    torch.testing.assert_close(out.log_probs, ref.log_probs, atol=atol, rtol=1e-5)
     assert float(out.log_probs.detach()[~out.label_mask].abs().sum()) == 0.0  # zero where nothing is trained, as TRL's
-    torch.testing.assert_close(out.entropy, ref.entropy, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.entropy, ref.entropy, atol=atol, rtol=1e-5)
     assert torch.equal(out.is_top1, ref.is_top1)
-    torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.loss, ref.loss, atol=atol / 10, rtol=1e-6)
     assert grads.keys() == ref_grads.keys() and len(grads) > 0
     for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4)
-    plain = model(**{k: v for k, v in batch.items() if k != "labels"})  # without fused_lm_head: the model's own
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=atol / 10, rtol=1e-4)
+    plain = model(**{k: v for k, v in batch.items() if k not in ("labels", "seq_lengths")})  # the model's own
     assert plain.logits.shape[-1] == base.config.vocab_size
+
+
+@pytest.mark.parametrize("num_items", [None, 7])
+def test_compact_head_equals_trls_fused_head_at_trained_positions(num_items):
+    from conftest import tiny_lora_model
+
+    model, tok = tiny_lora_model(make_config("tiny"))
+    _compare_heads(model, _batch(tok), num_items)
+
+
+@pytest.mark.slow  # loads SmolLM2 in 4-bit (~10 s)
+def test_compact_head_on_smollm2_with_the_projects_padding_free_batch():
+    """SmolLM2's real template and 49k vocabulary, the batch as training makes it: the prepared Socratic
+    conversations encoded with their labels (prompt and system text untrained), concatenated padding-free."""
+    from conftest import tiny_lora_model
+
+    from lib.train import encode_dataset
+    from lib.trainer import build_collator
+
+    cfg = make_config("smol")
+    model, tok = tiny_lora_model(cfg, b_std=0.01)
+    convs = [{"messages": [{"role": "user", "content": "Why does ice float on water?"},
+                           {"role": "assistant", "content": "What happens to the volume of water when it freezes?"}]},
+             {"messages": [{"role": "user", "content": "How do vaccines work?"},
+                           {"role": "assistant", "content": "What does the immune system remember?\nWhy might "
+                                                            "a weakened virus be enough?"}]}]
+    batch = build_collator(cfg, tok)(list(encode_dataset(tok, convs, cfg.train.max_length, None)))
+    assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch  # one row, sequences back to back
+    _compare_heads(model, dict(batch), atol=1e-4)
 
 
 def test_untrained_batch_gives_a_differentiable_zero_and_the_trainer_installs_the_head(tmp_path):
@@ -74,7 +100,7 @@ def test_untrained_batch_gives_a_differentiable_zero_and_the_trainer_installs_th
     hidden = torch.randn(1, 5, model.config.hidden_size, requires_grad=True)
     out = trained_positions_head(model.get_output_embeddings(), hidden, torch.full((1, 5), -100))
     out.loss.backward()
-    assert float(out.loss) == 0.0 and hidden.grad is not None and float(hidden.grad.abs().sum()) == 0.0
+    assert float(out.loss.detach()) == 0.0 and hidden.grad is not None and float(hidden.grad.abs().sum()) == 0.0
     data = encode_dataset(tok, [{"messages": [{"role": "user", "content": "Hi"},
                                               {"role": "assistant", "content": "Why?"}]}], 64, None)
     trainer = build_trainer(cfg, model, tok, data, output_dir=tmp_path / "checkpoints")
