@@ -57,6 +57,10 @@ def load_general_prompts(path) -> list[list[dict]]:
             out.append([{"role": "user", "content": rec["prompt"]}])
         elif isinstance(rec, dict) and isinstance(rec.get("messages"), list) and rec["messages"] \
                 and isinstance(rec["messages"][-1], dict) and rec["messages"][-1].get("role") == "user":
+            for i, m in enumerate(rec["messages"]):
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                    raise DataError(file, "not a message with a text role and content", line=n,
+                                    field=f"messages[{i}]")
             out.append([{"role": m["role"], "content": m["content"]} for m in rec["messages"]])
         else:
             raise DataError(file, "not a {\"prompt\": text} or {\"messages\": [...]} record ending with the "

@@ -148,6 +148,9 @@ def test_forgetting_is_1_for_the_base_model_against_itself(prepared_run):
     bad.write_text('{"prompt": "hi"}\n{"text": 3}\n', encoding="utf-8")
     with pytest.raises(DataError, match="line 2"):
         load_general_prompts(bad)
+    bad.write_text('{"messages": [{"role": "system"}, {"role": "user", "content": "hi"}]}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 1: field 'messages\[0\]'"):  # a message without content
+        load_general_prompts(bad)
 
 
 @pytest.mark.slow
