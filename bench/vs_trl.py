@@ -149,18 +149,18 @@ def run_trl(setup: str, opts) -> dict:
 
     cfg = make_config(PROFILE, run=RUN)
     name = resolve_model(cfg.model.name_or_path)
-    bf16 = SFTConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to="none").bf16  # TRL's default here
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(name, quantization_config=quant)
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules="all-linear", task_type="CAUSAL_LM")
     with tempfile.TemporaryDirectory(prefix="vs-trl-") as tmp:
         args = SFTConfig(output_dir=tmp, use_cpu=True, report_to="none", max_steps=opts.steps,
                          per_device_train_batch_size=opts.batch_size, learning_rate=cfg.train.learning_rate,
                          **{"max_length": cfg.train.max_length, **TRL_SETUPS[setup]}, seed=opts.seed,
                          logging_steps=1, save_strategy="no")
+        bf16 = args.bf16  # TRL's default here: True where the CPU has bf16
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(name, quantization_config=quant)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
         trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=lora,
                              train_dataset=trl_dataset(run_paths(RUN).train_data, opts.examples))
         longest = max(len(ids) for ids in trainer.train_dataset["input_ids"])
@@ -168,7 +168,7 @@ def run_trl(setup: str, opts) -> dict:
             raise RuntimeError(f"an example has {longest} tokens, more than max_length {cfg.train.max_length}: "
                                "the setups would not train the same tokens")
         out = _timed_train(trainer)
-    out["compute"] = f"{'bfloat16' if bf16 else 'float32'} compute, {'bf16' if args.bf16 else 'fp32'} autocast"
+    out["compute"] = f"{'bfloat16' if bf16 else 'float32'} compute, {'bf16' if bf16 else 'fp32'} autocast"
     return out
 
 
