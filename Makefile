@@ -43,7 +43,7 @@ $(VENV)/.installed: pyproject.toml
 $(VENV)/.installed-export: $(VENV)/.installed
 	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || echo "building llama-cpp-python (llama.cpp for the CPU, portable): ~7 min on 2 cores, once"
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[dev,export]"
-	$(BIN)/python -c "from lib.llamacpp import converter_dir; print('llama.cpp converter:', converter_dir())"
+	$(BIN)/python -c "from lib.ship.llamacpp import converter_dir; print('llama.cpp converter:', converter_dir())"
 	touch $@
 
 # Every stage, ending with the before/after summary (perplexity, questions, stop rate, one prompt

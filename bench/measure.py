@@ -2,13 +2,13 @@
 
 One length-skewed set of synthetic conversations (log-normal token lengths: many short, a long
 tail cut at --max-length) and one model, loaded with the project's own loaders
-(lib.model.load_model_and_tokenizer + add_lora: 4-bit NF4 QLoRA) and stepped by the project's
-trainer (lib.trainer's GuardedSFTTrainer with sft_config). Every setup runs full training steps
+(lib.model.configure.load_model_and_tokenizer + add_lora: 4-bit NF4 QLoRA) and stepped by the project's
+trainer (lib.train.trainer's GuardedSFTTrainer with sft_config). Every setup runs full training steps
 (forward, backward, gradient clipping, optimizer step) on the same examples (--steps batches, a
 stratified sample of the lengths), alternating setup by setup within each round (ABCD ABCD ...,
 who starts rotating by round), after one excluded warm-up step each; every round repeats the
 same work and the table shows medians over the rounds. The batches come from
-lib.trainer.build_collator:
+lib.train.trainer.build_collator:
 
   pad_max          every batch padded to max_length (the older scripts' baseline)
   pad_longest      padded to the longest sequence of the batch
@@ -152,7 +152,7 @@ def plan_batches(lengths: list[int], batch_size: int, steps: int, seed: int = 0)
     import torch
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    from lib.errors import ConfigError
+    from lib.run.errors import ConfigError
 
     n_batches = len(lengths) // batch_size
     if n_batches < steps:
@@ -173,7 +173,7 @@ def plan_batches(lengths: list[int], batch_size: int, steps: int, seed: int = 0)
 
 
 def arch_config(name: str, overrides: dict | None = None) -> dict:
-    from lib.errors import ConfigError
+    from lib.run.errors import ConfigError
 
     if name not in ARCHS:
         raise ConfigError(f"--arch: '{name}' is not one of {', '.join(ARCHS)}")
@@ -186,14 +186,14 @@ def build_arch_model(name: str, overrides: dict | None = None) -> Path:
     """A random-initialised model of architecture `name` (bf16 safetensors) with the tiny tokenizer, cached.
 
     Nothing is downloaded: the shapes come from ARCHS, the tokenizer (2k tokens, a subset of any
-    real vocabulary's ids) from lib.tiny. Built on the GPU when there is one (fast init).
+    real vocabulary's ids) from lib.run.tiny. Built on the GPU when there is one (fast init).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from lib.errors import ConfigError
-    from lib.paths import cache_dir
-    from lib.tiny import build_once, tiny_model_path
+    from lib.run.errors import ConfigError
+    from lib.run.paths import cache_dir
+    from lib.run.tiny import build_once, tiny_model_path
 
     d = arch_config(name, overrides)
     tiny = tiny_model_path()
@@ -222,8 +222,8 @@ def build_arch_model(name: str, overrides: dict | None = None) -> Path:
 
 def bench_config(opts):
     """The RunConfig of the benchmark: a profile, the model, and one micro-batch per optimizer step."""
-    from lib.config import make_config
-    from lib.model import device_info
+    from lib.run.config import make_config
+    from lib.run.hardware import device_info
 
     profile = opts.profile
     info = device_info()
@@ -254,9 +254,9 @@ class Bench:
     def __init__(self, cfg, workdir):
         from transformers import set_seed
 
-        from lib.model import add_lora, load_model_and_tokenizer
-        from lib.train import encode_dataset
-        from lib.trainer import build_trainer
+        from lib.model.loading import add_lora, load_model_and_tokenizer
+        from lib.train.trainer import build_trainer
+        from lib.train.training import encode_dataset
 
         self.cfg = cfg
         set_seed(cfg.train.seed)
@@ -424,7 +424,8 @@ def run_benchmark(opts, log=print) -> dict:
     """Run every setup side by side; return the results (printed by bench/throughput.py)."""
     import torch
 
-    from lib.model import estimate_memory, load_model_config
+    from lib.run.memory import estimate_memory
+    from lib.run.realmodel import load_model_config
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -463,7 +464,7 @@ def prepare_arch_model(opts, log) -> Path | None:
 
 def check_examples(opts, cfg) -> None:
     """--examples must make at least --steps batches."""
-    from lib.errors import ConfigError
+    from lib.run.errors import ConfigError
 
     bs = cfg.train.per_device_train_batch_size
     if opts.examples // bs < opts.steps:
@@ -523,8 +524,8 @@ def deal(n: int, parts: int) -> list[list[int]]:
 
 def prepare_workload(bench, cfg, opts, modes) -> Workload:
     """Synthetic conversations, encoded; the batch plan; every setup's collator and batches."""
-    from lib.train import encode_dataset
-    from lib.trainer import build_collator
+    from lib.train.trainer import build_collator
+    from lib.train.training import encode_dataset
 
     max_length = cfg.train.max_length
     examples = synthetic_conversations(opts.examples, bench.tokenizer, opts.median_length, opts.sigma, opts.seed)
@@ -701,7 +702,7 @@ def assemble_result(opts, cfg, device, rows, work, est, exact, timing, memory_ki
 def check_exactness(bench, features, idx, collators, modes, tolerance, cfg) -> dict:
     """Loss and per-token log-probabilities of one batch under every setup vs the padded batch."""
     if tolerance is None:
-        from lib.model import compute_dtype_name
+        from lib.run.hardware import compute_dtype_name
 
         tolerance = 1e-4 if compute_dtype_name(cfg) == "float32" else 2e-2
     batch = [features[i] for i in idx]

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["SFT_OUTPUTS_DIR"] = str(Path(tmp) / "outputs")
         os.environ.setdefault("SFT_CACHE_DIR", str(REPO_ROOT / "outputs" / ".cache"))
-        from lib.data import run_prepare
+        from lib.data.prepare import run_prepare
 
         data = Path(tmp) / f"{args.shape}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in make_records(args.records, args.shape)))

@@ -4,7 +4,7 @@
     python bench/profile_step.py --setup project_fp32 --steps 3
 
 The model, trainer and batches are the project's own (bench.measure.Bench: lib's loaders, LoRA and
-GuardedSFTTrainer; lib.trainer.build_collator's padding-free batches of the prepared Socratic data).
+GuardedSFTTrainer; lib.train.trainer.build_collator's padding-free batches of the prepared Socratic data).
 One warm-up step, then `--steps` profiled steps. The table gives, per cost, the CPU time of the
 operators that make it (each operator's total, children included, so a cost counts once) as a
 share of the profiled steps' wall time:
@@ -46,10 +46,10 @@ DEQUANTIZE = ("dequantize_4bit", "dequantize_blockwise")  # inside the 4-bit lay
 
 
 def batches(bench, cfg, n: int, batch_size: int) -> list:
-    from lib.paths import run_paths
-    from lib.readers import read_examples
-    from lib.train import encode_dataset
-    from lib.trainer import build_collator
+    from lib.data.readers import read_examples
+    from lib.run.paths import run_paths
+    from lib.train.trainer import build_collator
+    from lib.train.training import encode_dataset
 
     path = run_paths(RUN).train_data
     features = encode_dataset(bench.tokenizer, read_examples(path), cfg.train.max_length, path)
@@ -105,9 +105,9 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from bench.measure import Bench, _kineto_quiet
-    from lib.config import make_config
-    from lib.loading import compute_dtype_name
-    from lib.trainer_args import precision
+    from lib.run.config import make_config
+    from lib.run.hardware import compute_dtype_name
+    from lib.run.trainer_args import precision
 
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="profile-outputs-") as outputs:

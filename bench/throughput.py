@@ -68,7 +68,7 @@ def report(result: dict) -> str:
         f"loss diff: |loss - loss of the padded batch| on the same {result['exactness']['examples']} examples "
         f"(tolerance {result['exactness']['tolerance']:g}); largest per-token log-prob difference: "
         + ", ".join(f"{k} {v['max_token_diff']:.1e}" for k, v in result["exactness"]["setups"].items()) + ".",
-        f"default batching (lib/config.py train.batching): {result['default_batching']}; fastest here: "
+        f"default batching (lib/run/config.py train.batching): {result['default_batching']}; fastest here: "
         f"{result['fastest']}.",
     ]
     est = result["memory_estimate"]
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     if opts.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: no CUDA GPU is visible", file=sys.stderr)
         return 2
-    from lib.errors import SFTError
+    from lib.run.errors import SFTError
 
     try:
         result = run_benchmark(opts, log=lambda s: print(s, flush=True))

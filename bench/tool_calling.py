@@ -89,9 +89,9 @@ def write_data(path: Path = DATA) -> Path:
 
 
 def run(run_name: str, steps_epochs: float, generate: int) -> dict:
-    from lib.data import run_prepare
-    from lib.evaluate import run_evaluate
-    from lib.stages import stage
+    from lib.data.prepare import run_prepare
+    from lib.evaluate.evaluation import run_evaluate
+    from lib.run.stages import stage
 
     template = json.loads((REPO_ROOT / "tests" / "templates" / "qwen2.5.json").read_text())["chat_template"]
     opts = [f"data.prompt_format={template}", "data.eval_fraction=0.2", "train.max_length=512",

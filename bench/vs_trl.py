@@ -9,7 +9,7 @@ Every setup trains the same model (SmolLM2-135M-Instruct, 4-bit NF4 with double 
 Socratic sample data, `--examples` of them, one epoch of `--steps` steps of `--batch-size`), with
 the same learning rate, max_length and seed:
 
-  project                 this project as a user runs it: lib.train's steps with the smol profile
+  project                 this project as a user runs it: lib.train.training's steps with the smol profile
                           (padding-free batches, no activation checkpointing, quant.compute_dtype
                           and train.precision as `auto` resolves them on this machine)
   project_fp32            the same with float32 compute and no autocast (the profile before bf16)
@@ -101,8 +101,8 @@ def common_overrides(opts) -> dict:
 
 
 def project_trainer(setup: str, opts):
-    """The project's own training steps (lib.train), as `python -m lib train` wires them: (trainer, plan)."""
-    from lib.train import attach_lora, build_datasets, build_sft_trainer, load_model, plan_training
+    """The project's own training steps (lib.train.training), as `python -m lib train` wires them: (trainer, plan)."""
+    from lib.train.training import attach_lora, build_datasets, build_sft_trainer, load_model, plan_training
 
     run = f"{RUN}-{setup}"  # a run of its own, prepared afresh: no setting left in config.yaml by another setup
     prepare_data(opts, lambda _: None, run)
@@ -114,8 +114,8 @@ def project_trainer(setup: str, opts):
 
 
 def run_project(setup: str, opts) -> dict:
-    from lib.loading import compute_dtype_name
-    from lib.trainer_args import precision
+    from lib.run.hardware import compute_dtype_name
+    from lib.run.trainer_args import precision
 
     trainer, plan = project_trainer(setup, opts)
     out = _timed_train(trainer)
@@ -127,7 +127,7 @@ def trl_dataset(path: Path, n: int):
     """The prepared examples as TRL's conversational prompt/completion records."""
     from datasets import Dataset
 
-    from lib.readers import read_examples
+    from lib.data.readers import read_examples
 
     rows = []
     for ex in read_examples(path)[:n]:
@@ -143,9 +143,9 @@ def run_trl(setup: str, opts) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from lib.config import make_config
-    from lib.paths import run_paths
-    from lib.realmodel import resolve_model
+    from lib.run.config import make_config
+    from lib.run.paths import run_paths
+    from lib.run.realmodel import resolve_model
 
     cfg = make_config(PROFILE, run=RUN)
     name = resolve_model(cfg.model.name_or_path)
@@ -191,7 +191,7 @@ def prepare_data(opts, log, run: str = RUN) -> None:
     import contextlib
     import io
 
-    from lib.data import run_prepare
+    from lib.data.prepare import run_prepare
 
     data = REPO_ROOT / "data" / "examples" / "socratic_questions.jsonl"
     with contextlib.redirect_stdout(io.StringIO()):

@@ -1,10 +1,11 @@
-"""QLoRA supervised fine-tuning, one module per pipeline stage.
+"""QLoRA supervised fine-tuning, a folder per pipeline stage over a shared core.
 
     python -m lib pipeline --run demo --data data/examples/socratic_questions.jsonl --profile tiny
 
-Stages: data (01), model (02), train (03), evaluate (04), plots (05), merge and chat (06).
-Shared: config (RunConfig and profiles), paths (run directories), tiny (the offline tiny model),
-realmodel (SmolLM2 offline, GGUF files as input; resolve_model), summary (the before/after summary).
+Folders, in the pipeline's order (each imports only the ones before it): run (the shared core: settings,
+config, the stage registry, the run directory, the machine, the model's files), data (01 prepare data),
+model (02 configure the QLoRA model), train (03 train), evaluate (04 evaluate, 05 plot), ship (06 merge,
+chat, export, push). On top: notebook.py (what the notebooks call first) and __main__.py (the CLI).
 """
 
 __version__ = "0.1.0"

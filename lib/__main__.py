@@ -29,10 +29,10 @@ import argparse
 import importlib
 import sys
 
-from .errors import QualityGateError, SFTError, disk_error
-from .paths import outputs_dir, run_paths
-from .rundir import is_main_rank
-from .stages import pipeline_stages, stage
+from lib.run.errors import QualityGateError, SFTError, disk_error
+from lib.run.paths import outputs_dir, run_paths
+from lib.run.rundir import is_main_rank
+from lib.run.stages import pipeline_stages, stage
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,10 +98,10 @@ COMMANDS = {
     "export": lambda a: _entry("export")(a.run, quant=a.quant, overrides=a.overrides, allow_drift=a.allow_drift),
     "push": lambda a: _entry("push")(a.run, a.repo, private=a.private, dry_run=a.dry_run,
                                      include=a.include.split(",") if a.include else None),
-    "chat": lambda a: importlib.import_module("lib.chat").run_chat(a.run, prompt=a.prompt, system=a.system,
+    "chat": lambda a: importlib.import_module("lib.ship").run_chat(a.run, prompt=a.prompt, system=a.system,
                                                                    merged=a.merged, tools=a.tools),
-    "summary": lambda a: print("\n" + importlib.import_module("lib.summary").before_after(a.run) + "\n"),
-    "compare": lambda a: importlib.import_module("lib.compare").run_compare(a.runs, figure=a.figure),
+    "summary": lambda a: print("\n" + importlib.import_module("lib.evaluate").before_after(a.run) + "\n"),
+    "compare": lambda a: importlib.import_module("lib.evaluate").run_compare(a.runs, figure=a.figure),
 }
 
 
@@ -140,10 +140,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # a full or read-only disk, memory running out: one line (lib/errors.py, lib/oom.py)
+    except Exception as e:  # a full or read-only disk, memory running out: one line (lib/run/errors.py, lib/model/oom.py)
         where = run_paths(args.run).root if getattr(args, "run", None) else outputs_dir()
         error = disk_error(e, args.command, where) or \
-            importlib.import_module("lib.oom").stage_out_of_memory(e, args.command, getattr(args, "run", ""))
+            importlib.import_module("lib.model.oom").stage_out_of_memory(e, args.command, getattr(args, "run", ""))
         if error is None:
             raise
         if is_main_rank():

@@ -10,7 +10,7 @@ where the results go and on what hardware.
 
 The parameter vocabulary, one rule: a parameter named SECTION_KEY is the configuration key
 `section.key` (`TRAIN_LEARNING_RATE` is `train.learning_rate`, `LORA_R` is `lora.r`), and its
-comment is that key's help text from `lib/config.py` (tests/test_notebooks.py checks both). None
+comment is that key's help text from `lib/run/config.py` (tests/test_notebooks.py checks both). None
 keeps the current value (the run's config.yaml; the profile's for a new run). Any other name
 (`RUN_NAME`, `RETRAIN`, ...) is a notebook-only knob and does not start with a section name.
 
@@ -25,9 +25,9 @@ import os
 import subprocess
 import sys
 
-from .config import apply_overrides, field_help, load_config, make_config
-from .paths import REPO_ROOT, outputs_dir, run_paths
-from .settings import PROFILES, RunConfig
+from lib.run.config import apply_overrides, field_help, load_config, make_config
+from lib.run.paths import REPO_ROOT, outputs_dir, run_paths
+from lib.run.settings import PROFILES, RunConfig
 
 # The configuration's sections, in order: data, model, quant, lora, train, eval, generation, merge.
 SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(getattr(RunConfig(), f.name)))
@@ -44,10 +44,10 @@ def quiet() -> None:
 
 def readable_tables() -> None:
     """pandas tables as a reader wants them: long names wrap instead of being cut with '…', and numbers are
-    rounded as lib.formatting.num writes them (7,074 rather than 7074.000000; 4 significant digits)."""
+    rounded as lib.run.formatting.num writes them (7,074 rather than 7074.000000; 4 significant digits)."""
     import pandas as pd
 
-    from .formatting import num
+    from lib.run.formatting import num
 
     pd.set_option("display.max_colwidth", None)
     pd.set_option("display.float_format", num)
@@ -59,7 +59,7 @@ def _show_short_errors() -> None:
         ip = get_ipython()  # type: ignore[name-defined]  # noqa: F821
     except NameError:
         return
-    from .errors import SFTError
+    from lib.run.errors import SFTError
 
     def handler(shell, etype, value, tb, tb_offset=None):
         stb = [f"\x1b[31m{etype.__name__}: {value}\x1b[0m"]
@@ -107,7 +107,7 @@ def parameter_key(name: str) -> str | None:
 def notebook_overrides(namespace: dict) -> dict[str, object]:
     """The configuration overrides a parameters cell sets: every UPPER_CASE SECTION_KEY name of
     `namespace` (a notebook's `globals()`), in the cell's order. None values are kept: they keep the
-    current value (`lib.config.apply_overrides`); an unknown key is refused there, naming it."""
+    current value (`lib.run.config.apply_overrides`); an unknown key is refused there, naming it."""
     return {parameter_key(n): v for n, v in namespace.items()
             if n.isupper() and not n.startswith("_") and parameter_key(n)}
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from lib.settings import PROFILES
+from lib.run.settings import PROFILES
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "examples" / "socratic_questions.jsonl"
 
-# Settings refused by the ranges in lib/config.py, with the whole one-line message: the config
+# Settings refused by the ranges in lib/run/config.py, with the whole one-line message: the config
 # tests check the message, tests/test_settings.py that every stage refuses them the same way.
 BAD_RANGES = [
     ("train.num_train_epochs=-3", "train.num_train_epochs: must be above 0, got -3.0"),
@@ -86,7 +86,7 @@ def outputs(session_outputs, tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def smol_dir(session_outputs) -> Path:
     """SmolLM2-135M-Instruct as a model folder (offline: dequantized from the PyPI wheel's GGUF)."""
-    from lib.realmodel import smol_model_dir
+    from lib.run.realmodel import smol_model_dir
 
     return smol_model_dir()
 
@@ -117,7 +117,7 @@ FAST_TRAIN = [
 
 @pytest.fixture(scope="session")
 def prepared_run(session_outputs) -> str:
-    from lib.data import run_prepare
+    from lib.data.prepare import run_prepare
 
     run_prepare("fixture", str(SAMPLE), profile="tiny", overrides=FAST_TRAIN)
     return "fixture"
@@ -126,7 +126,7 @@ def prepared_run(session_outputs) -> str:
 @pytest.fixture(scope="session")
 def trained_run(prepared_run) -> str:
     """The fixture run after training; tests must treat it as read-only."""
-    from lib.train import run_train
+    from lib.train.training import run_train
 
     run_train(prepared_run)
     return prepared_run
@@ -134,7 +134,7 @@ def trained_run(prepared_run) -> str:
 
 def copy_run(run: str, new: str) -> str:
     """Copy a session run into a new run name (for tests that modify it)."""
-    from lib.paths import run_paths
+    from lib.run.paths import run_paths
 
     src = run_paths(run).root
     shutil.copytree(src, src.parent / new)
@@ -144,8 +144,8 @@ def copy_run(run: str, new: str) -> str:
 def reseal(run: str, *stages: str) -> None:
     """Record hand-edited files of a run's stages as if those stages had written them (in order, so each
     stage's recorded inputs follow), for tests that change a run's data on purpose."""
-    from lib import rundir
-    from lib.paths import run_paths
+    from lib.run import rundir
+    from lib.run.paths import run_paths
 
     paths = run_paths(run)
     for stage in stages:
@@ -159,7 +159,7 @@ def tiny_lora_model(cfg, seed: int = 0, b_std: float = 0.05):
     import torch
     from transformers import set_seed
 
-    from lib.model import add_lora, load_model_and_tokenizer
+    from lib.model.loading import add_lora, load_model_and_tokenizer
 
     set_seed(seed)
     model, tok = load_model_and_tokenizer(cfg, for_training=True)

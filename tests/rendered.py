@@ -4,7 +4,7 @@
   cell's stderr pieces, kept apart by papermill, show as one block);
 - no number printed with more than 6 significant digits in a table cell or a printed line
   ("3.7159759998321533", "7074.000000");
-- no name cut with "…" (or "...") inside a table cell (long names wrap); the cut marks of lib/formatting.py
+- no name cut with "…" (or "...") inside a table cell (long names wrap); the cut marks of lib/run/formatting.py
   ("[… cut at max_new_tokens=N: ...]") say why a text ends and are allowed.
 
     from tests.rendered import problems

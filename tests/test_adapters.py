@@ -16,9 +16,9 @@ import math
 import pytest
 from conftest import SAMPLE, copy_run
 
-from lib.config import make_config
-from lib.errors import ConfigError
-from lib.paths import run_paths
+from lib.run.config import make_config
+from lib.run.errors import ConfigError
+from lib.run.paths import run_paths
 
 # A short run: 4 optimizer steps, a checkpoint every 2, no evaluation during training.
 SHORT = ["train.max_steps=4", "train.save_steps=2", "train.eval_strategy=no", "train.logging_steps=1",
@@ -39,7 +39,7 @@ MAX_MERGE_DIFF = 1e-4  # merged vs the same 16/32-bit base with the adapter unme
 
 @pytest.fixture(scope="module")
 def short_run(session_outputs) -> str:
-    from lib.data import run_prepare
+    from lib.data.prepare import run_prepare
 
     run_prepare("adapters", str(SAMPLE), profile="tiny", overrides=SHORT)
     return "adapters"
@@ -105,7 +105,7 @@ def test_a_refused_combination_stops_the_cli_before_any_weight_loads(short_run, 
 def test_lora_config_and_scaling_follow_the_settings(session_outputs):
     from transformers import set_seed
 
-    from lib.loading import add_lora, load_model_and_tokenizer, lora_config
+    from lib.model.loading import add_lora, load_model_and_tokenizer, lora_config
 
     cfg = make_config("tiny", overrides=["lora.use_dora=true", "lora.use_rslora=true"])
     lc = lora_config(cfg)
@@ -124,9 +124,10 @@ def test_lora_config_and_scaling_follow_the_settings(session_outputs):
 def test_dora_memory_estimate_counts_the_magnitudes(session_outputs):
     from transformers import set_seed
 
-    from lib.loading import add_lora, load_model_and_tokenizer, load_model_config
-    from lib.memory import estimate_memory
-    from lib.model import parameter_counts
+    from lib.model.configure import parameter_counts
+    from lib.model.loading import add_lora, load_model_and_tokenizer
+    from lib.run.memory import estimate_memory
+    from lib.run.realmodel import load_model_config
 
     plain, dora = make_config("tiny"), make_config("tiny", overrides=["lora.use_dora=true"])
     mc = load_model_config(plain)
@@ -148,8 +149,8 @@ def test_loftq_starts_closer_to_the_original_weights(session_outputs):
     from peft.tuners.lora import Linear4bit
     from safetensors.torch import load_file
 
-    from lib.loading import add_lora, load_model_and_tokenizer
-    from lib.realmodel import resolve_model
+    from lib.model.loading import add_lora, load_model_and_tokenizer
+    from lib.run.realmodel import resolve_model
 
     cfg = make_config("tiny", overrides=["lora.init=loftq"])  # scaling alpha/r = 2: LoftQ must divide by it
     model = add_lora(load_model_and_tokenizer(cfg)[0], cfg)
@@ -169,10 +170,10 @@ def test_loftq_starts_closer_to_the_original_weights(session_outputs):
 def test_loraplus_gives_b_ratio_times_the_learning_rate(short_run):
     import torch
 
-    from lib.loading import add_lora, load_model_and_tokenizer
-    from lib.readers import read_examples
-    from lib.train import encode_dataset
-    from lib.trainer import build_trainer
+    from lib.data.readers import read_examples
+    from lib.model.loading import add_lora, load_model_and_tokenizer
+    from lib.train.trainer import build_trainer
+    from lib.train.training import encode_dataset
 
     cfg = make_config("tiny", overrides=SHORT + ["lora.loraplus_lr_ratio=16", "train.lr_scheduler_type=linear",
                                                  "train.warmup_ratio=0"])
@@ -200,7 +201,7 @@ def test_loraplus_gives_b_ratio_times_the_learning_rate(short_run):
 
 
 def _logits(model, tok, examples):
-    from lib.merge import answer_logits
+    from lib.ship.merge import answer_logits
 
     return answer_logits(model, tok, examples, 128)
 
@@ -212,11 +213,11 @@ def test_variant_trains_resumes_saves_and_merges(short_run, variant):
 
     import torch
 
-    from lib.config import load_config
-    from lib.loading import load_model_and_tokenizer, load_tuned_model
-    from lib.merge import compare_logits, run_merge
-    from lib.readers import read_examples
-    from lib.train import run_train
+    from lib.data.readers import read_examples
+    from lib.model.loading import load_model_and_tokenizer, load_tuned_model
+    from lib.run.config import load_config
+    from lib.ship.merge import compare_logits, run_merge
+    from lib.train.training import run_train
 
     whole = copy_run(short_run, f"{variant}-whole")
     run_train(whole, overrides=VARIANTS[variant])

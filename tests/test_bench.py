@@ -14,7 +14,7 @@ from bench import throughput as bench
 
 
 def test_plan_gives_every_setup_the_same_examples():
-    from lib.errors import ConfigError
+    from lib.run.errors import ConfigError
 
     lengths = [(i * 37) % 300 + 5 for i in range(160)]
     plan = measure.plan_batches(lengths, batch_size=4, steps=5, seed=0)

@@ -1,4 +1,4 @@
-"""Chat (lib/chat.py): the chat function, streaming, stopping at end-of-turn, the session, the
+"""Chat (lib/ship/chat.py): the chat function, streaming, stopping at end-of-turn, the session, the
 widget and `python -m lib chat`.
 
 Stopping is tested on a "chain" model: the tiny Llama with its attention and MLP outputs zeroed,
@@ -16,10 +16,10 @@ import sys
 import pytest
 import torch
 
-from lib.errors import MissingStageError, SFTError
-from lib.prompts import render_prompt
-from lib.settings import GenerationSettings
-from lib.templates import end_of_turn_token
+from lib.data.prompts import render_prompt
+from lib.data.templates import end_of_turn_token
+from lib.run.errors import MissingStageError, SFTError
+from lib.run.settings import GenerationSettings
 
 HISTORY = [{"role": "user", "content": "Why does ice float on water?"}]
 
@@ -28,7 +28,7 @@ def chain_model(tokenizer, chain: list[int], end_with_eot: bool = True):
     """A Llama whose greedy reply to any prompt is `chain`, then (optionally) the end-of-turn token."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lib.tiny import tiny_model_path
+    from lib.run.tiny import tiny_model_path
 
     config = LlamaConfig.from_pretrained(tiny_model_path())
     config.tie_word_embeddings = False
@@ -60,7 +60,7 @@ def chain_model(tokenizer, chain: list[int], end_with_eot: bool = True):
 def tiny_tokenizer():
     from transformers import AutoTokenizer
 
-    from lib.tiny import tiny_model_path
+    from lib.run.tiny import tiny_model_path
 
     return AutoTokenizer.from_pretrained(tiny_model_path())
 
@@ -73,8 +73,8 @@ def chain(tiny_tokenizer):
 
 
 def test_reply_stops_at_end_of_turn(tiny_tokenizer, chain):
-    from lib.chat import chat
-    from lib.generation import generate_reply
+    from lib.model.generation import generate_reply
+    from lib.ship.chat import chat
 
     model, eot = chain_model(tiny_tokenizer, chain)
     settings = GenerationSettings(max_new_tokens=20)
@@ -87,7 +87,7 @@ def test_reply_stops_at_end_of_turn(tiny_tokenizer, chain):
 
 
 def test_reply_without_end_of_turn_runs_to_max_new_tokens(tiny_tokenizer, chain):
-    from lib.generation import generate_reply
+    from lib.model.generation import generate_reply
 
     model, eot = chain_model(tiny_tokenizer, chain, end_with_eot=False)
     r = generate_reply(model, tiny_tokenizer, HISTORY, settings=GenerationSettings(max_new_tokens=11))
@@ -97,7 +97,7 @@ def test_reply_without_end_of_turn_runs_to_max_new_tokens(tiny_tokenizer, chain)
 
 
 def test_streaming_joins_to_the_reply(tiny_tokenizer, chain):
-    from lib.chat import chat
+    from lib.ship.chat import chat
 
     model, _ = chain_model(tiny_tokenizer, chain)
     settings = GenerationSettings(max_new_tokens=20)
@@ -112,7 +112,7 @@ def test_streaming_joins_to_the_reply(tiny_tokenizer, chain):
 
 
 def test_stream_timeout_is_a_clear_error(tiny_tokenizer, chain):
-    from lib.chat import chat
+    from lib.ship.chat import chat
 
     model, _ = chain_model(tiny_tokenizer, chain, end_with_eot=False)
     with pytest.raises(SFTError, match="no text from the model"):
@@ -121,7 +121,8 @@ def test_stream_timeout_is_a_clear_error(tiny_tokenizer, chain):
 
 
 def test_session_history_system_prompt_and_widget(tiny_tokenizer, chain):
-    from lib.chat import ChatSession, chat_widget, conversation
+    from lib.model.generation import conversation
+    from lib.ship.chat import ChatSession, chat_widget
 
     model, _ = chain_model(tiny_tokenizer, chain)
     expected = tiny_tokenizer.decode(chain, skip_special_tokens=True).strip()
@@ -148,7 +149,7 @@ def test_session_history_system_prompt_and_widget(tiny_tokenizer, chain):
     ([{"role": "user"}], "message 1"),
 ])
 def test_bad_history_is_a_clear_error(history, message):
-    from lib.chat import conversation
+    from lib.model.generation import conversation
 
     with pytest.raises(SFTError, match=message):
         conversation(history)
@@ -167,7 +168,7 @@ def test_cli_without_a_run_exits_2(outputs, capsys):
 
 def test_cli_prompt_prints_one_reply(trained_run, capsys):
     from lib.__main__ import main
-    from lib.chat import load_session
+    from lib.ship.chat import load_session
 
     assert main(["chat", "--run", trained_run, "--prompt", "Why does ice float on water?"]) == 0
     out = capsys.readouterr().out
@@ -180,8 +181,8 @@ def test_trained_model_generates_with_end_of_turn_stop(trained_run):
     """On the trained run, the stop criteria hold the template's end-of-turn token, and the reply is
     the model's greedy continuation cut exactly at the first stop id, or at max_new_tokens when
     there is none: compared with the same greedy continuation generated with no stop ids at all."""
-    from lib.chat import load_session
-    from lib.generation import _inputs, conversation, generate_reply, generation_config
+    from lib.model.generation import _inputs, conversation, generate_reply, generation_config
+    from lib.ship.chat import load_session
 
     session = load_session(trained_run)
     eot = session.tokenizer.convert_tokens_to_ids(end_of_turn_token(session.tokenizer))
@@ -218,9 +219,9 @@ def test_cli_merged_without_merge_exits_2(trained_run, capsys):
 
 
 def test_missing_adapter_names_notebook_03(outputs):
-    from lib.chat import load_session
-    from lib.config import make_config, save_config
-    from lib.paths import run_paths
+    from lib.run.config import make_config, save_config
+    from lib.run.paths import run_paths
+    from lib.ship.chat import load_session
 
     save_config(make_config("tiny", run="noadapter"), run_paths("noadapter").config)
     with pytest.raises(MissingStageError, match="03_train_sft"):
@@ -239,7 +240,7 @@ def test_prompt_that_is_not_utf8_is_one_error_line_before_the_model_loads(output
 
 
 def test_history_that_is_not_utf8_is_a_clear_error():
-    from lib.chat import conversation
+    from lib.model.generation import conversation
 
     with pytest.raises(SFTError, match=r"chat: message 2 is not valid UTF-8 text \(byte 0xff at character 3\)"):
         conversation([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok\udcff"},
@@ -261,7 +262,7 @@ def test_cli_chat_loop_skips_a_line_that_is_not_utf8(trained_run, monkeypatch, c
 def test_a_reply_cut_at_max_new_tokens_is_marked_and_one_that_stopped_is_not(tiny_tokenizer, chain, capsys):
     """Decided from the token ids: the chain then its end-of-turn token fits in len(chain) + 1 new tokens (stopped,
     no mark); with len(chain) - 1 it is cut (marked, with the limit), in the scripted exchange and the widget."""
-    from lib.chat import ChatSession, chat_widget, run_script
+    from lib.ship.chat import ChatSession, chat_widget, run_script
 
     model, _ = chain_model(tiny_tokenizer, chain)
     whole = ChatSession(model, tiny_tokenizer, GenerationSettings(max_new_tokens=len(chain) + 1))

@@ -5,17 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import BAD_RANGES
 
-from lib.config import (
-    PROFILES,
-    RunConfig,
-    apply_overrides,
-    field_help,
-    hf_token,
-    load_config,
-    make_config,
-    save_config,
-)
-from lib.errors import ConfigError
+from lib.run.config import apply_overrides, field_help, hf_token, load_config, make_config, save_config
+from lib.run.errors import ConfigError
+from lib.run.settings import PROFILES, RunConfig
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
@@ -108,7 +100,7 @@ def test_hf_token_sources_and_never_written(tmp_path, monkeypatch):
 def _numeric_fields():
     import dataclasses
 
-    from lib.config import _base_types, _field_map
+    from lib.run.config import _base_types, _field_map
 
     out = {}
     for key, (_, f) in _field_map(RunConfig()).items():
@@ -128,7 +120,8 @@ def test_every_numeric_field_has_a_range_in_its_metadata_and_help():
 
 @pytest.mark.parametrize("key", sorted(_numeric_fields()))
 def test_every_numeric_field_refuses_non_finite_and_out_of_range_values(key):
-    from lib.config import INT_MAX, _base_types
+    from lib.run.config import _base_types
+    from lib.run.settings import INT_MAX
 
     f = _numeric_fields()[key]
     r, is_int = f.metadata["range"], int in _base_types(f.type)[0]

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from lib.__main__ import main
-from lib.data import run_prepare
-from lib.errors import DataError
-from lib.examples import prepare_examples
-from lib.paths import run_paths
-from lib.readers import load_records, read_examples
+from lib.data.examples import prepare_examples
+from lib.data.prepare import run_prepare
+from lib.data.readers import load_records, read_examples
+from lib.run.errors import DataError
+from lib.run.paths import run_paths
 
 EX = Path(__file__).resolve().parent.parent / "data" / "examples"
 
@@ -420,7 +420,7 @@ def test_rerun_on_other_data_does_not_clobber_results(outputs):
     run_prepare("r", str(EX / "qa_splits.json"))
     paths = run_paths("r")
     paths.adapter.mkdir()  # as if 03 had run
-    from lib.errors import SFTError
+    from lib.run.errors import SFTError
 
     with pytest.raises(SFTError, match="already holds results trained on other data"):
         run_prepare("r", str(EX / "prompt_completion.jsonl"))
@@ -434,10 +434,10 @@ def test_rerun_on_other_data_does_not_clobber_results(outputs):
 def test_preview_shows_the_runs_own_data_first_and_marks_a_cut(prepared_run):
     """The first example is the user's; a borrowed multi-turn sample (the run's data is single-turn) follows,
     labelled; an example longer than max_length ends with the cut mark, decided from its token count."""
-    from lib.config import load_config
-    from lib.data import _rendered, preview, tokenizer_with_template_flag
-    from lib.paths import run_paths
-    from lib.readers import read_examples
+    from lib.data.prepare import _rendered, preview, tokenizer_with_template_flag
+    from lib.data.readers import read_examples
+    from lib.run.config import load_config
+    from lib.run.paths import run_paths
 
     paths = run_paths(prepared_run)
     examples = read_examples(paths.train_data)

@@ -1,4 +1,4 @@
-"""Evaluation (lib/evaluate.py): perplexity by hand, generation, metrics on known strings, the stage."""
+"""Evaluation (lib/evaluate/evaluation.py): perplexity by hand, generation, metrics on known strings, the stage."""
 
 from __future__ import annotations
 
@@ -9,25 +9,16 @@ import pytest
 import torch
 from conftest import copy_run, reseal
 
-from lib.config import make_config, save_config
-from lib.errors import MissingStageError, SFTError
-from lib.evaluate import (
-    count_questions,
-    generation_metrics,
-    is_question,
-    metrics_table,
-    metrics_verdict,
-    predictions_table,
-    run_evaluate,
-    style_scores,
-    text_metrics,
-)
-from lib.generation import generate_answers
-from lib.loading import load_model_and_tokenizer
-from lib.paths import run_paths
-from lib.scoring import perplexity
-from lib.templates import stop_token_ids
-from lib.tokenization import IGNORE_INDEX, encode_example
+from lib.data.templates import stop_token_ids
+from lib.data.textmetrics import count_questions, generation_metrics, is_question, style_scores, text_metrics
+from lib.data.tokenization import IGNORE_INDEX, encode_example
+from lib.evaluate.evaluation import metrics_table, metrics_verdict, predictions_table, run_evaluate
+from lib.evaluate.scoring import perplexity
+from lib.model.generation import generate_answers
+from lib.model.loading import load_model_and_tokenizer
+from lib.run.config import make_config, save_config
+from lib.run.errors import MissingStageError, SFTError
+from lib.run.paths import run_paths
 
 EXAMPLES = [
     {"messages": [{"role": "user", "content": "Why does ice float on water?"},
@@ -121,7 +112,7 @@ def biased_model():
     """The tiny model (fp32) with an output bias, to make it stop or never stop on purpose."""
     from transformers import AutoModelForCausalLM
 
-    from lib.tiny import tiny_model_path
+    from lib.run.tiny import tiny_model_path
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.float32)
     old = model.lm_head
@@ -227,8 +218,8 @@ def test_run_evaluate_on_the_trained_run(trained_run):
     assert result["perplexity"] == ppl
 
     # "base" is the same weights with the adapter off: equal to the base model loaded on its own.
-    from lib.config import load_config
-    from lib.readers import read_examples
+    from lib.data.readers import read_examples
+    from lib.run.config import load_config
 
     cfg = load_config(paths.config)
     base, tok = load_model_and_tokenizer(cfg, for_training=False)
@@ -296,7 +287,7 @@ def test_missing_inputs_name_the_notebook_to_run(outputs):
 
 
 def test_cut_prompt_keeps_the_end_and_a_leading_bos():
-    from lib.generation import cut_prompt
+    from lib.model.generation import cut_prompt
 
     assert cut_prompt(list(range(10)), 4, bos_token_id=0) == [0, 7, 8, 9]
     assert cut_prompt(list(range(1, 11)), 4, bos_token_id=0) == [7, 8, 9, 10]
@@ -305,8 +296,8 @@ def test_cut_prompt_keeps_the_end_and_a_leading_bos():
 
 
 def test_a_long_generation_prompt_is_cut_to_its_last_max_length_tokens(biased_model, tiny):
-    from lib.generation import cut_prompt
-    from lib.prompts import render_prompt
+    from lib.data.prompts import render_prompt
+    from lib.model.generation import cut_prompt
 
     _, tokenizer = tiny
     model = biased_model

@@ -23,8 +23,8 @@ QUICK = ["export.parity_examples=4", "generation.max_new_tokens=16", "export.par
 
 @pytest.fixture(scope="module")
 def merged_run(trained_run) -> str:
-    from lib.evaluate import run_evaluate
-    from lib.merge import run_merge
+    from lib.evaluate.evaluation import run_evaluate
+    from lib.ship.merge import run_merge
 
     run = copy_run(trained_run, "export_copy")
     run_evaluate(run, overrides=["eval.generate_examples=2", "generation.max_new_tokens=8"], progress=False)
@@ -34,7 +34,7 @@ def merged_run(trained_run) -> str:
 
 @pytest.fixture(scope="module")
 def f16_export(merged_run):
-    from lib.export import run_export
+    from lib.ship.export import run_export
 
     return run_export(merged_run, quant="f16", overrides=QUICK, progress=False)
 
@@ -59,8 +59,8 @@ def _cli(argv, capsys):
 def test_f16_export_carries_template_and_stop_tokens_and_matches_transformers(merged_run, f16_export):
     from transformers import AutoTokenizer
 
-    from lib.paths import run_paths
-    from lib.templates import stop_token_ids
+    from lib.data.templates import stop_token_ids
+    from lib.run.paths import run_paths
 
     paths = run_paths(merged_run)
     gguf = paths.root / "export" / f"{merged_run}-f16.gguf"
@@ -88,11 +88,11 @@ def test_f16_export_carries_template_and_stop_tokens_and_matches_transformers(me
 def test_modelfile_names_the_gguf_template_stops_and_settings(merged_run, f16_export):
     from transformers import AutoTokenizer
 
-    from lib.config import apply_overrides, load_config
-    from lib.ollama import render_with_pieces, template_pieces
-    from lib.paths import run_paths
-    from lib.prompts import render_prompt
-    from lib.templates import stop_token_ids
+    from lib.data.prompts import render_prompt
+    from lib.data.templates import stop_token_ids
+    from lib.run.config import apply_overrides, load_config
+    from lib.run.paths import run_paths
+    from lib.ship.ollama import render_with_pieces, template_pieces
 
     paths = run_paths(merged_run)
     cfg = apply_overrides(load_config(paths.config), QUICK)  # the settings the export ran with
@@ -114,7 +114,7 @@ def test_modelfile_names_the_gguf_template_stops_and_settings(merged_run, f16_ex
 
 
 def test_q8_0_via_the_cli_and_a_failed_parity_gate_exits_1_naming_the_figure(merged_run, f16_export, capsys):
-    from lib.paths import run_paths
+    from lib.run.paths import run_paths
 
     run = copy_run(merged_run, "export_q8")  # with the f16 export; the shared run's export/ stays f16's
     export = run_paths(run).root / "export"
@@ -135,7 +135,7 @@ def test_q8_0_via_the_cli_and_a_failed_parity_gate_exits_1_naming_the_figure(mer
 
 
 def _assert_bad_export(argv, capsys, run, *needles):
-    from lib.paths import run_paths
+    from lib.run.paths import run_paths
 
     export = run_paths(run).root / "export"
     before = sorted(p.name for p in export.iterdir()) if export.exists() else None
@@ -172,7 +172,7 @@ def test_converter_that_cannot_be_fetched(merged_run, capsys, tmp_path, monkeypa
 
 
 def test_failed_conversions_are_one_line(merged_run, capsys):
-    from lib.paths import run_paths
+    from lib.run.paths import run_paths
 
     # an architecture llama.cpp does not know
     run = copy_run(merged_run, "export_unknown_arch")
@@ -191,7 +191,7 @@ def test_failed_conversions_are_one_line(merged_run, capsys):
 
 
 def test_push_dry_run_writes_the_exact_folder(merged_run, f16_export, capsys, monkeypatch):
-    from lib.paths import run_paths
+    from lib.run.paths import run_paths
 
     secret = "hf_testTOKENneverWRITTEN123"
     monkeypatch.setenv("HF_TOKEN", secret)
@@ -228,9 +228,9 @@ def test_push_offline_or_without_token_is_one_line(merged_run, capsys, monkeypat
 
 def test_parity_on_the_real_smollm2_model_q4_k_m(smol_dir, session_outputs, monkeypatch):
     """SmolLM2-135M-Instruct: its real tokenizer and chat template through llama.cpp, quantized to q4_k_m."""
-    from lib.data import run_prepare
-    from lib.export import run_export
-    from lib.paths import run_paths
+    from lib.data.prepare import run_prepare
+    from lib.run.paths import run_paths
+    from lib.ship.export import run_export
 
     run = "smol_export"
     run_prepare(run, str(Path(__file__).parent.parent / "data" / "examples" / "socratic_questions.jsonl"),
@@ -248,7 +248,7 @@ def test_parity_on_the_real_smollm2_model_q4_k_m(smol_dir, session_outputs, monk
 
 
 def test_config_offers_exactly_the_quantization_types_export_knows():
-    from lib.llamacpp import QUANT_TYPES
-    from lib.settings import CHOICES
+    from lib.run.settings import CHOICES
+    from lib.ship.llamacpp import QUANT_TYPES
 
     assert CHOICES["export.quant"] == list(QUANT_TYPES)

@@ -14,9 +14,9 @@ import pytest
 from conftest import copy_run
 
 from lib.__main__ import main
-from lib.config import load_config, make_config, save_config
-from lib.errors import ConfigError
-from lib.paths import REPO_ROOT
+from lib.run.config import load_config, make_config, save_config
+from lib.run.errors import ConfigError
+from lib.run.paths import REPO_ROOT
 
 
 def _one_error_line(capsys) -> str:
@@ -65,7 +65,7 @@ def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("\n".join(lines) + "\n")
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
-            "from lib.config import load_config\n"
+            "from lib.run.config import load_config\n"
             "try:\n    load_config(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
             "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0].split()[1]\n"
             "print('maxrss', hwm)\n")  # this process's own peak (ru_maxrss would carry the parent's across exec)
@@ -85,7 +85,7 @@ def test_a_fifo_in_place_of_config_yaml_is_refused_without_blocking(config_file)
 def test_a_hostile_config_yaml_is_one_line_in_the_cli(prepared_run, capsys):
     from conftest import copy_run
 
-    from lib.paths import run_paths
+    from lib.run.paths import run_paths
 
     run = copy_run(prepared_run, "faults-config")
     cfg = run_paths(run).config
@@ -128,7 +128,7 @@ def test_a_hostile_json_array_names_the_record(outputs, tmp_path, capsys):
 
 
 def test_a_200000_character_field_reads_the_same_from_csv_and_jsonl(tmp_path):
-    from lib.readers import load_records
+    from lib.data.readers import load_records
 
     long = "x" * 200_000
     (tmp_path / "d.csv").write_text('prompt,completion\nhi,"' + long + '"\n')
@@ -177,8 +177,8 @@ def _set_global_step(path, value):
     ("trainer_state.json", lambda p: _set_global_step(p, 20.5), "global_step is not a whole number ('20.5')"),
 ])
 def test_a_damaged_checkpoint_file_skips_the_checkpoint(trained_run, tmp_path, name, damage, problem):
-    from lib.checkpoints import CheckpointWarning, checkpoint_problem, last_checkpoint
-    from lib.paths import run_paths
+    from lib.run.paths import run_paths
+    from lib.train.checkpoints import CheckpointWarning, checkpoint_problem, last_checkpoint
 
     found = sorted(run_paths(trained_run).checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     older, newer = found[-2], found[-1]
@@ -198,10 +198,10 @@ def test_a_damaged_checkpoint_file_skips_the_checkpoint(trained_run, tmp_path, n
 def test_an_unbounded_max_new_tokens_is_cut_to_the_models_context(trained_run):
     import warnings
 
-    from lib.generation import generate_answers, generate_reply
-    from lib.loading import load_tuned_model
-    from lib.paths import run_paths
-    from lib.settings import GenerationSettings
+    from lib.model.generation import generate_answers, generate_reply
+    from lib.model.loading import load_tuned_model
+    from lib.run.paths import run_paths
+    from lib.run.settings import GenerationSettings
 
     cfg = load_config(run_paths(trained_run).config)
     model, tokenizer = load_tuned_model(cfg, run_paths(trained_run).adapter)[:2]
@@ -254,8 +254,8 @@ def _failing_fdopen(monkeypatch, outputs, err, name_part=""):
 def test_a_full_disk_while_preparing_keeps_the_earlier_data(outputs, monkeypatch, capsys):
     import errno
 
-    from lib.paths import run_paths
-    from lib.rundir import fingerprint
+    from lib.run.paths import run_paths
+    from lib.run.rundir import fingerprint
 
     assert main(["prepare", "--run", "full", "--data", str(REPO_ROOT / "data/examples/socratic_questions.jsonl")]) == 0
     paths = run_paths("full")
@@ -298,7 +298,9 @@ def test_prepare_overwrite_does_not_delete_through_a_symlinked_run_folder(output
 
 
 def test_cpu_out_of_memory_is_the_exit_3_message(prepared_run, monkeypatch, capsys):
-    from lib import data, loading, train
+    from lib.data import prepare as data
+    from lib.model import loading
+    from lib.train import training as train
 
     run = "faults-oom"  # prepared here: the session's prepared_run may already be trained (it is trained_run)
     assert main(["prepare", "--run", run, "--data", str(SAMPLE2), "--profile", "tiny"]) == 0
@@ -327,7 +329,7 @@ def test_a_full_disk_while_saving_a_checkpoint_or_the_adapter_is_one_line_and_tr
     import safetensors.torch
     import torch
 
-    from lib.paths import run_paths
+    from lib.run.paths import run_paths
 
     run = copy_run(prepared_run, "faults-full")
     sets = ["--set", "train.max_steps=4", "--set", "train.save_steps=2", "--set", "train.eval_steps=2"]
@@ -366,7 +368,7 @@ def test_a_full_disk_while_merging_or_evaluating_keeps_nothing_half_written(trai
 
     import transformers.modeling_utils
 
-    from lib.paths import run_paths
+    from lib.run.paths import run_paths
 
     run = copy_run(trained_run, "faults-merge")
     paths = run_paths(run)

@@ -1,4 +1,4 @@
-"""How numbers and cut text read (lib/formatting.py), and the reading rules a rendered notebook is held to
+"""How numbers and cut text read (lib/run/formatting.py), and the reading rules a rendered notebook is held to
 (tests/rendered.py): each rule catches what it names and lets the project's own marks through."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from lib.formatting import CUT_AT_MAX_LENGTH, CUT_AT_MAX_NEW_TOKENS, mark_cut, num, pct, table
+from lib.run.formatting import CUT_AT_MAX_LENGTH, CUT_AT_MAX_NEW_TOKENS, mark_cut, num, pct, table
 from tests.rendered import long_numbers, problems
 
 

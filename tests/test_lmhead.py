@@ -1,11 +1,11 @@
-"""The CPU's compact LM head (lib/lmhead.py) against TRL's fused head, by value: per-token log-probabilities,
+"""The CPU's compact LM head (lib/train/lmhead.py) against TRL's fused head, by value: per-token log-probabilities,
 entropy, top-1 flags, loss and the LoRA gradients at the trained positions; and the trainer installs it."""
 
 from __future__ import annotations
 
 import pytest
 
-from lib.config import make_config
+from lib.run.config import make_config
 
 
 def _batch(tok):
@@ -37,7 +37,7 @@ def _compare_heads(model, batch, num_items=None, atol=1e-5):
     import torch
     from trl.trainer.utils import add_fused_lm_head
 
-    from lib.lmhead import OUTPUTS, compact_lm_head
+    from lib.train.lmhead import OUTPUTS, compact_lm_head
 
     base = model.get_base_model()
     add_fused_lm_head(base, outputs=OUTPUTS)  # what SFTTrainer does
@@ -72,8 +72,8 @@ def test_compact_head_on_smollm2_with_the_projects_padding_free_batch():
     conversations encoded with their labels (prompt and system text untrained), concatenated padding-free."""
     from conftest import tiny_lora_model
 
-    from lib.train import encode_dataset
-    from lib.trainer import build_collator
+    from lib.train.trainer import build_collator
+    from lib.train.training import encode_dataset
 
     cfg = make_config("smol")
     model, tok = tiny_lora_model(cfg, b_std=0.01)
@@ -91,9 +91,9 @@ def test_untrained_batch_gives_a_differentiable_zero_and_the_trainer_installs_th
     import torch
     from conftest import tiny_lora_model
 
-    from lib.lmhead import trained_positions_head
-    from lib.train import encode_dataset
-    from lib.trainer import build_trainer
+    from lib.train.lmhead import trained_positions_head
+    from lib.train.trainer import build_trainer
+    from lib.train.training import encode_dataset
 
     cfg = make_config("tiny")
     model, tok = tiny_lora_model(cfg)

@@ -2,7 +2,7 @@
 refuse (or leave out, saying so) results that are interrupted, damaged or stale, up the whole chain of stages.
 
 One merged run is made once (the tiny model); a retrain or re-merge is a rewritten result sealed as the stage
-would (conftest.reseal), a kill is a KeyboardInterrupt at an exact move of lib.rundir.install, as in
+would (conftest.reseal), a kill is a KeyboardInterrupt at an exact move of lib.run.rundir.install, as in
 tests/test_rundir.py."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 from conftest import copy_run, reseal
 from test_rundir import _hold_lock, _one_error_line
 
-from lib import rundir
 from lib.__main__ import main
-from lib.paths import run_paths
+from lib.run import rundir
+from lib.run.paths import run_paths
 
 QUICK_EVAL = ["eval.generate_examples=1", "generation.max_new_tokens=8", "eval.max_examples=8"]
 
@@ -26,8 +26,8 @@ QUICK_EVAL = ["eval.generate_examples=1", "generation.max_new_tokens=8", "eval.m
 @pytest.fixture(scope="module")
 def merged(trained_run) -> str:
     """The trained run, evaluated and merged once; tests copy it before changing anything."""
-    from lib.evaluate import run_evaluate
-    from lib.merge import run_merge
+    from lib.evaluate.evaluation import run_evaluate
+    from lib.ship.merge import run_merge
 
     run = copy_run(trained_run, "readers_merged")
     run_evaluate(run, overrides=QUICK_EVAL, progress=False)
@@ -40,7 +40,7 @@ def _snapshot(folder: Path) -> dict:
 
 
 def _kill_at(monkeypatch, n: int, hit):
-    """Make lib.rundir's os.replace raise KeyboardInterrupt at its n-th call (from 0) for which hit(src, dst)."""
+    """Make lib.run.rundir's os.replace raise KeyboardInterrupt at its n-th call (from 0) for which hit(src, dst)."""
     real, calls = os.replace, []
 
     def dying(src, dst):
@@ -56,7 +56,7 @@ def _kill_at(monkeypatch, n: int, hit):
 
 def _export(run: str, name: str, killed_at=None, monkeypatch=None) -> None:
     """Install an export (a stand-in GGUF) through export's own install, optionally killed at a move."""
-    from lib.export import _install_export
+    from lib.ship.export import _install_export
 
     paths = run_paths(run)
     with rundir.staging(paths.root, ".export-") as tmp:
@@ -222,7 +222,7 @@ def test_a_killed_push_leaves_nothing_behind_after_the_next(merged, monkeypatch)
 
 
 def test_summary_refuses_new_step_counts_over_old_figures_and_leaves_out_a_stale_merge(merged, capsys):
-    from lib.summary import before_after
+    from lib.evaluate.summary import before_after
 
     run = copy_run(merged, "readers_summary")
     text = before_after(run)

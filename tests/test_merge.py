@@ -1,4 +1,4 @@
-"""Merge (lib/merge.py): the merged model, its check report, the template round trip, refusals.
+"""Merge (lib/ship/merge.py): the merged model, its check report, the template round trip, refusals.
 
 Stated tolerances on the tiny trained model (merged 16-bit vs the 4-bit adapter model training
 used): relative perplexity drift within merge.tolerance (1%), top-1 agreement >= 95% and
@@ -14,7 +14,7 @@ import json
 import pytest
 from conftest import copy_run
 
-from lib.errors import MissingStageError
+from lib.run.errors import MissingStageError
 
 TOP1_MIN = 0.95
 MAX_LOGIT_DIFF = 0.1
@@ -24,8 +24,8 @@ MAX_MERGE_DIFF = 1e-4
 @pytest.fixture(scope="module")
 def merged_run(trained_run):
     """A copy of the trained run, merged once (with an eval/perplexity.json for merge to extend)."""
-    from lib.merge import run_merge
-    from lib.paths import run_paths
+    from lib.run.paths import run_paths
+    from lib.ship.merge import run_merge
 
     run = copy_run(trained_run, "merge_copy")
     paths = run_paths(run)
@@ -39,8 +39,8 @@ def merged_run(trained_run):
 def test_merge_writes_a_complete_folder(merged_run):
     from transformers import GenerationConfig
 
-    from lib.paths import run_paths
-    from lib.templates import end_of_turn_token, stop_token_ids
+    from lib.data.templates import end_of_turn_token, stop_token_ids
+    from lib.run.paths import run_paths
 
     run, report = merged_run
     paths = run_paths(run)
@@ -88,12 +88,12 @@ def test_merged_loads_by_path_and_matches_the_adapter_model(merged_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lib.config import load_config
-    from lib.loading import load_tuned_model
-    from lib.merge import answer_logits, quantization_of
-    from lib.paths import run_paths
-    from lib.readers import read_examples
-    from lib.scoring import perplexity
+    from lib.data.readers import read_examples
+    from lib.evaluate.scoring import perplexity
+    from lib.model.loading import load_tuned_model
+    from lib.run.config import load_config
+    from lib.run.paths import run_paths
+    from lib.ship.merge import answer_logits, quantization_of
 
     run, report = merged_run
     paths = run_paths(run)
@@ -116,12 +116,12 @@ def test_merged_loads_by_path_and_matches_the_adapter_model(merged_run):
 
 
 def test_merged_loads_without_this_project(merged_run, tmp_path):
-    """merged/ names no attention of ours (training may use lib.attention): plain transformers loads it."""
+    """merged/ names no attention of ours (training may use lib.run.attention): plain transformers loads it."""
     import os
     import subprocess
     import sys
 
-    from lib.paths import run_paths
+    from lib.run.paths import run_paths
 
     run, _ = merged_run
     code = ("from transformers import AutoModelForCausalLM; "
@@ -134,10 +134,10 @@ def test_merged_loads_without_this_project(merged_run, tmp_path):
 
 
 def test_merging_into_a_4bit_base_is_refused(trained_run):
-    from lib.config import load_config
-    from lib.loading import load_tuned_model
-    from lib.merge import MergeError, merge_adapter
-    from lib.paths import run_paths
+    from lib.model.loading import load_tuned_model
+    from lib.run.config import load_config
+    from lib.run.paths import run_paths
+    from lib.ship.merge import MergeError, merge_adapter
 
     paths = run_paths(trained_run)
     model, _ = load_tuned_model(load_config(paths.config), paths.adapter)
@@ -150,9 +150,9 @@ def test_merging_into_a_4bit_base_is_refused(trained_run):
 def test_template_round_trip_catches_a_different_template(merged_run):
     from transformers import AutoTokenizer
 
-    from lib.merge import template_round_trip
-    from lib.paths import run_paths
-    from lib.readers import read_examples
+    from lib.data.readers import read_examples
+    from lib.run.paths import run_paths
+    from lib.ship.merge import template_round_trip
 
     paths = run_paths(merged_run[0])
     examples = read_examples(paths.eval_data)[:3]
@@ -171,8 +171,8 @@ def test_drift_beyond_tolerance_fails_the_gate_with_exit_1(trained_run, waived, 
     """A failed merge check exits 1 with one line naming the figure and the tolerance; an explicit
     merge.fail_on_drift=false turns it into a warning (exit 0). Each case merges its own copy."""
     from lib.__main__ import main
-    from lib.merge import gate_failure
-    from lib.paths import run_paths
+    from lib.run.paths import run_paths
+    from lib.ship.merge import gate_failure
 
     run = copy_run(trained_run, f"merge_gate_{waived}")
     args = ["merge", "--run", run, "--set", "merge.tolerance=1e-12"]
@@ -196,9 +196,9 @@ def test_drift_beyond_tolerance_fails_the_gate_with_exit_1(trained_run, waived, 
 
 def test_missing_adapter_stops_with_the_notebook_to_run(outputs, capsys):
     from lib.__main__ import main
-    from lib.config import make_config, save_config
-    from lib.merge import run_merge
-    from lib.paths import run_paths
+    from lib.run.config import make_config, save_config
+    from lib.run.paths import run_paths
+    from lib.ship.merge import run_merge
 
     save_config(make_config("tiny", run="noadapter"), run_paths("noadapter").config)
     with pytest.raises(MissingStageError, match="03_train_sft"):

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from lib.config import make_config
-from lib.errors import ConfigError
+from lib.run.config import make_config
+from lib.run.errors import ConfigError
 
 CPU = {"device": "cpu", "name": "CPU", "capability": None, "memory_gb": None, "count": 0}
 T4 = {"device": "cuda", "index": 0, "name": "Tesla T4", "capability": [7, 5], "memory_gb": 14.6, "count": 1}
@@ -16,8 +16,8 @@ A100 = {"device": "cuda", "index": 0, "name": "NVIDIA A100", "capability": [8, 0
 
 
 def test_compute_dtype_and_precision_follow_the_hardware():
-    from lib.loading import compute_dtype_name
-    from lib.trainer_args import precision
+    from lib.run.hardware import compute_dtype_name
+    from lib.run.trainer_args import precision
 
     cfg = make_config("t4", overrides={"quant.compute_dtype": "auto", "train.precision": "auto"})
     assert compute_dtype_name(cfg, A100) == "bfloat16" and precision(cfg, A100) == "bf16"
@@ -42,7 +42,7 @@ def test_compute_dtype_and_precision_follow_the_hardware():
 def test_quantization_configs():
     import torch
 
-    from lib.loading import quantization_config
+    from lib.model.loading import quantization_config
 
     q = quantization_config(make_config("tiny"), CPU)
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
@@ -56,7 +56,7 @@ def test_quantization_configs():
 
 
 def test_lora_config_targets():
-    from lib.loading import lora_config
+    from lib.model.loading import lora_config
 
     c = lora_config(make_config("tiny", overrides={"lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.1}))
     assert (c.r, c.lora_alpha, c.lora_dropout, c.bias) == (8, 16, 0.1, "none")
@@ -68,7 +68,7 @@ def test_lora_config_targets():
 
 
 def test_attention_implementation():
-    from lib.loading import attn_implementation
+    from lib.run.hardware import attn_implementation
 
     cfg = make_config("tiny")  # padding-free batching: sdpa run per packed sequence
     assert attn_implementation(cfg, CPU) == "sdpa_packed"
@@ -92,7 +92,7 @@ def _small_llama():
 
 
 def test_memory_estimate_matches_a_hand_computation(monkeypatch):
-    import lib.memory as m
+    import lib.run.memory as m
 
     monkeypatch.setattr(m, "device_info", lambda: CPU)
     cfg = make_config("tiny", overrides={
@@ -135,7 +135,7 @@ def test_memory_estimate_matches_a_hand_computation(monkeypatch):
 def test_memory_estimate_of_a_model_too_large_for_a_t4_suggests_fixes(monkeypatch):
     from transformers import LlamaConfig
 
-    import lib.memory as m
+    import lib.run.memory as m
 
     monkeypatch.setattr(m, "device_info", lambda: CPU)
     seven_b = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -158,7 +158,7 @@ def test_memory_estimate_of_a_model_too_large_for_a_t4_suggests_fixes(monkeypatc
 
 
 def test_unknown_gpu_is_a_config_error():
-    from lib.memory import estimate_memory
+    from lib.run.memory import estimate_memory
 
     with pytest.raises(ConfigError, match="model.gpu"):
         estimate_memory(_small_llama(), make_config("tiny", overrides={"model.gpu": "RTX9090"}))
@@ -175,8 +175,8 @@ def tiny_cfg(session_outputs):
 def test_load_tiny_model_in_4bit_for_training(tiny_cfg):
     import torch
 
-    from lib.loading import add_lora, load_model_and_tokenizer
-    from lib.model import parameter_counts
+    from lib.model.configure import parameter_counts
+    from lib.model.loading import add_lora, load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(tiny_cfg, for_training=True)
     assert model.is_loaded_in_4bit
@@ -216,7 +216,7 @@ def test_gradients_are_the_same_after_an_evaluation(tiny_cfg):
 def test_cpu_bf16_is_detected_and_can_be_overridden(monkeypatch):
     import torch
 
-    from lib.hardware import cpu_bf16, device_info
+    from lib.run.hardware import cpu_bf16, device_info
 
     monkeypatch.delenv("SFT_CPU_BF16", raising=False)
     assert cpu_bf16() == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
@@ -232,7 +232,7 @@ def test_training_load_computes_in_bf16_where_the_cpu_has_it(monkeypatch):
     import torch
     from bitsandbytes.nn import Linear4bit
 
-    from lib.loading import add_lora, load_model_and_tokenizer
+    from lib.model.loading import add_lora, load_model_and_tokenizer
 
     monkeypatch.setenv("SFT_CPU_BF16", "1")
     cfg = make_config("tiny", overrides={"quant.compute_dtype": "auto"})
@@ -249,7 +249,7 @@ def test_training_load_computes_in_bf16_where_the_cpu_has_it(monkeypatch):
 
 
 def test_load_for_inference_is_in_eval_mode(tiny_cfg):
-    from lib.loading import load_model_and_tokenizer
+    from lib.model.loading import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(tiny_cfg, for_training=False)
     assert not model.training and model.is_loaded_in_4bit
@@ -258,9 +258,9 @@ def test_load_for_inference_is_in_eval_mode(tiny_cfg):
 def test_configure_writes_summary_and_config(prepared_run):
     from conftest import copy_run
 
-    from lib.config import load_config
-    from lib.model import adapted_table, configure, model_table
-    from lib.paths import run_paths
+    from lib.model.configure import adapted_table, configure, model_table
+    from lib.run.config import load_config
+    from lib.run.paths import run_paths
 
     run = copy_run(prepared_run, "configure")
     paths = run_paths(run)
@@ -287,8 +287,8 @@ def test_configure_writes_summary_and_config(prepared_run):
 
 
 def test_configure_without_data_names_notebook_01(outputs):
-    from lib.errors import MissingStageError
-    from lib.model import configure
+    from lib.model.configure import configure
+    from lib.run.errors import MissingStageError
 
     with pytest.raises(MissingStageError, match="01_prepare_data"):
         configure("nothing-here")

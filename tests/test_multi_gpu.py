@@ -16,9 +16,9 @@ import sys
 import pytest
 import yaml
 
-from lib.config import make_config
-from lib.errors import ConfigError
-from lib.paths import REPO_ROOT, run_paths
+from lib.run.config import make_config
+from lib.run.errors import ConfigError
+from lib.run.paths import REPO_ROOT, run_paths
 
 A100 = {"device": "cuda", "index": 0, "name": "NVIDIA A100", "capability": [8, 0], "memory_gb": 80.0, "count": 2}
 T4 = {"device": "cuda", "index": 1, "name": "Tesla T4", "capability": [7, 5], "memory_gb": 15.0, "count": 2}
@@ -42,7 +42,7 @@ def test_the_shipped_fsdp_config_is_the_qlora_recipe():
 def test_under_fsdp_4bit_weights_are_stored_in_the_compute_dtype_without_device_map(fsdp, info, dtype):
     import torch
 
-    from lib.loading import _pretrained_kwargs, quantization_config
+    from lib.model.loading import _pretrained_kwargs, quantization_config
 
     cfg = make_config("tiny", overrides={"quant.compute_dtype": "auto"})
     q = quantization_config(cfg, info)
@@ -54,7 +54,7 @@ def test_under_fsdp_4bit_weights_are_stored_in_the_compute_dtype_without_device_
 def test_without_fsdp_the_storage_stays_uint8_on_this_process_gpu(monkeypatch):
     import torch
 
-    from lib.loading import _pretrained_kwargs, quantization_config
+    from lib.model.loading import _pretrained_kwargs, quantization_config
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     cfg = make_config("tiny", overrides={"quant.compute_dtype": "auto"})
@@ -68,7 +68,7 @@ def test_fsdp_loading_on_the_cpu_gives_one_dtype_and_a_frozen_base(fsdp, session
     float32 (the CPU's compute dtype), every tensor float32 (no uint8 for FSDP to refuse), base frozen."""
     import torch
 
-    from lib.model import add_lora, load_model_and_tokenizer
+    from lib.model.loading import add_lora, load_model_and_tokenizer
 
     cfg = make_config("tiny", overrides={"model.gradient_checkpointing": True})
     model, _ = load_model_and_tokenizer(cfg, for_training=True)
@@ -90,7 +90,7 @@ def test_fsdp_loading_on_the_cpu_gives_one_dtype_and_a_frozen_base(fsdp, session
     ({"quant.quant_storage": "uint8", "quant.compute_dtype": "auto"}, A100, "quant.quant_storage=uint8 and quant.compute_dtype=bfloat16 under FSDP"),
 ])
 def test_fsdp_refuses_what_it_cannot_shard_in_one_line(fsdp, overrides, info, words):
-    from lib.trainer_args import check_fsdp
+    from lib.run.trainer_args import check_fsdp
 
     with pytest.raises(ConfigError) as e:
         check_fsdp(make_config("tiny", overrides=overrides), info)
@@ -98,7 +98,7 @@ def test_fsdp_refuses_what_it_cannot_shard_in_one_line(fsdp, overrides, info, wo
 
 
 def test_fsdp_on_the_cpu_stops_before_any_weight_loads(fsdp, prepared_run, capsys, monkeypatch):
-    import lib.loading as loading
+    import lib.model.loading as loading
     from lib.__main__ import main
 
     def no_weights(*a, **kw):
@@ -117,7 +117,7 @@ def test_the_estimate_gives_ddp_and_fsdp_memory_per_gpu():
     48 GB cards hold it; FSDP's share falls with more GPUs, DDP's does not."""
     from transformers import LlamaConfig
 
-    from lib.memory import estimate_memory
+    from lib.run.memory import estimate_memory
 
     llama70b = LlamaConfig(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64,
                            num_key_value_heads=8, vocab_size=128256)

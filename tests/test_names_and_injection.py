@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from lib.__main__ import main
-from lib.config import apply_overrides, make_config
-from lib.errors import ConfigError
-from lib.paths import check_run_name, run_paths
+from lib.run.config import apply_overrides, make_config
+from lib.run.errors import ConfigError
+from lib.run.paths import check_run_name, run_paths
 
 EXAMPLE = "data/examples/alpaca_instruction_response.jsonl"
 
@@ -115,13 +115,13 @@ HOSTILE = [
 def tiny_tok(session_outputs):
     from transformers import AutoTokenizer
 
-    from lib.tiny import tiny_model_path
+    from lib.run.tiny import tiny_model_path
 
     return AutoTokenizer.from_pretrained(tiny_model_path())
 
 
 def _modelfile(tok, system):
-    from lib.ollama import modelfile_text
+    from lib.ship.ollama import modelfile_text
 
     cfg = make_config("tiny", run="demo", overrides={"data.system_prompt": system})
     return modelfile_text("demo-q8_0.gguf", tok, cfg, add_bos=True)
@@ -138,7 +138,7 @@ def test_the_parser_reads_what_ollama_reads():
 @pytest.mark.parametrize("system", HOSTILE)
 def test_a_hostile_system_prompt_never_adds_a_line_to_the_modelfile(tiny_tok, system):
     """Written, it parses back as itself with exactly one FROM; or it is refused in one line."""
-    from lib.ollama import unwritable
+    from lib.ship.ollama import unwritable
 
     if unwritable(system) is not None:
         with pytest.raises(ConfigError, match=r"^data.system_prompt cannot be written into the Ollama Modelfile: "):
@@ -151,7 +151,7 @@ def test_a_hostile_system_prompt_never_adds_a_line_to_the_modelfile(tiny_tok, sy
 
 
 def test_which_hostile_values_are_refused():
-    from lib.ollama import unwritable
+    from lib.ship.ollama import unwritable
 
     refused = [s for s in HOSTILE if unwritable(s)]
     assert refused == HOSTILE[:3]  # only a closing """ at a line end cannot be written; the rest round-trip
@@ -160,8 +160,8 @@ def test_which_hostile_values_are_refused():
 
 
 def test_template_and_stops_round_trip(tiny_tok):
-    from lib.ollama import ollama_template, template_pieces
-    from lib.templates import stop_token_ids
+    from lib.data.templates import stop_token_ids
+    from lib.ship.ollama import ollama_template, template_pieces
 
     commands = parse_modelfile(_modelfile(tiny_tok, "Be brief."))
     stops = [v for c, v in commands if c == "stop"]
@@ -171,16 +171,16 @@ def test_template_and_stops_round_trip(tiny_tok):
 
 
 def test_a_stop_token_that_cannot_be_written_is_refused(tiny_tok, monkeypatch):
-    import lib.ollama
+    import lib.ship.ollama
 
-    monkeypatch.setattr(lib.ollama, "stop_token_ids", lambda tok: [0])
+    monkeypatch.setattr(lib.ship.ollama, "stop_token_ids", lambda tok: [0])
     monkeypatch.setattr(type(tiny_tok), "convert_ids_to_tokens", lambda self, ids: ['<"end">\n'])
     with pytest.raises(ConfigError, match="stop token '<\"end\">\\\\n' cannot be written"):
         _modelfile(tiny_tok, None)
 
 
 def test_export_refuses_an_unwritable_system_prompt_before_any_work(monkeypatch):
-    from lib import export
+    from lib.ship import export
 
     cfg = make_config("tiny", run="demo", overrides={"data.system_prompt": HOSTILE[0]})
     monkeypatch.setattr(export, "load_config", lambda path: cfg)

@@ -3,7 +3,7 @@ the configuration's help texts, run cells pass the parameters through one functi
 settings table shows the values a stage will use.
 
 The rule checked here: a parameter named SECTION_KEY is the key `section.key` and its comment is
-exactly `field_help()[section.key]` (lib/config.py is the single source of each knob's trade-off);
+exactly `field_help()[section.key]` (lib/run/config.py is the single source of each knob's trade-off);
 any other parameter is a notebook-only knob (it starts with no section name) with a comment of its own.
 """
 
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from lib.config import ConfigError, field_help, make_config
 from lib.notebook import SECTIONS, notebook_overrides, parameter_key, settings_table
+from lib.run.config import field_help, make_config
+from lib.run.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -53,7 +54,7 @@ def test_parameters_are_config_keys_with_their_help_text(path):
         if key is None:
             continue  # notebook-only knob (RUN_NAME, RETRAIN, ...): its comment is its own
         assert key in helps, f"{path.name}: {name} names no configuration key ({key})"
-        assert comment == helps[key], f"{path.name}: {name}: the comment must be lib/config.py's help for {key}"
+        assert comment == helps[key], f"{path.name}: {name}: the comment must be lib/run/config.py's help for {key}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -1,4 +1,4 @@
-"""Out of memory (lib/oom.py): batches that back off give the results of the smaller batch, and a stage that
+"""Out of memory (lib/model/oom.py): batches that back off give the results of the smaller batch, and a stage that
 runs out stops with one message (where, peak vs card, three settings for this run, the checkpoint kept).
 The error is injected on the CPU as torch raises it on a GPU: torch.OutOfMemoryError from inside forward."""
 
@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 
-from lib.config import make_config
-from lib.errors import OutOfMemoryError
-from lib.paths import REPO_ROOT, run_paths
+from lib.run.config import make_config
+from lib.run.errors import OutOfMemoryError
+from lib.run.paths import REPO_ROOT, run_paths
 
 
 class OOMAbove:
@@ -36,7 +36,7 @@ def tuned(session_outputs):
     """The tiny 4-bit model with random LoRA adapters, eval mode, and 12 eval conversations."""
     from conftest import tiny_lora_model
 
-    from lib.examples import prepare_examples
+    from lib.data.examples import prepare_examples
 
     model, tok = tiny_lora_model(make_config("tiny"))
     model.eval()
@@ -58,7 +58,7 @@ def error_line(capsys) -> str:
 def test_is_oom_knows_torch_out_of_memory_and_nothing_else():
     import torch
 
-    from lib.oom import in_batches, is_oom
+    from lib.model.oom import in_batches, is_oom
 
     assert is_oom(torch.OutOfMemoryError("x")) and is_oom(torch.cuda.OutOfMemoryError("x"))
     assert is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
@@ -75,7 +75,7 @@ def test_is_oom_knows_torch_out_of_memory_and_nothing_else():
 
 
 def test_perplexity_backs_off_to_the_result_of_the_smaller_batch(tuned):
-    from lib.scoring import perplexity
+    from lib.evaluate.scoring import perplexity
 
     model, tok, examples = tuned
     reference = perplexity(model, tok, examples, batch_size=2, max_length=256, progress=False)
@@ -92,7 +92,7 @@ def test_perplexity_backs_off_to_the_result_of_the_smaller_batch(tuned):
 
 
 def test_generation_backs_off_to_the_same_greedy_tokens(tuned):
-    from lib.generation import eval_conversations, generate_answers
+    from lib.model.generation import eval_conversations, generate_answers
 
     model, tok, examples = tuned
     convs = [c for _, c, _ in eval_conversations(examples)][:6]
@@ -125,7 +125,7 @@ def test_evaluation_at_a_batch_of_one_stops_with_the_message(trained_run, monkey
     """Even a batch of 1 runs out: one line from the CLI, exit 3, the stage and batch named, nothing written."""
     from conftest import copy_run
 
-    import lib.evaluate as evaluate
+    import lib.evaluate.evaluation as evaluate
     from lib.__main__ import main
 
     run = copy_run(trained_run, "oom-eval")
@@ -156,12 +156,12 @@ def test_out_of_memory_in_training_keeps_the_checkpoint_and_resumes(prepared_run
     from conftest import copy_run
     from transformers import TrainerCallback
 
-    import lib.train as train
+    import lib.train.training as train
     from lib.__main__ import main
-    from lib.checkpoints import checkpoint_problem
-    from lib.config import load_config
-    from lib.loading import load_model_config
-    from lib.memory import estimate_memory, ranked_changes
+    from lib.run.config import load_config
+    from lib.run.memory import estimate_memory, ranked_changes
+    from lib.run.realmodel import load_model_config
+    from lib.train.checkpoints import checkpoint_problem
 
     class FillTheCardAtStep8(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kw):
@@ -201,7 +201,7 @@ def test_out_of_memory_in_training_keeps_the_checkpoint_and_resumes(prepared_run
 def test_out_of_memory_in_the_merge_names_the_cpu_merge(trained_run, monkeypatch, capsys):
     from conftest import copy_run
 
-    import lib.merge as merge
+    import lib.ship.merge as merge
     from lib.__main__ import main
 
     run = copy_run(trained_run, "oom-merge")
@@ -225,7 +225,7 @@ def test_out_of_memory_in_the_merge_names_the_cpu_merge(trained_run, monkeypatch
 def test_a_stage_block_turns_out_of_memory_into_the_project_error_and_leaves_others():
     import torch
 
-    from lib.oom import out_of_memory
+    from lib.model.oom import out_of_memory
 
     cfg = make_config("tiny", overrides={"generation.max_new_tokens": 40})
     with pytest.raises(OutOfMemoryError) as e:

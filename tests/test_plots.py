@@ -1,4 +1,4 @@
-"""Plots (lib/plots.py): real PNGs from a trained run, and runs with one step, no eval, no log."""
+"""Plots (lib/evaluate/plots.py): real PNGs from a trained run, and runs with one step, no eval, no log."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 from conftest import copy_run
 from matplotlib.image import imread
 
-from lib.errors import MissingStageError, SFTError
-from lib.figures import PANELS, load_inputs, token_length_histogram
-from lib.paths import run_paths
-from lib.plots import run_plots
+from lib.evaluate.plots import run_plots
+from lib.run.errors import MissingStageError, SFTError
+from lib.run.figures import PANELS, load_inputs, token_length_histogram
+from lib.run.paths import run_paths
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

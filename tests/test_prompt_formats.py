@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from lib.errors import ConfigError, DataError
-from lib.prompts import render_prompt
-from lib.templates import apply_prompt_format, stop_token_ids
-from lib.tokenization import IGNORE_INDEX, encode_example
+from lib.data.prompts import render_prompt
+from lib.data.templates import apply_prompt_format, stop_token_ids
+from lib.data.tokenization import IGNORE_INDEX, encode_example
+from lib.run.errors import ConfigError, DataError
 
 CONV = {"messages": [{"role": "user", "content": "What is 2+2? Is it 4?"}, {"role": "assistant", "content": "4"},
                      {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6"}]}
@@ -20,7 +20,7 @@ def base_tokenizer(session_outputs):
     """The tiny tokenizer with its chat template removed: a base model's."""
     from transformers import AutoTokenizer
 
-    from lib.tiny import tiny_model_path
+    from lib.run.tiny import tiny_model_path
 
     tok = AutoTokenizer.from_pretrained(tiny_model_path())
     tok.chat_template = None
@@ -66,17 +66,17 @@ def test_custom_jinja_and_a_bad_value(base_tokenizer):
 
 
 def test_config_rejects_an_unknown_prompt_format():
-    from lib.config import make_config
+    from lib.run.config import make_config
 
     with pytest.raises(ConfigError, match="data.prompt_format"):
         make_config("tiny", overrides=["data.prompt_format=vicuna"])
 
 
 def test_prompt_format_is_saved_in_the_run_and_used_by_the_tokenizer(outputs):
-    from lib.config import load_config
-    from lib.data import run_prepare, tokenizer_with_template_flag
-    from lib.paths import run_paths
-    from lib.templates import PROMPT_FORMATS
+    from lib.data.prepare import run_prepare, tokenizer_with_template_flag
+    from lib.data.templates import PROMPT_FORMATS
+    from lib.run.config import load_config
+    from lib.run.paths import run_paths
 
     report = run_prepare("qa", "data/examples/socratic_dialogues.json", profile="tiny",
                          overrides=["data.prompt_format=qa"])
@@ -98,7 +98,7 @@ NO_STOP = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['
 
 
 def test_answers_without_a_stop_token_stop_prepare_unless_allowed(outputs, tmp_path):
-    from lib.data import run_prepare
+    from lib.data.prepare import run_prepare
 
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
             for i in range(4)]
@@ -117,7 +117,7 @@ GEMMA_LIKE = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_e
 
 
 def test_a_refused_system_message_is_folded_and_reported(outputs, tmp_path):
-    from lib.data import run_prepare
+    from lib.data.prepare import run_prepare
 
     rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"q{i}"},
                           {"role": "assistant", "content": f"a{i}"}]} for i in range(4)]
@@ -128,7 +128,7 @@ def test_a_refused_system_message_is_folded_and_reported(outputs, tmp_path):
 
 
 def test_a_refusing_template_is_one_line_naming_the_record(outputs, tmp_path):
-    from lib.data import run_prepare
+    from lib.data.prepare import run_prepare
 
     strict = ("{% for m in messages %}{% if m['role'] == 'user' and loop.index0 % 2 != 0 %}"
               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"

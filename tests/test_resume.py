@@ -12,7 +12,7 @@ import pytest
 from test_adapters import _stop_at, _tensors  # a KeyboardInterrupt after a step; an adapter's tensors
 from test_train import _fresh_copy  # a copy of the prepared run without any training in it
 
-from lib.paths import run_paths
+from lib.run.paths import run_paths
 
 # A few steps, a checkpoint every two: steps 2 and 4 are saved, 4 the last.
 SHORT = ["train.save_steps=2", "train.eval_steps=2", "train.logging_steps=1", "train.save_total_limit=3"]
@@ -21,7 +21,7 @@ SHORT = ["train.save_steps=2", "train.eval_steps=2", "train.logging_steps=1", "t
 @pytest.fixture(scope="module")
 def interrupted(prepared_run):
     """A run killed at step 3 of 4: checkpoint-2 saved with the tiny profile's settings, no adapter."""
-    from lib.train import run_train
+    from lib.train.training import run_train
 
     run = _fresh_copy(prepared_run, "interrupted")
     with pytest.raises(KeyboardInterrupt):
@@ -40,8 +40,8 @@ def test_a_kill_while_the_adapter_is_saved_resumes_to_the_same_adapter(prepared_
     checkpoint at the last step, with max_steps or with a fraction of an epoch, is the end of training)."""
     import torch
 
-    import lib.train
-    from lib.train import run_train
+    import lib.train.training
+    from lib.train.training import run_train
 
     tag = length.split(".")[1].split("=")[0]
     reference = _fresh_copy(prepared_run, f"exact-{tag}")
@@ -52,7 +52,7 @@ def test_a_kill_while_the_adapter_is_saved_resumes_to_the_same_adapter(prepared_
         raise KeyboardInterrupt  # the process dies as the adapter is moved in
 
     with monkeypatch.context() as m:
-        m.setattr(lib.train, "replace", killed)
+        m.setattr(lib.train.training, "replace", killed)
         with pytest.raises(KeyboardInterrupt):
             run_train(run, overrides=[*SHORT, length])
     paths = run_paths(run)
@@ -102,8 +102,8 @@ def test_resuming_with_a_setting_that_shapes_the_checkpoint_is_refused(interrupt
 
 
 def test_the_batch_may_be_split_differently_but_not_resized(interrupted, capsys):
-    from lib.checkpoints import resume_problem
-    from lib.config import apply_overrides, load_config
+    from lib.run.config import apply_overrides, load_config
+    from lib.train.checkpoints import resume_problem
 
     cfg = load_config(run_paths(interrupted).config)
     split = ["train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=2"]
@@ -123,13 +123,13 @@ def test_prepare_with_another_rank_on_the_same_data_is_refused_until_put_back(in
     resumes once it is put back."""
     from conftest import FAST_TRAIN, SAMPLE, copy_run
 
-    from lib.data import run_prepare
+    from lib.data.prepare import run_prepare
 
     run = copy_run(interrupted, "reprepared")
     run_prepare(run, str(SAMPLE), profile="tiny", overrides=[*FAST_TRAIN, *SHORT, "train.max_steps=4", "lora.r=8"])
     line = _refused(run, ["train"], capsys)
     assert line.startswith("error: lora.r: checkpoint-2 was trained with lora.r=16, not 8; put it back")
-    from lib.train import run_train
+    from lib.train.training import run_train
 
     summary = run_train(run, overrides=["lora.r=16"])
     assert summary["resumed_from"] == "checkpoint-2" and summary["global_step"] == 4
@@ -138,7 +138,7 @@ def test_prepare_with_another_rank_on_the_same_data_is_refused_until_put_back(in
 def test_a_checkpoint_whose_step_is_not_its_own_is_skipped(interrupted, tmp_path):
     """A hand-edited global_step (1,000,000) is damage: the checkpoint is skipped with a warning, never
     reported as trained; the folder's number, the state's max_steps and the scheduler's count all say so."""
-    from lib.checkpoints import CheckpointWarning, checkpoint_problem, last_checkpoint
+    from lib.train.checkpoints import CheckpointWarning, checkpoint_problem, last_checkpoint
 
     def edited(name, **changes):
         ck = tmp_path / name
@@ -164,8 +164,8 @@ def test_a_checkpoint_whose_step_is_not_its_own_is_skipped(interrupted, tmp_path
 def test_a_run_whose_checkpoint_claims_a_million_steps_trains_from_the_start(interrupted):
     from conftest import copy_run
 
-    from lib.checkpoints import CheckpointWarning
-    from lib.train import run_train
+    from lib.train.checkpoints import CheckpointWarning
+    from lib.train.training import run_train
 
     run = copy_run(interrupted, "million")
     state = run_paths(run).checkpoints / "checkpoint-2" / "trainer_state.json"
@@ -194,9 +194,9 @@ def test_the_stages_that_load_the_adapter_refuse_another_base(trained_run, smol_
     to load the adapter on it."""
     from conftest import copy_run
 
-    from lib.chat import load_session
-    from lib.config import apply_overrides, load_config, save_config
-    from lib.errors import ConfigError
+    from lib.run.config import apply_overrides, load_config, save_config
+    from lib.run.errors import ConfigError
+    from lib.ship.chat import load_session
 
     run = copy_run(trained_run, "other-base")
     paths = run_paths(run)

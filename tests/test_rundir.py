@@ -1,4 +1,4 @@
-"""Run-directory integrity (lib/rundir.py): one writer per run, atomic stage outputs, stale results
+"""Run-directory integrity (lib/run/rundir.py): one writer per run, atomic stage outputs, stale results
 refused, damaged files named, leftovers of killed stages removed, non-finite training resumable.
 
 Every case drives the real stages (the tiny model, real processes for the lock)."""
@@ -16,8 +16,8 @@ import pytest
 from conftest import SAMPLE, copy_run
 
 from lib.__main__ import main
-from lib.paths import REPO_ROOT, run_paths
-from lib.rundir import RunDirError, lock_path, run_lock
+from lib.run.paths import REPO_ROOT, run_paths
+from lib.run.rundir import RunDirError, lock_path, run_lock
 
 
 def _one_error_line(capsys) -> str:
@@ -35,7 +35,7 @@ def _one_error_line(capsys) -> str:
 
 def _hold_lock(run: str):
     """Another real process that takes the run's lock and keeps it until killed."""
-    code = ("import sys, time; from lib.paths import run_paths; from lib.rundir import run_lock\n"
+    code = ("import sys, time; from lib.run.paths import run_paths; from lib.run.rundir import run_lock\n"
             f"with run_lock(run_paths({run!r}), 'train'):\n"
             "    print('locked', flush=True); time.sleep(600)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -90,8 +90,8 @@ def _prepared_files(paths) -> dict:
 @pytest.mark.parametrize("killed_at", [0, 1, 2, 3])
 def test_a_prepare_killed_between_its_moves_is_refused_not_mixed(outputs, killed_at, monkeypatch, capsys):
     """Re-prepare with another split dies at each of its four moves; train refuses what it left."""
-    import lib.rundir as rundir
-    from lib.data import run_prepare
+    import lib.run.rundir as rundir
+    from lib.data.prepare import run_prepare
 
     run_prepare("half", str(SAMPLE), profile="tiny", overrides=["data.seed=1"])
     paths = run_paths("half")
@@ -123,13 +123,13 @@ def test_a_prepare_killed_between_its_moves_is_refused_not_mixed(outputs, killed
     assert not paths.adapter.exists() and not paths.checkpoints.exists()
 
     run_prepare("half", str(SAMPLE), profile="tiny", overrides=["data.seed=2"])  # rerun: consistent again
-    from lib.rundir import fingerprint
+    from lib.run.rundir import fingerprint
 
     assert fingerprint(paths, "prepare") is not None
 
 
 def test_a_prepared_file_changed_afterwards_is_named(outputs, capsys):
-    from lib.data import run_prepare
+    from lib.data.prepare import run_prepare
 
     run_prepare("edited", str(SAMPLE), profile="tiny")
     paths = run_paths("edited")
@@ -167,7 +167,7 @@ def test_a_damaged_training_result_is_one_line_naming_the_file_and_train(trained
 @pytest.mark.parametrize("how", ["truncated", "garbage", "empty"])
 @pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt"])
 def test_a_damaged_optimizer_or_scheduler_state_skips_the_checkpoint(trained_run, tmp_path, name, how):
-    from lib.checkpoints import CheckpointWarning, checkpoint_problem, last_checkpoint
+    from lib.train.checkpoints import CheckpointWarning, checkpoint_problem, last_checkpoint
 
     found = sorted(run_paths(trained_run).checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     older, newer = found[-2], found[-1]
@@ -192,8 +192,8 @@ def test_a_damaged_optimizer_or_scheduler_state_skips_the_checkpoint(trained_run
 def test_results_of_an_earlier_adapter_are_refused_after_retrain(outputs, capsys):
     """The pipeline stops at a failed merge gate (exit 1); after `train --retrain` plot, the eval
     tables and chat --merged refuse the old results until the stage that makes them runs again."""
-    from lib.evaluate import metrics_table
-    from lib.figures import load_inputs
+    from lib.evaluate.evaluation import metrics_table
+    from lib.run.figures import load_inputs
 
     run = "retrained"
     quick = ["train.max_steps=4", "train.eval_steps=2", "train.save_steps=2", "train.logging_steps=1",
@@ -247,8 +247,8 @@ def test_a_checkpoint_whose_weights_blew_up_is_not_kept(prepared_run):
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
-    from lib.errors import TrainingError
-    from lib.train import run_train
+    from lib.run.errors import TrainingError
+    from lib.train.training import run_train
 
     class BlowUp(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kw):

@@ -11,12 +11,12 @@ import pytest
 from conftest import BAD_RANGES, SAMPLE, copy_run
 
 from lib.__main__ import main
-from lib.errors import ConfigError
-from lib.paths import run_paths
+from lib.run.errors import ConfigError
+from lib.run.paths import run_paths
 
 REPO = Path(__file__).resolve().parent.parent
 
-RANGES = BAD_RANGES  # refused by the ranges in lib/config.py: every stage
+RANGES = BAD_RANGES  # refused by the ranges in lib/run/config.py: every stage
 # Refused by what training needs (the model's layers, transformers' names): the stages that save config.yaml.
 TRAINING = [
     ("lora.target_modules=bogus", "lora.target_modules: bogus not in this model; its linear layers are "),
@@ -75,7 +75,7 @@ def test_a_later_plain_train_still_works_after_a_refused_override(run, capsys):
 
 
 def test_notebook_02_update_config_checks_before_saving(run):
-    from lib.model import update_config
+    from lib.model.configure import update_config
 
     before = run_paths(run).config.read_bytes()
     with pytest.raises(ConfigError, match="lora.target_modules: bogus not in this model"):

@@ -18,12 +18,12 @@ import json
 import pytest
 
 from lib.__main__ import main
-from lib.data import run_prepare
-from lib.errors import SFTError
-from lib.examples import prepare_examples
-from lib.paths import run_paths
-from lib.readers import read_examples
-from lib.tokenization import IGNORE_INDEX, encode_example
+from lib.data.examples import prepare_examples
+from lib.data.prepare import run_prepare
+from lib.data.readers import read_examples
+from lib.data.tokenization import IGNORE_INDEX, encode_example
+from lib.run.errors import SFTError
+from lib.run.paths import run_paths
 
 
 def U(c):
@@ -260,7 +260,7 @@ def check_labels(tok, eot: str, example: dict, enc: dict | None = None):
 def tiny_tok(session_outputs):
     from transformers import AutoTokenizer
 
-    from lib.tiny import tiny_model_path
+    from lib.run.tiny import tiny_model_path
 
     return AutoTokenizer.from_pretrained(tiny_model_path())
 
@@ -288,7 +288,7 @@ def test_oracle_catches_a_weight_0_answer_that_is_trained(tiny_tok):
 
 
 def test_weights_reach_the_audit_and_the_preview(tmp_path, outputs):
-    from lib.data import preview
+    from lib.data.prepare import preview
 
     records = SHAPES["slimorca_weights"][0] * 2
     report = run_prepare("weights", str(_write(tmp_path, records)), overrides=["data.eval_fraction=0"])
@@ -299,7 +299,7 @@ def test_weights_reach_the_audit_and_the_preview(tmp_path, outputs):
 
 
 def test_field_table_reports_every_field(tmp_path, outputs):
-    from lib.audit import fields_table
+    from lib.data.audit import fields_table
 
     records = SHAPES["openhermes_sharegpt"][0] * 3
     records[0] = dict(records[0], title="A leaf question")  # text in 1 of 3 records: a warning, not a stop
@@ -330,7 +330,7 @@ def test_columns_are_set_from_the_cli_and_saved(tmp_path, outputs):
                  "data.columns={prompt: q, input: passage, response: a, system: persona}",
                  "--set", "data.eval_fraction=0"])
     assert code == 0
-    from lib.config import load_config
+    from lib.run.config import load_config
 
     cfg = load_config(run_paths("cols").config)
     assert cfg.data.columns == opts["columns"] and cfg.data.format == "columns"
@@ -428,8 +428,8 @@ def test_cli_refusal_exits_2_and_writes_nothing(tmp_path, outputs, capsys):
 
 
 def test_config_formats_are_the_shapes():
-    from lib.formats import FORMATS
-    from lib.settings import CHOICES
+    from lib.data.formats import FORMATS
+    from lib.run.settings import CHOICES
 
     assert CHOICES["data.format"] == ["auto", *FORMATS]
 
@@ -450,7 +450,7 @@ def test_ultrafeedback_read_as_messages_once_rejected_is_ignored(tmp_path):
 
 
 def test_columns_from_the_command_line_in_every_spelling():
-    from lib.config import make_config
+    from lib.run.config import make_config
 
     for text in ("prompt=q,response=a", "{prompt: q, response: a}", '{"prompt": "q", "response": "a"}'):
         assert make_config("tiny", overrides=[f"data.columns={text}"]).data.columns == {"prompt": "q", "response": "a"}

@@ -6,7 +6,7 @@ token it writes after earlier answers and after the final one. Each template is 
 tokenizer with those special tokens added (so they tokenize atomically), and on SmolLM2's real
 tokenizer; stress conversations (answers repeated in the prompt, short answers, empty answers,
 whitespace, system messages, 3+ turns, CJK, reasoning blocks) are encoded with
-lib.tokenization and compared token by token with the oracle below, which uses none of the
+lib.data.tokenization and compared token by token with the oracle below, which uses none of the
 project's code: it finds each answer by rendering the conversation with the answer replaced by
 a character it does not contain and diffing, takes the stop token from the template's data file,
 and maps characters to tokens through the tokenizer's offsets. Every template x case is either
@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from conftest import render_diff
 
-from lib.templates import stop_token_ids
-from lib.tokenization import IGNORE_INDEX, TemplateError, encode_example, split_for_template
+from lib.data.templates import TemplateError, stop_token_ids
+from lib.data.tokenization import IGNORE_INDEX, encode_example, split_for_template
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 SPECS = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(TEMPLATE_DIR.glob("*.json"))}
@@ -70,7 +70,7 @@ def with_template(base, spec):
 def tiny_base(session_outputs):
     from transformers import AutoTokenizer
 
-    from lib.tiny import tiny_model_path
+    from lib.run.tiny import tiny_model_path
 
     return AutoTokenizer.from_pretrained(tiny_model_path())
 

@@ -7,7 +7,7 @@ import hashlib
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from lib import tiny
+from lib.run import tiny
 
 
 def _digest(path):
@@ -23,7 +23,7 @@ def test_build_is_deterministic(tmp_path):
 
 
 def test_cached_and_loaded_by_path():
-    from lib.realmodel import resolve_model
+    from lib.run.realmodel import resolve_model
 
     path = tiny.tiny_model_path()
     assert tiny.tiny_model_path() == path and resolve_model("tiny") == str(path)

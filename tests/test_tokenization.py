@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from lib.templates import end_of_turn_token, stop_token_ids
-from lib.tokenization import IGNORE_INDEX, encode_example
+from lib.data.templates import end_of_turn_token, stop_token_ids
+from lib.data.tokenization import IGNORE_INDEX, encode_example
 
 CHATML = (  # Qwen2.5-style: a default system message, no generation markers
     "{%- if messages[0]['role'] != 'system' %}"
@@ -44,7 +44,7 @@ TEMPLATES = {
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer_path(session_outputs):
-    from lib.tiny import tiny_model_path
+    from lib.run.tiny import tiny_model_path
 
     return tiny_model_path()
 
@@ -64,8 +64,8 @@ def templated(request, tiny_tokenizer_path):
 
 @pytest.fixture(scope="module")
 def multi_turn_examples():
-    from lib.examples import prepare_examples
-    from lib.paths import REPO_ROOT
+    from lib.data.examples import prepare_examples
+    from lib.run.paths import REPO_ROOT
 
     out = []
     for name in ("socratic_dialogues.json", "sharegpt_conversations.jsonl"):
@@ -115,10 +115,10 @@ def test_trained_spans_are_the_assistant_answers_plus_end_of_turn(templated, mul
 
 def test_prepared_examples_of_the_pipeline(prepared_run):
     """The run's own train.jsonl (made by run_prepare), tokenized as training does."""
-    from lib.config import load_config
-    from lib.loading import load_tokenizer
-    from lib.paths import run_paths
-    from lib.readers import read_examples
+    from lib.data.readers import read_examples
+    from lib.data.tokenizer import load_tokenizer
+    from lib.run.config import load_config
+    from lib.run.paths import run_paths
 
     paths = run_paths(prepared_run)
     cfg = load_config(paths.config)

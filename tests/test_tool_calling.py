@@ -4,7 +4,7 @@ The real templates of tests/templates/*.json (Qwen2.5, Qwen3, QwQ, Llama 3.1/3.2
 Mistral-Nemo, Mistral-Small-3.2, Granite 3.0/3.3, DeepSeek-R1, DeepSeek-V3.1, SmolLM2, Hermes 3, Command R7B,
 SmolLM3, Baichuan 2, ChatGLM2, RWKV World) render
 conversations with tools, tool calls, tool results and reasoning. Each is put on the tiny tokenizer
-(its special tokens added) and on SmolLM2's real one, and lib.tokenization's labels are compared
+(its special tokens added) and on SmolLM2's real one, and lib.data.tokenization's labels are compared
 token by token with the oracle below, which uses none of the project's code: it finds a tool call
 by rendering the conversation with a different call and diffing, a text answer by rendering it with
 the answer replaced, takes the stop token from the template's data file (and, for a tool call,
@@ -26,9 +26,9 @@ import re
 import pytest
 from conftest import render_diff
 
-from lib.errors import SFTError
-from lib.templates import TemplateError, stop_token_ids
-from lib.tokenization import IGNORE_INDEX, encode_example, split_for_template
+from lib.data.templates import TemplateError, stop_token_ids
+from lib.data.tokenization import IGNORE_INDEX, encode_example, split_for_template
+from lib.run.errors import SFTError
 from tests.test_templates import SPECS, with_template
 
 TOOLS = [{"type": "function", "function": {
@@ -156,7 +156,7 @@ OUTCOMES = {
 def tiny_base(session_outputs):
     from transformers import AutoTokenizer
 
-    from lib.tiny import tiny_model_path
+    from lib.run.tiny import tiny_model_path
 
     return AutoTokenizer.from_pretrained(tiny_model_path())
 
@@ -429,7 +429,7 @@ def _write(tmp_path, records):
 
 
 def test_glaive_sharegpt_becomes_openai_messages(tmp_path):
-    from lib.data import prepare_examples
+    from lib.data.examples import prepare_examples
 
     p = prepare_examples(str(_write(tmp_path, [GLAIVE])), eval_fraction=0.0)
     assert p.format == "sharegpt"
@@ -440,7 +440,7 @@ def test_glaive_sharegpt_becomes_openai_messages(tmp_path):
 
 
 def test_openai_tool_record_is_kept_whole(tmp_path):
-    from lib.data import prepare_examples
+    from lib.data.examples import prepare_examples
 
     p = prepare_examples(str(_write(tmp_path, [OPENAI])), eval_fraction=0.0)
     m = p.train[0]["messages"]
@@ -452,8 +452,8 @@ def test_openai_tool_record_is_kept_whole(tmp_path):
 
 
 def test_prepare_refuses_tools_on_a_template_without_them_and_writes_nothing(tmp_path, outputs):
-    from lib.data import run_prepare
-    from lib.paths import run_paths
+    from lib.data.prepare import run_prepare
+    from lib.run.paths import run_paths
 
     with pytest.raises(SFTError) as e:
         run_prepare("tools", str(_write(tmp_path, [GLAIVE, GLAIVE])), overrides=["data.eval_fraction=0"])
@@ -464,16 +464,16 @@ def test_prepare_refuses_tools_on_a_template_without_them_and_writes_nothing(tmp
 
 def test_prepare_trains_a_tool_set_through_a_tool_template(tmp_path, outputs):
     """The whole stage on SmolLM2 with data.prompt_format set to Qwen2.5's template (which renders tools)."""
-    from lib.data import run_prepare
-    from lib.paths import run_paths
-    from lib.readers import read_examples
+    from lib.data.prepare import run_prepare
+    from lib.data.readers import read_examples
+    from lib.run.paths import run_paths
 
     template = SPECS["qwen2.5"]["chat_template"]
     opts = ["data.eval_fraction=0", "model.name_or_path=smol", f"data.prompt_format={template}"]
     report = run_prepare("glaive", str(_write(tmp_path, [GLAIVE, GLAIVE])), overrides=opts)
     assert report["counts"]["train"] == 2
     assert read_examples(run_paths("glaive").train_data)[0]["messages"] == GLAIVE_MESSAGES
-    from lib.data import preview
+    from lib.data.prepare import preview
 
     shown = preview("glaive")  # the tool-calling example, its call and answer marked, the tool result not
     assert '«<tool_call>\n{"name": "search_recipes"' in shown and "«{\"recipes\"" not in shown, shown

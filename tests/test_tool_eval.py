@@ -1,6 +1,6 @@
 """Tool calls in the audit, the preview, chat and evaluation: counted, marked, shown, scored.
 
-Generated calls are read in each template's own syntax (lib/toolcalls.py); the audit counts tool calls,
+Generated calls are read in each template's own syntax (lib/data/toolcalls.py); the audit counts tool calls,
 tool results and reasoning blocks and the share of trained tokens in each, on the tiny tokenizer with
 Qwen2.5's real template (tests/templates/qwen2.5.json).
 """
@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from lib.errors import SFTError
-from lib.toolcalls import load_tools, parse_tool_call, reference_name, tool_call_metrics
+from lib.data.toolcalls import load_tools, parse_tool_call, reference_name, tool_call_metrics
+from lib.run.errors import SFTError
 from tests.test_templates import SPECS, with_template
 from tests.test_tool_calling import TOOLS, A, U, call
 
@@ -56,7 +56,7 @@ def test_load_tools_from_a_file_or_a_list(tmp_path):
 
 
 def test_eval_prompt_ends_before_the_first_call():
-    from lib.prompts import prompt_messages
+    from lib.data.prompts import prompt_messages
 
     msgs = [U("Weather in Oslo?"), A("", tool_calls=[call("get_weather", {"city": "Oslo"}, "call00001")]),
             {"role": "tool", "content": "8", "tool_call_id": "call00001"}, A("8 degrees.")]
@@ -69,13 +69,13 @@ def test_eval_prompt_ends_before_the_first_call():
 def qwen_tiny(session_outputs):
     from transformers import AutoTokenizer
 
-    from lib.tiny import tiny_model_path
+    from lib.run.tiny import tiny_model_path
 
     return with_template(AutoTokenizer.from_pretrained(tiny_model_path()), SPECS["qwen2.5"])
 
 
 def test_generation_prompts_carry_each_records_tools(qwen_tiny):
-    from lib.generation import eval_conversations, eval_tools, prompt_ids
+    from lib.model.generation import eval_conversations, eval_tools, prompt_ids
 
     examples = [{"messages": [U("Weather in Oslo?"), A("", tool_calls=[call("get_weather", {"city": "Oslo"}, "c")])],
                  "tools": TOOLS}, {"messages": [U("Hi"), A("Hello")]}]
@@ -88,8 +88,8 @@ def test_generation_prompts_carry_each_records_tools(qwen_tiny):
 
 def test_audit_counts_calls_results_reasoning_and_their_trained_tokens(qwen_tiny, tmp_path):
     from bench.tool_calling import make_records
-    from lib.audit import audit, audit_table, split_for_template
-    from lib.examples import prepare_examples
+    from lib.data.audit import audit, audit_table, split_for_template
+    from lib.data.examples import prepare_examples
 
     records = make_records(6)
     records[0]["messages"][3] = A("It is warm.", reasoning_content="The tool says so.")
@@ -108,7 +108,7 @@ def test_audit_counts_calls_results_reasoning_and_their_trained_tokens(qwen_tiny
 
 
 def test_chat_refuses_tools_where_the_template_renders_none(smol_tokenizer, qwen_tiny):
-    from lib.chat import check_tools, describe_call
+    from lib.ship.chat import check_tools, describe_call
 
     with pytest.raises(SFTError, match="does not render tools") as e:
         check_tools(smol_tokenizer, TOOLS)

@@ -13,9 +13,9 @@ import sys
 
 import pytest
 
-from lib.config import make_config
-from lib.errors import ConfigError, MissingStageError, TrainingError
-from lib.paths import REPO_ROOT, run_paths
+from lib.run.config import make_config
+from lib.run.errors import ConfigError, MissingStageError, TrainingError
+from lib.run.paths import REPO_ROOT, run_paths
 
 
 def _adapter_tensors(folder):
@@ -56,7 +56,7 @@ def lora_model(session_outputs):
 
 @pytest.fixture(scope="module")
 def some_examples():
-    from lib.examples import prepare_examples
+    from lib.data.examples import prepare_examples
 
     prepared = prepare_examples(str(REPO_ROOT / "data" / "examples" / "socratic_dialogues.json"), eval_fraction=0.0)
     return prepared.train[:6]
@@ -72,9 +72,9 @@ def _loss(model, batch):
 def test_padding_free_batch_has_the_loss_of_padded_batches(lora_model, some_examples):
     import torch
 
-    from lib.config import apply_overrides
-    from lib.train import encode_dataset
-    from lib.trainer import build_collator
+    from lib.run.config import apply_overrides
+    from lib.train.trainer import build_collator
+    from lib.train.training import encode_dataset
 
     cfg, model, tok = lora_model
     ds = encode_dataset(tok, some_examples, max_length=cfg.train.max_length)
@@ -107,7 +107,7 @@ def test_padding_free_batch_has_the_loss_of_padded_batches(lora_model, some_exam
 
 
 def test_encode_dataset_drops_examples_without_trained_tokens(lora_model):
-    from lib.train import encode_dataset
+    from lib.train.training import encode_dataset
 
     _, _, tok = lora_model
     long_prompt = {"messages": [{"role": "user", "content": "why " * 300}, {"role": "assistant", "content": "Why?"}]}
@@ -120,9 +120,9 @@ def test_encode_dataset_drops_examples_without_trained_tokens(lora_model):
 def test_the_batch_view_marks_exactly_the_trained_positions(lora_model, some_examples, batching):
     """show_batch's table (notebook 03): its trained runs are the positions whose label is not -100, in
     each example of the collated batch, and its text is the batch's, decoded run by run."""
-    from lib.config import apply_overrides
-    from lib.train import encode_dataset
-    from lib.trainer import batch_table, build_collator
+    from lib.run.config import apply_overrides
+    from lib.train.trainer import batch_table, build_collator
+    from lib.train.training import encode_dataset
 
     cfg, _, tok = lora_model
     cfg = apply_overrides(cfg, {"train.batching": batching})
@@ -142,7 +142,7 @@ def test_the_batch_view_marks_exactly_the_trained_positions(lora_model, some_exa
 
 def test_the_steps_of_a_finished_run_do_nothing(trained_run, capsys):
     """Notebook 03 rerun on a finished run: the plan says so and every step returns at once, writing nothing."""
-    from lib.train import (
+    from lib.train.training import (
         attach_lora,
         build_datasets,
         build_sft_trainer,
@@ -169,7 +169,7 @@ def test_the_steps_of_a_finished_run_do_nothing(trained_run, capsys):
 
 
 def test_sft_config_follows_the_run_configuration(tmp_path):
-    from lib.trainer_args import sft_config
+    from lib.run.trainer_args import sft_config
 
     cfg = make_config("tiny", overrides={
         "train.num_train_epochs": 5, "train.learning_rate": 1e-4, "train.lr_scheduler_type": "cosine_with_restarts",
@@ -204,7 +204,7 @@ def test_cosine_with_restarts_restarts_num_cycles_times(tmp_path):
     import torch
     from transformers import get_scheduler
 
-    from lib.trainer_args import sft_config
+    from lib.run.trainer_args import sft_config
 
     cfg = make_config("tiny", overrides={"train.lr_scheduler_type": "cosine_with_restarts", "train.num_cycles": 3})
     a = sft_config(cfg, tmp_path / "checkpoints")
@@ -222,7 +222,7 @@ def test_cosine_with_restarts_restarts_num_cycles_times(tmp_path):
 def test_report_to_a_tracker_that_is_not_installed_is_a_config_error(tmp_path):
     import importlib.util
 
-    from lib.trainer_args import sft_config
+    from lib.run.trainer_args import sft_config
 
     missing = next((t for t in ("wandb", "mlflow", "trackio") if importlib.util.find_spec(t) is None), None)
     if missing is None:
@@ -240,8 +240,8 @@ def test_training_lowers_the_eval_loss_and_changes_the_adapter(trained_run):
     import torch
     from transformers import set_seed
 
-    from lib.config import load_config
-    from lib.model import add_lora, load_model_and_tokenizer
+    from lib.model.loading import add_lora, load_model_and_tokenizer
+    from lib.run.config import load_config
 
     paths = run_paths(trained_run)
     s = json.loads(paths.training_summary.read_text())
@@ -278,7 +278,7 @@ def test_the_trained_run_leaves_adapter_logs_and_model_card(trained_run):
     assert "base model: `tiny`" in card and data_hash in card and "learning_rate" in card
 
     rows = _metrics(paths)
-    from lib.trainer import SAMPLE_COLUMNS
+    from lib.train.trainer import SAMPLE_COLUMNS
 
     assert list(rows[0]) == ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
                              "tokens_per_second", "peak_memory_mb", *SAMPLE_COLUMNS]
@@ -293,14 +293,14 @@ def test_the_trained_run_leaves_adapter_logs_and_model_card(trained_run):
     assert float(train_rows[-1]["loss"]) == pytest.approx(s["final_loss"])
     assert min(float(r["eval_loss"]) for r in eval_rows) == pytest.approx(s["best_eval_loss"])
 
-    from lib.train import loss_figure
+    from lib.train.training import loss_figure
 
     fig = loss_figure(trained_run)
     assert len(fig.axes[0].lines) == 2
 
 
 def test_a_finished_run_is_not_retrained(trained_run, capsys):
-    from lib.train import run_train
+    from lib.train.training import run_train
 
     paths = run_paths(trained_run)
     before = paths.training_summary.stat().st_mtime_ns, (paths.adapter / "adapter_model.safetensors").stat().st_mtime_ns
@@ -329,8 +329,8 @@ def _stop_at(step, exc):
 def test_an_interrupted_run_resumes_to_the_same_adapter(prepared_run, trained_run):
     import torch
 
-    from lib.checkpoints import CheckpointWarning
-    from lib.train import run_train
+    from lib.train.checkpoints import CheckpointWarning
+    from lib.train.training import run_train
 
     run = _fresh_copy(prepared_run, "resumed")
     paths = run_paths(run)
@@ -360,7 +360,7 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(prepared_run, trained_ru
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
     steps = [int(r["step"]) for r in _metrics(paths) if r["loss"]]
     assert len(steps) == len(set(steps)), "rows of the interrupted steps are not duplicated"
-    from lib.samples import read_samples
+    from lib.train.samples import read_samples
 
     sampled = [(r["step"], r["index"]) for r in read_samples(paths.samples)]
     assert len(sampled) == len(set(sampled)), "answers of the interrupted steps are not duplicated"
@@ -371,7 +371,7 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(prepared_run, trained_ru
 
 
 def test_checkpoint_problems_are_named(tmp_path):
-    from lib.checkpoints import checkpoint_problem, last_checkpoint
+    from lib.train.checkpoints import checkpoint_problem, last_checkpoint
 
     ck = tmp_path / "checkpoint-5"
     ck.mkdir()
@@ -389,7 +389,7 @@ def test_a_non_finite_value_stops_training_and_keeps_the_good_checkpoint(prepare
     import torch
     from transformers import TrainerCallback
 
-    from lib.train import run_train
+    from lib.train.training import run_train
 
     class Poison(TrainerCallback):
         """After step 6, an adapter weight becomes nan (as an overflow would leave it), or its
@@ -431,7 +431,7 @@ def test_a_bad_setting_stops_before_anything_is_written(prepared_run, capsys):
 
 
 def test_training_without_prepared_data_names_notebook_01(outputs):
-    from lib.train import run_train
+    from lib.train.training import run_train
 
     with pytest.raises(MissingStageError, match="01_prepare_data"):
         run_train("never-prepared")
@@ -467,8 +467,8 @@ def test_packed_attention_matches_the_block_mask_token_by_token(lora_model, some
     """sdpa per packed sequence gives the same log-probabilities as sdpa with transformers' block mask."""
     import torch
 
-    from lib.train import encode_dataset
-    from lib.trainer import build_collator
+    from lib.train.trainer import build_collator
+    from lib.train.training import encode_dataset
 
     cfg, model, tok = lora_model
     rows = list(encode_dataset(tok, some_examples, cfg.train.max_length))

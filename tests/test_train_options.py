@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib.config import make_config
+from lib.run.config import make_config
 
 # ------------------------------------------------------------------------------ gradient accumulation
 
@@ -29,8 +29,8 @@ def _one_sgd_step(cfg, rows, tmp_path, batch: int, accumulate: int) -> dict:
     from conftest import tiny_lora_model
     from datasets import Dataset
 
-    from lib.config import apply_overrides
-    from lib.trainer import build_trainer
+    from lib.run.config import apply_overrides
+    from lib.train.trainer import build_trainer
 
     cfg = apply_overrides(cfg, {"train.per_device_train_batch_size": batch,
                                 "train.gradient_accumulation_steps": accumulate})
@@ -50,8 +50,8 @@ def test_gradient_accumulation_gives_the_update_of_the_whole_batch(session_outpu
     """b=2 x k=2 accumulated equals one batch of 4: the loss is normalised over every trained token of
     the accumulated batch (transformers' num_items_in_batch), not averaged per micro-batch."""
 
-    from lib.loading import load_tokenizer
-    from lib.train import encode_dataset
+    from lib.data.tokenizer import load_tokenizer
+    from lib.train.training import encode_dataset
 
     cfg = make_config("tiny", overrides={
         "train.batching": batching, "train.optim": "sgd", "train.learning_rate": 1.0,
@@ -83,7 +83,7 @@ def _mean_of_micro_batch_means_update(cfg, tok, rows) -> dict:
     """The SGD update (lr 1) of the mean over micro-batches [0, 1], [2, 3] of each one's mean token loss."""
     from conftest import tiny_lora_model
 
-    from lib.trainer import build_collator
+    from lib.train.trainer import build_collator
 
     model, _ = tiny_lora_model(cfg, seed=0)
     model.train()
@@ -103,8 +103,8 @@ def _train_small(cfg, tmp_path, name, callbacks=()):
 
     from conftest import tiny_lora_model
 
-    from lib.train import encode_dataset
-    from lib.trainer import build_trainer
+    from lib.train.trainer import build_trainer
+    from lib.train.training import encode_dataset
 
     model, tok = tiny_lora_model(cfg, seed=0)
     train_ds = encode_dataset(tok, _varied_examples(8), cfg.train.max_length)
@@ -210,8 +210,8 @@ def test_early_stopping_keeps_the_best_adapter_and_does_not_train_on(prepared_ru
     from safetensors.torch import load_file
     from test_train import _fresh_copy
 
-    from lib.paths import run_paths
-    from lib.train import run_train
+    from lib.run.paths import run_paths
+    from lib.train.training import run_train
 
     run = _fresh_copy(prepared_run, "early-stop")
     paths = run_paths(run)
@@ -269,7 +269,7 @@ def _history(paths, step):
     ({"train.neftune_noise_alpha": 0.0}, "train.neftune_noise_alpha: must be above 0"),
 ])
 def test_training_option_conflicts_are_one_line_naming_both_settings(overrides, message):
-    from lib.errors import ConfigError
+    from lib.run.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         make_config("tiny", overrides=overrides)
@@ -277,7 +277,7 @@ def test_training_option_conflicts_are_one_line_naming_both_settings(overrides, 
 
 def test_cli_refuses_early_stopping_without_best_model_before_loading(prepared_run, capsys):
     from lib.__main__ import main
-    from lib.paths import run_paths
+    from lib.run.paths import run_paths
 
     paths = run_paths(prepared_run)
     before = paths.config.read_text()
@@ -299,8 +299,8 @@ def test_packing_keeps_our_labels_and_each_example_sees_only_itself(session_outp
     import torch
     from conftest import tiny_lora_model
 
-    from lib.train import encode_dataset
-    from lib.trainer import build_collator, build_trainer
+    from lib.train.trainer import build_collator, build_trainer
+    from lib.train.training import encode_dataset
 
     max_length = 128
     cfg = make_config("tiny", overrides={"train.batching": "packing", "train.max_length": max_length,

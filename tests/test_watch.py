@@ -10,12 +10,12 @@ import pytest
 from conftest import copy_run
 
 from lib.__main__ import main
-from lib.config import apply_overrides, load_config, save_config
-from lib.paths import RunPaths, run_paths
+from lib.run.config import apply_overrides, load_config, save_config
+from lib.run.paths import RunPaths, run_paths
 
 
 def _rows_by_step(path) -> dict[int, list[dict]]:
-    from lib.samples import read_samples
+    from lib.train.samples import read_samples
 
     out: dict[int, list[dict]] = {}
     for r in read_samples(path):
@@ -34,10 +34,10 @@ def test_samples_at_step_0_and_every_evaluation_scored_as_evaluate_scores(traine
 
     from conftest import reseal
 
-    from lib.evaluate import run_evaluate
-    from lib.samples import samples_table
-    from lib.summary import before_after
-    from lib.trainer import read_metrics_rows
+    from lib.evaluate.evaluation import run_evaluate
+    from lib.evaluate.summary import before_after
+    from lib.train.samples import samples_table
+    from lib.train.trainer import read_metrics_rows
 
     paths = run_paths(trained_run)
     cfg = load_config(paths.config)
@@ -78,8 +78,8 @@ def test_samples_at_step_0_and_every_evaluation_scored_as_evaluate_scores(traine
 
 def test_a_resumed_training_drops_the_samples_after_its_checkpoint(outputs):
     """Rows after the checkpoint resumed from are dropped (they are sampled again), as in the metrics CSV."""
-    from lib.config import make_config
-    from lib.samples import SamplesCallback, read_samples
+    from lib.run.config import make_config
+    from lib.train.samples import SamplesCallback, read_samples
 
     paths = RunPaths(outputs / "r")
     paths.samples.parent.mkdir(parents=True)
@@ -101,7 +101,7 @@ def test_compare_two_runs_shows_exactly_the_changed_settings_and_writes_nothing(
     save_config(cfg, run_paths(b).config)
     before = {p: p.stat().st_mtime_ns for r in (a, b) for p in run_paths(r).root.rglob("*") if p.is_file()}
 
-    from lib.compare import compare_runs, results_table, settings_diff
+    from lib.evaluate.compare import compare_runs, results_table, settings_diff
 
     runs = compare_runs([a, b])
     diff = settings_diff(runs)
@@ -128,9 +128,9 @@ def test_compare_two_runs_shows_exactly_the_changed_settings_and_writes_nothing(
 
 def test_forgetting_is_1_for_the_base_model_against_itself(prepared_run):
     """No adapter (or an adapter that changes nothing): ratio 1.0, KL 0; a bad prompts file is one line."""
-    from lib.errors import ConfigError, DataError
-    from lib.forgetting import compare_models, load_general_prompts
-    from lib.model import load_model_and_tokenizer
+    from lib.evaluate.forgetting import compare_models, load_general_prompts
+    from lib.model.loading import load_model_and_tokenizer
+    from lib.run.errors import ConfigError, DataError
 
     cfg = load_config(run_paths(prepared_run).config)
     model, tok = load_model_and_tokenizer(cfg, for_training=False)
@@ -159,11 +159,12 @@ def test_forgetting_rises_on_a_smol_run_trained_to_overfit(smol_dir, outputs):
     base model's general answers (made with the adapter off, cached) become clearly less likely."""
     import torch
 
-    from lib.config import make_config
-    from lib.forgetting import base_answers, forgetting_check, load_general_prompts
-    from lib.model import load_model_and_tokenizer, with_lora
-    from lib.scoring import padded_batch
-    from lib.tokenization import encode_example
+    from lib.data.tokenization import encode_example
+    from lib.evaluate.forgetting import base_answers, forgetting_check, load_general_prompts
+    from lib.evaluate.scoring import padded_batch
+    from lib.model.configure import with_lora
+    from lib.model.loading import load_model_and_tokenizer
+    from lib.run.config import make_config
 
     cfg = make_config("smol", overrides=["quant.mode=none", "eval.general_examples=3",
                                          "eval.general_max_new_tokens=12", "train.max_length=64"])

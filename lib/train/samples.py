@@ -1,0 +1,191 @@
+"""Answers during training: a few fixed eval prompts answered (greedy) at step 0 and at every evaluation (at the
+last step instead when there are no evaluations), into logs/samples.jsonl, with their scores in the metrics CSV.
+
+    from lib.train.samples import SamplesCallback, samples_table, read_samples
+    trainer = build_sft_trainer(plan, model, tokenizer, train_ds, eval_ds)   # adds SamplesCallback itself
+    samples_table("demo", styled=True)       # each prompt's answer at the first, middle and last step
+
+The prompts are the first `eval.sample_prompts` eval prompts (the training ones when there is no eval
+split), answered with the run's own stop tokens and `cfg.generation` made greedy, at most
+`eval.sample_max_new_tokens` new tokens (lib/model/generation.py). Their scores (stop rate, the Socratic style
+score, BLEU and ROUGE-L against the reference) come from lib/data/textmetrics.py, the very functions evaluation
+uses, and go into logs/training_metrics.csv as `sample_*` columns, one row a sampled step. The model is
+put in eval mode under torch.no_grad for the answers and back in train mode after. Only the main process
+samples; under FSDP (the weights sharded over processes) nothing is sampled. In a notebook the latest
+answers are shown in a table under the progress bar, updated in place.
+
+A resumed training drops the rows after the checkpoint it resumes from (they are trained again), as the
+metrics CSV does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from lib.data.readers import read_examples
+from lib.data.textmetrics import generation_metrics
+from lib.model.generation import eval_conversations, eval_tools, generate_answers
+from lib.run.paths import require, run_paths
+from lib.run.rundir import is_main_rank, write_jsonl
+from lib.train.trainer import SAMPLE_COLUMNS
+
+PREVIEW_CHARACTERS = 300  # of an answer in the live table
+
+
+def sample_prompts(paths, n: int) -> list[tuple]:
+    """(index, prompt messages, reference, tools) of the first `n` eval conversations (training ones without
+    an eval split)."""
+    if n <= 0:
+        return []
+    for source in (paths.eval_data, paths.train_data):
+        examples = read_examples(source) if source.exists() else []
+        chosen = eval_conversations(examples)[:n]
+        if chosen:
+            tools = eval_tools(examples, chosen)
+            return [(i, p, r, t) for (i, p, r), t in zip(chosen, tools)]
+    return []
+
+
+def read_samples(path) -> list[dict]:
+    """The rows of logs/samples.jsonl ([] when there is none); a torn last line (a killed run) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+class SamplesCallback(TrainerCallback):
+    """Answers the sample prompts at step 0 and at every evaluation (see the module)."""
+
+    def __init__(self, cfg, tokenizer, paths, resume_step: int | None = None, metrics=None, live: bool | None = None):
+        self.cfg, self.tokenizer, self.path, self.metrics = cfg, tokenizer, paths.samples, metrics
+        self.prompts = sample_prompts(paths, cfg.eval.sample_prompts)
+        self.settings = dataclasses.replace(cfg.generation, do_sample=False,
+                                            max_new_tokens=cfg.eval.sample_max_new_tokens)
+        self.live = _in_notebook() if live is None else live
+        self.seconds = 0.0  # spent answering, for the training summary
+        self._handle, self._shown = None, None
+        kept = [] if resume_step is None else [r for r in read_samples(self.path) if r.get("step", 0) <= resume_step]
+        if self.prompts or self.path.exists():
+            write_jsonl(self.path, kept)  # a fresh start, or the rows before the resumed checkpoint
+        self.done = {r["step"] for r in kept}
+
+    def _sample(self, args, state, model) -> None:
+        step = state.global_step
+        if not self.prompts or model is None or step in self.done or not is_main_rank() or args.fsdp:
+            return
+        started = time.perf_counter()
+        tools = [t for *_, t in self.prompts]
+        answers = generate_answers(model, self.tokenizer, [p for _, p, _, _ in self.prompts], self.settings,
+                                   self.cfg.eval.batch_size, progress=False, max_length=self.cfg.train.max_length,
+                                   tools=tools if any(tools) else None)
+        epoch = round(state.epoch or 0.0, 4)
+        rows = [{"step": step, "epoch": epoch, "index": i, "prompt": p[-1]["content"], "reference": r,
+                 "answer": a["text"], "stopped": a["stopped"]} for (i, p, r, _), a in zip(self.prompts, answers)]
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        scores = generation_metrics(answers, [r for _, _, r, _ in self.prompts])
+        if self.metrics is not None:
+            self.metrics.append({"step": step, "epoch": epoch,
+                                 **{c: scores.get(c.removeprefix("sample_")) for c in SAMPLE_COLUMNS}})
+        self.done.add(step)
+        self.seconds += time.perf_counter() - started
+        self._shown = rows
+        if self.live:
+            self._show()
+
+    def _show(self) -> None:
+        """The latest answers as a table, shown once the progress bar is there and updated in place."""
+        if self._shown is None:
+            return
+        from IPython.display import display
+
+        table = answers_frame(self._shown)
+        if self._handle is None:
+            self._handle = display(table, display_id=True)
+        else:
+            self._handle.update(table)
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if state.global_step == 0:
+            self.live, live = False, self.live  # shown under the progress bar, which comes after this callback
+            self._sample(args, state, model)
+            self.live = live
+
+    def on_step_begin(self, args, state, control, **kw):
+        if self.live and self._handle is None:
+            self._show()
+
+    def on_evaluate(self, args, state, control, model=None, **kw):
+        self._sample(args, state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        # without evaluations, the last step is sampled too (with them, the evaluations are the points: cheaper)
+        if args.eval_strategy == "no" and state.max_steps and state.global_step >= state.max_steps:
+            self._sample(args, state, model)
+
+
+def answers_frame(rows: list[dict]):
+    """One sampled step's answers as a DataFrame: prompt, answer (shortened), whether it stopped."""
+    import pandas as pd
+
+    def short(text: str) -> str:
+        text = text or "(empty answer)"
+        return text if len(text) <= PREVIEW_CHARACTERS else text[:PREVIEW_CHARACTERS] + " ..."
+
+    step = rows[0]["step"] if rows else "-"
+    return pd.DataFrame({"prompt": [short(r["prompt"]) for r in rows],
+                         f"answer at step {step}": [short(r["answer"]) for r in rows],
+                         "stopped": ["yes" if r["stopped"] else "no" for r in rows]})
+
+
+def sampled_steps(rows: list[dict]) -> list[int]:
+    return sorted({r["step"] for r in rows})
+
+
+def samples_table(run: str, steps: list[int] | None = None, styled: bool = False):
+    """Each sample prompt's answer at the first, middle and last sampled step (or `steps`), side by side."""
+    import pandas as pd
+
+    paths = run_paths(run)
+    require(paths, "metrics_csv")
+    rows = read_samples(paths.samples)
+    every = sampled_steps(rows)
+    if steps is None:
+        steps = sorted({every[0], every[len(every) // 2], every[-1]}) if every else []
+    by = {(r["step"], r["index"]): r for r in rows}
+    indices = sorted({r["index"] for r in rows}, key=lambda i: next(k for k, r in enumerate(rows) if r["index"] == i))
+    out = []
+    for i in indices:
+        first = next(r for r in rows if r["index"] == i)
+        row = {"prompt": first["prompt"], "reference": first["reference"]}
+        for s in steps:
+            r = by.get((s, i))
+            row[f"step {s}"] = "" if r is None else (r["answer"] or "(empty answer)") + ("" if r["stopped"] else " [...]")
+        out.append(row)
+    df = pd.DataFrame(out, columns=["prompt", "reference", *[f"step {s}" for s in steps]])
+    if not styled:
+        return df
+    return (df.style.hide(axis="index")
+            .set_properties(**{"white-space": "pre-wrap", "text-align": "left", "vertical-align": "top"})
+            .set_caption("[...]: cut at eval.sample_max_new_tokens (did not stop)"))
