@@ -55,7 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true", help="replace a run trained on other data")
     tr = add("train", "02+03: configure the QLoRA model and train (resumes)")
     tr.add_argument("--retrain", action="store_true", help="start over even if the run has finished")
-    add("evaluate", "04: perplexity and generation metrics, base vs tuned")
+    ev = add("evaluate", "04: did it help? task scores base vs tuned with 95% intervals, perplexity, forgetting")
+    ev.add_argument("--null-control", action="store_true",
+                    help="also score the adapter at its initial weights (the base) against the base: every task "
+                         "score must show no detectable change (eval/null_control.json)")
     add("plot", "05: metric plots", sets=False)
     add("merge", "06: merge the adapter into a 16-bit base and check it")
     ch = add("chat", "06: chat with the tuned model", sets=False)
@@ -92,7 +95,7 @@ COMMANDS = {
     "prepare": lambda a: _entry("prepare")(a.run, a.data, fmt=a.format, profile=a.profile, overrides=a.overrides,
                                            overwrite=getattr(a, "overwrite", False)),
     "train": lambda a: _entry("train")(a.run, overrides=a.overrides, retrain=getattr(a, "retrain", False)),
-    "evaluate": lambda a: _entry("evaluate")(a.run, overrides=a.overrides),
+    "evaluate": lambda a: _entry("evaluate")(a.run, overrides=a.overrides, null_control=a.null_control),
     "plot": lambda a: _entry("plot")(a.run),
     "merge": lambda a: _entry("merge")(a.run, overrides=a.overrides),
     "export": lambda a: _entry("export")(a.run, quant=a.quant, overrides=a.overrides, allow_drift=a.allow_drift),

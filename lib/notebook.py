@@ -27,7 +27,8 @@ import sys
 
 from lib.run.config import apply_overrides, field_help, load_config, make_config
 from lib.run.paths import REPO_ROOT, outputs_dir, run_paths
-from lib.run.settings import PROFILES, RunConfig
+from lib.run.profiles import PROFILES
+from lib.run.settings import RunConfig
 
 # The configuration's sections, in order: data, model, quant, lora, train, eval, generation, merge.
 SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(getattr(RunConfig(), f.name)))

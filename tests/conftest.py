@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.run.settings import PROFILES
+from lib.run.profiles import PROFILES
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "examples" / "socratic_questions.jsonl"

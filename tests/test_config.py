@@ -7,7 +7,8 @@ from conftest import BAD_RANGES
 
 from lib.run.config import apply_overrides, field_help, hf_token, load_config, make_config, save_config
 from lib.run.errors import ConfigError
-from lib.run.settings import PROFILES, RunConfig
+from lib.run.profiles import PROFILES
+from lib.run.settings import RunConfig
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))

@@ -58,10 +58,17 @@ def style_scores(answers: list[str]) -> dict:
     }
 
 
+def rouge_l_per_answer(predictions: list[str], references: list[str]) -> list[float]:
+    """ROUGE-L F1 (rouge-score, any script) of each answer against its reference."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_UnicodeTokenizer())
+    return [scorer.score(r or "", p or "")["rougeL"].fmeasure for p, r in zip(predictions, references)]
+
+
 def text_metrics(predictions: list[str], references: list[str]) -> dict:
     """Corpus BLEU (sacrebleu, 0-100), mean ROUGE-L F1 (rouge-score, 0-1) and the style scores."""
     import sacrebleu
-    from rouge_score import rouge_scorer
 
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
@@ -70,8 +77,7 @@ def text_metrics(predictions: list[str], references: list[str]) -> dict:
     cjk = any(_CJK.search(r or "") for r in references)
     bleu = sacrebleu.metrics.BLEU(tokenize="char" if cjk else "13a")
     score = bleu.corpus_score([p or "" for p in predictions], [[r or "" for r in references]])
-    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_UnicodeTokenizer())
-    rouge = [scorer.score(r or "", p or "")["rougeL"].fmeasure for p, r in zip(predictions, references)]
+    rouge = rouge_l_per_answer(predictions, references)
     return {"bleu": score.score, "rouge_l": sum(rouge) / len(rouge), **style_scores(predictions),
             "bleu_signature": str(bleu.get_signature())}
 

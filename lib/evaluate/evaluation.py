@@ -35,6 +35,16 @@ from lib.data.readers import read_examples
 from lib.data.textmetrics import generation_metrics, style_scores
 from lib.evaluate.forgetting import forgetting_check
 from lib.evaluate.scoring import perplexity
+from lib.evaluate.verdict import (
+    MIN_PAIRS,
+    RESAMPLES,
+    SEED,
+    null_control_sentence,
+    resolved_scorer,
+    task_scores,
+    verdict_rows,
+    verdict_sentence,
+)
 from lib.model.generation import eval_conversations, eval_tools, generate_answers
 from lib.model.loading import load_tuned_model
 from lib.model.oom import out_of_memory
@@ -64,38 +74,80 @@ STAGING = ".staging-"  # results are built in eval/.staging-XXXXXXXX, then insta
 # ----------------------------------------------------------------------------- the stage
 
 
-def run_evaluate(run: str, overrides=(), progress: bool = True) -> dict:
+def run_evaluate(run: str, overrides=(), progress: bool = True, null_control: bool = False) -> dict:
     """Entry point of notebook 04 and `python -m lib evaluate`.
 
-    Returns {"perplexity": {"base": {...}, "tuned": {...}}, "generation": metrics (or None when
-    eval.generate_examples is 0 or the data has no conversations), "predictions": rows}.
+    Returns {"verdict": eval/verdict.json's content, "perplexity": {"base": {...}, "tuned": {...}},
+    "generation": metrics (or None when eval.generate_examples is 0 or the data has no conversations),
+    "predictions": rows, "forgetting": ..., "null_control": eval/null_control.json's content}.
+    null_control: also score the adapter at its initial weights (LoRA B = 0: the base) against the base.
     """
+    if null_control is not True and null_control is not False:
+        raise SFTError(f"null_control: expected true or false, got {null_control!r}")
     paths = run_paths(run)
     with run_lock(paths, "evaluate"):
-        return _run_evaluate(paths, run, overrides, progress)
+        return _run_evaluate(paths, run, overrides, progress, null_control)
 
 
-def _run_evaluate(paths, run, overrides, progress) -> dict:
+def _run_evaluate(paths, run, overrides, progress, null_control=False) -> dict:
     sources = _check_inputs(paths, run)
     ctx = open_run(run, "evaluate", overrides)
     cfg = ctx.cfg
+    scorer = resolved_scorer(cfg)  # a bad eval.scorer stops here, before any model loads
     examples = _eval_examples(paths, cfg)
     started = time.time()
     with out_of_memory("evaluation", cfg, doing="loading the base model and adapter", run=run):
         model, tokenizer = load_tuned_model(cfg, paths.adapter, info=ctx.device)
     with out_of_memory("evaluation", cfg, run=run):  # batches back off by themselves; this is at a batch of 1
-        ppl = _perplexities(model, tokenizer, examples, cfg, progress)
+        ppl, nll = _perplexities(model, tokenizer, examples, cfg, progress)
         ppl_seconds = time.time() - started
-        predictions, gen_metrics = _generation(model, tokenizer, examples, cfg, progress)
+        predictions, gen_metrics, scored = _generation(model, tokenizer, examples, cfg, progress, scorer)
         forgetting = _forgetting(model, tokenizer, cfg, paths, progress)
+        verdict = _verdict(scored, nll, forgetting, cfg)
+        control = _null_control(model, tokenizer, examples, cfg, progress, scorer, scored) if null_control else None
     del model
     release()
-    _write_results(paths, sources, ppl, predictions, gen_metrics, forgetting)
+    _write_results(paths, sources, ppl, predictions, gen_metrics, forgetting, verdict, control)
+    print(verdict["sentence"])
     _print_results(ppl, ppl_seconds, predictions, gen_metrics, cfg.train.max_length)
     if forgetting is not None:
         print(f"forgetting check on {forgetting['prompts']} general prompts: {forgetting['reading']} "
               f"({forgetting['seconds']:.1f}s)")
-    return {"perplexity": ppl, "generation": gen_metrics, "predictions": predictions, "forgetting": forgetting}
+    if control is not None:
+        print(control["sentence"])
+    return {"verdict": verdict, "perplexity": ppl, "generation": gen_metrics, "predictions": predictions,
+            "forgetting": forgetting, "null_control": control}
+
+
+def _verdict(scored, nll, forgetting, cfg, models=("base", "tuned")) -> dict:
+    """eval/verdict.json: the rows (lib/evaluate/verdict.py), the scores chosen and why, the method."""
+    rows = verdict_rows(scored, nll, forgetting, cfg.eval.forgetting_budget, models)
+    return {"sentence": verdict_sentence(rows), "rows": rows,
+            "scores": scored["names"] if scored else [], "why": scored["why"] if scored else "no answers generated",
+            "method": f"paired bootstrap over the eval prompts, {RESAMPLES} resamples, seed {SEED}, 95% percentile "
+                      f"interval; under {MIN_PAIRS} prompts: too few prompts to tell"}
+
+
+def _null_control(model, tokenizer, examples, cfg, progress, scorer, scored) -> dict | None:
+    """The adapter at its initial weights (every LoRA B zeroed: the base's function through the adapter's code
+    path) against the base, on the same prompts and decoding: every task row must be `no detectable change`."""
+    if scored is None:
+        return None
+    for name, param in model.named_parameters():
+        if "lora_B" in name or "lora_magnitude_vector" in name:
+            if "lora_magnitude_vector" in name:
+                raise SFTError("--null-control: a DoRA adapter has no initial weights equal to the base here "
+                               "(its magnitudes are trained); run it on a LoRA adapter")
+            param.data.zero_()
+    chosen = eval_conversations(examples)[:max(0, cfg.eval.generate_examples)]
+    tools = eval_tools(examples, chosen)
+    answers = _answers(model, tokenizer, [c[1] for c in chosen], cfg, progress, tools if any(tools) else None)
+    control = task_scores(cfg, {"base": answers["base"], "untrained adapter": answers["tuned"]},
+                          [c[2] for c in chosen], [examples[c[0]] for c in chosen], scorer)
+    control["names"] = scored["names"]
+    out = _verdict(control, None, None, cfg, models=("base", "untrained adapter"))
+    out["sentence"] = null_control_sentence(out["rows"])
+    return out
 
 
 def _forgetting(model, tokenizer, cfg, paths, progress) -> dict | None:
@@ -131,16 +183,19 @@ def _perplexities(model, tokenizer, examples, cfg, progress) -> dict:
     """Perplexity of the tuned model, and of the base (the adapter switched off)."""
     bs, max_len = cfg.eval.batch_size, cfg.train.max_length
     ppl = {}
-    ppl["tuned"] = perplexity(model, tokenizer, examples, bs, max_len, desc="perplexity (tuned)", progress=progress)
+    ppl["tuned"] = perplexity(model, tokenizer, examples, bs, max_len, desc="perplexity (tuned)", progress=progress,
+                              per_example=True)
     with model.disable_adapter():
-        ppl["base"] = perplexity(model, tokenizer, examples, bs, max_len, desc="perplexity (base)", progress=progress)
+        ppl["base"] = perplexity(model, tokenizer, examples, bs, max_len, desc="perplexity (base)", progress=progress,
+                                 per_example=True)
+    nll = {m: ppl[m].pop("per_example") for m in MODELS}  # the same examples in the same order: paired
     ppl = {"base": ppl["base"], "tuned": ppl["tuned"]}
     for m in MODELS:
         if not math.isfinite(ppl[m]["loss"]):
             raise SFTError(f"the {m} model's eval loss is not finite ({ppl[m]['loss']}): a numerical overflow; "
                            "try quant.compute_dtype=bfloat16 (or float32), or a lower learning rate if only "
                            "the tuned model is affected")
-    return ppl
+    return ppl, nll
 
 
 def _answers(model, tokenizer, conversations, cfg, progress, tools=None) -> dict:
@@ -159,17 +214,19 @@ def _answers(model, tokenizer, conversations, cfg, progress, tools=None) -> dict
     return answers
 
 
-def _generation(model, tokenizer, examples, cfg, progress) -> tuple[list[dict], dict | None]:
-    """(predictions rows, generation metrics) for the first eval.generate_examples conversations."""
+def _generation(model, tokenizer, examples, cfg, progress, scorer=None) -> tuple[list[dict], dict | None, dict | None]:
+    """(predictions rows, generation metrics, task scores) for the eval conversations, up to
+    eval.generate_examples of them."""
     started = time.time()
     chosen = eval_conversations(examples)[:max(0, cfg.eval.generate_examples)]
     if not chosen:
-        return [], None
+        return [], None, None
     references = [c[2] for c in chosen]
     tools = eval_tools(examples, chosen)
     answers = _answers(model, tokenizer, [c[1] for c in chosen], cfg, progress, tools if any(tools) else None)
+    scored = task_scores(cfg, answers, references, [examples[c[0]] for c in chosen], scorer)
     predictions = []
-    for (index, prompt, reference), base, tuned in zip(chosen, answers["base"], answers["tuned"]):
+    for k, ((index, prompt, reference), base, tuned) in enumerate(zip(chosen, answers["base"], answers["tuned"])):
         predictions.append({
             "index": index,
             "prompt": prompt[-1]["content"],
@@ -180,6 +237,7 @@ def _generation(model, tokenizer, examples, cfg, progress) -> tuple[list[dict], 
             "base_stopped": base["stopped"],
             "tuned_stopped": tuned["stopped"],
             "prompt_cut": tuned["prompt_cut"],
+            "scores": {m: {name: v[k] for name, v in scored["values"][m].items()} for m in MODELS},
         })
     scores = {m: generation_metrics(answers[m], references) for m in MODELS}
     signature = [scores[m].pop("bleu_signature") for m in MODELS][0]
@@ -193,10 +251,10 @@ def _generation(model, tokenizer, examples, cfg, progress) -> tuple[list[dict], 
         "bleu_signature": signature,
         "generation": dataclasses.asdict(cfg.generation),
         "seconds": round(time.time() - started, 2),
-    }
+    }, scored
 
 
-def _write_results(paths, sources, ppl, predictions, gen_metrics, forgetting=None) -> None:
+def _write_results(paths, sources, ppl, predictions, gen_metrics, forgetting=None, verdict=None, control=None) -> None:
     """Everything computed: now write, as one set (nothing half-written if anything before failed or
     the process is killed while the files are moved in: see lib/run/rundir.py)."""
     with staging(paths.eval_dir, STAGING) as staged:
@@ -206,7 +264,11 @@ def _write_results(paths, sources, ppl, predictions, gen_metrics, forgetting=Non
                    {"examples": 0, "skipped": "eval.generate_examples is 0 or the eval data has no conversations"})
         write_json(staged / paths.forgetting.name, forgetting if forgetting is not None else
                    {"skipped": "eval.general_prompts is None"})
-        targets = (paths.perplexity, paths.predictions, paths.generation_metrics, paths.forgetting)
+        write_json(staged / paths.verdict.name, verdict)
+        write_json(staged / paths.null_control.name, control if control is not None else
+                   {"skipped": "run with --null-control (notebook 04: NULL_CONTROL = True)"})
+        targets = (paths.verdict, paths.null_control, paths.perplexity, paths.predictions, paths.generation_metrics,
+                   paths.forgetting)
         install(paths, "evaluate", {t: staged / t.name for t in targets},
                 [str(t.relative_to(paths.root)) for t in targets], sources)
 

@@ -24,12 +24,13 @@ from lib.run.paths import require
 
 
 def perplexity(model, tokenizer, examples, batch_size: int = 8, max_length: int | None = 1024,
-               desc: str = "perplexity", progress: bool = True) -> dict:
+               desc: str = "perplexity", progress: bool = True, per_example: bool = False) -> dict:
     """Perplexity of `model` over the trained (assistant) tokens of normalised `examples`.
 
     Returns {"loss": mean NLL per token (nats), "perplexity": exp(loss), "tokens": count,
     "examples": examples that have at least one scored token, "examples_cut": examples longer than
-    max_length, scored on their first max_length tokens only (as training cuts them)}.
+    max_length, scored on their first max_length tokens only (as training cuts them)}; per_example: also
+    "per_example": [[NLL, tokens], ...] in a fixed order (by length, then input order) for a paired comparison.
     """
     from tqdm.auto import tqdm
 
@@ -56,8 +57,11 @@ def perplexity(model, tokenizer, examples, batch_size: int = 8, max_length: int 
         total_nll += nll
         total_tokens += tokens
     loss = total_nll / total_tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": total_tokens,
-            "examples": len(encoded), "examples_cut": n_cut}
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": total_tokens,
+           "examples": len(encoded), "examples_cut": n_cut}
+    if per_example:
+        out["per_example"] = [[nll, tokens] for nll, tokens in rows]
+    return out
 
 
 def padded_batch(batch, pad: int):

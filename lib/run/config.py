@@ -26,8 +26,9 @@ import yaml
 
 from lib.run.errors import ConfigError, MissingStageError
 from lib.run.paths import REPO_ROOT, check_run_name
+from lib.run.profiles import PROFILES
 from lib.run.rundir import write_atomic
-from lib.run.settings import CHOICES, INT_MAX, PROFILES, RunConfig, check_columns
+from lib.run.settings import CHOICES, INT_MAX, RunConfig, check_columns, check_task_scores
 from lib.run.stages import stage
 
 
@@ -245,7 +246,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
     for key, (owner, f) in fields.items():
         check_range(key, getattr(owner, f.name), f)
-    problem = check_columns(cfg.data.columns)
+    problem = check_columns(cfg.data.columns) or check_task_scores(cfg.eval.scores, cfg.eval.scorer)
     if problem:
         raise ConfigError(problem)
     fmt = cfg.data.prompt_format

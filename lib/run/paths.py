@@ -118,6 +118,14 @@ class RunPaths:
     def forgetting_base(self) -> Path:  # the base model's answers to the general prompts (a cache)
         return self.eval_dir / "forgetting_base.jsonl"
 
+    @property
+    def verdict(self) -> Path:  # did it help: task scores base vs tuned, 95% intervals, verdicts
+        return self.eval_dir / "verdict.json"
+
+    @property
+    def null_control(self) -> Path:  # the same rows for the adapter at its initial weights (--null-control)
+        return self.eval_dir / "null_control.json"
+
     # 05 plots
     @property
     def plots(self) -> Path:
@@ -190,7 +198,7 @@ STAGE_OF = {
     "model_summary": "configure",
     "adapter": "train", "metrics_csv": "train", "training_summary": "train", "samples": "train",
     "perplexity": "evaluate", "predictions": "evaluate", "generation_metrics": "evaluate",
-    "forgetting": "evaluate", "forgetting_base": "evaluate",
+    "forgetting": "evaluate", "forgetting_base": "evaluate", "verdict": "evaluate", "null_control": "evaluate",
     "plots": "plot", "merged": "merge", "merge_report": "merge", "export": "export", "parity": "export",
 }
 

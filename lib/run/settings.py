@@ -1,7 +1,7 @@
-"""The configuration's fields: every key of `RunConfig` with its default, help text, range and choices,
-and the profiles (named presets of the whole tree).
+"""The configuration's fields: every key of `RunConfig` with its default, help text, range and choices
+(the profiles, named presets of the whole tree, are lib/run/profiles.py).
 
-    from lib.run.settings import RunConfig, PROFILES, CHOICES
+    from lib.run.settings import RunConfig, CHOICES
     RunConfig().train.learning_rate          # the default; field metadata holds "help" and "range"
 
 Reading, overriding, validating and saving a configuration is lib/run/config.py's job.
@@ -83,6 +83,23 @@ COLUMN_ROLES = {
     "system_tag": "speaker value of a system turn (with messages), besides system",
 }
 _KEYS_OF_TURNS = ("role", "content", "weight", "user_tag", "assistant_tag", "system_tag")
+
+
+TASK_SCORES = ("exact", "contains", "json", "json_valid", "json_keys", "number", "label", "tool_call")
+
+
+def check_task_scores(scores, scorer) -> str | None:
+    """What is wrong with eval.scores / eval.scorer, in one line naming the key, or None."""
+    if scores is not None:
+        if not isinstance(scores, list) or not all(isinstance(x, str) for x in scores):
+            return f"eval.scores: expected a list of score names ({', '.join(TASK_SCORES)}), got {scores!r}"
+        unknown = [x for x in scores if x not in TASK_SCORES]
+        if unknown:
+            return f"eval.scores: unknown score {unknown[0]!r}; the scores are {', '.join(TASK_SCORES)}"
+    if scorer is not None and (not isinstance(scorer, str) or scorer.count(":") != 1
+                               or not all(p.strip() for p in scorer.split(":"))):
+        return f"eval.scorer: expected 'module:function' (a function in a file of this project), got {scorer!r}"
+    return None
 
 
 def check_columns(columns: dict | None) -> str | None:
@@ -239,7 +256,21 @@ class TrainSettings:
 class EvalSettings:
     batch_size: int = _f(8, "Examples per perplexity / generation batch.", range=POSITIVE)
     max_examples: int | None = _f(None, "Evaluate at most this many eval examples (None: all).", range=POSITIVE)
-    generate_examples: int = _f(16, "Eval prompts to generate answers for (0: skip generation).", range=NON_NEGATIVE)
+    generate_examples: int = _f(200, "Eval prompts both models answer, for the task scores and their intervals "
+                                     "(all of them up to this cap; 0: skip generation). More prompts give a surer "
+                                     "verdict and cost time in proportion: with the smol profile on 2 CPU cores "
+                                     "about 2.5 minutes per 100 prompts (both models, 96 new tokens at most).",
+                                range=NON_NEGATIVE)
+    scores: list | None = _f(None, "Task scores of the generated answers, a list of: exact, contains, json, "
+                                   "json_valid, json_keys, number, label, tool_call. None: chosen from the eval "
+                                   "references (notebook 01's audit and notebook 04 say which and why).")
+    scorer: str | None = _f(None, "Your own task score, 'module:function': a function in a Python file of this "
+                                  "project folder, called as function(prediction, reference, record) and "
+                                  "returning a number in [0, 1]; scored beside eval.scores.")
+    forgetting_budget: float = _f(1.5, "The forgetting check's largest acceptable ratio (tuned / base perplexity "
+                                       "of the base model's own general answers): above it the verdict row is "
+                                       "'worse'. 1.5 is where the answers read as clearly changed (README).",
+                                  range=Range(1))
     sample_prompts: int = _f(4, "Eval prompts answered (greedy) at step 0 and at every evaluation while training, "
                                 "into logs/samples.jsonl and the metrics CSV; 0: off. With the smol profile on 2 CPU "
                                 "cores about 7% of the training time (each new token of the 4 answers costs about "
@@ -307,94 +338,6 @@ class RunConfig:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     merge: MergeSettings = field(default_factory=MergeSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
-
-
-# Profiles: differences from the defaults above.
-PROFILES: dict[str, dict[str, object]] = {
-    # The offline tiny model on the CPU: NF4 with fp32 compute, a couple of epochs in seconds.
-    "tiny": {
-        "model.name_or_path": "tiny",
-        "model.gpu": "T4",
-        "quant.compute_dtype": "float32",
-        "lora.r": 16,
-        "lora.alpha": 32,
-        "lora.dropout": 0.0,
-        "train.num_train_epochs": 3.0,
-        "train.learning_rate": 3e-3,
-        "train.lr_scheduler_type": "cosine",
-        "train.warmup_ratio": 0.05,
-        "train.per_device_train_batch_size": 8,
-        "train.gradient_accumulation_steps": 1,
-        "train.max_length": 256,
-        "train.logging_steps": 5,
-        "train.eval_steps": 20,
-        "train.save_steps": 20,
-        "train.save_total_limit": 2,
-        "train.precision": "fp32",
-        "eval.generate_examples": 8,
-        "eval.sample_prompts": 2,  # the tiny model's answers are noise: a token budget that only shows the feature
-        "eval.sample_max_new_tokens": 8,
-        "eval.general_examples": 8,
-        "eval.general_max_new_tokens": 8,
-        "generation.max_new_tokens": 48,
-    },
-    # A real pretrained instruct model on the CPU: SmolLM2-135M-Instruct (lib/run/realmodel.py), NF4 with
-    # bf16 compute in training where the CPU has it (1.46x fp32, the same eval loss to 0.02%), else fp32. A pretrained model wants a ~10x lower learning rate than the random tiny one; small
-    # batches give more updates per example. On the Socratic sample data (153 examples) 1.5 epochs
-    # (59 steps, ~1.7 minutes on 2 CPU cores) take the greedy answers from 0% to 100% questions and
-    # from 12% to 100% stopping on their own (measured; see README).
-    "smol": {
-        "model.name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "model.gpu": "T4",
-        "quant.compute_dtype": "auto",  # bfloat16 in training where the CPU computes it natively
-        "lora.r": 16,
-        "lora.alpha": 32,
-        "lora.dropout": 0.0,
-        "train.num_train_epochs": 1.5,
-        "train.learning_rate": 3e-4,
-        "train.lr_scheduler_type": "cosine",
-        "train.warmup_ratio": 0.05,
-        "train.per_device_train_batch_size": 4,
-        "train.gradient_accumulation_steps": 1,
-        "train.max_length": 128,
-        "train.logging_steps": 5,
-        "train.eval_steps": 20,
-        "train.save_steps": 20,
-        "train.save_total_limit": 2,
-        "train.precision": "fp32",
-        "eval.generate_examples": 8,
-        "eval.general_examples": 16,  # the forgetting check: 16 prompts of every kind, ~2 minutes on 2 busy cores (20 s cached)
-        "generation.max_new_tokens": 96,
-        # The merged fp32 model differs from the NF4 base + adapter it is checked against by the NF4
-        # rounding of a real model's weights (~5% perplexity here, the merged one being better); the
-        # merge itself is exact (logits within 1e-4 of the unmerged adapter).
-        "merge.tolerance": 0.1,
-    },
-    # A free Colab T4 (15 GB): a 0.5B instruct model, fp16, paged 8-bit AdamW, checkpointing.
-    "t4": {
-        "model.name_or_path": "Qwen/Qwen2.5-0.5B-Instruct",
-        "model.gpu": "T4",
-        "model.gradient_checkpointing": True,
-        "quant.compute_dtype": "float16",
-        "train.precision": "fp16",
-        "train.optim": "paged_adamw_8bit",
-        "train.per_device_train_batch_size": 4,
-        "train.gradient_accumulation_steps": 4,
-        "train.max_length": 1024,
-    },
-    # Ampere or newer (A100, H100): bf16, larger batches, flash attention when installed.
-    "a100": {
-        "model.name_or_path": "Qwen/Qwen2.5-1.5B-Instruct",
-        "model.gpu": "A100-80GB",
-        "model.attn_implementation": "auto",
-        "quant.compute_dtype": "bfloat16",
-        "train.precision": "bf16",
-        "train.per_device_train_batch_size": 16,
-        "train.gradient_accumulation_steps": 1,
-        "train.max_length": 2048,
-    },
-}
-PROFILES["ampere"] = PROFILES["a100"]
 
 
 CHOICES = {
