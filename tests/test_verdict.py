@@ -201,3 +201,78 @@ def test_a_bad_eval_scorer_is_one_line_naming_the_key():
 
     with pytest.raises(ConfigError, match="eval.scorer: expected 'module:function'"):
         apply_overrides(make_config("tiny"), ["eval.scorer=justaname"])
+
+
+# ----------------------------------------------------------------------------- a real evaluation
+
+
+def test_evaluate_writes_the_verdict_and_a_null_control_that_shows_no_change(trained_run):
+    """The tiny model trained, then evaluated with exact and contains (its references are free text, so
+    none is chosen by itself): eval/verdict.json has the rows the contract names, each prediction its
+    per-model scores, and the null control (LoRA B zeroed: the base through the adapter) no detectable change."""
+    from conftest import copy_run
+
+    from lib.evaluate.evaluation import run_evaluate
+    from lib.evaluate.verdict import verdict_line, verdict_table
+    from lib.run.paths import run_paths
+    from lib.run.rundir import read_json
+
+    run = copy_run(trained_run, "verdict")
+    result = run_evaluate(run, overrides=["eval.scores=[exact, contains]"], progress=False, null_control=True)
+    paths = run_paths(run)
+    verdict = read_json(paths.verdict)
+    assert verdict == json.loads(json.dumps(result["verdict"]))
+    metrics = [r["metric"] for r in verdict["rows"]]
+    assert metrics[:2] == ["exact", "contains"] and "perplexity" in metrics and "stop_rate" in metrics
+    keys = {"metric", "higher_is_better", "base", "tuned", "difference", "ci95", "n", "verdict"}
+    n = len(result["predictions"])
+    for row in verdict["rows"]:
+        assert keys <= set(row), row
+        if row["kind"] in ("task", "text"):
+            assert row["n"] == n and row["ci95"][0] <= row["difference"] <= row["ci95"][1]
+    ppl = next(r for r in verdict["rows"] if r["metric"] == "perplexity")
+    assert ppl["base"] == pytest.approx(result["perplexity"]["base"]["perplexity"])
+    assert ppl["tuned"] == pytest.approx(result["perplexity"]["tuned"]["perplexity"])
+    first = result["predictions"][0]
+    assert first["scores"]["tuned"]["exact"] == float(first["tuned"].strip().casefold().strip(".?!") ==
+                                                       first["reference"].strip().casefold().strip(".?!"))
+    control = read_json(paths.null_control)
+    task = [r for r in control["rows"] if r["kind"] == "task"]
+    assert [r["metric"] for r in task] == ["exact", "contains"]
+    assert all(r["verdict"] == "no detectable change" and r["difference"] == 0 for r in task), task
+    assert control["sentence"].startswith("The null control")
+    assert verdict_table(run).shape[0] == len(verdict["rows"])
+    assert verdict_line(run).startswith(verdict["sentence"])
+
+
+# ----------------------------------------------------------------------------- SmolLM2 on a task of its own
+
+EXTRACT = "data/examples/extract_json.jsonl"  # data/make_extract_json.py: name, age, city, job into JSON
+SMOL_TASK = ["train.max_steps=30", "train.learning_rate=1e-3", "train.eval_strategy=no", "train.save_steps=30",
+             "train.logging_steps=10", "eval.sample_prompts=0", "eval.general_prompts=None", "data.eval_fraction=0.12",
+             "generation.max_new_tokens=40", "eval.batch_size=12"]
+
+
+@pytest.mark.slow
+def test_smollm2_learns_a_json_task_better_with_its_interval_above_zero_and_the_null_control_holds(smol_dir):
+    """SmolLM2-135M-Instruct, 30 steps on 176 extraction records: the base writes no right JSON for the 24
+    held-out sentences; the tuned model's `json` score is `better` with its whole interval above zero, and the
+    null control (the adapter at its initial weights) shows no detectable change on every task score."""
+    from lib.data.prepare import run_prepare
+    from lib.evaluate.evaluation import run_evaluate
+    from lib.train.training import run_train
+
+    run = "smol_json"
+    run_prepare(run, EXTRACT, profile="smol", overrides=SMOL_TASK)
+    run_train(run)
+    result = run_evaluate(run, progress=False, null_control=True)
+    verdict = result["verdict"]
+    assert verdict["scores"] == ["json", "json_valid", "json_keys"], verdict["why"]
+    rows = {r["metric"]: r for r in verdict["rows"]}
+    exact_json = rows["json"]
+    assert exact_json["n"] == 24 and exact_json["base"] <= 0.25, exact_json
+    assert exact_json["verdict"] == "better" and exact_json["ci95"][0] > 0, exact_json
+    assert rows["perplexity"]["verdict"] == "better"
+    control = [r for r in result["null_control"]["rows"] if r["kind"] == "task"]
+    assert control and all(r["verdict"] == "no detectable change" for r in control), control
+    print(verdict["sentence"])

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 
 from lib.data.examples import Prepared
+from lib.data.prompts import prompt_messages
+from lib.data.scores import choose_scores
 from lib.data.templates import TemplateError, end_of_turn_token, stop_token_ids
 from lib.data.tokenization import encode_example
 from lib.data.tokenization import split_for_template as split_for_turns
@@ -216,6 +218,7 @@ def audit(prepared: Prepared, tokenizer, max_length: int, template_added: bool =
         "tools_and_reasoning": tool_counts(prepared.train, enc_train),
         "pad_token": pad, "eos_token": eos, "pad_distinct_from_eos": pad is not None and pad != eos,
         "chat_template_present": not template_added,
+        "task_scores": task_scores_for(prepared.eval or prepared.train),
         "warnings": _audit_warnings(prepared, tokenizer, t, lengths, max_length, template_added, n_split),
     }
 
@@ -245,9 +248,25 @@ def audit_table(report: dict):
         *_tool_rows(report.get("tools_and_reasoning")),
         ("pad token distinct from eos", f"{report['pad_distinct_from_eos']} (pad={report['pad_token']!r}, eos={report['eos_token']!r})"),
         ("chat template present", report["chat_template_present"]),
+        *_score_rows(report.get("task_scores")),
         ("warnings", len(report["warnings"])),
     ]
     return pd.DataFrame(rows, columns=["check", "value"]).set_index("check")
+
+
+def task_scores_for(examples: list[dict]) -> dict:
+    """The task scores notebook 04 will use on these examples' answers (lib/data/scores.py), and why."""
+    references = [ref for ex in examples if ex.get("messages")
+                  for ref in [prompt_messages(ex["messages"])[1]] if ref is not None]
+    names, why = choose_scores(references)
+    return {"chosen": names, "why": why, "references": len(references)}
+
+
+def _score_rows(ts: dict | None) -> list[tuple]:
+    if not ts:
+        return []
+    chosen = ", ".join(ts["chosen"]) or "none (text metrics only)"
+    return [("task scores for notebook 04 (eval.scores overrides)", f"{chosen}: {ts['why']}")]
 
 
 def _tool_rows(tr: dict | None) -> list[tuple]:

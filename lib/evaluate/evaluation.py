@@ -367,19 +367,16 @@ def _change(b, t, ref, better, share) -> str:
 
 
 def metrics_verdict(run: str) -> str:
-    """One line under notebook 04's table: what the figures say, in plain words."""
+    """One line under notebook 04's secondary table: what perplexity shows, and what it does not."""
     ppl, gen = _eval_results(run)
     b, t = ppl["base"]["perplexity"], ppl["tuned"]["perplexity"]
-    if t < b:
-        line = (f"Fine-tuning worked on the eval split: perplexity {num(b)} -> {num(t)} ({(b - t) / b:.0%} lower), "
-                "the tuned model finds the reference answers more likely")
-    else:
-        line = (f"Fine-tuning did not help on the eval split: perplexity {num(b)} -> {num(t)}; train longer, check "
-                "the data (notebook 01) or lower the learning rate if the loss rose")
+    how = f"{(b - t) / b:.0%} lower" if t < b else f"{(t - b) / b:.0%} higher"
+    line = (f"Perplexity {num(b)} -> {num(t)} ({how}): the tuned model finds the reference answers "
+            f"{'more' if t < b else 'no more'} likely. That falls after almost any tuning on data like the training "
+            "data; whether the answers are right is the verdict table above")
     if gen.get("examples"):
         stop = [gen[m].get("stop_rate") for m in MODELS]
-        line += (f"; answers that stop on their own {pct(stop[0], 0)} -> {pct(stop[1], 0)} "
-                 f"(over {gen['examples']} generated answers, a small sample)")
+        line += f"; answers that stop on their own {pct(stop[0], 0)} -> {pct(stop[1], 0)} (over {gen['examples']} answers)"
     return line + "."
 
 

@@ -5,7 +5,8 @@
     from lib.evaluate.summary import before_after
     print(before_after("demo"))
 
-It reads what the stages wrote (eval/perplexity.json, eval/generation_metrics.json,
+It leads with the verdict (eval/verdict.json: did it help, each task score base vs tuned with its 95%
+interval), then reads what the stages wrote (eval/perplexity.json, eval/generation_metrics.json,
 eval/predictions.jsonl, eval/forgetting.json (the forgetting check), logs/training_summary.json, merged/merge_report.json when there) and
 computes nothing new: base vs tuned perplexity, the share of generated answers that are questions
 and that stop on their own (the end-of-turn token, not the length limit), and one eval prompt
@@ -19,6 +20,7 @@ from __future__ import annotations
 import textwrap
 
 from lib.data.readers import read_examples
+from lib.evaluate.verdict import readable_rows
 from lib.run.paths import require, run_paths
 from lib.run.rundir import check_result, is_pending, read_json, unusable
 
@@ -60,25 +62,26 @@ def before_after(run: str, width: int = 100) -> str:
         epochs = train.get("epoch", 0)
         head += (f" ({train['global_step']} steps, {epochs:.3g} epoch{'' if epochs == 1 else 's'}, "
                  f"{train.get('runtime_s', 0):.0f}s of training)")
-    rows = [("", "base", "tuned"),
-            ("eval perplexity (lower is better)", f"{ppl['base']['perplexity']:.2f}", f"{ppl['tuned']['perplexity']:.2f}")]
-    n = gen.get("examples", 0)
-    if n:
-        rows += [("answers that are questions", _pct(gen["base"].get("question_rate")),
-                  _pct(gen["tuned"].get("question_rate"))),
-                 ("answers that stop on their own", _pct(gen["base"].get("stop_rate")),
-                  _pct(gen["tuned"].get("stop_rate")))]
-    ref = (gen.get("reference") or {}).get("question_rate")
+    verdict = _read_result(paths.verdict) if paths.verdict.exists() else None
     lines = [head, "=" * min(width, len(head))]
-    for label, b, t in rows:
-        lines.append(f"  {label:<36}{b:>10}{t:>10}")
+    n = gen.get("examples", 0)
+    if isinstance(verdict, dict) and verdict.get("rows"):
+        lines += textwrap.wrap(verdict["sentence"], width=width) + [""] + _verdict_lines(verdict["rows"])
+    else:  # a run evaluated before eval/verdict.json existed
+        rows = [("", "base", "tuned"), ("eval perplexity (lower is better)", f"{ppl['base']['perplexity']:.2f}",
+                                        f"{ppl['tuned']['perplexity']:.2f}")]
+        if n:
+            rows += [("answers that stop on their own", _pct(gen["base"].get("stop_rate")),
+                      _pct(gen["tuned"].get("stop_rate")))]
+        lines += [f"  {label:<36}{b:>10}{t:>10}" for label, b, t in rows]
+    ref = (gen.get("reference") or {}).get("question_rate")
     notes = []
     if n:
         settings = gen.get("generation") or {}
         mode = "sampled" if settings.get("do_sample") else "greedy"
         notes.append(f"{n} eval prompts, {mode}, at most {settings.get('max_new_tokens', '?')} new tokens")
-    if ref is not None:
-        notes.append(f"the training answers: {ref:.0%} questions")
+    if ref is not None and ref >= 0.5:
+        notes.append(f"the eval answers: {ref:.0%} questions")
     notes += _merged_note(paths)
     if notes:
         lines.append("  (" + "; ".join(notes) + ")")
@@ -91,6 +94,13 @@ def before_after(run: str, width: int = 100) -> str:
         lines += _answer("base", ex.get("base", ""), bool(ex.get("base_stopped")), width)
         lines += _answer("tuned", ex.get("tuned", ""), bool(ex.get("tuned_stopped")), width)
     return "\n".join(lines)
+
+
+def _verdict_lines(rows: list[dict]) -> list[str]:
+    """eval/verdict.json's rows as fixed-width text: what, base, tuned, change (95% CI), n, verdict."""
+    table = readable_rows(rows).reset_index()
+    table.columns = ["", "base", "tuned", "change (95% CI)", "n", "verdict"]
+    return ["  " + line for line in table.to_string(index=False, justify="left").splitlines()]
 
 
 def _forgetting_lines(paths, width: int) -> list[str]:

@@ -198,6 +198,33 @@ def readable_rows(rows: list[dict]):
 
 
 
+# ----------------------------------------------------------------------------- the model in the form it ships
+
+
+def form_comparison(cfg, chosen, examples, answers: dict) -> dict:
+    """The model in another form (merged/, a GGUF) against the form it was evaluated in, on the same prompts
+    with the same decoding: the task score rows (else ROUGE-L and the stop rate), paired, with intervals.
+    chosen: eval_conversations() rows; answers: {form: [generate_answers() rows]}, the reference form first."""
+    scored = task_scores(cfg, answers, [c[2] for c in chosen], [examples[c[0]] for c in chosen],
+                         resolved_scorer(cfg))
+    forms = tuple(answers)
+    rows = verdict_rows(scored, models=forms)
+    rows = [r for r in rows if r["kind"] == "task"] or [r for r in rows if r["metric"] in ("rouge_l", "stop_rate")]
+    return {"forms": list(forms), "rows": rows, "sentence": form_sentence(rows, forms)}
+
+
+def form_sentence(rows: list[dict], forms) -> str:
+    """'served as merged: JSON equal to the reference 83% vs adapter 85%, -2 points (95% CI -7 to +3), n=30:
+    no detectable change.'"""
+    if not rows:
+        return f"served as {forms[1]}: no answers to compare"
+    r = rows[0]
+    lo, hi = (100 * x for x in r["ci95"])
+    return (f"served as {forms[1]}: {LABELS.get(r['metric'], r['metric'])} {100 * r['tuned']:.0f}% vs {forms[0]} "
+            f"{100 * r['base']:.0f}%, {100 * r['difference']:+.0f} points (95% CI {lo:+.0f} to {hi:+.0f}), "
+            f"n={r['n']}: {r['verdict']}.")
+
+
 # ----------------------------------------------------------------------------- notebook views
 
 

@@ -202,7 +202,15 @@ def panel_loss(ax, data):
 BEHAVIOUR = {"sample_stop_rate": ("stop on their own", "#2ca02c"),
              "sample_question_rate": ("end with a question", "#9467bd"),
              "sample_rouge_l": ("ROUGE-L F1 vs reference", "#1f77b4"),
-             "sample_bleu": ("BLEU / 100", "#ff7f0e")}
+             "sample_bleu": ("BLEU / 100", "#ff7f0e"),
+             "sample_task_score": ("task score (the run's first, as notebook 04 scores it)", "#d62728")}
+
+
+def best_task_step(metrics: dict) -> tuple[int, float] | None:
+    """(step, value) of the sampled step with the best task score (the first such step), or None."""
+    steps, values = metrics.get("sample_task_score", ([], []))
+    pairs = [(s, v) for s, v in zip(steps, values) if v == v]
+    return max(pairs, key=lambda p: (p[1], -p[0])) if pairs else None
 
 
 def panel_behaviour(ax, data):
@@ -216,7 +224,9 @@ def panel_behaviour(ax, data):
         steps, values = m[key]
         _line(ax, steps, [v / 100 if key == "sample_bleu" else v for v in values], label=label, color=color)
     ax.set_ylim(-0.05, 1.05)
-    ax.set_title("Answers during training (sample prompts)")
+    best = best_task_step(m)
+    ax.set_title("Answers during training (sample prompts)" +
+                 (f"\nbest task score {best[1]:.0%} at step {best[0]}" if best else ""))
     ax.set_ylabel("share of answers / score (0-1)")
     _step_axis(ax, [x for k in shown for x in m[k][0]])
     ax.legend(loc="best")

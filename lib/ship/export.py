@@ -106,6 +106,8 @@ def _print_export(gguf: Path, report: dict) -> None:
           f"llama.cpp vs {p['transformers']['perplexity']:.6g} transformers (drift {p['relative_drift']:.2%}), "
           f"greedy agreement {report['greedy']['agreement']:.0%} over {report['greedy']['tokens']} tokens, stop rate "
           f"{report['stop_rate']['llama_cpp']:.0%} vs {report['stop_rate']['transformers']:.0%}")
+    if report.get("task_scores"):
+        print(report["task_scores"]["sentence"])
     for f in report["failures"]:
         print(f"WARNING: parity check failed: {f}")
 

@@ -35,7 +35,8 @@ from lib.data.prompts import prompt_messages, render_prompt
 from lib.data.tokenization import IGNORE_INDEX, encode_example
 from lib.data.tokenizer import load_tokenizer
 from lib.evaluate.scoring import check_examples, perplexity
-from lib.model.generation import generation_config
+from lib.evaluate.verdict import form_comparison
+from lib.model.generation import eval_conversations, generate_answers, generation_config
 from lib.model.loading import load_16bit_with_adapter, load_merged, load_tuned_model
 from lib.model.oom import out_of_memory
 from lib.run.context import open_run
@@ -178,14 +179,28 @@ def _merge_and_save(cfg: RunConfig, adapter_dir, tokenizer, sample_examples, out
     return unmerged_logits, str(dtype).replace("torch.", "")
 
 
+def _answers(model, tokenizer, eval_examples, cfg) -> list[dict]:
+    """Greedy-or-configured answers to the eval prompts (up to eval.generate_examples), as evaluation makes them."""
+    import torch
+
+    chosen = eval_conversations(eval_examples)[:max(0, cfg.eval.generate_examples)]
+    if not chosen:
+        return []
+    torch.manual_seed(cfg.train.seed)
+    return generate_answers(model, tokenizer, [c[1] for c in chosen], cfg.generation, cfg.eval.batch_size,
+                            progress=False, max_length=cfg.train.max_length)
+
+
 def _score_merged(out_dir, tokenizer, eval_examples, sample_examples, cfg, info=None) -> dict:
-    """The merged model as a user gets it (loaded by path): template round trip, perplexity, logits, eos."""
+    """The merged model as a user gets it (loaded by path): template round trip, perplexity, logits, eos, and
+    its answers to the eval prompts (for the task scores of the form it ships in)."""
     max_length = cfg.train.max_length
     merged, merged_tok = load_merged(out_dir, info=info)
     out = {"template": template_round_trip(tokenizer, merged_tok, eval_examples, max_length),
            "ppl": perplexity(merged, merged_tok, eval_examples, cfg.eval.batch_size, max_length),
            "logits": answer_logits(merged, merged_tok, sample_examples, max_length),
-           "eos": merged.generation_config.eos_token_id}
+           "eos": merged.generation_config.eos_token_id,
+           "answers": _answers(merged, merged_tok, eval_examples, cfg)}
     del merged
     release()
     return out
@@ -197,7 +212,8 @@ def _score_adapter(cfg, adapter_dir, tokenizer, eval_examples, sample_examples, 
     adapter_model, _ = load_tuned_model(cfg, adapter_dir, info=info)
     out = {"ppl": perplexity(adapter_model, tokenizer, eval_examples, cfg.eval.batch_size, max_length),
            "logits": answer_logits(adapter_model, tokenizer, sample_examples, max_length),
-           "quant": quantization_of(adapter_model) or "none"}
+           "quant": quantization_of(adapter_model) or "none",
+           "answers": _answers(adapter_model, tokenizer, eval_examples, cfg)}
     del adapter_model
     release()
     return out
@@ -226,6 +242,10 @@ def merge_and_check(cfg: RunConfig, adapter_dir, eval_examples: list[dict], out_
         "warnings": report.pop("warnings"),
         "meaning": DRIFT_MEANING,
     })
+    if merged["answers"]:  # the task scores of the form it ships in, paired against the adapter's
+        chosen = eval_conversations(eval_examples)[:len(merged["answers"])]
+        report["task_scores"] = form_comparison(cfg, chosen, eval_examples,
+                                                {"adapter": adapter["answers"], "merged": merged["answers"]})
     write_json(out_dir / "merge_report.json", report)
     return report
 
@@ -313,10 +333,22 @@ def _run_merge(paths, run, overrides) -> dict:
           f"vs adapter {report['perplexity']['adapter']['perplexity']:.6g} (drift {report['relative_drift']:.3%}, "
           f"tolerance {report['tolerance'] * 100:.3g}%); max logit difference {lg['max_abs_diff_vs_adapter']:.3g} "
           f"vs adapter, {lg['max_abs_diff_vs_unmerged']:.2g} vs unmerged")
+    if report.get("task_scores"):
+        print(report["task_scores"]["sentence"])
     for w in report["warnings"]:
         warnings.warn(f"merge check: {w}", stacklevel=3)
         print(f"WARNING: merge check failed: {w}")
     return report
+
+
+def _task_rows(ts: dict | None) -> list[tuple]:
+    """The merged model's task scores against the adapter's on the same prompts (the form it ships in)."""
+    if not ts or not ts.get("rows"):
+        return []
+    return [(f"task score as merged: {r['metric']}", f"{100 * r['tuned']:.0f}% vs adapter {100 * r['base']:.0f}%",
+             f"not checked: {r['difference'] * 100:+.0f} points (95% CI {r['ci95'][0] * 100:+.0f} to "
+             f"{r['ci95'][1] * 100:+.0f}, n={r['n']}): {r['verdict']}; the same prompts and decoding, paired")
+            for r in ts["rows"]]
 
 
 def merge_table(report: dict):
@@ -345,6 +377,7 @@ def merge_table(report: dict):
         ("template round trip", "identical" if report["template"]["ok"] else "DIFFERENT",
          "checked: the saved tokenizer renders conversations exactly as training did"),
         ("end-of-sequence ids", ", ".join(map(str, report["eos_token_id"])), "where generation stops"),
+        *_task_rows(report.get("task_scores")),
         ("check", "ok" if report["ok"] else "FAILED", "drift within tolerance and template identical"),
     ]
     return table(pd.DataFrame(rows, columns=["measure", "value", "what it means"]).set_index("measure"))

@@ -25,6 +25,7 @@ from lib.data.prompts import render_prompt
 from lib.data.templates import stop_token_ids
 from lib.data.tokenization import IGNORE_INDEX, encode_example
 from lib.evaluate.scoring import perplexity
+from lib.evaluate.verdict import form_comparison
 from lib.model.generation import eval_conversations, generate_reply
 from lib.model.loading import load_merged
 from lib.run.formatting import table
@@ -204,6 +205,10 @@ def check_parity(model_dir, gguf_path, cfg, examples: list[dict], quant: str, pr
     stop_hf = sum(a["stopped"] for a in hf_answers) / k
     stop_ll = sum(a["stopped"] for a in ll_answers) / k
     ppl_tol, min_agree = tolerances(cfg, quant)
+    for a in ll_answers:  # the GGUF's answers as text, decoded as transformers decodes its own
+        a["text"] = tokenizer.decode(a["token_ids"], skip_special_tokens=True).strip()
+    served = form_comparison(cfg, chosen, examples, {"merged (transformers)": hf_answers,
+                                                     f"GGUF {quant} (llama.cpp)": ll_answers})
     failures = _parity_failures(e, len(chosen), same_prompt, eog, (drift, ppl_ll, ppl_hf, ppl_tol),
                                 (agree, n, min_agree), (stop_ll, stop_hf))
     return {
@@ -223,7 +228,17 @@ def check_parity(model_dir, gguf_path, cfg, examples: list[dict], quant: str, pr
                         "end_of_generation_in_gguf": all(eog.values())},
         "add_bos": add_bos,
         "decoding": "greedy (argmax) on both sides, repetition penalty 1.0, the same prompt token ids",
+        "task_scores": served,
     }
+
+
+def _served_rows(ts: dict | None) -> list[tuple]:
+    """The GGUF's task scores against merged/'s on the same prompts and greedy decoding (the form it ships in)."""
+    if not ts or not ts.get("rows"):
+        return []
+    return [(f"task score as served: {r['metric']}", f"{100 * r['tuned']:.0f}% vs {100 * r['base']:.0f}%",
+             f"not checked: the GGUF vs merged/ {r['difference'] * 100:+.0f} points (95% CI {r['ci95'][0] * 100:+.0f} "
+             f"to {r['ci95'][1] * 100:+.0f}, n={r['n']}): {r['verdict']}") for r in ts["rows"]]
 
 
 def parity_table(report: dict):
@@ -250,6 +265,7 @@ def parity_table(report: dict):
          f"checked: may differ by up to {s.get('tolerance', 0):.0%} (export.stop_rate_tolerance)"),
         ("stop tokens end generation in the GGUF", "yes" if report["stop_tokens"]["end_of_generation_in_gguf"] else "NO",
          "checked: otherwise llama.cpp would run past the answer"),
+        *_served_rows(report.get("task_scores")),
         ("check", "ok" if report["ok"] else "FAILED: " + "; ".join(report["failures"]), "every checked line passes"),
     ]
     return table(pd.DataFrame(rows, columns=["measure", "value", "what it means"]).set_index("measure"))

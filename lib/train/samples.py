@@ -9,7 +9,9 @@ The prompts are the first `eval.sample_prompts` eval prompts (the training ones 
 split), answered with the run's own stop tokens and `cfg.generation` made greedy, at most
 `eval.sample_max_new_tokens` new tokens (lib/model/generation.py). Their scores (stop rate, the Socratic style
 score, BLEU and ROUGE-L against the reference) come from lib/data/textmetrics.py, the very functions evaluation
-uses, and go into logs/training_metrics.csv as `sample_*` columns, one row a sampled step. The model is
+uses, and go into logs/training_metrics.csv as `sample_*` columns, one row a sampled step; so does the
+run's task score (`sample_task_score`: the first of eval.scores, or the one chosen from the eval references,
+lib/data/scores.py), which notebook 05 plots per step and names the best step of. The model is
 put in eval mode under torch.no_grad for the answers and back in train mode after. Only the main process
 samples; under FSDP (the weights sharded over processes) nothing is sampled. In a notebook the latest
 answers are shown in a table under the progress bar, updated in place.
@@ -28,6 +30,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from lib.data.readers import read_examples
+from lib.data.scores import choose_scores, score_answers
 from lib.data.textmetrics import generation_metrics
 from lib.model.generation import eval_conversations, eval_tools, generate_answers
 from lib.run.paths import require, run_paths
@@ -37,18 +40,26 @@ from lib.train.trainer import SAMPLE_COLUMNS
 PREVIEW_CHARACTERS = 300  # of an answer in the live table
 
 
-def sample_prompts(paths, n: int) -> list[tuple]:
+def sample_prompts(paths, n: int) -> tuple[list[tuple], list[str]]:
     """(index, prompt messages, reference, tools) of the first `n` eval conversations (training ones without
-    an eval split)."""
+    an eval split), and the references of all of them (the task score is chosen from those, as evaluation does)."""
     if n <= 0:
-        return []
+        return [], []
     for source in (paths.eval_data, paths.train_data):
         examples = read_examples(source) if source.exists() else []
-        chosen = eval_conversations(examples)[:n]
+        every = eval_conversations(examples)
+        chosen = every[:n]
         if chosen:
             tools = eval_tools(examples, chosen)
-            return [(i, p, r, t) for (i, p, r), t in zip(chosen, tools)]
-    return []
+            return [(i, p, r, t) for (i, p, r), t in zip(chosen, tools)], [r for _, _, r in every]
+    return [], []
+
+
+def task_score_name(cfg, references: list[str]) -> str | None:
+    """The run's first task score (eval.scores, else chosen from the references: lib/data/scores.py), the one
+    the sampled answers are scored with while training; None when none fits."""
+    names = list(cfg.eval.scores) if cfg.eval.scores is not None else choose_scores(references)[0]
+    return names[0] if names else None
 
 
 def read_samples(path) -> list[dict]:
@@ -79,7 +90,8 @@ class SamplesCallback(TrainerCallback):
 
     def __init__(self, cfg, tokenizer, paths, resume_step: int | None = None, metrics=None, live: bool | None = None):
         self.cfg, self.tokenizer, self.path, self.metrics = cfg, tokenizer, paths.samples, metrics
-        self.prompts = sample_prompts(paths, cfg.eval.sample_prompts)
+        self.prompts, references = sample_prompts(paths, cfg.eval.sample_prompts)
+        self.task_score = task_score_name(cfg, references)
         self.settings = dataclasses.replace(cfg.generation, do_sample=False,
                                             max_new_tokens=cfg.eval.sample_max_new_tokens)
         self.live = _in_notebook() if live is None else live
@@ -100,11 +112,17 @@ class SamplesCallback(TrainerCallback):
                                    self.cfg.eval.batch_size, progress=False, max_length=self.cfg.train.max_length,
                                    tools=tools if any(tools) else None)
         epoch = round(state.epoch or 0.0, 4)
+        refs = [r for _, _, r, _ in self.prompts]
+        task = (score_answers([self.task_score], [a["text"] for a in answers], refs)[self.task_score]
+                if self.task_score else [None] * len(answers))
         rows = [{"step": step, "epoch": epoch, "index": i, "prompt": p[-1]["content"], "reference": r,
-                 "answer": a["text"], "stopped": a["stopped"]} for (i, p, r, _), a in zip(self.prompts, answers)]
+                 "answer": a["text"], "stopped": a["stopped"], "task_score": self.task_score, "score": v}
+                for (i, p, r, _), a, v in zip(self.prompts, answers, task)]
         with open(self.path, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        scores = generation_metrics(answers, [r for _, _, r, _ in self.prompts])
+        scores = generation_metrics(answers, refs)
+        applies = [v for v in task if v is not None]
+        scores["task_score"] = sum(applies) / len(applies) if applies else None
         if self.metrics is not None:
             self.metrics.append({"step": step, "epoch": epoch,
                                  **{c: scores.get(c.removeprefix("sample_")) for c in SAMPLE_COLUMNS}})

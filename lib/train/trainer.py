@@ -37,7 +37,7 @@ from lib.train.lmhead import compact_lm_head
 
 # The scores of the answers sampled while training (lib/train/samples.py), one row a sampled step, as evaluate has them.
 SAMPLE_COLUMNS = ["sample_stop_rate", "sample_question_rate", "sample_questions_per_answer", "sample_mean_words",
-                  "sample_bleu", "sample_rouge_l"]
+                  "sample_bleu", "sample_rouge_l", "sample_task_score"]
 METRIC_COLUMNS = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
                   "tokens_per_second", "peak_memory_mb", *SAMPLE_COLUMNS]
 # fp16 mixed precision skips a step when its scaled gradients overflow; this many in a row is a real problem.
