@@ -218,7 +218,8 @@ def test_evaluate_writes_the_verdict_and_a_null_control_that_shows_no_change(tra
     from lib.run.rundir import read_json
 
     run = copy_run(trained_run, "verdict")
-    result = run_evaluate(run, overrides=["eval.scores=[exact, contains]"], progress=False, null_control=True)
+    result = run_evaluate(run, overrides=["eval.scores=[exact, contains]", "eval.generate_examples=8",
+                                          "generation.max_new_tokens=12"], progress=False, null_control=True)
     paths = run_paths(run)
     verdict = read_json(paths.verdict)
     assert verdict == json.loads(json.dumps(result["verdict"]))
@@ -226,6 +227,7 @@ def test_evaluate_writes_the_verdict_and_a_null_control_that_shows_no_change(tra
     assert metrics[:2] == ["exact", "contains"] and "perplexity" in metrics and "stop_rate" in metrics
     keys = {"metric", "higher_is_better", "base", "tuned", "difference", "ci95", "n", "verdict"}
     n = len(result["predictions"])
+    assert n == 8
     for row in verdict["rows"]:
         assert keys <= set(row), row
         if row["kind"] in ("task", "text"):
