@@ -166,6 +166,15 @@ def _transformers_side(model_dir, chosen, examples, cfg, greedy, progress):
     return tokenizer, prompts, hf_answers, ppl_hf
 
 
+def _served(cfg, chosen, examples, tokenizer, hf_answers, ll_answers, quant) -> dict:
+    """The GGUF's task scores against merged/'s (lib/evaluate/verdict.py), its answers decoded as transformers
+    decodes its own."""
+    for a in ll_answers:
+        a["text"] = tokenizer.decode(a["token_ids"], skip_special_tokens=True).strip()
+    return form_comparison(cfg, chosen, examples, {"merged (transformers)": hf_answers,
+                                                   f"GGUF {quant} (llama.cpp)": ll_answers})
+
+
 def check_parity(model_dir, gguf_path, cfg, examples: list[dict], quant: str, progress: bool = True) -> dict:
     """Compare the GGUF in llama.cpp with merged/ in transformers (see the module docstring)."""
     from tqdm.auto import tqdm
@@ -202,13 +211,8 @@ def check_parity(model_dir, gguf_path, cfg, examples: list[dict], quant: str, pr
     agree = sum(h["token_ids"][:n] == g["token_ids"][:n] for h, g in zip(hf_answers, ll_answers)) / k
     first_diff = _first_differences(hf_answers, ll_answers)
     drift = abs(ppl_ll["perplexity"] - ppl_hf["perplexity"]) / ppl_hf["perplexity"]
-    stop_hf = sum(a["stopped"] for a in hf_answers) / k
-    stop_ll = sum(a["stopped"] for a in ll_answers) / k
+    stop_hf, stop_ll = (sum(a["stopped"] for a in answers) / k for answers in (hf_answers, ll_answers))
     ppl_tol, min_agree = tolerances(cfg, quant)
-    for a in ll_answers:  # the GGUF's answers as text, decoded as transformers decodes its own
-        a["text"] = tokenizer.decode(a["token_ids"], skip_special_tokens=True).strip()
-    served = form_comparison(cfg, chosen, examples, {"merged (transformers)": hf_answers,
-                                                     f"GGUF {quant} (llama.cpp)": ll_answers})
     failures = _parity_failures(e, len(chosen), same_prompt, eog, (drift, ppl_ll, ppl_hf, ppl_tol),
                                 (agree, n, min_agree), (stop_ll, stop_hf))
     return {
@@ -228,7 +232,7 @@ def check_parity(model_dir, gguf_path, cfg, examples: list[dict], quant: str, pr
                         "end_of_generation_in_gguf": all(eog.values())},
         "add_bos": add_bos,
         "decoding": "greedy (argmax) on both sides, repetition penalty 1.0, the same prompt token ids",
-        "task_scores": served,
+        "task_scores": _served(cfg, chosen, examples, tokenizer, hf_answers, ll_answers, quant),
     }
 
 
