@@ -51,6 +51,7 @@ class Prepared:
     notes: list[str] = field(default_factory=list)  # how the data's splits were used, for the audit
     fields: list[dict] = field(default_factory=list)  # where every field went (FieldAccount.rows)
     weight0_answers: int = 0  # answers the data marks as context ("weight": 0), never trained
+    files: list[str] = field(default_factory=list)  # the files read as this data set, when more than one
 
 
 def split_roles(loaded: Loaded) -> tuple[list[str], list[str], list[str]]:
@@ -173,4 +174,4 @@ def prepare_examples(source: str, fmt: str = "auto", eval_fraction: float = 0.1,
     if max_examples is not None:
         train = train[:max_examples]
     return Prepared(train, evals, fmt, loaded.source, loaded.container, eval_from, dropped, dups, notes,
-                    account.rows(), weight0)
+                    account.rows(), weight0, loaded.files)
