@@ -52,6 +52,7 @@ class Prepared:
     fields: list[dict] = field(default_factory=list)  # where every field went (FieldAccount.rows)
     weight0_answers: int = 0  # answers the data marks as context ("weight": 0), never trained
     files: list[str] = field(default_factory=list)  # the files read as this data set, when more than one
+    sources: list[dict] | None = None  # a mix of several sources (lib/data/sources.py): each one's label, path, weight
 
 
 def split_roles(loaded: Loaded) -> tuple[list[str], list[str], list[str]]:
