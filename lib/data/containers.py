@@ -42,11 +42,18 @@ def compression(path: Path) -> str | None:
 
 
 def _zstd(raw: bytes) -> bytes:
+    """Every frame of `raw` (frames written without their size, by zstd's streaming mode, too); a frame cut
+    short is an error, never a silently shorter file."""
     import zstandard
 
-    # stream_reader: frames written without their content size (zstd's streaming mode) decode too
-    with zstandard.ZstdDecompressor().stream_reader(raw) as reader:
-        return reader.read()
+    out, decoder = [], zstandard.ZstdDecompressor()
+    while raw:
+        frame = decoder.decompressobj()
+        out.append(frame.decompress(raw))
+        if not frame.eof:
+            raise ValueError("the data ends inside a frame (truncated)")
+        raw = frame.unused_data
+    return b"".join(out)
 
 
 def read_bytes(path: Path) -> bytes:

@@ -100,7 +100,7 @@ def prepare_data(d) -> Prepared:
             p = prepare_examples(src["path"], src.get("format") or "auto", d.eval_fraction, d.seed, None,
                                  d.system_prompt, src.get("columns"), src.get("ignore_fields") or ())
         except SFTError as e:
-            raise type(e)(f"data source {i} ({label}): {e}") from None
+            raise SFTError(f"data source {i} ({label}): {e}") from None
         src["format"] = p.format
         for ex in p.train + p.eval:
             ex.setdefault("metadata", {})["_source"] = label
