@@ -62,10 +62,16 @@ def _weights(d, sources: list[dict]) -> list[float] | None:
         weights = [s.get("weight", 1) if s.get("weight") is not None else 1 for s in sources]
     if weights is None:
         return None
+    out = []
     for i, w in enumerate(weights, start=1):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+        try:  # `--set data.mix_weights=3,1` gives strings
+            value = float(w) if isinstance(w, str) or (isinstance(w, (int, float)) and not isinstance(w, bool)) else None
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value <= 0:
             raise ConfigError(f"data.mix_weights: weight {i} must be a number above 0, got {w!r}")
-    return [float(w) for w in weights]
+        out.append(value)
+    return out
 
 
 def strategy(d, weights) -> str:

@@ -111,21 +111,6 @@ def convert_value(key: str, raw, annotation):
     raise ConfigError(f"{key}: cannot use {raw!r} (expected {names})")
 
 
-# Lists of numbers, and lists of objects (checked where they are used: lib/data/sources.py), not of strings.
-_NUMBER_LISTS = {"data.mix_weights"}
-_OBJECT_LISTS = {"data.sources"}
-
-
-def _numbers(key: str, value: list) -> list | None:
-    out = []
-    for v in value:
-        try:
-            out.append(v if isinstance(v, (int, float)) and not isinstance(v, bool) else float(str(v)))
-        except ValueError:
-            raise ConfigError(f"{key}: expected a list of numbers, e.g. [3, 1]; got {v!r}") from None
-    return out or None
-
-
 def _convert_collection(key: str, raw, kind: type):
     """A mapping or list setting: as given (YAML, a notebook), or from `--set` text: YAML flow
     (`{prompt: question, response: answer}`, `[notes, url]`), `prompt=question,response=answer`, or
@@ -147,9 +132,7 @@ def _convert_collection(key: str, raw, kind: type):
             value = [p.strip() for p in text.split(",") if p.strip()]
     if not isinstance(value, kind):
         raise ConfigError(f"{key}: expected {'a mapping' if kind is dict else 'a list'}, got {raw!r}")
-    if key in _NUMBER_LISTS:
-        return _numbers(key, value)
-    if key in _OBJECT_LISTS:
+    if key in ("data.mix_weights", "data.sources"):  # numbers and objects, checked by lib/data/sources.py
         return copy.deepcopy(value) or None
     items = value.items() if kind is dict else enumerate(value)
     bad = next((v for _, v in items if not isinstance(v, str) or not v.strip()), None) if value else None
