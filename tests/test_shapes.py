@@ -384,9 +384,10 @@ REFUSED = {
     "ambiguous": ([{"instruction": "Why?", "output": "Because.", "response": "Since."}],
                   {}, "fit several formats (instruction_output, instruction_response): choose one with --format"),
     "ambiguous_ultrafeedback": (SHAPES["ultrafeedback_binarized"][0], {}, "fit several formats (messages, preference)"),
-    "unread_loss_weight": ([{"messages": [{"role": "user", "content": "Hi", "loss_weight": 0.0},
-                                          {"role": "assistant", "content": "Hello", "loss_weight": 0.0}]}],
-                           {}, "field 'messages[].loss_weight': decides what is trained, but nothing reads it"),
+    # (LLaMA-Factory v1's loss_weight is read as the turn's weight: tests/test_public_sets.py)
+    "unread_train_flag": ([{"messages": [{"role": "user", "content": "Hi", "train": False},
+                                         {"role": "assistant", "content": "Hello", "train": False}]}],
+                          {}, "field 'messages[].train': decides what is trained, but nothing reads it"),
     "tool_call_bad_json": ([{"messages": [U("Weather?"), {"role": "assistant", "content": None, "tool_calls": [
         {"type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris}"}}]}]}],
                            {}, "field 'messages[2].tool_calls[1].function.arguments': the tool call's arguments "

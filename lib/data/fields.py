@@ -167,8 +167,9 @@ class FieldAccount:
                 unused = [k for k, o in self.fields.items() if o.unused_text * 2 > self.records]
                 also = (f" (the unused text fields: data.ignore_fields=[{', '.join(unused)}])"
                         if len(unused) > 1 else "")
-                raise DataError(rec.file, f"holds text in {c.unused_text} of {self.records} records and nothing the "
-                                          f"{self.format} format reads uses it, so the model would never see it: map "
+                raise DataError(rec.file, f"holds text in {c.unused_text} of {self.records} records and nothing uses "
+                                          f"it (the {self.format} format does not read it), so the model would never "
+                                          "see it: map "
                                           f"it with data.columns (e.g. {{input: {key}}}), choose another format with "
                                           f"--format, or list it in data.ignore_fields{also}",
                                 line=rec.line, record=None if rec.line is not None else rec.index, field=key)
