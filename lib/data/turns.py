@@ -56,15 +56,6 @@ def string_field(rec: RawRecord, key: str, required: bool = True, what: str = "f
     return v
 
 
-def text_parts(rec: RawRecord, parts: list, key: str) -> str:
-    """Content given as a list of text parts: the text joined with newlines (see `content_parts`)."""
-    text, reasoning, calls = content_parts(rec, parts, key)
-    if reasoning is not None or calls:
-        kind = "reasoning" if reasoning is not None else "tool_call"
-        raise rec.error(f"a content part of type {kind!r} here: only a turn's content takes one", field=key)
-    return text
-
-
 def _part_value(rec: RawRecord, part: dict, where: str):
     """A part's string: OpenAI's "text" key, or LLaMA-Factory v1's "value"."""
     key = "text" if "text" in part or "value" not in part else "value"
@@ -193,8 +184,6 @@ def _content(rec: RawRecord, content, where: str, role: str, calls: bool) -> str
         if calls:  # an assistant turn that only calls tools
             return ""
         raise rec.error("missing content", field=where)
-    if isinstance(content, list):
-        return text_parts(rec, content, where)
     if role == "tool" and isinstance(content, dict):  # a result given as an object: its JSON text
         return json.dumps(content, ensure_ascii=False)
     if not isinstance(content, str):
