@@ -4,8 +4,8 @@
     prepared = prepare_data(cfg.data)          # one source: prepare_examples as ever; several: the mix
     rows = source_rows(prepared, tokenizer)    # per source: records, examples, tokens, trained tokens, share
 
-The sources are `data.sources` (a list of {path, format, columns, ignore_fields, weight}; `--data A --data B`
-makes it), or the one `data.path`. Each is normalised, accounted for and split into train and eval on its
+The sources are `data.sources` (a list of {path, format, columns, ignore_fields, weight, eval_fraction};
+`--data A --data B` makes it), or the one `data.path`. Each is normalised, accounted for and split into train and eval on its
 own (prepare_examples), so each may have its own shape and column mapping, and the eval split keeps every
 source (each source's own test split, or its held-out share). The training splits are then mixed by
 `data.mix_strategy`, with the meaning of LLaMA-Factory's `mix_strategy` / `interleave_probs`:
@@ -28,7 +28,7 @@ from pathlib import Path
 from lib.data.examples import Prepared, prepare_examples
 from lib.run.errors import ConfigError, SFTError
 
-SOURCE_KEYS = ("path", "format", "columns", "ignore_fields", "weight")
+SOURCE_KEYS = ("path", "format", "columns", "ignore_fields", "weight", "eval_fraction")
 # interleave_over repeats the smaller sources; past this many times the records read, the mix is refused.
 MAX_OVERSAMPLING = 20
 
@@ -103,7 +103,10 @@ def prepare_data(d) -> Prepared:
     for i, src in enumerate(sources, start=1):
         label = _label(src, i, taken)
         try:
-            p = prepare_examples(src["path"], src.get("format") or "auto", d.eval_fraction, d.seed, None,
+            share = src.get("eval_fraction", d.eval_fraction)
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+                raise ConfigError(f"data.sources[{i}].eval_fraction: must be in [0, 1), got {share!r}")
+            p = prepare_examples(src["path"], src.get("format") or "auto", share, d.seed, None,
                                  d.system_prompt, src.get("columns"), src.get("ignore_fields") or ())
         except SFTError as e:
             raise SFTError(f"data source {i} ({label}): {e}") from None

@@ -120,7 +120,7 @@ class DataSettings:
     ignore_fields: list | None = _f(None, "Fields that hold text but that you want left out of training, "
                                           "e.g. [notes]; prepare stops on any other unused text field.")
     sources: list | None = _f(None, "Data sets mixed into one run, replacing path (--data A --data B): a list of "
-                                    "{path, format, columns, ignore_fields, weight}, all but path optional.")
+                                    "{path, format, columns, ignore_fields, weight, eval_fraction}, all but path optional.")
     mix_weights: list | None = _f(None, "Each source's share of the training split, e.g. [3, 1]. None: the sources' weight.")
     mix_strategy: str = _f("auto", "concat (each record once), interleave_under (by weight until a source runs out) or "
                                    "interleave_over (until each has run out once); auto: concat unless weighted.")
