@@ -204,6 +204,10 @@ def test_cli_mixes_several_data_and_refuses_bad_weights_in_one_line(two_sources,
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err
     assert not run_paths("bad").root.exists()
+    assert main(["prepare", "--run", "bad"]) == 2 and "--data is required" in capsys.readouterr().err
+    sources = json.dumps([{"path": task}, {"path": general, "eval_fraction": 0}])
+    assert main(["prepare", "--run", "cfg", "--set", f"data.sources={sources}", "--set", "data.mix_weights=[1,1]"]) == 0
+    assert {ex["metadata"]["_source"] for ex in read_examples(run_paths("cfg").eval_data)} == {"task.jsonl"}
 
 
 def test_a_bad_record_in_a_source_names_the_source_file_and_line(two_sources, tmp_path, outputs):
