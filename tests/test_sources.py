@@ -214,3 +214,26 @@ def test_a_bad_record_in_a_source_names_the_source_file_and_line(two_sources, tm
     bad = _write(tmp_path / "bad.jsonl", [{"instruction": "x", "output": 3}])
     with pytest.raises(SFTError, match=r"data source 2 \(bad.jsonl\): .*bad\.jsonl: line 1: field 'output'"):
         run_prepare("badsrc", [two_sources[0], bad])
+
+
+def test_training_logs_each_sources_eval_loss_and_plots_it(tmp_path, outputs):
+    from lib.evaluate.plots import run_plots
+    from lib.train.training import metrics_frame, run_train
+
+    task = _write(tmp_path / "task.jsonl", [{"instruction": f"Name the number after {i}.", "output": f"{i + 1}."}
+                                            for i in range(30)])
+    chat = _write(tmp_path / "chat.jsonl", [{"conversations": [{"from": "human", "value": f"Say hello to friend {i}."},
+                                                               {"from": "gpt", "value": f"Hello, friend {i}!"}]}
+                                            for i in range(30)])
+    run_prepare("bysource", [task, chat], overrides=["data.mix_weights=[1,1]", "data.eval_fraction=0.2",
+                                                     "train.max_steps=4", "train.eval_steps=2", "train.save_steps=2",
+                                                     "train.logging_steps=1", "eval.generate_examples=0"])
+    summary = run_train("bysource")
+    series = summary["eval_loss_by_source"]
+    assert set(series) == {"task.jsonl", "chat.jsonl"}
+    frame = metrics_frame("bysource")
+    eval_steps = [int(s) for s, v in zip(frame["step"], frame["eval_loss"]) if v == v]  # NaN: a training row
+    for points in series.values():
+        assert [s for s, _ in points] == eval_steps and all(0 < loss < 50 for _, loss in points)
+    assert series["task.jsonl"] != series["chat.jsonl"]
+    assert any(p.name == "eval_loss_by_source.png" for p in run_plots("bysource"))
