@@ -26,7 +26,7 @@ from lib.__main__ import main
 from lib.data.examples import prepare_examples
 from lib.data.prepare import run_prepare
 from lib.data.readers import read_examples
-from lib.data.sources import mix
+from lib.data.sources import mix, sources_table
 from lib.run.errors import DataError, SFTError
 from lib.run.paths import run_paths
 
@@ -160,6 +160,9 @@ def test_shares_match_the_weights_and_eval_keeps_every_source(two_sources, strat
     else:  # every source used whole at least once
         assert sizes["task.jsonl"] >= 216 and sizes["general.jsonl"] >= 135
     assert {ex["metadata"]["_source"] for ex in read_examples(run_paths("mix").eval_data)} == set(rows)
+    table = sources_table(report)
+    assert list(table.index) == ["task.jsonl", "general.jsonl"] and list(table["share"]) == [
+        rows["task.jsonl"]["share"], rows["general.jsonl"]["share"]]
 
 
 def test_mix_holds_the_shares_at_every_prefix():

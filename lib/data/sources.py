@@ -189,3 +189,15 @@ def source_rows(prepared: Prepared, tokenizer, max_length: int | None = None) ->
         r["trained_token_share"] = round(r["trained_tokens"] / t, 4)
         r["target_share"] = round(r["weight"] / total_w, 4) if total_w and r["weight"] else None
     return list(rows.values())
+
+
+def sources_table(report: dict):
+    """data/report.json's sources as a table (pandas DataFrame) for notebook 01; a one-line note for one source."""
+    import pandas as pd
+
+    rows = report.get("sources")
+    if not rows:
+        return pd.DataFrame([{"sources": f"one data set: {report.get('source')}"}]).set_index("sources")
+    cols = ["source", "format", "weight", "target_share", "share", "train", "eval", "tokens", "trained_tokens",
+            "trained_token_share"]
+    return pd.DataFrame([{c: r.get(c) for c in cols} for r in rows]).set_index("source")

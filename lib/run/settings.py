@@ -109,7 +109,8 @@ def check_columns(columns: dict | None) -> str | None:
 
 @dataclass
 class DataSettings:
-    path: str = _f("data/examples/socratic_questions.jsonl", "Local file or folder, or a Hub dataset id.")
+    path: str = _f("data/examples/socratic_questions.jsonl", "Local file (also .gz, .bz2, .xz, .zst), a folder of "
+                                                             "files, a glob ('data/*.parquet') or a Hub dataset id.")
     format: str = _f("auto", "Record shape: auto (detected from the fields), or one of messages, sharegpt, "
                              "capybara, qa_splits, socratic, instruction_output, instruction_response, dolly, "
                              "query_response, prompt_completion, prompt_response, reasoning, glaive, xlam, "
