@@ -1,7 +1,7 @@
 """Replay against forgetting on SmolLM2-135M-Instruct: 0%, 10% and 25% of general data mixed into training.
 
     python bench/replay.py                      # smol profile, CPU: three runs, about 25 minutes on 2 cores
-    python bench/replay.py --profile tiny       # the same steps on the tiny model, to check the script (seconds)
+    python bench/replay.py --profile tiny --set train.max_steps=2 --replay-tokens 8   # a quick check of the script
 
 The general data are the base model's own answers to general prompts, made by the forgetting check itself:
 the 40 prompts of data/general_prompts.jsonl are split in two, the first `eval.general_examples` (the
@@ -69,6 +69,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="smol")
     ap.add_argument("--shares", default="0,0.1,0.25", help="replay shares of the training split")
     ap.add_argument("--run", default="bench-replay")
+    ap.add_argument("--replay-tokens", type=int, default=128, help="longest base answer of the replay set")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting for every run, e.g. train.max_steps=4 (a quick check of the script)")
     args = ap.parse_args(argv)
     from lib.data.prepare import run_prepare
     from lib.evaluate.evaluation import run_evaluate
@@ -84,10 +87,10 @@ def main(argv=None) -> int:
     pool.write_text("\n".join(prompts[measured:]) + "\n", encoding="utf-8")
     task = cfg.data.path
     base = f"{args.run}-0"
-    report = run_prepare(base, task, profile=args.profile, overwrite=True)
+    report = run_prepare(base, task, profile=args.profile, overwrite=True, overrides=args.overrides)
     _train(base)
     run_evaluate(base, overrides=[f"eval.general_prompts={pool}", "eval.general_examples=null",
-                                  "eval.general_max_new_tokens=128"], progress=False)
+                                  f"eval.general_max_new_tokens={args.replay_tokens}"], progress=False)
     replay = work / "replay.jsonl"
     rows = replay_rows(run_paths(base).forgetting_base)
     replay.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -98,7 +101,7 @@ def main(argv=None) -> int:
         weights, how = mix_for(report["counts"]["train"], len(rows), share)
         sources = json.dumps([{"path": task}, {"path": str(replay), "eval_fraction": 0}])
         mixed = run_prepare(name, profile=args.profile, overwrite=True,
-                            overrides=[f"data.sources={sources}", f"data.mix_weights={weights}",
+                            overrides=[*args.overrides, f"data.sources={sources}", f"data.mix_weights={weights}",
                                        f"data.mix_strategy={how}"])
         _train(name)
         table.append(_row(name, share, run_evaluate(name, overrides=measure, progress=False), mixed))
