@@ -41,6 +41,9 @@ def replay_rows(forgetting_base: Path) -> list[dict]:
     """The base model's answers as training records ({"messages": prompt turns + the answer}); the answers
     cut at the token limit are left out (they would teach stopping mid-sentence) unless too few stopped."""
     rows = [json.loads(line) for line in forgetting_base.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("answer", "").strip()]
+    if not rows:
+        raise SystemExit(f"{forgetting_base}: the base model gave no answer with text: nothing to replay")
     stopped = [r for r in rows if r.get("stopped")]
     keep = stopped if len(stopped) >= max(4, len(rows) // 3) else rows
     return [{"messages": r["messages"] + [{"role": "assistant", "content": r["answer"]}]} for r in keep]
