@@ -240,3 +240,11 @@ def test_training_logs_each_sources_eval_loss_and_plots_it(tmp_path, outputs):
         assert [s for s, _ in points] == eval_steps and all(0 < loss < 50 for _, loss in points)
     assert series["task.jsonl"] != series["chat.jsonl"]
     assert any(p.name == "eval_loss_by_source.png" for p in run_plots("bysource"))
+
+
+def test_a_test_file_beside_an_unnamed_one_is_refused_not_trained(tmp_path):
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "data.jsonl").write_bytes(_text("jsonl", RECORDS))
+    (tmp_path / "set" / "test.jsonl").write_bytes(_text("jsonl", RECORDS[:2]))
+    with pytest.raises(DataError, match="test.jsonl is named for the 'test' split but data.jsonl for none"):
+        prepare_examples(str(tmp_path / "set"))

@@ -284,6 +284,11 @@ def _read_shards(source: str, files: list[Path], root: Path | None = None) -> Lo
     records, splits, containers = [], [], []
     named = {f: shard_split(f, root) for f in files}
     by_name = all(named.values())
+    if any(named.values()) and not by_name:  # a test file read as training data would be a silent leak
+        split_file, other = next(f for f in files if named[f]), next(f for f in files if not named[f])
+        raise DataError(source, f"{split_file.name} is named for the '{named[split_file]}' split but {other.name} "
+                                "for none: name every file for its split (train-*, test-*), or point at one "
+                                "split's files with a glob")
     for f in files:
         part = _read_file(f)
         containers.append(part.container)
@@ -315,8 +320,8 @@ def load_records(source: str) -> Loaded:
         loaded = _read_folder(path)
     elif path.is_file():
         loaded = _read_file(path)
-    elif not os.path.lexists(path) and shard_files(str(source)) is not None:
-        loaded = _read_shards(str(source), shard_files(str(source)))
+    elif not os.path.lexists(path) and (shards := shard_files(str(source))) is not None:
+        loaded = _read_shards(str(source), shards)
     elif os.path.lexists(path) or os.path.lexists(source):
         raise DataError(source, _not_a_file(Path(source) if os.path.lexists(source) else path))
     elif _HUB_ID.match(str(source)) and not Path(str(source)).suffix:
