@@ -195,6 +195,7 @@ def _message(rec: RawRecord, turn: dict, where: str, role: str, content_key: str
     """One turn as a message (tool calls, tool results, reasoning in the OpenAI form), and the turn's keys it used."""
     used: set = set()
     message: dict = {}
+    parts = None  # the content given as a list of parts
     if role == CALL_ROLE:  # ShareGPT: the call(s) as JSON in the turn's text
         message = {"role": "assistant", "content": "",
                    "tool_calls": _tool_calls(rec, turn.get(content_key), f"{where}.{content_key}")}
@@ -230,7 +231,7 @@ def _message(rec: RawRecord, turn: dict, where: str, role: str, content_key: str
             raise rec.error(f"two different reasonings ({', '.join(reasoning)}): keep one", field=f"{where}.{k}")
         message["reasoning_content"] = v
     used |= set(REASONING_KEYS)
-    if role != CALL_ROLE and parts:
+    if parts:
         _add_parts(rec, message, parts, f"{where}.{content_key}")
     return message, used
 
