@@ -1,6 +1,6 @@
 """The command line: the headless twin of the notebooks.
 
-    python -m lib prepare  --run NAME --data PATH_OR_DATASET_ID [--format auto] [--profile P] [--set k=v ...]
+    python -m lib prepare  --run NAME --data PATH_OR_DATASET_ID [--data ...] [--format auto] [--profile P] [--set k=v ...]
     python -m lib train    --run NAME [--set key=value ...] [--retrain]
     torchrun --nproc_per_node N -m lib -- train --run NAME   # several GPUs (the -- is needed: see README)
     python -m lib evaluate --run NAME [--set key=value ...]
@@ -43,7 +43,10 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help)
         sp.add_argument("--run", required=True, help="run name: outputs/<run>/")
         if data:
-            sp.add_argument("--data", required=True, help="a local file or folder, or a Hub dataset id")
+            sp.add_argument("--data", action="append",
+                            help="a local file (also .gz, .bz2, .xz, .zst), a folder of files, a quoted glob "
+                                 "('data/*.parquet') or a Hub dataset id; several --data mix several sources "
+                                 "(data.mix_weights, data.mix_strategy); none: data.sources or data.path as set")
             sp.add_argument("--format", default="auto", help="record format (default: detect)")
             sp.add_argument("--profile", default=None, help="tiny, smol, t4 or a100 (default: $SFT_PROFILE or tiny)")
         if sets:
@@ -83,6 +86,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _data(a):
+    """--data: one path, several (sources to mix), or none when --set gives data.sources or data.path."""
+    if a.data is None:
+        if not any(o.split("=", 1)[0].strip() in ("data.sources", "data.path") for o in a.overrides):
+            raise SFTError("--data is required: a file, folder, glob or Hub dataset id (or --set data.sources=[...])")
+        return None
+    return a.data[0] if len(a.data) == 1 else a.data
+
+
 def _entry(name: str):
     """The function that runs stage `name`, from the stage registry (imported only now)."""
     module, function = stage(name).run.split(":")
@@ -92,7 +104,7 @@ def _entry(name: str):
 # How each command's arguments reach its entry point. A stage command runs its registry entry; chat and
 # summary read a run and write nothing.
 COMMANDS = {
-    "prepare": lambda a: _entry("prepare")(a.run, a.data, fmt=a.format, profile=a.profile, overrides=a.overrides,
+    "prepare": lambda a: _entry("prepare")(a.run, _data(a), fmt=a.format, profile=a.profile, overrides=a.overrides,
                                            overwrite=getattr(a, "overwrite", False)),
     "train": lambda a: _entry("train")(a.run, overrides=a.overrides, retrain=getattr(a, "retrain", False)),
     "evaluate": lambda a: _entry("evaluate")(a.run, overrides=a.overrides, null_control=a.null_control),

@@ -150,3 +150,22 @@ def test_profile_costs_count_nested_operators_once():
     assert table["  of which 4-bit dequantize"][1] == 0.04
     assert table["LoRA and other matmuls"][1] == 0.10 and table["optimizer"][1] == 0.10
     assert abs(table["other (norms, activations, rotary, casts, autograd)"][1] - 0.30) < 1e-12
+
+
+def test_replay_keeps_every_task_example_once_at_the_asked_share(tmp_path):
+    """bench/replay.py's mix: the task source sets the size, whichever strategy that takes."""
+    from bench.replay import mix_for, replay_rows
+    from lib.data.sources import mix
+
+    for task_n, replay_n, share in [(153, 21, 0.1), (153, 21, 0.25), (40, 200, 0.25)]:
+        weights, how = mix_for(task_n, replay_n, share)
+        task, replay = [{"t": i} for i in range(task_n)], [{"r": i} for i in range(replay_n)]
+        out = mix([task, replay], [float(w) for w in weights], how, 0)
+        assert sorted(ex["t"] for ex in out if "t" in ex) == list(range(task_n))
+        assert abs(sum("r" in ex for ex in out) / len(out) - share) < 0.01
+    base = tmp_path / "forgetting_base.jsonl"
+    prompt = [{"role": "user", "content": "Name a colour."}]
+    base.write_text("".join(json.dumps({"messages": prompt, "answer": a, "stopped": s}) + "\n"
+                            for a, s in [("Blue.", True), ("Red", False), ("  ", True)] * 5))
+    rows = replay_rows(base)
+    assert rows == [{"messages": prompt + [{"role": "assistant", "content": "Blue."}]}] * 5  # stopped, not blank

@@ -194,6 +194,40 @@ SHAPES = {
         [U("Hi there, what is 2+3?"), A("It is 5.")],
     ], "columns", {"columns": {"messages": "dialog", "role": "speaker", "content": "text", "weight": "loss_weight",
                                "user_tag": "prompter", "assistant_tag": "bot"}}),
+    # nvidia/HelpSteer2: prompt, response and five scores; a multi-turn prompt joins its turns with <extra_id_1>
+    "helpsteer2": ([
+        {"prompt": "What is a delegate in C#?", "response": "A type that holds references to methods.",
+         "helpfulness": 3, "correctness": 4, "coherence": 4, "complexity": 2, "verbosity": 1},
+        {"prompt": "c#<extra_id_1>Assistant\nC# is a programming language by Microsoft.<extra_id_1>User\n"
+                   "what is a delegate", "response": "A delegate is a type that references methods.",
+         "helpfulness": 2, "correctness": 3, "coherence": 4, "complexity": 1, "verbosity": 1},
+    ], [
+        [U("What is a delegate in C#?"), A("A type that holds references to methods.")],
+        [U("c#"), A("C# is a programming language by Microsoft.", weight=0), U("what is a delegate"),
+         A("A delegate is a type that references methods.")],
+    ], "prompt_response", {}),
+    # LLaMA-Factory v1 (src/llamafactory/v1): content parts {"type": "text", "value": ...}, a loss_weight a turn
+    "llamafactory_v1_parts": ([
+        {"messages": [
+            {"role": "system", "content": [{"type": "text", "value": "You are a terse tutor."}], "loss_weight": 0.0},
+            {"role": "user", "content": [{"type": "text", "value": "Capital of France?"}], "loss_weight": 0.0},
+            {"role": "assistant", "content": [{"type": "text", "value": "Paris, obviously."}], "loss_weight": 0.0},
+            {"role": "user", "content": [{"type": "text", "value": "And of Spain?"}], "loss_weight": 0.0},
+            {"role": "assistant", "content": [{"type": "text", "value": "Madrid."}], "loss_weight": 1.0}],
+         "_dataset_name": "tutor"},
+    ], [
+        [S("You are a terse tutor."), U("Capital of France?"), A("Paris, obviously.", weight=0), U("And of Spain?"),
+         A("Madrid.")],
+    ], "messages", {}),
+    # raw ShareGPT dumps: a conversation may open with the assistant's greeting (dropped, as FastChat does)
+    "sharegpt_opens_with_assistant": ([
+        {"id": "QWJhYvA_0", "conversations": [
+            {"from": "gpt", "value": "Hello! How can I help you today?"},
+            {"from": "human", "value": "Summarise: the cat sat on the mat."},
+            {"from": "gpt", "value": "A cat sat on a mat."}]},
+    ], [
+        [U("Summarise: the cat sat on the mat."), A("A cat sat on a mat.")],
+    ], "sharegpt", {}),
 }
 
 
@@ -350,9 +384,10 @@ REFUSED = {
     "ambiguous": ([{"instruction": "Why?", "output": "Because.", "response": "Since."}],
                   {}, "fit several formats (instruction_output, instruction_response): choose one with --format"),
     "ambiguous_ultrafeedback": (SHAPES["ultrafeedback_binarized"][0], {}, "fit several formats (messages, preference)"),
-    "unread_loss_weight": ([{"messages": [{"role": "user", "content": "Hi", "loss_weight": 0.0},
-                                          {"role": "assistant", "content": "Hello", "loss_weight": 0.0}]}],
-                           {}, "field 'messages[].loss_weight': decides what is trained, but nothing reads it"),
+    # (LLaMA-Factory v1's loss_weight is read as the turn's weight: tests/test_public_sets.py)
+    "unread_train_flag": ([{"messages": [{"role": "user", "content": "Hi", "train": False},
+                                         {"role": "assistant", "content": "Hello", "train": False}]}],
+                          {}, "field 'messages[].train': decides what is trained, but nothing reads it"),
     "tool_call_bad_json": ([{"messages": [U("Weather?"), {"role": "assistant", "content": None, "tool_calls": [
         {"type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris}"}}]}]}],
                            {}, "field 'messages[2].tool_calls[1].function.arguments': the tool call's arguments "

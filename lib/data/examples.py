@@ -51,6 +51,8 @@ class Prepared:
     notes: list[str] = field(default_factory=list)  # how the data's splits were used, for the audit
     fields: list[dict] = field(default_factory=list)  # where every field went (FieldAccount.rows)
     weight0_answers: int = 0  # answers the data marks as context ("weight": 0), never trained
+    files: list[str] = field(default_factory=list)  # the files read as this data set, when more than one
+    sources: list[dict] | None = None  # a mix of several sources (lib/data/sources.py): each one's label, path, weight
 
 
 def split_roles(loaded: Loaded) -> tuple[list[str], list[str], list[str]]:
@@ -88,12 +90,14 @@ def _normalise_all(loaded: Loaded, fmt: str, columns, ignore_fields, keep: set, 
     """Every record of the kept splits as an example, its split, how many had nothing to train, and
     the field account (checked: a text field nothing uses stops here)."""
     account = FieldAccount(fmt, ignore_fields)
-    examples, splits, dropped = [], [], 0
+    examples, splits, dropped, openers = [], [], 0, []
     for rec in loaded.records:
         if loaded.splits and rec.split not in keep:
             continue  # a split that is neither trained nor evaluated on (said in the notes)
         converted = convert(rec, fmt, columns)
         account.add(rec, converted)
+        if converted.dropped_turns:
+            openers.append((rec, converted.dropped_turns))
         ex = converted.example
         if is_empty(ex):
             dropped += 1
@@ -106,7 +110,19 @@ def _normalise_all(loaded: Loaded, fmt: str, columns, ignore_fields, keep: set, 
     if not examples:
         raise DataError(loaded.source, f"nothing left to train on: all {dropped} records have empty answers "
                                        "(or every answer at weight 0)")
+    account.opener_note = _openers_note(openers)
     return examples, splits, dropped, account
+
+
+def _openers_note(openers: list) -> str | None:
+    """The audit line for the assistant turns dropped at the start of conversations, or None."""
+    if not openers:
+        return None
+    rec = openers[0][0]
+    where = f"line {rec.line}" if rec.line is not None else f"record {rec.index}"
+    return (f"{len(openers)} conversations opened with an assistant turn before any user turn (e.g. a greeting; the "
+            f"first in {rec.file}, {where}): those {sum(n for _, n in openers)} turns were dropped, as FastChat "
+            "does (nothing prompts them)")
 
 
 def prepare_examples(source: str, fmt: str = "auto", eval_fraction: float = 0.1, seed: int = 42,
@@ -125,7 +141,7 @@ def prepare_examples(source: str, fmt: str = "auto", eval_fraction: float = 0.1,
     train_splits, eval_splits, notes = split_roles(loaded)
     keep = set(train_splits) | set(eval_splits)
     examples, splits, dropped, account = _normalise_all(loaded, fmt, columns, ignore_fields, keep, system_prompt)
-    notes = notes + account.warnings()
+    notes = notes + account.warnings() + ([account.opener_note] if account.opener_note else [])
     weight0 = sum(1 for ex in examples for m in ex.get("messages") or []
                   if m["role"] == "assistant" and m.get("weight", 1) == 0)
     seen, dups = set(), 0
@@ -159,4 +175,4 @@ def prepare_examples(source: str, fmt: str = "auto", eval_fraction: float = 0.1,
     if max_examples is not None:
         train = train[:max_examples]
     return Prepared(train, evals, fmt, loaded.source, loaded.container, eval_from, dropped, dups, notes,
-                    account.rows(), weight0)
+                    account.rows(), weight0, loaded.files)

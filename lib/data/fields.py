@@ -104,6 +104,7 @@ class FieldAccount:
         self.ignore = set(ignore or ())
         self.records = 0
         self.fields: dict[str, FieldCount] = {}
+        self.opener_note: str | None = None  # assistant turns dropped before the first user turn (examples.py)
 
     def add(self, rec: RawRecord, conv: Converted) -> None:
         self.records += 1
@@ -163,9 +164,14 @@ class FieldAccount:
                                 line=rec.line, record=None if rec.line is not None else rec.index, field=key)
             if c.unused_text * 2 > self.records:
                 rec = c.first_unused
-                raise DataError(rec.file, f"holds text in {c.unused_text} of {self.records} records and nothing "
-                                          f"uses it, so the model would never see it: map it with data.columns "
-                                          f"(e.g. {{input: {key}}}) or list it in data.ignore_fields",
+                unused = [k for k, o in self.fields.items() if o.unused_text * 2 > self.records]
+                also = (f" (the unused text fields: data.ignore_fields=[{', '.join(unused)}])"
+                        if len(unused) > 1 else "")
+                raise DataError(rec.file, f"holds text in {c.unused_text} of {self.records} records and nothing uses "
+                                          f"it (the {self.format} format does not read it), so the model would never "
+                                          "see it: map "
+                                          f"it with data.columns (e.g. {{input: {key}}}), choose another format with "
+                                          f"--format, or list it in data.ignore_fields{also}",
                                 line=rec.line, record=None if rec.line is not None else rec.index, field=key)
 
     def rows(self) -> list[dict]:

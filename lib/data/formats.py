@@ -17,10 +17,12 @@ How each turn is read (roles, weights, tool calls and results, reasoning) is lib
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lib.data.readers import RawRecord
+from lib.data.toolsets import from_glaive, from_xlam
 from lib.data.turns import (
     SHAREGPT_ROLES,
     Converted,
@@ -41,6 +43,7 @@ METADATA = frozenset({
     "task", "task_type", "type", "subset", "split", "lang", "language", "license", "url", "hash", "timestamp",
     "created_at", "model", "model_name", "models", "tags", "label", "labels", "score", "scores", "quality",
     "domain", "topic", "difficulty", "level", "turn", "turns", "num_turns", "length",
+    "subcategory", "problem_type", "question_type", "finish_reasons",  # Hermes function-calling, OpenR1-Math
 })
 
 # ----------------------------------------------------------------------------- mapped shapes
@@ -88,7 +91,7 @@ def from_columns(rec: RawRecord, cols: dict) -> Converted:
         if messages and turns[0]["role"] == "system":
             raise rec.error(f"two system messages: one in '{cols['system']}' and one opening the conversation",
                             field=key)
-        messages += turns
+        messages += drop_leading_answers(turns, out)
         out.used[key] = COLUMN_ROLES["messages"]
     else:
         if r.get(cols.get("history")) is not None:
@@ -112,6 +115,61 @@ def from_columns(rec: RawRecord, cols: dict) -> Converted:
     if cols.get("tools") and r.get(cols["tools"]) not in (None, "", []):
         out.example["tools"] = tools_list(rec, r[cols["tools"]], cols["tools"])
         out.used[cols["tools"]] = COLUMN_ROLES["tools"]
+    return out
+
+
+def drop_leading_answers(turns: list[dict], out: Converted) -> list[dict]:
+    """The turns without the assistant turns that open the conversation before any user turn (a greeting
+    nothing prompts; FastChat drops it too), counted in `out.dropped_turns` for the audit. A conversation
+    with no user turn after them is left as it is."""
+    i = 0
+    while i < len(turns) and turns[i]["role"] == "system":
+        i += 1
+    j = i
+    while j < len(turns) and turns[j]["role"] == "assistant" and not turns[j].get("tool_calls"):
+        j += 1
+    if j == i or not any(t["role"] == "user" for t in turns[j:]):
+        return turns
+    out.dropped_turns += j - i
+    return turns[:i] + turns[j:]
+
+
+def _reasoning_set(rec: RawRecord, cols: dict) -> Converted:
+    """s1K: question, thinking_trajectories (the reasoning: a list of strings, or one), attempt (the answer)."""
+    question = string_field(rec, "question")
+    attempt = string_field(rec, "attempt", what="answer")
+    thinking = rec.record.get("thinking_trajectories")
+    parts = [thinking] if isinstance(thinking, str) else thinking
+    if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):
+        raise rec.error(f"expected the reasoning as a list of strings, got {type_name(thinking)}",
+                        field="thinking_trajectories")
+    answer = {"role": "assistant", "content": attempt}
+    if any(p.strip() for p in parts):
+        answer["reasoning_content"] = "\n".join(parts)
+    used = {"question": "user turn", "thinking_trajectories": "the answer's reasoning (trained, before it)",
+            "attempt": "assistant answer (trained)"}
+    return Converted({"messages": [{"role": "user", "content": question}, answer]}, used)
+
+
+# HelpSteer2's multi-turn prompts: "turn 1<extra_id_1>Assistant\nanswer 1<extra_id_1>User\nturn 2"
+_EXTRA_ID = re.compile(r"<extra_id_1>(User|Assistant)\n?")
+
+
+def _prompt_response(rec: RawRecord, cols: dict) -> Converted:
+    """prompt + response (HelpSteer / HelpSteer2; the scores are metadata). A multi-turn prompt is split into
+    its turns; its earlier answers are context (weight 0): the data scores, and trains, the response."""
+    prompt = string_field(rec, "prompt")
+    out = from_columns(rec, {"prompt": "prompt", "response": "response", "system": "system"})
+    if "<extra_id_1>" not in prompt:
+        return out
+    pieces = _EXTRA_ID.split(prompt)
+    turns = [{"role": "user", "content": pieces[0].strip()}]
+    for speaker, text in zip(pieces[1::2], pieces[2::2]):
+        turn = {"role": "user" if speaker == "User" else "assistant", "content": text.strip()}
+        turns.append(dict(turn, weight=0) if speaker == "Assistant" else turn)
+    head = [m for m in out.example["messages"] if m["role"] == "system"]
+    out.example["messages"] = head + turns + [out.example["messages"][-1]]
+    out.used["prompt"] = "the turns before the answer: User = user, Assistant = earlier answer (context, not trained)"
     return out
 
 
@@ -220,10 +278,14 @@ def _mapped(columns: dict) -> Callable[[RawRecord, dict], Converted]:
     return lambda rec, _cols: from_columns(rec, columns)
 
 
+# HelpSteer / HelpSteer2's five human scores of the response (0 to 4), and LLaMA-Factory v1's record extras.
+_SCORES = frozenset({"helpfulness", "correctness", "coherence", "complexity", "verbosity"})
+_LLAMAFACTORY_V1 = frozenset({"extra_info", "_dataset_name"})
 _ALPACA = {"prompt": "instruction", "input": "input", "system": "system", "history": "history"}
 SHAPES = {s.name: s for s in [
-    Shape("messages", "messages (a list of {role, content}; UltraChat, no_robots, OpenAI chat)", ("messages",),
-          _mapped({"messages": "messages", "tools": "tools"})),
+    Shape("messages", "messages (a list of {role, content}; UltraChat, no_robots, OpenAI chat, LLaMA-Factory v1 "
+          "content parts with loss_weight)", ("messages",), _mapped({"messages": "messages", "tools": "tools"}),
+          metadata=_LLAMAFACTORY_V1),
     Shape("sharegpt", "sharegpt (conversations: a list of {from, value}; OpenHermes, SlimOrca)", ("conversations",),
           _mapped({"messages": "conversations", "role": "from", "content": "value", "system": "system",
                    "tools": "tools"})),
@@ -244,6 +306,16 @@ SHAPES = {s.name: s for s in [
           _mapped({"prompt": "query", "response": "response"}), metadata=frozenset({"original_question"})),
     Shape("prompt_completion", "prompt_completion (prompt + completion)", ("prompt", "completion"),
           _mapped({"prompt": "prompt", "response": "completion"})),
+    Shape("prompt_response", "prompt_response (prompt + response; HelpSteer2, its scores kept as metadata)",
+          ("prompt", "response"), _prompt_response, metadata=_SCORES),
+    Shape("reasoning", "reasoning (question + thinking_trajectories + attempt; s1K)",
+          ("question", "thinking_trajectories", "attempt"), _reasoning_set,
+          metadata=frozenset({"solution", "cot_type", "source_type", "metadata", "cot"})),
+    Shape("glaive", "glaive (system with the function schemas + one chat string with USER:, ASSISTANT:, "
+          "<functioncall>, FUNCTION RESPONSE:; glaive-function-calling-v2)", ("chat",), from_glaive,
+          when=lambda r: isinstance(r.get("chat"), str) and "USER:" in r["chat"]),
+    Shape("xlam", "xlam (query + tools + answers as JSON strings; xlam-function-calling-60k, parallel calls)",
+          ("query", "tools", "answers"), from_xlam),
     Shape("preference", "preference (prompt + chosen + rejected: chosen is trained)", ("chosen", "rejected"),
           _preference),
     Shape("text", "text (plain text, language modelling)", ("text",), _mapped({"text": "text"})),
@@ -277,12 +349,34 @@ def detect_format(rec: RawRecord, columns: dict | None = None) -> str:
         names = ", ".join(s.name for s in found)
         raise rec.error(f"the fields {', '.join(sorted(r))} fit several formats ({names}): choose one with "
                         "--format (data.format), or map the fields with data.columns")
-    partial = next((fmt for key, fmt in _PARTIAL if key in lower), None)
+    partial = next(((key, fmt) for key, fmt in _PARTIAL if key in lower), None)
+    if partial and not _other_text_fields(r, partial[1]):  # the shape's field whose partner is missing
+        fmt = partial[1]
+        return "socratic" if fmt == "instruction_output" and isinstance(r.get("output"), list) else fmt
+    raise rec.error(_no_format(r, partial))
+
+
+def _other_text_fields(record: dict, fmt: str) -> list[str]:
+    """The fields holding text that neither the shape `fmt` names nor knows as metadata."""
+    own = {f.lower() for f in SHAPES[fmt].fields} | {"input", "system", "history"}
+    return [k for k, v in record.items() if k.lower() not in own and k not in known_metadata(fmt)
+            and (isinstance(v, str) and v.strip() or isinstance(v, (list, dict)) and v)]
+
+
+def _no_format(record: dict, partial: tuple | None) -> str:
+    """Why no shape fits, in one line: the fields, what is missing, and the three ways on."""
+    fields = ", ".join(sorted(record)) or "(none)"
+    texts = [k for k, v in record.items() if isinstance(v, str) and v.strip() and k not in METADATA]
+    example = f"{{prompt: {texts[0]}, response: {texts[-1]}}}" if len(texts) > 1 else "{prompt: ..., response: ...}"
+    hint = ""
     if partial:
-        return "socratic" if partial == "instruction_output" and isinstance(r.get("output"), list) else partial
-    fields = ", ".join(sorted(r)) or "(none)"
-    raise rec.error(f"the fields {fields} match no known format (map them with data.columns). "
-                    f"Known formats: {'; '.join(FORMATS.values())}")
+        key, fmt = partial
+        missing = [f for f in SHAPES[fmt].fields if f not in {k.lower() for k in record}]
+        hint = (f" ('{key}' is a field of the {fmt} format, but its '{missing[0]}' is missing and the fields "
+                f"{', '.join(_other_text_fields(record, fmt))} are not that format's)") if missing else ""
+    return (f"the fields {fields} match no known format{hint}: map them to roles with data.columns (e.g. "
+            f"data.columns={example}), name a format with --format (data.format: {', '.join(SHAPES)}), and list "
+            "fields to leave out in data.ignore_fields")
 
 
 def convert(rec: RawRecord, fmt: str, columns: dict | None = None) -> Converted:

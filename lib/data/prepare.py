@@ -22,6 +22,7 @@ from pathlib import Path
 from lib.data.audit import audit, split_examples_for, split_for_template
 from lib.data.examples import prepare_examples
 from lib.data.readers import read_examples, recorded_data_hash
+from lib.data.sources import prepare_data, source_rows
 from lib.data.templates import DEFAULT_CHAT_TEMPLATE
 from lib.data.tokenization import IGNORE_INDEX, encode_example
 from lib.data.tokenizer import load_tokenizer
@@ -55,17 +56,21 @@ def prepare(cfg: RunConfig, overwrite: bool = False) -> dict:
     """
     paths = run_paths(cfg.run)
     d = cfg.data
-    prepared = prepare_examples(d.path, d.format, d.eval_fraction, d.seed, d.max_examples, d.system_prompt,
-                                d.columns, d.ignore_fields)
+    prepared = prepare_data(d)
     tokenizer, added = tokenizer_with_template_flag(cfg)
     n_split = split_for_template(prepared, tokenizer, d.inline_reasoning)
     report = audit(prepared, tokenizer, cfg.train.max_length, template_added=added,
                    allow_missing_stop=d.allow_missing_stop, n_split=n_split)
     report["prompt_format"] = d.prompt_format
+    if prepared.files:
+        report["files"] = prepared.files
+    if prepared.sources:
+        report["sources"] = source_rows(prepared, tokenizer, cfg.train.max_length)
     if not prepared.eval and cfg.train.eval_strategy != "no":
         cfg.train.eval_strategy = "no"
         report["warnings"].append("train.eval_strategy set to 'no' since there is no evaluation split")
-    cfg.data.format = prepared.format if d.format == "auto" else d.format
+    if not prepared.sources:
+        cfg.data.format = prepared.format if d.format == "auto" else d.format
     check_training_settings(cfg, paths, has_eval=bool(prepared.eval))
 
     paths.root.parent.mkdir(parents=True, exist_ok=True)
@@ -123,8 +128,10 @@ def run_prepare(run: str, data: str | None = None, fmt: str = "auto", profile: s
                 overrides=(), overwrite: bool = False) -> dict:
     """Entry point of notebook 01 and `python -m lib prepare`: returns the audit report."""
     cfg = make_config(profile, run=run, overrides=overrides or [])
-    if data is not None:
-        cfg.data.path = str(data)
+    if isinstance(data, (list, tuple)) and len(data) > 1:  # --data A --data B: several sources
+        cfg.data.sources = [{"path": str(p)} for p in data]
+    elif data is not None:
+        cfg.data.path = str(data[0] if isinstance(data, (list, tuple)) else data)
     if fmt and fmt != "auto":
         cfg.data.format = fmt
     validate(cfg)
@@ -132,6 +139,11 @@ def run_prepare(run: str, data: str | None = None, fmt: str = "auto", profile: s
     paths = run_paths(run)
     print(f"prepared {report['counts']['train']} training and {report['counts']['eval']} evaluation examples "
           f"({report['format']}) into {paths.data_dir}")
+    for row in report.get("sources") or []:
+        print(f"  {row['source']}: {row['train']} training ({row['share']:.1%}), {row['eval']} evaluation examples")
+    if report.get("files") and not report.get("sources"):
+        shown = ', '.join(report['files'][:3]) + (', ...' if len(report['files']) > 3 else '')
+        print(f"  read {len(report['files'])} files as one data set: {shown}")
     for w in report["warnings"]:
         print(f"warning: {w}")
     return report

@@ -1,6 +1,8 @@
-"""Reading data files: the records of a .json, .jsonl, .csv or .parquet file, a `datasets` save_to_disk
-folder or a Hub dataset id (load_records, for 01 prepare data), and the prepared examples of a run
-(read_examples). Bad input raises DataError naming the file, the line (or record) and the field.
+"""Reading data files: the records of a .json, .jsonl, .csv or .parquet file (compressed or not), of several
+such files read as one data set (a folder of shards or a glob), a `datasets` save_to_disk folder or a Hub
+dataset id (load_records, for 01 prepare data), and the prepared examples of a run (read_examples). Bad
+input raises DataError naming the file, the line (or record) and the field. Compression and shards:
+lib/data/containers.py.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lib.data.containers import compression, data_suffix, read_bytes, shard_files, shard_split
 from lib.run.config import hf_token
 from lib.run.errors import DataError, SFTError
 from lib.run.paths import resolve_repo_path
@@ -48,16 +51,14 @@ class Loaded:
     source: str
     container: str
     splits: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # the files read, when more than one (shards)
 
 
 # ----------------------------------------------------------------------------- reading files
 
 
 def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(path, f"cannot read the file ({e.strerror or e})") from None
+    raw = read_bytes(path)
     if not raw.strip():
         raise DataError(path, "the file is empty")
     if b"\x00" in raw[:8192]:
@@ -193,7 +194,14 @@ def _read_parquet(path: Path) -> Loaded:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        if compression(path):
+            import pyarrow as pa
+
+            table = pq.read_table(pa.BufferReader(read_bytes(path)))
+        else:
+            table = pq.read_table(path)
+    except DataError:
+        raise
     except Exception as e:  # pyarrow raises several types for a bad file
         raise DataError(path, f"not a readable Parquet file ({str(e).splitlines()[0]})") from None
     rows = table.to_pylist()
@@ -217,8 +225,7 @@ def _read_folder(path: Path) -> Loaded:
     from datasets import load_from_disk
 
     if not any((path / n).exists() for n in ("dataset_dict.json", "dataset_info.json", "state.json")):
-        raise DataError(path, "this folder is not a `datasets` save_to_disk folder (no dataset_dict.json or "
-                              "state.json); point at a data file instead")
+        return _read_shards(str(path), shard_files(str(path), path), path)
     try:
         dd = load_from_disk(str(path))
     except Exception as e:
@@ -254,6 +261,53 @@ def _not_a_file(path: Path) -> str:
     return f"not a regular file but {kind}: save the data to a file (.json, .jsonl, .csv, .parquet) first"
 
 
+_READERS = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json_records, ".csv": _read_csv,
+            ".parquet": _read_parquet}
+
+
+def _read_file(path: Path) -> Loaded:
+    suffix = data_suffix(path)
+    if suffix not in _READERS:
+        shown = "".join(path.suffixes[-2:]).lower() or "(none)"
+        raise DataError(path, f"unsupported file type '{shown}' (use .json, .jsonl, .csv or .parquet, each also "
+                              "compressed as .gz, .bz2, .xz or .zst; a folder of such files, a glob such as "
+                              "'data/*.jsonl', a datasets folder or a Hub dataset id)")
+    loaded = _READERS[suffix](path)
+    if compression(path):
+        loaded.container += f" ({compression(path)[1:]})"
+    return loaded
+
+
+def _read_shards(source: str, files: list[Path], root: Path | None = None) -> Loaded:
+    """Several files read as one data set: records in file order, each naming its own file and line; a
+    file named for a split (train-*, test-*, validation/...) gives its records that split."""
+    records, splits, containers = [], [], []
+    named = {f: shard_split(f, root) for f in files}
+    by_name = all(named.values())
+    if any(named.values()) and not by_name:  # a test file read as training data would be a silent leak
+        split_file, other = next(f for f in files if named[f]), next(f for f in files if not named[f])
+        raise DataError(source, f"{split_file.name} is named for the '{named[split_file]}' split but {other.name} "
+                                "for none: name every file for its split (train-*, test-*), or point at one "
+                                "split's files with a glob")
+    for f in files:
+        part = _read_file(f)
+        containers.append(part.container)
+        for r in part.records:
+            if by_name and r.split is None:
+                r.split = named[f]
+            records.append(r)
+        for s in ([named[f]] if by_name else []) + part.splits:
+            if s not in splits:
+                splits.append(s)
+    if splits and any(r.split is None for r in records):
+        missing = next(r for r in records if r.split is None)
+        raise DataError(missing.file, "some files of this data set have splits and others not: name each "
+                                      "file for its split (train-*, test-*) or point at one split's files")
+    kinds = sorted(set(containers))
+    return Loaded(records, source, f"{len(files)} {'/'.join(kinds)} files", splits=splits,
+                  files=[str(f) for f in files])
+
+
 def load_records(source: str) -> Loaded:
     """Read the records of a file, folder or Hub dataset id (no format check yet)."""
     try:
@@ -265,13 +319,9 @@ def load_records(source: str) -> Loaded:
     if path.is_dir():
         loaded = _read_folder(path)
     elif path.is_file():
-        suffix = path.suffix.lower()
-        readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json_records, ".csv": _read_csv,
-                   ".parquet": _read_parquet}
-        if suffix not in readers:
-            raise DataError(path, f"unsupported file type '{suffix or '(none)'}' (use .json, .jsonl, .csv, "
-                                  ".parquet, a datasets folder or a Hub dataset id)")
-        loaded = readers[suffix](path)
+        loaded = _read_file(path)
+    elif not os.path.lexists(path) and (shards := shard_files(str(source))) is not None:
+        loaded = _read_shards(str(source), shards)
     elif os.path.lexists(path) or os.path.lexists(source):
         raise DataError(source, _not_a_file(Path(source) if os.path.lexists(source) else path))
     elif _HUB_ID.match(str(source)) and not Path(str(source)).suffix:

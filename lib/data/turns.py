@@ -56,27 +56,38 @@ def string_field(rec: RawRecord, key: str, required: bool = True, what: str = "f
     return v
 
 
-def text_parts(rec: RawRecord, parts: list, key: str) -> str:
-    """Content given as a list of parts (the OpenAI format, [{"type": "text", "text": ...}, ...]):
-    the text parts joined with newlines (as vLLM joins them). Any other part (image_url, image,
-    input_audio, file, refusal...) is refused: a text model cannot be trained on it."""
-    texts = []
+def _part_value(rec: RawRecord, part: dict, where: str):
+    """A part's string: OpenAI's "text" key, or LLaMA-Factory v1's "value"."""
+    key = "text" if "text" in part or "value" not in part else "value"
+    if not isinstance(part.get(key), str):
+        raise rec.error(f"expected a string, got {type_name(part.get(key))}", field=f"{where}.{key}")
+    return part[key]
+
+
+def content_parts(rec: RawRecord, parts: list, key: str) -> tuple[str, str | None, list]:
+    """Content given as a list of parts, the OpenAI format [{"type": "text", "text": ...}, ...] or LLaMA-Factory
+    v1's [{"type": "text" | "reasoning" | "tool_call", "value": ...}, ...]: (the text parts joined with
+    newlines, as vLLM joins them; the reasoning parts joined, or None; the tool calls). Any other part
+    (image_url, image, input_audio, file, tools...) is refused: a text model cannot be trained on it."""
+    texts, reasoning, calls = [], [], []
     for j, part in enumerate(parts, start=1):
         where = f"{key}[{j}]"
         if not isinstance(part, dict):
             raise rec.error(f"expected a content part {{\"type\": \"text\", \"text\": ...}}, got {type_name(part)}",
                             field=where)
         kind = part.get("type")
-        if kind != "text":
-            raise rec.error(f"a content part of type {kind!r}: only text parts can be trained on (remove "
-                            "images, audio and files from the data, or export it as text)", field=where)
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise rec.error(f"expected a string, got {type_name(text)}", field=f"{where}.text")
-        texts.append(text)
-    if not texts:
+        if kind == "text":
+            texts.append(_part_value(rec, part, where))
+        elif kind == "reasoning":
+            reasoning.append(_part_value(rec, part, where))
+        elif kind == "tool_call":
+            calls.append(_tool_call(rec, _json(rec, _part_value(rec, part, where), where, "the tool call"), where))
+        else:
+            raise rec.error(f"a content part of type {kind!r} is not supported: text, reasoning and tool_call parts "
+                            "are (remove images, audio and files from the data, or export them as text)", field=where)
+    if not (texts or reasoning or calls):
         raise rec.error("the list of content parts is empty", field=key)
-    return "\n".join(texts)
+    return "\n".join(texts), ("\n".join(reasoning) if reasoning else None), calls
 
 
 def _weight(rec: RawRecord, turn: dict, key: str, where: str, role: str) -> int | None:
@@ -102,6 +113,7 @@ class Converted:
     example: dict
     used: dict = field(default_factory=dict)
     turn_extras: dict = field(default_factory=dict)
+    dropped_turns: int = 0  # assistant turns that opened the conversation before any user turn (dropped)
 
 
 def _json(rec: RawRecord, value, where: str, what: str):
@@ -172,8 +184,6 @@ def _content(rec: RawRecord, content, where: str, role: str, calls: bool) -> str
         if calls:  # an assistant turn that only calls tools
             return ""
         raise rec.error("missing content", field=where)
-    if isinstance(content, list):
-        return text_parts(rec, content, where)
     if role == "tool" and isinstance(content, dict):  # a result given as an object: its JSON text
         return json.dumps(content, ensure_ascii=False)
     if not isinstance(content, str):
@@ -185,6 +195,7 @@ def _message(rec: RawRecord, turn: dict, where: str, role: str, content_key: str
     """One turn as a message (tool calls, tool results, reasoning in the OpenAI form), and the turn's keys it used."""
     used: set = set()
     message: dict = {}
+    parts = None  # the content given as a list of parts
     if role == CALL_ROLE:  # ShareGPT: the call(s) as JSON in the turn's text
         message = {"role": "assistant", "content": "",
                    "tool_calls": _tool_calls(rec, turn.get(content_key), f"{where}.{content_key}")}
@@ -193,8 +204,10 @@ def _message(rec: RawRecord, turn: dict, where: str, role: str, content_key: str
         calls = next((k for k in ("tool_calls", "function_call") if turn.get(k)), None)
         if calls and role != "assistant":
             raise rec.error(f"tool calls on a {role} turn: only assistant turns call tools", field=f"{where}.{calls}")
-        message = {"role": role, "content": _content(rec, turn.get(content_key), f"{where}.{content_key}",
-                                                     role, calls is not None)}
+        content = turn.get(content_key)
+        parts = content_parts(rec, content, f"{where}.{content_key}") if isinstance(content, list) else None
+        message = {"role": role, "content": parts[0] if parts else _content(
+            rec, content, f"{where}.{content_key}", role, calls is not None)}
         if calls:
             message["tool_calls"] = _tool_calls(rec, turn[calls], f"{where}.{calls}")
         used |= {"tool_calls", "function_call"}
@@ -218,7 +231,24 @@ def _message(rec: RawRecord, turn: dict, where: str, role: str, content_key: str
             raise rec.error(f"two different reasonings ({', '.join(reasoning)}): keep one", field=f"{where}.{k}")
         message["reasoning_content"] = v
     used |= set(REASONING_KEYS)
+    if parts:
+        _add_parts(rec, message, parts, f"{where}.{content_key}")
     return message, used
+
+
+def _add_parts(rec: RawRecord, message: dict, parts: tuple, where: str) -> None:
+    """The reasoning and tool-call parts of a turn's content (LLaMA-Factory v1) into the message."""
+    _, reasoning, calls = parts
+    if (reasoning is not None or calls) and message["role"] != "assistant":
+        kind = "reasoning" if reasoning is not None else "tool_call"
+        raise rec.error(f"a {kind} part on a {message['role']} turn: only assistant answers reason and call tools",
+                        field=where)
+    if calls:
+        message["tool_calls"] = message.get("tool_calls", []) + calls
+    if reasoning is not None:
+        if message.get("reasoning_content") not in (None, reasoning):
+            raise rec.error("two different reasonings (a reasoning part and a reasoning field): keep one", field=where)
+        message["reasoning_content"] = reasoning
 
 
 def read_turns(rec: RawRecord, turns, key: str, out: Converted, role_key="role", content_key="content",
@@ -231,6 +261,9 @@ def read_turns(rec: RawRecord, turns, key: str, out: Converted, role_key="role",
         raise rec.error("the conversation is empty", field=key)
     known = {role_key, content_key, weight_key}
     messages = []
+    if weight_key == "weight" and any(isinstance(t, dict) and "loss_weight" in t and "weight" not in t for t in turns):
+        weight_key = "loss_weight"  # LLaMA-Factory v1's name of the turn's weight
+        known.add(weight_key)
     for i, turn in enumerate(turns, start=1):
         where = f"{key}[{i}]"
         if not isinstance(turn, dict):

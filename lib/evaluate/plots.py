@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from lib.run.figures import PANELS, has_data, load_inputs, overview_figure, panel_figure
+from lib.run.figures import OWN_FILE, PANELS, has_data, load_inputs, overview_figure, panel_figure
 from lib.run.paths import run_paths
 from lib.run.rundir import inputs, install, remove_leftovers, run_lock, staging, write_atomic
 
@@ -35,7 +35,7 @@ def run_plots(run: str) -> list[Path]:
         # drawn into a staging folder that replaces plots/ as a whole (panels of an earlier run go with it)
         remove_leftovers(paths.root, r"\.plots-staging-\w{8}|\.plots-old-\d+")
         with staging(paths.root, ".plots-staging-") as staged:
-            names = ["metrics_plot"] + [n for n in PANELS if has_data(n, data)]
+            names = ["metrics_plot"] + [n for n in PANELS + OWN_FILE if has_data(n, data)]
             _save(overview_figure(data), staged / "metrics_plot.png")
             for name in names[1:]:
                 _save(panel_figure(name, data), staged / f"{name}.png")

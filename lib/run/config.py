@@ -133,6 +133,8 @@ def _convert_collection(key: str, raw, kind: type):
             value = [p.strip() for p in text.split(",") if p.strip()]
     if not isinstance(value, kind):
         raise ConfigError(f"{key}: expected {'a mapping' if kind is dict else 'a list'}, got {raw!r}")
+    if key in ("data.mix_weights", "data.sources"):  # numbers and objects, checked by lib/data/sources.py
+        return copy.deepcopy(value) or None
     items = value.items() if kind is dict else enumerate(value)
     bad = next((v for _, v in items if not isinstance(v, str) or not v.strip()), None) if value else None
     if value and bad is not None or (kind is dict and any(not isinstance(k, str) for k in value)):

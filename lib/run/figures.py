@@ -29,6 +29,8 @@ STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fo
          "xtick.labelsize": 10, "ytick.labelsize": 10, "axes.grid": True, "grid.alpha": 0.3}
 PANELS = ["loss", "behaviour", "learning_rate", "grad_norm", "tokens_per_second", "perplexity", "generation_metrics",
           "token_lengths", "peak_memory"]
+# Panels drawn as a file of their own only, when the run has their data (not in the overview).
+OWN_FILE = ["eval_loss_by_source"]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -337,7 +339,24 @@ def panel_token_lengths(ax, data):
     ax.grid(axis="x", visible=False)
 
 
+def panel_eval_loss_by_source(ax, data):
+    """A mix of sources (data.sources): each source's eval loss at every evaluation."""
+    series = (data.get("summary") or {}).get("eval_loss_by_source")
+    if not series:
+        return _placeholder(ax, "Eval loss by source", "one data source: mix several with --data A --data B")
+    steps = []
+    for name, points in series.items():
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        _line(ax, xs, ys, label=name)
+        steps += xs
+    ax.set_title("Evaluation loss by data source")
+    ax.set_ylabel("cross-entropy (nats / answer token)")
+    _step_axis(ax, steps)
+    ax.legend(loc="best")
+
+
 DRAW = {
+    "eval_loss_by_source": panel_eval_loss_by_source,
     "loss": panel_loss,
     "behaviour": panel_behaviour,
     "learning_rate": panel_learning_rate,
@@ -362,6 +381,7 @@ def has_data(name: str, data: dict) -> bool:
         "perplexity": bool(data["perplexity"]),
         "generation_metrics": bool(data.get("generation") and isinstance(data["generation"].get("tuned"), dict)),
         "token_lengths": bool(data.get("token_lengths")),
+        "eval_loss_by_source": bool((data.get("summary") or {}).get("eval_loss_by_source")),
     }[name]
 
 

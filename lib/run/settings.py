@@ -126,15 +126,22 @@ def check_columns(columns: dict | None) -> str | None:
 
 @dataclass
 class DataSettings:
-    path: str = _f("data/examples/socratic_questions.jsonl", "Local file or folder, or a Hub dataset id.")
+    path: str = _f("data/examples/socratic_questions.jsonl", "Local file (also .gz, .bz2, .xz, .zst), a folder of "
+                                                             "files, a glob ('data/*.parquet') or a Hub dataset id.")
     format: str = _f("auto", "Record shape: auto (detected from the fields), or one of messages, sharegpt, "
                              "capybara, qa_splits, socratic, instruction_output, instruction_response, dolly, "
-                             "query_response, prompt_completion, preference, text (data/README.md).")
+                             "query_response, prompt_completion, prompt_response, reasoning, glaive, xlam, "
+                             "preference, text (data/README.md).")
     columns: dict | None = _f(None, "Map your fields to roles when no shape fits, e.g. {prompt: question, "
                                     "response: answer, input: context}. Roles: " + ", ".join(COLUMN_ROLES)
                                     + ". None: detect the shape.")
     ignore_fields: list | None = _f(None, "Fields that hold text but that you want left out of training, "
                                           "e.g. [notes]; prepare stops on any other unused text field.")
+    sources: list | None = _f(None, "Data sets mixed into one run, replacing path (--data A --data B): a list of "
+                                    "{path, format, columns, ignore_fields, weight, eval_fraction}, all but path optional.")
+    mix_weights: list | None = _f(None, "Each source's share of the training split, e.g. [3, 1]. None: the sources' weight.")
+    mix_strategy: str = _f("auto", "concat (each record once), interleave_under (by weight until a source runs out) or "
+                                   "interleave_over (until each has run out once); auto: concat unless weighted.")
     eval_fraction: float = _f(0.1, "Share held out for evaluation when the data has no test split.", range=SHARE)
     max_examples: int | None = _f(None, "Use at most this many training examples (None: all).", range=POSITIVE)
     system_prompt: str | None = _f(None, "System message put before every conversation that has none.")
@@ -342,8 +349,9 @@ class RunConfig:
 
 CHOICES = {
     "data.format": ["auto", "messages", "sharegpt", "capybara", "qa_splits", "socratic", "instruction_output",
-                    "instruction_response", "dolly", "query_response", "prompt_completion", "preference", "text",
-                    "columns"],  # = lib.data.formats.FORMATS (tested)
+                    "instruction_response", "dolly", "query_response", "prompt_completion", "prompt_response",
+                    "reasoning", "glaive", "xlam", "preference", "text", "columns"],  # = lib.data.formats.FORMATS
+    "data.mix_strategy": ["auto", "concat", "interleave_under", "interleave_over"],
     "quant.mode": ["4bit", "8bit", "none"],
     "quant.quant_type": ["nf4", "fp4"],
     "quant.compute_dtype": ["auto", "bfloat16", "float16", "float32"],

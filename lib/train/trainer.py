@@ -307,6 +307,45 @@ class GuardedSFTTrainer(SFTTrainer):
         self.phase = "eval"
         return super().prediction_step(*args, **kwargs)
 
+    # The eval split of a mix of sources, by source ({label: Dataset}; lib.data.sources): each one's loss is
+    # logged beside eval_loss at every evaluation, as eval_loss_by_source ({label: loss}).
+    eval_subsets: dict | None = None
+    _by_source: dict | None = None
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        if eval_dataset is None and metric_key_prefix == "eval" and self.eval_subsets:
+            self._by_source = {}
+            for name, ds in self.eval_subsets.items():
+                out = self.evaluation_loop(self.get_eval_dataloader(ds), description=f"evaluation ({name})",
+                                           prediction_loss_only=True, metric_key_prefix="eval")
+                self._by_source[name] = out.metrics.get("eval_loss")
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def log(self, logs, *args, **kwargs):
+        if "eval_loss" in logs and self._by_source:
+            logs, self._by_source = {**logs, "eval_loss_by_source": self._by_source}, None
+        return super().log(logs, *args, **kwargs)
+
+
+def by_source(log_history: list[dict]) -> dict | None:
+    """{source: [[step, eval loss], ...]} of a mix of sources' training log (None for one source)."""
+    out: dict = {}
+    for h in log_history:
+        for name, loss in (h.get("eval_loss_by_source") or {}).items():
+            out.setdefault(name, []).append([h.get("step"), loss])
+    return out or None
+
+
+def eval_subsets(eval_ds, examples: list[dict], kept: list[int]) -> dict | None:
+    """The rows of the encoded eval split (`kept`: the example each row came from) by the source its example
+    names (`metadata._source`), as datasets; None unless there are two sources or more."""
+    rows: dict = {}
+    for row, i in enumerate(kept):
+        rows.setdefault((examples[i].get("metadata") or {}).get("_source"), []).append(row)
+    if len(rows) < 2 or None in rows:
+        return None
+    return {name: eval_ds.select(idx) for name, idx in rows.items()}
+
     def _load_optimizer_and_scheduler(self, checkpoint):
         """Resume with the configured learning rate, also when it was changed since the checkpoint."""
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -88,6 +88,7 @@ class TrainingPlan:
     footprint: int = 0  # bytes of the loaded base model's weights (load_model)
     counts: dict = field(default_factory=dict)  # trainable and total parameters (attach_lora)
     runtime_s: float = 0.0  # seconds trainer.train took (train)
+    eval_subsets: dict | None = None  # the eval split by source, for a mix of sources (build_datasets)
 
     @property
     def main(self) -> bool:
@@ -170,10 +171,10 @@ def attach_lora(model, plan: TrainingPlan):
     return model
 
 
-def encode_dataset(tokenizer, examples: list[dict], max_length: int | None, source=None):
+def encode_dataset(tokenizer, examples: list[dict], max_length: int | None, source=None, kept=None):
     """A datasets.Dataset of `input_ids` and `labels` (assistant tokens only), truncated to max_length.
 
-    Examples left without a trained token (e.g. a prompt longer than max_length) are dropped.
+    Examples left without a trained token (a prompt past max_length) are dropped; `kept` gets each row's example.
     """
     from datasets import Dataset
 
@@ -189,17 +190,23 @@ def encode_dataset(tokenizer, examples: list[dict], max_length: int | None, sour
             continue
         ids.append(enc["input_ids"])
         labels.append(enc["labels"])
+        if kept is not None:
+            kept.append(i)
     return Dataset.from_dict({"input_ids": ids, "labels": labels})
 
 
 def build_datasets(plan: TrainingPlan, tokenizer) -> tuple:
     """The prepared train and eval data, tokenized with their labels; eval None when there is none to use
     ((None, None) when the run has finished)."""
+    from lib.train.trainer import eval_subsets
+
     if plan.finished:
         return None, None
     cfg, paths = plan.cfg, plan.paths
     train_ds = encode_dataset(tokenizer, read_examples(paths.train_data), cfg.train.max_length, paths.train_data)
-    eval_ds = encode_dataset(tokenizer, read_examples(paths.eval_data), cfg.train.max_length, paths.eval_data)
+    evals, kept = read_examples(paths.eval_data), []
+    eval_ds = encode_dataset(tokenizer, evals, cfg.train.max_length, paths.eval_data, kept)
+    plan.eval_subsets = eval_subsets(eval_ds, evals, kept)  # a mix of sources: the eval loss of each
     if len(train_ds) == 0:
         raise DataError(paths.train_data, "no example has a trained token (check the data and train.max_length)")
     return train_ds, (eval_ds if len(eval_ds) > 0 and has_eval_data(cfg, paths) else None)
@@ -219,6 +226,7 @@ def build_sft_trainer(plan: TrainingPlan, model, tokenizer, train_ds, eval_ds=No
         callbacks[:0] = [SamplesCallback(plan.cfg, tokenizer, plan.paths, plan.resume_step, metrics), metrics]
     trainer = build_trainer(plan.cfg, model, tokenizer, train_ds, eval_ds, plan.paths.checkpoints,
                             resuming=plan.resume is not None, callbacks=callbacks)
+    trainer.eval_subsets = plan.eval_subsets if trainer.eval_dataset is not None else None
     from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 
     if plan.main and DEFAULT_PROGRESS_CALLBACK.__name__ == "NotebookProgressCallback":  # inside a notebook
@@ -263,6 +271,8 @@ def save_adapter(trainer, plan: TrainingPlan) -> dict:
 
 def training_summary(trainer, plan: TrainingPlan) -> dict:
     """logs/training_summary.json: losses, steps, tokens, runtime, parameters, early stopping, versions."""
+    from lib.train.trainer import by_source
+
     cfg, hist = plan.cfg, trainer.state.log_history
     train_losses = [h["loss"] for h in hist if "loss" in h]
     evals = [(h.get("step"), h["eval_loss"]) for h in hist if "eval_loss" in h]
@@ -274,6 +284,7 @@ def training_summary(trainer, plan: TrainingPlan) -> dict:
         "initial_eval_loss": next((v for s, v in evals if s == 0), None),
         "final_eval_loss": eval_values[-1] if eval_values else None,
         "best_eval_loss": min(eval_values) if eval_values else None,
+        "eval_loss_by_source": by_source(hist),
         "best_checkpoint": (Path(trainer.state.best_model_checkpoint).name
                             if trainer.state.best_model_checkpoint else None),
         **early_stop(trainer),
