@@ -111,6 +111,13 @@ def convert_value(key: str, raw, annotation):
     raise ConfigError(f"{key}: cannot use {raw!r} (expected {names})")
 
 
+def flag(name: str, value) -> bool:
+    """A switch that may delete something (--retrain): True or False (None: False), else refused naming it."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise ConfigError(f"{name}: expected True or False, got {value!r}; nothing was changed")
+
+
 def _convert_collection(key: str, raw, kind: type):
     """A mapping or list setting: as given (YAML, a notebook), or from `--set` text: YAML flow
     (`{prompt: question, response: answer}`, `[notes, url]`), `prompt=question,response=answer`, or
@@ -440,5 +447,4 @@ def hf_token() -> str | None:
             if value:
                 return value
     except ImportError:
-        pass
-    return None
+        return None

@@ -42,7 +42,7 @@ from lib.data.tokenization import encode_example
 from lib.model.configure import parameter_counts, with_lora, write_summary
 from lib.model.loading import MUTATING_INITS, adapter_variant, load_model_and_tokenizer
 from lib.model.oom import out_of_memory
-from lib.run.config import apply_overrides, from_dict, load_config, save_config, to_dict
+from lib.run.config import apply_overrides, flag, from_dict, load_config, save_config, to_dict
 from lib.run.context import mismatch, shaping_settings
 from lib.run.errors import ConfigError, DataError, SFTError
 from lib.run.figures import load_inputs, panel_figure
@@ -104,6 +104,7 @@ def plan_training(run: str, overrides=(), retrain: bool = False) -> TrainingPlan
     adapter and logs); otherwise the run is marked as being trained and the last complete checkpoint found."""
     from accelerate import PartialState
 
+    retrain = flag("retrain (RETRAIN in notebook 03)", retrain)  # only a checked True deletes a training
     paths = run_paths(run)
     with run_lock(paths, "train"):
         require(paths, "config", "train_data", "eval_data")
