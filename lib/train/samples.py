@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 from lib.data.readers import read_examples
 from lib.data.textmetrics import generation_metrics
 from lib.model.generation import eval_conversations, eval_tools, generate_answers
+from lib.run.formatting import table
 from lib.run.paths import require, run_paths
 from lib.run.rundir import is_main_rank, write_jsonl
 from lib.train.trainer import SAMPLE_COLUMNS
@@ -186,6 +187,5 @@ def samples_table(run: str, steps: list[int] | None = None, styled: bool = False
     df = pd.DataFrame(out, columns=["prompt", "reference", *[f"step {s}" for s in steps]])
     if not styled:
         return df
-    return (df.style.hide(axis="index")
-            .set_properties(**{"white-space": "pre-wrap", "text-align": "left", "vertical-align": "top"})
+    return (table(df, index=False)
             .set_caption("[...]: cut at eval.sample_max_new_tokens (did not stop)"))
