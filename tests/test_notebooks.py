@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from lib.notebook import KNOBS, SECTIONS, knob, notebook_knobs, notebook_overrides, parameter_key, settings_table
+from lib.notebook import (
+    KNOBS,
+    SECTIONS,
+    knob,
+    notebook_knobs,
+    notebook_overrides,
+    parameter_key,
+    settings_table,
+)
 from lib.run.config import field_help, make_config
 from lib.run.errors import ConfigError
 
@@ -213,9 +221,8 @@ def test_papermill_overwrite_false_refuses_to_replace_a_trained_run_and_true_rep
 
 def test_papermill_retrain_false_leaves_a_finished_run_alone(trained_run, tmp_path):
     """`-p RETRAIN false` (the text) on a finished run keeps its checkpoints, adapter and logs."""
-    from tests.conftest import copy_run
-
     from lib.run.paths import run_paths
+    from tests.conftest import copy_run
 
     run = copy_run(trained_run, "retrain-false")
     paths = run_paths(run)
