@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -75,22 +76,37 @@ def write_jsonl(path, rows) -> Path:
     return write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def read_json(path, what: str = "") -> object:
-    """The JSON value in `path`. A missing or unreadable file raises SFTError naming the file (and `what`,
-    e.g. "rerun notebook 04_evaluate_perplexity", after a semicolon); check `exists()` first where a
-    missing file is normal."""
+def read_text(path, what: str = "") -> str:
+    """The UTF-8 text of the regular file `path`. A FIFO, device or folder in its place is refused without
+    being read (reading a FIFO would wait forever); a missing or unreadable file raises SFTError naming the
+    file (and `what`, e.g. "rerun notebook 04_evaluate_perplexity", after a semicolon)."""
     path = Path(path)
     tail = f"; {what}" if what else ""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise SFTError(f"{path}: not a regular file (a FIFO, device or folder){tail}")
+            return f.read().decode("utf-8")
     except FileNotFoundError:
         raise SFTError(f"{path}: not found{tail}") from None
     except OSError as e:
         raise SFTError(f"{path}: cannot read the file ({e.strerror or e}){tail}") from None
     except UnicodeDecodeError as e:
-        raise SFTError(f"{path}: invalid JSON (not UTF-8 text: {e.reason}){tail}") from None
+        raise SFTError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}){tail}") from None
+
+
+def read_json(path, what: str = "") -> object:
+    """The JSON value in `path` (read_text's checks: a regular UTF-8 file). Anything else, or text that is
+    not JSON, raises SFTError naming the file; check `exists()` first where a missing file is normal."""
+    text = read_text(path, what)
+    tail = f"; {what}" if what else ""
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise SFTError(f"{path}: invalid JSON ({e.msg}){tail}") from None
+    except (RecursionError, ValueError) as e:  # nested too deep; a number of more than 4,300 digits
+        raise SFTError(f"{path}: invalid JSON ({str(e).splitlines()[0][:80] or 'nested too deep'}){tail}") from None
 
 
 def replace(src, dst) -> None:
