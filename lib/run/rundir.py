@@ -253,8 +253,12 @@ def _pending(paths, stage) -> Path:
 
 
 def file_hash(path) -> str:
+    """sha256 of a regular file; a FIFO or device in its place is refused (SFTError), never waited on."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SFTError(f"{path}: not a regular file (a FIFO, device or folder)")
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
