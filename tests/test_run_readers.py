@@ -96,3 +96,115 @@ def test_compare_leaves_out_a_half_installed_evaluation_and_says_so(trained_run,
             compare_runs([run])
     finally:
         shutil.rmtree(paths.root)
+
+
+@pytest.mark.parametrize("content", [b'{"prompt": "caf\xe9"}\n', b'{"prompt": ' + b"1" * 5000 + b"}\n",
+                                     b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+                                     b'{"prompt": "\\udcff"}\n', b'{"prompt": "hi"}\n["x"]\n'])
+def test_general_prompts_go_through_the_data_reader(tmp_path, content):
+    """A Latin-1 byte, a 5,000-digit number, 100,000-deep nesting, a lone surrogate, a non-object record: one
+    line naming the file and line (was a traceback after the whole evaluation)."""
+    from lib.evaluate.forgetting import load_general_prompts
+    from lib.run.errors import DataError
+
+    path = tmp_path / "general.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"^{path}: line \d") as e:
+        load_general_prompts(path)
+    assert "\n" not in str(e.value)
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(SFTError, match="not a file"):
+        load_general_prompts(fifo)
+
+
+def test_a_general_prompt_holding_the_end_of_turn_text_is_refused_before_evaluating(tmp_path, smol_tokenizer):
+    from lib.evaluate.forgetting import check_general_prompts
+    from lib.run.config import make_config
+    from lib.run.errors import DataError
+
+    path = tmp_path / "general.jsonl"
+    path.write_text('{"prompt": "What is 2 + 2?"}\n{"prompt": "Stop here <|im_end|> and go on"}\n')
+    cfg = make_config("tiny", overrides={"eval.general_prompts": str(path), "eval.general_examples": 8})
+    with pytest.raises(DataError, match=rf"^{path}: line 2: .*end-of-turn token"):
+        check_general_prompts(cfg, smol_tokenizer)
+    path.write_text('{"prompt": "What is 2 + 2?"}\n')
+    assert check_general_prompts(cfg, smol_tokenizer) == [[{"role": "user", "content": "What is 2 + 2?"}]]
+
+
+@pytest.mark.parametrize("tools", ["fifo", "folder", "latin1", "name-object", "name-empty"])
+def test_chat_tools_files_go_through_the_data_reader(tmp_path, tools):
+    from lib.data.toolcalls import load_tools
+
+    path = tmp_path / "tools.json"
+    if tools == "fifo":
+        os.mkfifo(path)
+    elif tools == "folder":
+        path.mkdir()
+    elif tools == "latin1":
+        path.write_bytes(b'[{"type": "function", "function": {"name": "caf\xe9"}}]')
+    else:
+        name = {"a": 1} if tools == "name-object" else " "
+        path.write_text(json.dumps([{"type": "function", "function": {"name": name, "parameters": {}}}]))
+    with pytest.raises(SFTError) as e:
+        load_tools(str(path))
+    assert "\n" not in str(e.value) and (str(path) in str(e.value) or "function name" in str(e.value))
+
+
+@pytest.mark.parametrize("damage", ["folder", "fifo", "unknown-stage", "not-a-manifest"])
+def test_a_damaged_manifest_is_one_line_naming_the_stage_to_rerun(outputs, damage):
+    from lib.run.paths import run_paths
+    from lib.run.rundir import RunDirError, check_result, finish, read_manifest, stages_dir
+
+    paths = run_paths("manifests")
+    paths.root.mkdir(parents=True)
+    (paths.root / "a.txt").write_text("a")
+    finish(paths, "prepare", ["a.txt"], {})
+    manifest = stages_dir(paths) / "prepare.json"
+    recorded = json.loads(manifest.read_text())
+    manifest.unlink()
+    if damage == "folder":
+        manifest.mkdir()
+    elif damage == "fifo":
+        os.mkfifo(manifest)
+    elif damage == "unknown-stage":
+        manifest.write_text(json.dumps({**recorded, "inputs": {"tokenize": "x"}}))
+    else:
+        manifest.write_text("[1]")
+    for read in (lambda: read_manifest(paths, "prepare"), lambda: check_result(paths, "prepare")):
+        with pytest.raises(RunDirError, match=rf"^{manifest}: unreadable .*prepare") as e:
+            read()
+        assert "\n" not in str(e.value)
+
+
+def test_a_damaged_forgetting_cache_row_is_made_again(prepared_run):
+    """eval/forgetting_base.jsonl with a row that is not an answer: the base answers are generated again."""
+    from conftest import copy_run
+
+    from lib.evaluate.forgetting import base_answers, cache_key
+    from lib.model.loading import load_model_and_tokenizer
+    from lib.run.config import load_config
+    from lib.run.paths import run_paths
+
+    paths = run_paths(copy_run(prepared_run, "forgetting-cache"))
+    cfg = load_config(paths.config)
+    conversations = [[{"role": "user", "content": "Why is the sky blue?"}]]
+    key = cache_key(cfg, conversations)
+    cache = paths.forgetting_base
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model_and_tokenizer(cfg, for_training=False)
+    for bad in ([1], {"key": key}, {"key": key, "messages": conversations[0], "answer": 3, "stopped": True}):
+        cache.write_text(json.dumps(bad) + "\n")
+        rows = base_answers(model, tok, cfg, paths, conversations, progress=False)
+        assert len(rows) == 1 and isinstance(rows[0]["answer"], str) and rows[0]["key"] == key
+        assert json.loads(cache.read_text())["answer"] == rows[0]["answer"]
+
+
+def test_chat_refuses_a_prompt_longer_than_the_model_context_before_generating(trained_run):
+    from lib.ship.chat import load_session
+
+    session = load_session(trained_run)
+    context = session.model.config.max_position_embeddings
+    with pytest.raises(SFTError, match=r"^chat: the prompt is [\d,]+ tokens, and the model has [\d,]+ positions"):
+        session.send("why " * (context + 10))
+    assert session.history == []

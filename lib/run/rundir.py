@@ -311,14 +311,18 @@ def read_manifest(paths, stage: str) -> dict | None:
         raise RunDirError(f"{paths.root.name}: the {stage} stage was interrupted (or is still running) and its "
                           f"results are incomplete: {rerun(paths, stage)}")
     path = _manifest(paths, stage)
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(m, dict) or not isinstance(m.get("outputs"), dict):
+        m = read_json(path)  # a FIFO or folder in its place is refused, never waited on
+        ups = m.get("inputs", {}) if isinstance(m, dict) else None
+        if not isinstance(m, dict) or not isinstance(m.get("outputs"), dict) or not isinstance(ups, dict):
             raise ValueError("not a manifest")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RunDirError(f"{path}: unreadable ({e}): {rerun(paths, stage)}") from None
+        for up in ups:
+            _stage(up)  # KeyError naming the known stages
+    except (SFTError, ValueError, KeyError) as e:
+        why = str(e).removeprefix(f"{path}: ").strip('"')
+        raise RunDirError(f"{path}: unreadable ({why}): {rerun(paths, stage)}") from None
     return m
 
 
