@@ -140,10 +140,10 @@ def _convert_collection(key: str, raw, kind: type):
     if not isinstance(value, kind):
         raise ConfigError(f"{key}: expected {'a mapping' if kind is dict else 'a list'}, got {raw!r}")
     items = value.items() if kind is dict else enumerate(value)
-    bad = next((v for _, v in items if not isinstance(v, str) or not v.strip()), None) if value else None
-    if value and bad is not None or (kind is dict and any(not isinstance(k, str) for k in value)):
+    bad = [v for _, v in items if not isinstance(v, str) or not v.strip()][:1] if value else []  # [None] counts
+    if bad or (kind is dict and any(not isinstance(k, str) for k in value)):
         raise ConfigError(f"{key}: every {'field name' if kind is dict else 'entry'} must be a non-empty string, "
-                          f"got {bad!r}")
+                          f"got {(bad or [next(k for k in value if not isinstance(k, str))])[0]!r}")
     return copy.deepcopy(value) or None
 
 
