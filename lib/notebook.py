@@ -60,20 +60,39 @@ def readable_tables() -> None:
     pd.set_option("display.float_format", num)
 
 
+def short_error(value: BaseException) -> str | None:
+    """The one line a notebook shows for an error instead of its traceback: a bad input's (SFTError) message,
+    or for a full, read-only or unwritable disk what failed, where and the free space (as the CLI's exit-3
+    line says it); None for anything else (a bug: its traceback is shown)."""
+    from lib.run.errors import SFTError, disk_fault, free_space
+
+    if isinstance(value, SFTError):
+        return f"{type(value).__name__}: {value}"
+    fault = disk_fault(value)
+    if fault is None:
+        return None
+    what, path, _ = fault
+    where = path or str(outputs_dir())
+    return (f"DiskError: {what}: {where} ({free_space(where)}); what was installed before is kept. Free some space "
+            "(or make the folder writable) and run the cell again")
+
+
 def _show_short_errors() -> None:
-    """In IPython, show a bad-input error (SFTError) as its one-line message, not a traceback."""
+    """In IPython, show a bad-input error (SFTError) or a disk fault as one line (short_error), not a traceback."""
     try:
         ip = get_ipython()  # type: ignore[name-defined]  # noqa: F821
     except NameError:
         return
-    from lib.run.errors import SFTError
 
     def handler(shell, etype, value, tb, tb_offset=None):
-        stb = [f"\x1b[31m{etype.__name__}: {value}\x1b[0m"]
+        line = short_error(value)
+        if line is None:  # not ours to shorten: the usual traceback
+            return shell.showtraceback((etype, value, tb), tb_offset=tb_offset, running_compiled_code=True)
+        stb = [f"\x1b[31m{line}\x1b[0m"]
         shell._showtraceback(etype, value, stb)  # an error output (the cell fails), without the traceback
         return stb
 
-    ip.set_custom_exc((SFTError,), handler)
+    ip.set_custom_exc((Exception,), handler)
     # Figures from lib are built without pyplot; the inline backend makes a cell's Figure value show.
     ip.run_line_magic("matplotlib", "inline")
 

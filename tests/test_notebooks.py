@@ -231,3 +231,25 @@ def test_papermill_retrain_false_leaves_a_finished_run_alone(trained_run, tmp_pa
     text = json.dumps(nb["cells"])
     assert "finished already: True" in text
     assert {p: p.stat().st_mtime_ns for p in before} == before, "RETRAIN='false' trained again"
+
+
+def test_a_notebook_shows_a_full_disk_as_one_line_and_a_bug_as_its_traceback():
+    """The notebooks' error handler (lib.notebook.short_error): a bad input's message, a full or read-only
+    disk anywhere in the chain of causes (torch's "PytorchStreamWriter failed" over ENOSPC) as one line with the
+    path and free space; anything else keeps its traceback (None)."""
+    import errno
+
+    from lib.notebook import short_error
+
+    assert short_error(ConfigError("lora.r: must be at least 1, got 0")) == "ConfigError: lora.r: must be at least 1, got 0"
+    full = OSError(errno.ENOSPC, "No space left on device", "/tmp/x.safetensors")
+    line = short_error(full)
+    assert line.startswith("DiskError: no space left on the device: /tmp/x.safetensors (") and "free of" in line
+    try:
+        try:
+            raise OSError(errno.EROFS, "Read-only file system", "/ro/adapter")
+        except OSError as e:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0") from e
+    except RuntimeError as e:
+        assert short_error(e).startswith("DiskError: ") and "\n" not in short_error(e)
+    assert short_error(KeyError("a")) is None and short_error(OSError(errno.ENOENT, "gone")) is None
