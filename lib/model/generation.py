@@ -73,10 +73,12 @@ def generation_kwargs(tokenizer, gen_cfg) -> dict:
 
 
 def model_context(model) -> int | None:
-    """The positions the model has (max_position_embeddings, ...), or None where its config does not say."""
-    config = getattr(model, "config", None)
-    return next((getattr(config, k, None) for k in ("max_position_embeddings", "n_positions", "max_seq_len")
-                 if isinstance(getattr(config, k, None), int)), None)
+    """The positions the model has (max_position_embeddings, ...), or None where its config does not say;
+    `model` may also be a config.json as a dict."""
+    config = model if isinstance(model, dict) else getattr(model, "config", None)
+    values = [config.get(k) if isinstance(config, dict) else getattr(config, k, None)
+              for k in ("max_position_embeddings", "n_positions", "max_seq_len")]
+    return next((v for v in values if isinstance(v, int) and not isinstance(v, bool)), None)
 
 
 def check_prompt_fits(model, prompt_length: int) -> None:
