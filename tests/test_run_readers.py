@@ -208,3 +208,23 @@ def test_chat_refuses_a_prompt_longer_than_the_model_context_before_generating(t
     with pytest.raises(SFTError, match=r"^chat: the prompt is [\d,]+ tokens, and the model has [\d,]+ positions"):
         session.send("why " * (context + 10))
     assert session.history == []
+
+
+def test_the_forgetting_cache_is_keyed_by_the_base_weights_not_only_their_name(tmp_path):
+    """A local base model whose weights change under the same folder name gets a new cache key."""
+    import shutil
+
+    from lib.evaluate.forgetting import cache_key
+    from lib.run.config import make_config
+    from lib.run.realmodel import resolve_model
+
+    folder = tmp_path / "base"
+    shutil.copytree(resolve_model("tiny"), folder)
+    cfg = make_config("tiny", overrides={"model.name_or_path": str(folder)})
+    conversations = [[{"role": "user", "content": "hi"}]]
+    before = cache_key(cfg, conversations)
+    assert cache_key(cfg, conversations) == before
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # other weights, same name and size
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert cache_key(cfg, conversations) != before

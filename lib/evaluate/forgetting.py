@@ -36,6 +36,7 @@ from lib.model.generation import generate_answers, model_device, pad_id
 from lib.model.oom import in_batches
 from lib.run.errors import ConfigError, SFTError
 from lib.run.paths import resolve_repo_path
+from lib.run.realmodel import weights_fingerprint
 from lib.run.rundir import write_jsonl
 
 
@@ -84,9 +85,10 @@ def check_general_prompts(cfg, tokenizer) -> list[list[dict]]:
 
 
 def cache_key(cfg, conversations) -> str:
-    """What the base model's answers depend on: the model, its quantization, the prompt format, the prompts
-    and the generation settings."""
-    what = {"model": cfg.model.name_or_path, "quant": dataclasses.asdict(cfg.quant),
+    """What the base model's answers depend on: the model and its weights (realmodel.weights_fingerprint), its
+    quantization, the prompt format, the prompts and the generation settings."""
+    what = {"model": cfg.model.name_or_path, "weights": weights_fingerprint(cfg.model.name_or_path),
+            "quant": dataclasses.asdict(cfg.quant),
             "prompt_format": cfg.data.prompt_format, "system_prompt": cfg.data.system_prompt,
             "max_new_tokens": cfg.eval.general_max_new_tokens, "max_length": cfg.train.max_length,
             "repetition_penalty": cfg.generation.repetition_penalty,

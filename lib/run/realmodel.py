@@ -65,6 +65,28 @@ def resolve_model(name_or_path: str) -> str:
     return name
 
 
+def weights_fingerprint(name_or_path: str) -> str:
+    """What identifies the base model's weights without reading gigabytes: each weight file's name, size and
+    modification time in the resolved folder (a Hub id: its cached snapshot, named by the commit), so that a
+    cache of the base model's answers (the forgetting check) is redone when the weights change under one name."""
+    resolved = Path(resolve_model(name_or_path)).expanduser()
+    if not resolved.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            resolved = Path(snapshot_download(str(name_or_path), local_files_only=True))
+        except Exception:
+            return str(name_or_path)  # not on this machine yet: the name is all there is
+    if not resolved.is_dir():
+        return str(name_or_path)
+    files = sorted(p for p in resolved.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf", ".pt") and p.is_file())
+    h = hashlib.sha256(str(resolved.resolve()).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------- the Hub
 
 
