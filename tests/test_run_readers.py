@@ -228,3 +228,27 @@ def test_the_forgetting_cache_is_keyed_by_the_base_weights_not_only_their_name(t
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # other weights, same name and size
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert cache_key(cfg, conversations) != before
+
+
+def test_the_train_manifest_hashes_the_adapters_tokenizer_and_template(trained_run):
+    """The adapter's tokenizer files and chat template are what every later stage renders prompts with: one
+    changed after training is named, with train to rerun, by every stage that loads the adapter."""
+    import shutil
+
+    from conftest import copy_run
+
+    from lib.run.paths import run_paths
+    from lib.run.rundir import RunDirError, check_trained, read_manifest
+
+    recorded = read_manifest(run_paths(trained_run), "train")["outputs"]
+    assert {"adapter/tokenizer_config.json", "adapter/run_config.json"} <= set(recorded), sorted(recorded)
+    run = copy_run(trained_run, "tokenizer-edited")
+    paths = run_paths(run)
+    try:
+        name = "chat_template.jinja" if (paths.adapter / "chat_template.jinja").exists() else "tokenizer_config.json"
+        with open(paths.adapter / name, "a", encoding="utf-8") as f:
+            f.write("\n")
+        with pytest.raises(RunDirError, match=rf"{name} is not the file train wrote .*--retrain"):
+            check_trained(paths)
+    finally:
+        shutil.rmtree(paths.root)

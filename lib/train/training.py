@@ -326,13 +326,19 @@ def _write_adapter(trainer, plan: TrainingPlan, summary: dict, main: bool = True
     replace(tmp, paths.adapter)
 
 
+ADAPTER_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                           "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "run_config.json")
+
+
 def _finish(plan: TrainingPlan, summary: dict) -> None:
     """logs/training_summary.json, the stage's manifest, and the closing lines."""
     cfg, paths = plan.cfg, plan.paths
     write_json(paths.training_summary, summary)
     samples = ["logs/samples.jsonl"] if paths.samples.exists() else []
+    # the tokenizer and chat template saved with the adapter: what every later stage renders prompts with
+    rendering = [f"{paths.adapter.name}/{n}" for n in ADAPTER_TOKENIZER_FILES if (paths.adapter / n).is_file()]
     finish(paths, "train", [paths.adapter.name + "/adapter_model.safetensors",
-                            paths.adapter.name + "/adapter_config.json",
+                            paths.adapter.name + "/adapter_config.json", *rendering,
                             "logs/training_summary.json", "logs/training_metrics.csv", *samples],
            {"prepare": fingerprint(paths, "prepare", verify=False)})
     print_main(f"trained {summary['global_step']:,} steps in {summary['runtime_s']:.1f} s; eval loss "
