@@ -199,8 +199,7 @@ def check_parity(model_dir, gguf_path, cfg, examples: list[dict], quant: str, pr
     stops = stop_token_ids(tokenizer)
     pieces = template_pieces(tokenizer)
 
-    budgets, n_ctx = parity_budget([len(p) for p in prompts], greedy.max_new_tokens, max_length,
-                                   merged_context(model_dir))
+    budgets, n_ctx = parity_budget([len(p) for p in prompts], greedy.max_new_tokens, max_length, merged_context(model_dir))
     llm = load_gguf(gguf_path, n_ctx)
     add_bos = gguf_add_bos(llm)
     same_prompt = same_gguf_template = same_modelfile = 0
