@@ -167,7 +167,7 @@ def record_problem(paths, cfg, checkpoint) -> str | None:
     if data != file_hash(paths.train_data):
         return (f"{paths.train_data}: prepared again since {name} was saved (other training examples); train "
                 f"from scratch on them: {stage('train').rerun(cfg.run, ' --retrain')}")
-    return mismatch(settings, cfg, name) or checkpoint_mismatch(checkpoint, cfg)
+    return mismatch(settings, cfg, name)
 
 
 def trained_problem(paths, cfg) -> str | None:
@@ -179,8 +179,9 @@ def trained_problem(paths, cfg) -> str | None:
             trained = read_json(adapter)
         except SFTError:
             trained = None
-        if isinstance(trained, dict) and mismatch(shaping_settings(trained), cfg, "the adapter"):
-            return mismatch(shaping_settings(trained), cfg, "the adapter")
+        problem = mismatch(shaping_settings(trained), cfg, "the adapter") if isinstance(trained, dict) else None
+        if problem:
+            return problem
     numbered = [(int(p.name[11:]), p) for p in paths.checkpoints.glob("checkpoint-*") if p.name[11:].isdigit()]
     if not numbered:
         return None
