@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib.run.config import apply_overrides, load_config, to_dict
+from lib.run.config import apply_overrides, from_dict, load_config, to_dict
 from lib.run.errors import ConfigError, SFTError
 from lib.run.hardware import attn_implementation, compute_dtype_name, device_info
 from lib.run.paths import RunPaths, require, run_paths
@@ -176,10 +176,10 @@ def trained_problem(paths, cfg) -> str | None:
     adapter = paths.adapter / "run_config.json"
     if adapter.is_file():
         try:
-            trained = read_json(adapter)
-        except SFTError:
+            trained = from_dict(read_json(adapter), source=str(adapter))
+        except SFTError:  # damaged: the stages that load the adapter say so (rundir.check_trained)
             trained = None
-        problem = mismatch(shaping_settings(trained), cfg, "the adapter") if isinstance(trained, dict) else None
+        problem = mismatch(shaping_settings(trained), cfg, "the adapter") if trained else None
         if problem:
             return problem
     numbered = [(int(p.name[11:]), p) for p in paths.checkpoints.glob("checkpoint-*") if p.name[11:].isdigit()]
