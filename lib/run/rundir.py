@@ -84,7 +84,7 @@ def read_text(path, what: str = "") -> str:
     tail = f"; {what}" if what else ""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as f:
+        with open(fd, "rb") as f:  # the builtin: an fd of a regular file checked below
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise SFTError(f"{path}: not a regular file (a FIFO, device or folder){tail}")
             return f.read().decode("utf-8")
@@ -256,7 +256,7 @@ def file_hash(path) -> str:
     """sha256 of a regular file; a FIFO or device in its place is refused (SFTError), never waited on."""
     h = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as f:
+    with open(fd, "rb") as f:  # the builtin: an fd of a regular file checked below
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise SFTError(f"{path}: not a regular file (a FIFO, device or folder)")
         for block in iter(lambda: f.read(1 << 20), b""):
