@@ -15,7 +15,13 @@ keeps the current value (the run's config.yaml; the profile's for a new run). An
 (`RUN_NAME`, `RETRAIN`, ...) is a notebook-only knob and does not start with a section name.
 
     OVERRIDES = notebook_overrides(globals())             # {"train.learning_rate": 1e-4, ...}
+    notebook_knobs(globals())                             # RETRAIN, SHOW_PANELS, ... checked and typed
     settings_table(RUN_NAME, OVERRIDES, ["train"])        # the values the stage will use
+
+Every notebook-only knob goes through one typed reader (KNOBS, `notebook_knobs`), as the SECTION_KEY ones
+go through the configuration's converter: papermill passes `-p RETRAIN false` as the text "false" (truthy
+in Python), so "false"/"no"/"0"/0 read False, "true"/"yes"/"1"/1 read True, and anything else for a
+yes/no knob is refused in one line naming the knob, before any cell acts on it.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import os
 import subprocess
 import sys
 
-from lib.run.config import apply_overrides, field_help, load_config, make_config
+from lib.run.config import apply_overrides, convert_value, field_help, load_config, make_config
+from lib.run.errors import ConfigError
 from lib.run.paths import REPO_ROOT, outputs_dir, run_paths
 from lib.run.profiles import PROFILES
 from lib.run.settings import RunConfig
@@ -54,26 +61,46 @@ def readable_tables() -> None:
     pd.set_option("display.float_format", num)
 
 
+def short_error(value: BaseException) -> str | None:
+    """The one line a notebook shows for an error instead of its traceback: a bad input's (SFTError) message,
+    or for a full, read-only or unwritable disk what failed, where and the free space (as the CLI's exit-3
+    line says it); None for anything else (a bug: its traceback is shown)."""
+    from lib.run.errors import SFTError, disk_fault, free_space
+
+    if isinstance(value, SFTError):
+        return f"{type(value).__name__}: {value}"
+    fault = disk_fault(value)
+    if fault is None:
+        return None
+    what, path, _ = fault
+    where = path or str(outputs_dir())
+    return (f"DiskError: {what}: {where} ({free_space(where)}); what was installed before is kept. Free some space "
+            "(or make the folder writable) and run the cell again")
+
+
 def _show_short_errors() -> None:
-    """In IPython, show a bad-input error (SFTError) as its one-line message, not a traceback."""
+    """In IPython, show a bad-input error (SFTError) or a disk fault as one line (short_error), not a traceback."""
     try:
         ip = get_ipython()  # type: ignore[name-defined]  # noqa: F821
     except NameError:
         return
-    from lib.run.errors import SFTError
 
     def handler(shell, etype, value, tb, tb_offset=None):
-        stb = [f"\x1b[31m{etype.__name__}: {value}\x1b[0m"]
+        line = short_error(value)
+        if line is None:  # not ours to shorten: the usual traceback
+            return shell.showtraceback((etype, value, tb), tb_offset=tb_offset, running_compiled_code=True)
+        stb = [f"\x1b[31m{line}\x1b[0m"]
         shell._showtraceback(etype, value, stb)  # an error output (the cell fails), without the traceback
         return stb
 
-    ip.set_custom_exc((SFTError,), handler)
+    ip.set_custom_exc((Exception,), handler)
     # Figures from lib are built without pyplot; the inline backend makes a cell's Figure value show.
     ip.run_line_magic("matplotlib", "inline")
 
 
 def setup(mount_drive: bool = False, seed: int = 42, install: bool = True) -> dict:
     """The setup cell: work from the repository root, seed, and print the hardware and outputs folder."""
+    mount_drive = knob("MOUNT_DRIVE", mount_drive)
     os.chdir(REPO_ROOT)  # relative paths (data/examples/...) as in the README
     quiet()
     readable_tables()
@@ -111,6 +138,36 @@ def notebook_overrides(namespace: dict) -> dict[str, object]:
     current value (`lib.run.config.apply_overrides`); an unknown key is refused there, naming it."""
     return {parameter_key(n): v for n, v in namespace.items()
             if n.isupper() and not n.startswith("_") and parameter_key(n)}
+
+
+# The notebook-only knobs (parameters that name no configuration key) and their types, as the configuration's
+# converter reads them (lib/run/config.py convert_value); a list knob left empty or None is [].
+KNOBS = {"RUN_NAME": "str", "PROFILE": "str | None", "OVERWRITE": "bool", "RETRAIN": "bool",
+         "SHOW_EXAMPLES": "int", "SHOW_PANELS": "bool", "COMPARE_RUNS": "list", "CHAT_WITH_MERGED": "bool",
+         "SYSTEM_PROMPT": "str | None", "SCRIPTED_PROMPTS": "list", "EXPORT_QUANT": "str | None",
+         "PUSH_REPO": "str | None", "MOUNT_DRIVE": "bool", "REPO_URL": "str"}
+
+
+def knob(name: str, value):
+    """One notebook-only knob's value as its type in KNOBS ("false" -> False for a yes/no knob), or a
+    ConfigError naming the knob; a count must be at least 0."""
+    if name not in KNOBS:
+        raise ConfigError(f"{name}: not a notebook parameter (known: {', '.join(KNOBS)})")
+    kind = KNOBS[name]
+    if kind == "list" and isinstance(value, str) and not value.strip():
+        return []
+    out = convert_value(name, value, kind)  # "RETRAIN: cannot use 'maybe' (expected bool)"
+    if kind == "int" and out < 0:
+        raise ConfigError(f"{name}: must be at least 0, got {out}")
+    return [] if kind == "list" and out is None else out
+
+
+def notebook_knobs(namespace: dict) -> dict[str, object]:
+    """Check and type every notebook-only knob of `namespace` (a notebook's `globals()`) in place, so that the
+    cells below read RETRAIN=False, never the text "false" papermill passed; returns {name: value}."""
+    typed = {name: knob(name, namespace[name]) for name in KNOBS if name in namespace}
+    namespace.update(typed)
+    return typed
 
 
 def effective_config(run: str, overrides: dict, profile: str | None = None, new_run: bool = False):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from conftest import BAD_RANGES
 
-from lib.run.config import apply_overrides, field_help, hf_token, load_config, make_config, save_config
+from lib.run.config import apply_overrides, field_help, load_config, make_config, save_config
 from lib.run.errors import ConfigError
 from lib.run.profiles import PROFILES
+from lib.run.realmodel import hf_token
 from lib.run.settings import RunConfig
 
 
@@ -155,3 +156,13 @@ def test_a_non_finite_value_in_config_yaml_names_the_file(tmp_path):
     (tmp_path / "config.yaml").write_text("train:\n  learning_rate: .nan\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"config.yaml: train.learning_rate: must be a finite number"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize("override, got", [("data.ignore_fields=[notes, null]", "None"),
+                                           ("data.columns={prompt: null}", "None"), ("data.columns={1: a}", "1")])
+def test_a_null_or_non_text_entry_in_a_field_list_is_refused_in_one_line(override, got):
+    from lib.run.config import make_config
+    from lib.run.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"must be a non-empty string, got {got}$"):
+        make_config("tiny", overrides=[override])

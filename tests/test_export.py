@@ -252,3 +252,14 @@ def test_config_offers_exactly_the_quantization_types_export_knows():
     from lib.ship.llamacpp import QUANT_TYPES
 
     assert CHOICES["export.quant"] == list(QUANT_TYPES)
+
+
+def test_the_parity_check_sizes_llama_cpp_context_from_what_the_model_leaves():
+    """generation.max_new_tokens=2147483647 (unbounded) must not become a two-billion-position llama.cpp context:
+    each greedy answer gets what the model's context leaves after its prompt, as transformers' side."""
+    from lib.ship.parity import merged_context, parity_budget
+
+    budgets, n_ctx = parity_budget([10, 1000], 2147483647, 256, 1024)
+    assert budgets == [1014, 24] and n_ctx == 1000 + 24 + 1 + 8
+    assert parity_budget([10], 64, 256, None) == ([64], 256 + 8)  # no context known: the setting, as before
+    assert merged_context("/no/such/folder") is None

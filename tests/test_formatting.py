@@ -62,3 +62,62 @@ def test_table_keeps_names_whole_and_rounds():
     assert "7,074" in shown and "3.716" in shown and "SmolLM2-135M-Instruct HuggingFaceTB" in shown
     nb = _notebook(nbformat.v4.new_output("display_data", data={"text/html": shown, "text/plain": "t"}))
     assert problems(nb) == []
+
+
+MARKUP = "<img src=x onerror=alert(1)>"
+
+
+def _html(shown) -> str:
+    return shown.to_html() if hasattr(shown, "to_html") and not isinstance(shown, pd.DataFrame) else shown._repr_html_()
+
+
+def test_table_escapes_markup_in_every_cell_and_label():
+    """Data text (answers, prompts, field and run names) is written into a notebook page as HTML: pandas' Styler
+    does not escape it, so the one table helper does, in cells, row labels and column labels."""
+    df = pd.DataFrame({"text": [MARKUP, "a & b"], MARKUP: [MARKUP, 2.5], "n": [1, None]}, index=[MARKUP, "b"])
+    for shown in (table(df), table(df, index=False), table(df.reset_index(drop=True))):
+        html = shown.to_html()
+        assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html and "a &amp; b" in html
+        assert "2.5" in html
+
+
+def _poisoned(value):
+    """`value` (a report or summary as a stage wrote it) with MARKUP appended to every text value."""
+    if isinstance(value, dict):
+        return {k: _poisoned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_poisoned(v) for v in value]
+    return value + MARKUP if isinstance(value, str) else value
+
+
+def test_every_table_a_notebook_shows_escapes_data_text(trained_run):
+    """Every table function of notebooks 01-03 on the fixture run's own reports with markup in every text
+    value, and the samples table with markup in the prompts and answers: none writes the markup as HTML."""
+    import json
+    import shutil
+
+    from lib.data import audit_table, fields_table
+    from lib.model import adapted_table, model_table
+    from lib.run.paths import run_paths
+    from lib.train import metrics_table, samples_table, summary_table
+    from tests.conftest import copy_run
+
+    paths = run_paths(trained_run)
+    report = _poisoned(json.loads(paths.data_report.read_text()))
+    summary = _poisoned(json.loads(paths.model_summary.read_text()))
+    training = _poisoned(json.loads(paths.training_summary.read_text()))
+    shown = [audit_table(report), fields_table(report), model_table(summary), adapted_table(summary),
+             summary_table(training)]
+    run = copy_run(trained_run, "markup")
+    copy = run_paths(run)
+    rows = [json.loads(line) for line in copy.samples.read_text().splitlines()]
+    copy.samples.write_text("".join(json.dumps({**r, "prompt": r["prompt"] + MARKUP, "answer": MARKUP,
+                                                "reference": MARKUP}) + "\n" for r in rows))
+    shown += [samples_table(run, styled=True), samples_table(run), metrics_table(run)]
+    try:
+        for i, t in enumerate(shown):
+            html = _html(t)
+            assert "<img" not in html, f"table {i} writes data as HTML"
+        assert all(MARKUP.replace("<", "&lt;").replace(">", "&gt;") in _html(t) for t in shown[:2] + shown[5:7])
+    finally:
+        shutil.rmtree(copy.root)

@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from lib.notebook import SECTIONS, notebook_overrides, parameter_key, settings_table
+from lib.notebook import (
+    KNOBS,
+    SECTIONS,
+    knob,
+    notebook_knobs,
+    notebook_overrides,
+    parameter_key,
+    settings_table,
+)
 from lib.run.config import field_help, make_config
 from lib.run.errors import ConfigError
 
@@ -125,3 +133,123 @@ def test_papermill_runs_a_notebook_without_a_warning_and_it_reads_well(outputs, 
     assert not said, f"papermill warned: {said}"
     assert not problems(nb), problems(nb)
     assert (outputs / "papermill" / "data" / "report.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Notebook-only knobs: one typed reader (papermill passes `-p RETRAIN false` as the text "false")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_notebook_only_knob_goes_through_the_typed_reader(path):
+    """Every parameter that names no configuration key is in KNOBS, and the first code cell after the
+    parameters types them all (notebook_knobs(globals())) before any cell reads one."""
+    knobs = [n for n, _, _ in parameters(path) if parameter_key(n) is None]
+    assert set(knobs) <= set(KNOBS), f"{path.name}: {sorted(set(knobs) - set(KNOBS))} not in lib.notebook.KNOBS"
+    i = next(i for i, c in enumerate(cells(path)) if "parameters" in c.get("metadata", {}).get("tags", []))
+    first = next(c for c in cells(path)[i + 1:] if c["cell_type"] == "code")
+    assert "notebook_knobs(globals())" in "".join(first["source"]), f"{path.name}: knobs read raw"
+    for name, value, _ in parameters(path):  # every default reads as itself
+        if name in KNOBS:
+            assert knob(name, value) == value, f"{path.name}: {name}={value!r} changes when typed"
+
+
+@pytest.mark.parametrize("raw,want", [("false", False), ("no", False), ("0", False), (0, False), ("False", False),
+                                      (False, False), ("true", True), ("yes", True), ("1", True), (1, True),
+                                      ("TRUE", True), (True, True)])
+def test_a_yes_no_knob_reads_what_papermill_passes(raw, want):
+    for name in ("RETRAIN", "OVERWRITE", "CHAT_WITH_MERGED", "SHOW_PANELS", "MOUNT_DRIVE"):
+        assert knob(name, raw) is want
+    ns = {"RETRAIN": raw, "RUN_NAME": 7, "COMPARE_RUNS": "a,b", "LORA_R": "4"}
+    assert notebook_knobs(ns) == {"RUN_NAME": "7", "RETRAIN": want, "COMPARE_RUNS": ["a", "b"]}
+    assert ns["RETRAIN"] is want and ns["LORA_R"] == "4"  # SECTION_KEY ones are the configuration's
+
+
+@pytest.mark.parametrize("name,raw", [("RETRAIN", "maybe"), ("OVERWRITE", 2), ("SHOW_PANELS", 0.5),
+                                      ("CHAT_WITH_MERGED", "None"), ("OVERWRITE", []), ("SHOW_EXAMPLES", "-1"),
+                                      ("SHOW_EXAMPLES", "five"), ("COMPARE_RUNS", 3)])
+def test_a_knob_that_is_not_its_type_is_refused_in_one_line_naming_it(name, raw):
+    with pytest.raises(ConfigError, match=rf"^{name}: ") as e:
+        knob(name, raw)
+    assert "\n" not in str(e.value)
+
+
+def test_the_deleting_switches_act_only_on_exactly_true(outputs):
+    """run_prepare(overwrite=...) and plan_training(retrain=...) refuse a value that is not a bool before
+    anything is read or deleted (the text "false" is truthy in Python)."""
+    from lib.data.prepare import run_prepare
+    from lib.train.training import plan_training
+
+    for bad in ("false", "False", 1, "yes"):
+        with pytest.raises(ConfigError, match=r"^overwrite \(OVERWRITE in notebook 01\): expected True or False"):
+            run_prepare("x", str(ROOT / "data" / "examples" / "socratic_questions.jsonl"), overwrite=bad)
+        with pytest.raises(ConfigError, match=r"^retrain \(RETRAIN in notebook 03\): expected True or False"):
+            plan_training("x", retrain=bad)
+    assert not (outputs / "x").exists()
+
+
+def _papermill(name: str, out, **parameters):
+    import papermill
+
+    return papermill.execute_notebook(str(ROOT / "notebooks" / name), str(out), cwd=str(ROOT / "notebooks"),
+                                      parameters=parameters, progress_bar=False, log_output=False)
+
+
+def test_papermill_overwrite_false_refuses_to_replace_a_trained_run_and_true_replaces_it(outputs, tmp_path):
+    """`-p OVERWRITE false` (the text) on a run trained on other data stops at the check and deletes nothing;
+    `-p OVERWRITE true` replaces it."""
+    from papermill.exceptions import PapermillExecutionError
+
+    from lib.data.prepare import run_prepare
+
+    run_prepare("ow", str(ROOT / "data" / "examples" / "socratic_questions.jsonl"), profile="tiny",
+                overrides=["data.max_examples=20"])
+    marker = outputs / "ow" / "adapter" / "adapter_config.json"
+    marker.parent.mkdir()
+    marker.write_text("{}")
+    other = dict(RUN_NAME="ow", PROFILE="tiny", DATA_PATH="data/examples/sharegpt_conversations.jsonl",
+                 DATA_MAX_EXAMPLES=20, TRAIN_MAX_LENGTH=256)
+    for said in ("false", "False", "no", "0"):
+        with pytest.raises(PapermillExecutionError, match="already holds results trained on other data"):
+            _papermill("01_prepare_data.ipynb", tmp_path / "01.ipynb", OVERWRITE=said, **other)
+        assert marker.read_text() == "{}", f"OVERWRITE={said!r} deleted the trained run"
+    with pytest.raises(PapermillExecutionError, match="OVERWRITE: cannot use 'maybe'"):
+        _papermill("01_prepare_data.ipynb", tmp_path / "01.ipynb", OVERWRITE="maybe", **other)
+    assert marker.exists()
+    _papermill("01_prepare_data.ipynb", tmp_path / "01.ipynb", OVERWRITE="true", **other)
+    assert not marker.exists() and (outputs / "ow" / "data" / "report.json").exists()
+
+
+def test_papermill_retrain_false_leaves_a_finished_run_alone(trained_run, tmp_path):
+    """`-p RETRAIN false` (the text) on a finished run keeps its checkpoints, adapter and logs."""
+    from lib.run.paths import run_paths
+    from tests.conftest import copy_run
+
+    run = copy_run(trained_run, "retrain-false")
+    paths = run_paths(run)
+    before = {p: p.stat().st_mtime_ns for p in (paths.adapter / "adapter_model.safetensors", paths.metrics_csv)}
+    nb = _papermill("03_train_sft.ipynb", tmp_path / "03.ipynb", RUN_NAME=run, RETRAIN="false")
+    text = json.dumps(nb["cells"])
+    assert "finished already: True" in text
+    assert {p: p.stat().st_mtime_ns for p in before} == before, "RETRAIN='false' trained again"
+
+
+def test_a_notebook_shows_a_full_disk_as_one_line_and_a_bug_as_its_traceback():
+    """The notebooks' error handler (lib.notebook.short_error): a bad input's message, a full or read-only
+    disk anywhere in the chain of causes (torch's "PytorchStreamWriter failed" over ENOSPC) as one line with the
+    path and free space; anything else keeps its traceback (None)."""
+    import errno
+
+    from lib.notebook import short_error
+
+    assert short_error(ConfigError("lora.r: must be at least 1, got 0")) == "ConfigError: lora.r: must be at least 1, got 0"
+    full = OSError(errno.ENOSPC, "No space left on device", "/tmp/x.safetensors")
+    line = short_error(full)
+    assert line.startswith("DiskError: no space left on the device: /tmp/x.safetensors (") and "free of" in line
+    try:
+        try:
+            raise OSError(errno.EROFS, "Read-only file system", "/ro/adapter")
+        except OSError as e:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0") from e
+    except RuntimeError as e:
+        assert short_error(e).startswith("DiskError: ") and "\n" not in short_error(e)
+    assert short_error(KeyError("a")) is None and short_error(OSError(errno.ENOENT, "gone")) is None

@@ -205,3 +205,67 @@ def test_the_stages_that_load_the_adapter_refuse_another_base(trained_run, smol_
         assert "the adapter was trained with model.name_or_path=tiny" in _refused(run, [command], capsys)
     with pytest.raises(ConfigError, match="the adapter was trained with model.name_or_path=tiny"):
         load_session(run)
+
+
+# ------------------------------------------------------------------------------ the check never switches itself off
+
+
+@pytest.mark.parametrize("setting, old", [("lora.alpha=128", "32"), ("lora.r=8", "16"), ("lora.use_rslora=true", "false"),
+                                          ("lora.use_dora=true", "false")])
+def test_without_its_record_a_checkpoint_is_checked_against_its_own_adapter_config(interrupted, capsys, setting, old):
+    """checkpoints/settings.json missing: the check reads what checkpoint-2 records itself (adapter_config.json)
+    instead of resuming an alpha-32 checkpoint as alpha 128."""
+    from conftest import copy_run
+
+    run = copy_run(interrupted, f"norecord-{setting.split('=')[0]}")
+    run_paths(run).checkpoint_settings.unlink()
+    key, new = setting.split("=")
+    line = _refused(run, ["train", "--set", setting], capsys)
+    assert line.startswith(f"error: {key}: checkpoint-2 was trained with {key}={old}, not {new}"), line
+
+
+@pytest.mark.parametrize("damage", ['{"settings": "x", "train_data": "y"}', '{"settings": {}}', "{", "[1]", "fifo",
+                                    "folder"])
+def test_a_damaged_record_is_one_line_and_nothing_is_written(interrupted, capsys, damage):
+    import os
+
+    from conftest import copy_run
+
+    run = copy_run(interrupted, f"damaged-{abs(hash(damage))}")
+    record = run_paths(run).checkpoint_settings
+    record.unlink()
+    if damage == "fifo":
+        os.mkfifo(record)
+    elif damage == "folder":
+        record.mkdir()
+    else:
+        record.write_text(damage)
+    line = _refused(run, ["train", "--set", "lora.alpha=128"], capsys)
+    assert line.startswith(f"error: {record}: ") and "--retrain" in line, line
+
+
+def test_the_data_mapping_is_part_of_the_recorded_settings(interrupted, capsys):
+    """train --set data.columns=... resumes nothing trained on the other mapping (config.yaml left as it was)."""
+    line = _refused(interrupted, ["train", "--set", "data.columns={prompt: question, response: answer}"], capsys)
+    assert line.startswith("error: data.columns: checkpoint-2 was trained with data.columns=none"), line
+    line = _refused(interrupted, ["train", "--set", "data.ignore_fields=[notes]"], capsys)
+    assert line.startswith("error: data.ignore_fields: checkpoint-2 was trained with"), line
+
+
+def test_notebook_02_refuses_what_train_refuses_and_keeps_config_yaml(interrupted, trained_run):
+    from conftest import copy_run
+
+    from lib.model.configure import update_config
+    from lib.run.errors import ConfigError
+
+    finished = copy_run(trained_run, "finished-02")
+    for run, what in ((interrupted, "checkpoint-2"), (finished, "the adapter")):
+        config = run_paths(run).config.read_bytes()
+        with pytest.raises(ConfigError, match=rf"^lora.r: {what} was trained with lora.r=16, not 4"):
+            update_config(run, {"lora.r": 4})
+        assert run_paths(run).config.read_bytes() == config
+        assert update_config(run, {"lora.dropout": 0.1}).lora.dropout == 0.1  # what may change still does
+    run_paths(finished).checkpoint_settings.unlink()
+    shutil.rmtree(run_paths(finished).adapter)
+    with pytest.raises(ConfigError, match=r"^lora.alpha: checkpoint-\d+ was trained with lora.alpha=32, not 8"):
+        update_config(finished, {"lora.alpha": 8})

@@ -484,3 +484,21 @@ def test_prepare_trains_a_tool_set_through_a_tool_template(tmp_path, outputs):
     ex = read_examples(run_paths("openai").train_data)[0]
     assert ex["messages"][1]["content"] == "<think>\nLook it up.\n</think>\n\n"
     assert ex["messages"][3]["content"] == "<think>\nThe tool says 21.\n</think>\n\n21 degrees."
+
+
+def test_the_tool_probe_gives_its_parameter_a_description(tiny_base):
+    """A template that writes each parameter as `name (type): description` by string concatenation (as Command R+'s
+    tool template does) fails on a schema without descriptions: the probe gives one, so such a template is
+    found to render tools instead of being refused as having no tools handling."""
+    import copy
+
+    from lib.data.templates import template_info
+
+    tok = copy.deepcopy(tiny_base)
+    tok.chat_template = (
+        "{%- if tools %}{{- 'Tools:' }}{%- for t in tools %}{%- set f = t.function %}{{- '\\n' + f.name + ':' }}"
+        "{%- for name, p in f.parameters.properties|items %}{{- ' ' + name + ' (' + p.type + '): ' + p.description }}"
+        "{%- endfor %}{%- endfor %}{{- '\\n' }}{%- endif %}"
+        "{%- for m in messages %}{{- '<|' + m.role + '|>' + (m.content or '') + eos_token }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|assistant|>' }}{%- endif %}")
+    assert template_info(tok).renders_tools

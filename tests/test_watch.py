@@ -83,7 +83,8 @@ def test_a_resumed_training_drops_the_samples_after_its_checkpoint(outputs):
 
     paths = RunPaths(outputs / "r")
     paths.samples.parent.mkdir(parents=True)
-    paths.samples.write_text("".join(json.dumps({"step": s, "index": 0, "answer": "a"}) + "\n" for s in (0, 10, 20))
+    row = {"index": 0, "prompt": "p", "reference": "r", "answer": "a", "stopped": True}  # as SamplesCallback writes
+    paths.samples.write_text("".join(json.dumps({"step": s, **row}) + "\n" for s in (0, 10, 20))
                              + '{"step": 30, "ind', encoding="utf-8")  # a torn last line of a killed run
     cb = SamplesCallback(make_config("tiny"), None, paths, resume_step=10)
     assert [r["step"] for r in read_samples(paths.samples)] == [0, 10] and cb.done == {0, 10}

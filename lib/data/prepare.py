@@ -26,7 +26,7 @@ from lib.data.sources import prepare_data, source_rows
 from lib.data.templates import DEFAULT_CHAT_TEMPLATE
 from lib.data.tokenization import IGNORE_INDEX, encode_example
 from lib.data.tokenizer import load_tokenizer
-from lib.run.config import apply_overrides, load_config, make_config, save_config, validate
+from lib.run.config import apply_overrides, flag, load_config, make_config, save_config, validate
 from lib.run.errors import SFTError
 from lib.run.formatting import CUT_AT_MAX_LENGTH, mark_cut
 from lib.run.paths import REPO_ROOT, run_paths
@@ -106,7 +106,7 @@ def _install(tmp: Path, paths, new_hash: str, overwrite: bool) -> None:
     if paths.root.exists() and later:
         old_hash = recorded_data_hash(paths)
         if old_hash != new_hash:
-            if not overwrite:
+            if overwrite is not True:  # only a checked True deletes a run
                 raise SFTError(
                     f"run '{paths.root.name}' already holds results trained on other data ({later[0].name}/); "
                     "choose another run name, or overwrite it (OVERWRITE = True in notebook 01, "
@@ -127,6 +127,7 @@ def _install(tmp: Path, paths, new_hash: str, overwrite: bool) -> None:
 def run_prepare(run: str, data: str | None = None, fmt: str = "auto", profile: str | None = None,
                 overrides=(), overwrite: bool = False) -> dict:
     """Entry point of notebook 01 and `python -m lib prepare`: returns the audit report."""
+    overwrite = flag("overwrite (OVERWRITE in notebook 01)", overwrite)
     cfg = make_config(profile, run=run, overrides=overrides or [])
     if isinstance(data, (list, tuple)) and len(data) > 1:  # --data A --data B: several sources
         cfg.data.sources = [{"path": str(p)} for p in data]

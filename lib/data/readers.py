@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.data.containers import compression, data_suffix, read_bytes, shard_files, shard_split
-from lib.run.config import hf_token
 from lib.run.errors import DataError, SFTError
 from lib.run.paths import resolve_repo_path
+from lib.run.realmodel import hf_token
 from lib.run.rundir import read_json
 
 EVAL_SPLITS = ("test", "validation", "eval", "valid", "dev")
@@ -88,6 +88,17 @@ def json_value(text: str, path, line: int | None = None):
     if "\\u" in text:
         _check_surrogates(obj, path, line)
     return obj
+
+
+def read_json_file(path):
+    """The JSON value of one local file (a tool schema list, ...) with the data reader's checks: a regular file
+    (a FIFO is never waited on), UTF-8 text, JSON within the limits of json_value; else a DataError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(path, "a folder, not a JSON file")
+    if not path.is_file():
+        raise DataError(path, _not_a_file(path) if os.path.lexists(path) else "no such file")
+    return json_value(_read_text(path), path)
 
 
 def _check_surrogates(obj, path, line) -> None:
@@ -336,9 +347,15 @@ def load_records(source: str) -> Loaded:
 def read_examples(path) -> list[dict]:
     """The normalised examples of a prepared jsonl file (train.jsonl / eval.jsonl)."""
     path = Path(path)
+    if os.path.lexists(path) and not path.is_file():  # a FIFO would be waited on forever
+        raise DataError(path, _not_a_file(path))
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(path, f"not valid UTF-8 (byte 0x{raw[e.start]:02x})", line=n) from None
             if line.strip():
                 out.append(json_value(line, path, n))
     return out

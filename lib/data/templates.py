@@ -120,7 +120,8 @@ def probe_renderings(tokenizer) -> dict[str, str | None]:
     return out
 _PROBE_TOOL = {"type": "function", "function": {
     "name": "QzPROBEtoolQZ", "description": "QzPROBEdescQZ",
-    "parameters": {"type": "object", "properties": {"QzPROBEargQZ": {"type": "string"}}, "required": ["QzPROBEargQZ"]}}}
+    "parameters": {"type": "object", "properties": {"QzPROBEargQZ": {"type": "string", "description": "QzPROBEpdescQZ"}},
+                   "required": ["QzPROBEargQZ"]}}}  # a parameter description: Command R+'s template concatenates it
 _REASONING_TEMPLATE_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 import logging
 
 from lib.data.templates import apply_prompt_format, ensure_chat_template
-from lib.run.config import hf_token
 from lib.run.errors import ConfigError, first_line
-from lib.run.realmodel import resolve_model
+from lib.run.realmodel import hf_token, resolve_model
 
 logger = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lib.data.readers import read_json_file
 from lib.run.errors import SFTError
 
 _NAME_KEYS = ("name", "tool_name")
@@ -97,11 +98,7 @@ def load_tools(tools) -> list[dict] | None:
     if tools is None:
         return None
     if isinstance(tools, (str, Path)):
-        path = Path(tools)
-        try:
-            tools = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise SFTError(f"--tools {path}: cannot read a JSON list of tool schemas ({e})") from None
+        tools = read_json_file(Path(tools))  # the data reader's checks and one-line errors
         if isinstance(tools, dict) and "tools" in tools:
             tools = tools["tools"]
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
@@ -110,7 +107,8 @@ def load_tools(tools) -> list[dict] | None:
     for t in tools:
         if "function" not in t and "name" in t:
             t = {"type": "function", "function": t}
-        if not isinstance(t.get("function"), dict) or not t["function"].get("name"):
-            raise SFTError(f"tools: a schema without a function name: {json.dumps(t)[:80]}")
+        name = t["function"].get("name") if isinstance(t.get("function"), dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise SFTError(f"tools: a schema without a function name (a non-empty text): {json.dumps(t)[:80]}")
         out.append(t)
     return out or None

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.data.readers import read_examples
 from lib.run.config import load_config, to_dict
-from lib.run.errors import ConfigError
+from lib.run.errors import ConfigError, SFTError
 from lib.run.figures import COLORS, STEP, STYLE, read_metrics
 from lib.run.paths import RunPaths, outputs_dir, run_paths
+from lib.run.rundir import read_json, unusable
 from lib.run.stages import stage
 from lib.train.samples import read_samples
 
@@ -56,12 +58,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _json(path: Path):
-    if not path.exists():
+    """A result file's JSON object, or None: missing, damaged, not an object, or not a regular file (a FIFO is
+    never waited on: rundir.read_json)."""
+    if not os.path.lexists(path):
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        value = read_json(path)
+    except SFTError:
         return None
+    return value if isinstance(value, dict) else None
 
 
 def known_runs() -> list[str]:
@@ -80,6 +85,10 @@ def load_run(name: str) -> RunView:
         view.metrics = read_metrics(paths.metrics_csv)
     else:
         view.missing.append(f"training ({stage('train').first(name)})")
+    stale = unusable(paths, "evaluate") if paths.eval_dir.exists() else None  # half-installed or stale eval/
+    if stale:
+        view.missing.append(f"evaluation left out: {stale}")
+        return _answers(view, evaluated=False) or view
     view.perplexity = _json(paths.perplexity)
     view.generation = _json(paths.generation_metrics)
     forgetting = _json(paths.forgetting)
@@ -90,10 +99,11 @@ def load_run(name: str) -> RunView:
     return view
 
 
-def _answers(view: RunView) -> None:
+def _answers(view: RunView, evaluated: bool = True) -> None:
     """The tuned model's answers: the evaluation's, else the last answers sampled while training."""
-    if view.paths.predictions.exists():
-        view.answers = {r["prompt"]: r.get("tuned", "") for r in read_examples(view.paths.predictions)}
+    if evaluated and view.paths.predictions.is_file():
+        rows = [r for r in read_examples(view.paths.predictions) if isinstance(r, dict)]
+        view.answers = {r["prompt"]: r.get("tuned", "") for r in rows if isinstance(r.get("prompt"), str)}
         view.answers_from = "eval/predictions.jsonl"
         return
     rows = read_samples(view.paths.samples)
@@ -220,8 +230,14 @@ def report(runs: list[RunView]) -> str:
     return "\n".join(lines)
 
 
+FIGURE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
+
+
 def run_compare(names, figure: str | None = None) -> str:
     """Entry point of `python -m lib compare`: prints the report; `figure`: a PNG path for the loss curves."""
+    if figure and Path(figure).suffix.lower() not in FIGURE_SUFFIXES:  # matplotlib would add .png to a folder
+        raise ConfigError(f"--figure {figure}: a file name ending in {', '.join(FIGURE_SUFFIXES)} "
+                          "(e.g. curves.png), not a folder or another kind of file")
     runs = compare_runs(names)
     text = report(runs)
     print(text)

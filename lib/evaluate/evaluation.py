@@ -33,7 +33,7 @@ from pathlib import Path
 
 from lib.data.readers import read_examples
 from lib.data.textmetrics import generation_metrics, style_scores
-from lib.evaluate.forgetting import forgetting_check
+from lib.evaluate.forgetting import check_general_prompts, forgetting_check
 from lib.evaluate.scoring import perplexity
 from lib.evaluate.verdict import (
     MIN_PAIRS,
@@ -98,6 +98,7 @@ def _run_evaluate(paths, run, overrides, progress, null_control=False) -> dict:
     started = time.time()
     with out_of_memory("evaluation", cfg, doing="loading the base model and adapter", run=run):
         model, tokenizer = load_tuned_model(cfg, paths.adapter, info=ctx.device)
+    check_general_prompts(cfg, tokenizer)  # a bad general prompt is one line now, not after the evaluation
     with out_of_memory("evaluation", cfg, run=run):  # batches back off by themselves; this is at a batch of 1
         ppl, nll = _perplexities(model, tokenizer, examples, cfg, progress)
         ppl_seconds = time.time() - started

@@ -28,52 +28,67 @@ import hashlib
 import json
 import math
 
-from lib.data.readers import read_examples
+from lib.data.readers import load_records, read_examples
+from lib.data.templates import TemplateError
 from lib.data.tokenization import IGNORE_INDEX, encode_example
 from lib.evaluate.scoring import padded_batch
 from lib.model.generation import generate_answers, model_device, pad_id
 from lib.model.oom import in_batches
-from lib.run.errors import ConfigError, DataError, SFTError
+from lib.run.errors import ConfigError, SFTError
 from lib.run.paths import resolve_repo_path
+from lib.run.realmodel import weights_fingerprint
 from lib.run.rundir import write_jsonl
 
 
-def load_general_prompts(path) -> list[list[dict]]:
-    """The conversations of a general prompts file: JSONL records {"prompt": text} or {"messages": [...]}
-    ending with the user's turn."""
+def _general_records(path) -> list[tuple[list[dict], object]]:
+    """(conversation, RawRecord) for each record of a general prompts file, read by the data reader (a FIFO,
+    folder, binary or non-UTF-8 file, a 5,000-digit number, deep nesting, a lone surrogate: one line naming the
+    file and line, as for training data): {"prompt": text} or {"messages": [...]} ending with the user's turn."""
     file = resolve_repo_path(path)
     if not file.is_file():
         raise ConfigError(f"eval.general_prompts: {path} is not a file (a JSONL file of prompt or messages "
                           "records; None skips the forgetting check)")
     out = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(file, f"invalid JSON ({e.msg})", line=n) from None
+    for raw in load_records(str(file)).records:
+        rec = raw.record
         if isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and rec["prompt"].strip():
-            out.append([{"role": "user", "content": rec["prompt"]}])
+            out.append(([{"role": "user", "content": rec["prompt"]}], raw))
         elif isinstance(rec, dict) and isinstance(rec.get("messages"), list) and rec["messages"] \
                 and isinstance(rec["messages"][-1], dict) and rec["messages"][-1].get("role") == "user":
             for i, m in enumerate(rec["messages"]):
                 if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                    raise DataError(file, "not a message with a text role and content", line=n,
-                                    field=f"messages[{i}]")
-            out.append([{"role": m["role"], "content": m["content"]} for m in rec["messages"]])
+                    raise raw.error("not a message with a text role and content", field=f"messages[{i}]")
+            out.append(([{"role": m["role"], "content": m["content"]} for m in rec["messages"]], raw))
         else:
-            raise DataError(file, "not a {\"prompt\": text} or {\"messages\": [...]} record ending with the "
-                                  "user's turn", line=n)
-    if not out:
-        raise DataError(file, "holds no prompts")
+            raise raw.error("not a {\"prompt\": text} or {\"messages\": [...]} record ending with the user's turn")
     return out
 
 
+def load_general_prompts(path) -> list[list[dict]]:
+    """The conversations of a general prompts file (_general_records)."""
+    return [conversation for conversation, _ in _general_records(path)]
+
+
+def check_general_prompts(cfg, tokenizer) -> list[list[dict]]:
+    """The conversations the forgetting check will use, each encoded once with the tokenizer first, so that
+    one the chat template refuses (the end-of-turn token as text, ...) is one line naming its file and line
+    before any evaluation runs, not a traceback after it; [] when eval.general_prompts is None."""
+    if not cfg.eval.general_prompts:
+        return []
+    records = _general_records(cfg.eval.general_prompts)[:cfg.eval.general_examples]
+    for conversation, raw in records:
+        try:
+            encode_example(tokenizer, {"messages": [*conversation, {"role": "assistant", "content": "."}]}, None)
+        except TemplateError as e:
+            raise raw.error(str(e)) from None
+    return [conversation for conversation, _ in records]
+
+
 def cache_key(cfg, conversations) -> str:
-    """What the base model's answers depend on: the model, its quantization, the prompt format, the prompts
-    and the generation settings."""
-    what = {"model": cfg.model.name_or_path, "quant": dataclasses.asdict(cfg.quant),
+    """What the base model's answers depend on: the model and its weights (realmodel.weights_fingerprint), its
+    quantization, the prompt format, the prompts and the generation settings."""
+    what = {"model": cfg.model.name_or_path, "weights": weights_fingerprint(cfg.model.name_or_path),
+            "quant": dataclasses.asdict(cfg.quant),
             "prompt_format": cfg.data.prompt_format, "system_prompt": cfg.data.system_prompt,
             "max_new_tokens": cfg.eval.general_max_new_tokens, "max_length": cfg.train.max_length,
             "repetition_penalty": cfg.generation.repetition_penalty,
@@ -89,7 +104,9 @@ def base_answers(model, tokenizer, cfg, paths, conversations, progress: bool = T
         cached = read_examples(paths.forgetting_base) if paths.forgetting_base.exists() else []
     except SFTError:  # a damaged cache is made again
         cached = []
-    if len(cached) == len(conversations) and all(r.get("key") == key for r in cached):
+    whole = all(isinstance(r, dict) and r.get("key") == key and isinstance(r.get("answer"), str)
+                and isinstance(r.get("messages"), list) and isinstance(r.get("stopped"), bool) for r in cached)
+    if len(cached) == len(conversations) and whole:  # a damaged or other row: made again
         return cached
     settings = dataclasses.replace(cfg.generation, do_sample=False, max_new_tokens=cfg.eval.general_max_new_tokens)
     disable = getattr(model, "disable_adapter", None)
@@ -159,7 +176,7 @@ def forgetting_check(model, tokenizer, cfg, paths, progress: bool = True) -> dic
     """The forgetting check of a loaded base + adapter (see the module); None when eval.general_prompts is None."""
     if not cfg.eval.general_prompts:
         return None
-    conversations = load_general_prompts(cfg.eval.general_prompts)[:cfg.eval.general_examples]
+    conversations = check_general_prompts(cfg, tokenizer)
     answers = base_answers(model, tokenizer, cfg, paths, conversations, progress)
     examples = [{"messages": r["messages"] + [{"role": "assistant", "content": r["answer"]}]} for r in answers]
     result = compare_models(model, tokenizer, examples, cfg.eval.batch_size, cfg.train.max_length, progress=progress)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from lib.model.loading import adapter_variant, add_lora, load_model_and_tokenizer
 from lib.run.config import apply_overrides, load_config, save_config
+from lib.run.context import trained_problem
 from lib.run.errors import ConfigError
 from lib.run.formatting import table
 from lib.run.hardware import GIB, attn_implementation, compute_dtype_name, device_info
@@ -64,6 +65,9 @@ def update_config(run: str, overrides=()):
     if overrides:
         cfg = apply_overrides(cfg, overrides)
         check_settings(cfg, paths)
+        problem = trained_problem(paths, cfg)  # what `train --set` refuses, refused before config.yaml changes
+        if problem:
+            raise ConfigError(problem)
         save_config(cfg, paths.config)
     return cfg
 

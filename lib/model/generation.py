@@ -72,13 +72,29 @@ def generation_kwargs(tokenizer, gen_cfg) -> dict:
     return kw
 
 
+def model_context(model) -> int | None:
+    """The positions the model has (max_position_embeddings, ...), or None where its config does not say;
+    `model` may also be a config.json as a dict."""
+    config = model if isinstance(model, dict) else getattr(model, "config", None)
+    values = [config.get(k) if isinstance(config, dict) else getattr(config, k, None)
+              for k in ("max_position_embeddings", "n_positions", "max_seq_len")]
+    return next((v for v in values if isinstance(v, int) and not isinstance(v, bool)), None)
+
+
+def check_prompt_fits(model, prompt_length: int) -> None:
+    """Refuse (SFTError, one line) a chat prompt that leaves no room in the model's context for a reply, before
+    generating: past its positions a model fails (an index error, or a native abort on some kernels)."""
+    context = model_context(model)
+    if context is not None and prompt_length >= context:
+        raise SFTError(f"chat: the prompt is {prompt_length:,} tokens, and the model has {context:,} positions: "
+                       "nothing is left for a reply; clear the history, or shorten the system prompt or tool schemas")
+
+
 def bounded_new_tokens(model, prompt_length: int, max_new_tokens: int) -> int:
     """max_new_tokens cut to what the model's context leaves after the prompt (max_position_embeddings), with
     a warning when it was more: past its positions a model generates garbage or fails, and an unbounded
     setting (2147483647) would run until killed."""
-    config = getattr(model, "config", None)
-    context = next((getattr(config, k, None) for k in ("max_position_embeddings", "n_positions", "max_seq_len")
-                    if isinstance(getattr(config, k, None), int)), None)
+    context = model_context(model)
     if context is None or prompt_length + max_new_tokens <= context:
         return max_new_tokens
     left = max(1, context - prompt_length)
@@ -238,6 +254,7 @@ def generate_reply(model, tokenizer, history, system=None, settings=None, tools=
 
     gc = generation_config(settings, tokenizer, getattr(model, "generation_config", None))
     inputs = _inputs(model, tokenizer, conversation(history, system), tools)
+    check_prompt_fits(model, inputs["input_ids"].shape[1])
     gc.max_new_tokens = bounded_new_tokens(model, inputs["input_ids"].shape[1], gc.max_new_tokens)
     with torch.no_grad():
         out = model.generate(**inputs, generation_config=gc)
@@ -267,6 +284,7 @@ def stream_reply(model, tokenizer, messages, gc, timeout, tools=None, info: dict
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     inputs = _inputs(model, tokenizer, messages, tools)
+    check_prompt_fits(model, inputs["input_ids"].shape[1])
     gc = copy.copy(gc)
     gc.max_new_tokens = bounded_new_tokens(model, inputs["input_ids"].shape[1], gc.max_new_tokens)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=timeout, skip_special_tokens=True)

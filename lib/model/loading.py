@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lib.data.tokenizer import load_tokenizer
-from lib.run.config import apply_overrides, hf_token
+from lib.run.config import apply_overrides
 from lib.run.errors import ConfigError, SFTError, first_line
 from lib.run.hardware import (
     attn_implementation,
@@ -29,7 +29,7 @@ from lib.run.hardware import (
     quant_storage_name,
     torch_dtype,
 )
-from lib.run.realmodel import resolve_model
+from lib.run.realmodel import hf_token, resolve_model
 from lib.run.settings import target_modules
 
 # Initialisations that move the principal part of each base weight into A and B (the base keeps the

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from lib.run.errors import ConfigError, MissingStageError
-from lib.run.paths import REPO_ROOT, check_run_name
+from lib.run.paths import check_run_name
 from lib.run.profiles import PROFILES
 from lib.run.rundir import write_atomic
 from lib.run.settings import CHOICES, INT_MAX, RunConfig, check_columns, check_task_scores
@@ -112,6 +112,13 @@ def convert_value(key: str, raw, annotation):
     raise ConfigError(f"{key}: cannot use {raw!r} (expected {names})")
 
 
+def flag(name: str, value) -> bool:
+    """A switch that may delete something (--retrain): True or False (None: False), else refused naming it."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise ConfigError(f"{name}: expected True or False, got {value!r}; nothing was changed")
+
+
 def _convert_collection(key: str, raw, kind: type):
     """A mapping or list setting: as given (YAML, a notebook), or from `--set` text: YAML flow
     (`{prompt: question, response: answer}`, `[notes, url]`), `prompt=question,response=answer`, or
@@ -136,10 +143,10 @@ def _convert_collection(key: str, raw, kind: type):
     if key in ("data.mix_weights", "data.sources"):  # numbers and objects, checked by lib/data/sources.py
         return copy.deepcopy(value) or None
     items = value.items() if kind is dict else enumerate(value)
-    bad = next((v for _, v in items if not isinstance(v, str) or not v.strip()), None) if value else None
-    if value and bad is not None or (kind is dict and any(not isinstance(k, str) for k in value)):
+    bad = [v for _, v in items if not isinstance(v, str) or not v.strip()][:1] if value else []  # [None] counts
+    if bad or (kind is dict and any(not isinstance(k, str) for k in value)):
         raise ConfigError(f"{key}: every {'field name' if kind is dict else 'entry'} must be a non-empty string, "
-                          f"got {bad!r}")
+                          f"got {(bad or [next(k for k in value if not isinstance(k, str))])[0]!r}")
     return copy.deepcopy(value) or None
 
 
@@ -415,33 +422,3 @@ def load_config(path) -> RunConfig:
     return from_dict(d, source=str(path))
 
 
-def hf_token() -> str | None:
-    """The Hugging Face token: environment (HF_TOKEN, HUGGINGFACE_API_KEY...), `.env`, or Colab secrets."""
-    names = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_API_KEY", "HUGGINGFACE_TOKEN")
-    for n in names:
-        if os.environ.get(n):
-            return os.environ[n]
-    try:
-        from dotenv import dotenv_values
-
-        for env_file in (Path.cwd() / ".env", REPO_ROOT / ".env"):
-            if env_file.exists():
-                values = dotenv_values(env_file)
-                for n in names:
-                    if values.get(n):
-                        return values[n]
-    except ImportError:  # pragma: no cover
-        pass
-    try:  # Colab secrets
-        from google.colab import userdata  # type: ignore
-
-        for n in names:
-            try:
-                value = userdata.get(n)
-            except Exception:
-                value = None
-            if value:
-                return value
-    except ImportError:
-        pass
-    return None

@@ -18,13 +18,16 @@ the adapter refuse a base model other than the one it was trained on.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
-from lib.run.config import apply_overrides, load_config, to_dict
-from lib.run.errors import ConfigError
+from lib.run.config import apply_overrides, from_dict, load_config, to_dict
+from lib.run.errors import ConfigError, SFTError
 from lib.run.hardware import attn_implementation, compute_dtype_name, device_info
 from lib.run.paths import RunPaths, require, run_paths
-from lib.run.settings import RunConfig
+from lib.run.rundir import file_hash, read_json
+from lib.run.settings import RunConfig, target_modules
 from lib.run.stages import stage
 
 
@@ -64,7 +67,8 @@ def open_run(run: str, stage: str, overrides=()) -> RunContext:
 # evaluation and logging may change.
 SHAPING = ("model.name_or_path", "quant.mode", "quant.quant_type", "quant.double_quant",
            "lora.r", "lora.alpha", "lora.target_modules", "lora.use_dora", "lora.use_rslora", "lora.init",
-           "lora.bias", "lora.loraplus_lr_ratio", "train.max_length", "train.batching", "train.seed")
+           "lora.bias", "lora.loraplus_lr_ratio", "train.max_length", "train.batching", "train.seed",
+           "data.columns", "data.ignore_fields")  # the last two: which fields of the data were trained
 EXAMPLES_PER_STEP = "train.per_device_train_batch_size x train.gradient_accumulation_steps"
 
 
@@ -111,3 +115,74 @@ def check_base(paths, cfg) -> None:
     problem = mismatch({"model.name_or_path": trained_on}, cfg, "the adapter", keys=("model.name_or_path",))
     if problem:
         raise ConfigError(problem)
+
+
+def checkpoint_settings(checkpoint) -> dict:
+    """The SHAPING settings a checkpoint records itself, in its adapter_config.json (peft's: r, alpha, target
+    modules, DoRA, rsLoRA, bias): what the resume check compares with when checkpoints/settings.json is missing.
+    Raises ConfigError (one line) when the file is missing or damaged."""
+    path = Path(checkpoint) / "adapter_config.json"
+    try:
+        saved = read_json(path)
+        out = {"lora.r": saved["r"], "lora.alpha": saved["lora_alpha"], "lora.use_dora": bool(saved.get("use_dora")),
+               "lora.use_rslora": bool(saved.get("use_rslora")), "lora.bias": saved.get("bias", "none")}
+        modules = saved.get("target_modules")
+        modules = sorted([modules] if isinstance(modules, str) else modules or [])
+    except (SFTError, LookupError, TypeError, AttributeError) as e:
+        why = str(e) if isinstance(e, SFTError) else f"{path}: damaged ({type(e).__name__}: {e})"
+        raise ConfigError(f"{why}; the checkpoint cannot be checked against the settings: train from scratch "
+                          f"({stage('train').rerun(Path(checkpoint).parent.parent.name, ' --retrain')})") from None
+    return {**out, "lora.target_modules": sorted(map(str, modules))}
+
+
+def checkpoint_mismatch(checkpoint, cfg) -> str | None:
+    """mismatch() against what `checkpoint` records itself (checkpoint_settings); lora.target_modules is compared
+    as the set of module names where the configuration names them (all-linear depends on the model)."""
+    recorded = checkpoint_settings(checkpoint)
+    modules = recorded.pop("lora.target_modules")
+    wanted = target_modules(cfg)
+    if wanted != "all-linear" and modules and sorted(wanted) != modules:
+        recorded["lora.target_modules"] = ",".join(modules)
+    elif wanted != "all-linear" or not modules:
+        recorded["lora.target_modules"] = cfg.lora.target_modules  # the same modules, however they are named
+    return mismatch(recorded, cfg, Path(checkpoint).name, keys=tuple(k for k in SHAPING if k in recorded))
+
+
+def record_problem(paths, cfg, checkpoint) -> str | None:
+    """Why `cfg` cannot resume `checkpoint` (one line), or None: a SHAPING setting differs from
+    checkpoints/settings.json or, without that record, from what the checkpoint records itself; the training
+    data changed since; or the record is damaged (never skipped: the check does not switch itself off)."""
+    record_path, name = paths.checkpoint_settings, Path(checkpoint).name
+    if not os.path.lexists(record_path):  # saved before the record existed, or removed
+        return checkpoint_mismatch(checkpoint, cfg)
+    try:
+        record = read_json(record_path)
+        settings, data = record["settings"], record["train_data"]
+        if not isinstance(settings, dict) or not isinstance(data, str):
+            raise TypeError("'settings' is not a mapping or 'train_data' not a hash")
+    except (SFTError, LookupError, TypeError) as e:
+        why = str(e) if isinstance(e, SFTError) else f"{record_path}: damaged ({e})"
+        return (f"{why}: what {name} was trained with cannot be read; put the file back or train from "
+                f"scratch: {stage('train').rerun(cfg.run, ' --retrain')}")
+    if data != file_hash(paths.train_data):
+        return (f"{paths.train_data}: prepared again since {name} was saved (other training examples); train "
+                f"from scratch on them: {stage('train').rerun(cfg.run, ' --retrain')}")
+    return mismatch(settings, cfg, name)
+
+
+def trained_problem(paths, cfg) -> str | None:
+    """What `train --set` refuses, for a stage that rewrites config.yaml before training (notebook 02): a
+    SHAPING setting other than the finished adapter's (adapter/run_config.json) or the newest checkpoint's."""
+    adapter = paths.adapter / "run_config.json"
+    if adapter.is_file():
+        try:
+            trained = from_dict(read_json(adapter), source=str(adapter))
+        except SFTError:  # damaged: the stages that load the adapter say so (rundir.check_trained)
+            trained = None
+        problem = mismatch(shaping_settings(trained), cfg, "the adapter") if trained else None
+        if problem:
+            return problem
+    numbered = [(int(p.name[11:]), p) for p in paths.checkpoints.glob("checkpoint-*") if p.name[11:].isdigit()]
+    if not numbered:
+        return None
+    return record_problem(paths, cfg, max(numbered)[1])

@@ -13,13 +13,14 @@ notebooks show the saved files.
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 from lib.run.config import load_config
 from lib.run.errors import SFTError
 from lib.run.paths import require, run_paths
-from lib.run.rundir import check_fresh, fingerprint, read_json, unusable
+from lib.run.rundir import check_fresh, fingerprint, read_json, read_text, unusable
 from lib.run.stages import stage
 
 STEP = "optimizer step"
@@ -47,7 +48,7 @@ def read_metrics(path) -> dict:
 
     path = Path(path)
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(io.StringIO(read_text(path)))  # a regular file: a FIFO is refused, never waited on
     except pd.errors.EmptyDataError:
         return {}
     except (pd.errors.ParserError, UnicodeDecodeError) as e:

@@ -44,14 +44,19 @@ def pct(value, digits: int = 1) -> str:
     return f"{value * 100:.{digits}f}%".replace(".0%", "%")
 
 
-def table(df, digits: int = 4):
+def table(df, digits: int = 4, index: bool = True):
     """A DataFrame as a notebook shows it: numbers through `num` (thousands separators, `digits` significant
-    digits, no '1.000000'), text wrapped (never cut with '…'), everything left-aligned and top-aligned."""
+    digits, no '1.000000'), text wrapped (never cut with '…'), everything left-aligned and top-aligned.
+
+    Every cell, row label and column label is HTML-escaped: the text comes from data (answers, prompts, field
+    and run names), and pandas' Styler writes it into the page as it is, so `<img onerror=...>` would run."""
     import numbers
 
     def cell(v):
         return num(v, digits) if isinstance(v, numbers.Number) else ("" if v is None else v)
 
-    sty = df.style.format(cell, na_rep="-")
+    sty = df.style.format(cell, na_rep="-", escape="html")
+    sty = sty.format_index(escape="html", axis=0).format_index(escape="html", axis=1)
     sty = sty.set_properties(**{"white-space": "pre-wrap", "text-align": "left", "vertical-align": "top"})
-    return sty.set_table_styles([{"selector": "th", "props": [("text-align", "left")]}])
+    sty = sty.set_table_styles([{"selector": "th", "props": [("text-align", "left")]}])
+    return sty if index else sty.hide(axis="index")

@@ -35,9 +35,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from lib.run.config import hf_token
 from lib.run.errors import ConfigError, first_line
-from lib.run.paths import cache_dir, resolve_repo_path
+from lib.run.paths import REPO_ROOT, cache_dir, resolve_repo_path
 from lib.run.rundir import staging
 from lib.run.tiny import build_once, tiny_model_path
 
@@ -63,6 +62,28 @@ def resolve_model(name_or_path: str) -> str:
     if name.lower().endswith(".gguf"):
         return str(gguf_model_dir(name))
     return name
+
+
+def weights_fingerprint(name_or_path: str) -> str:
+    """What identifies the base model's weights without reading gigabytes: each weight file's name, size and
+    modification time in the resolved folder (a Hub id: its cached snapshot, named by the commit), so that a
+    cache of the base model's answers (the forgetting check) is redone when the weights change under one name."""
+    resolved = Path(resolve_model(name_or_path)).expanduser()
+    if not resolved.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            resolved = Path(snapshot_download(str(name_or_path), local_files_only=True))
+        except Exception:
+            return str(name_or_path)  # not on this machine yet: the name is all there is
+    if not resolved.is_dir():
+        return str(name_or_path)
+    files = sorted(p for p in resolved.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf", ".pt") and p.is_file())
+    h = hashlib.sha256(str(resolved.resolve()).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- the Hub
@@ -289,3 +310,33 @@ def load_model_config(cfg):
         return AutoConfig.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code, token=hf_token())
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.name_or_path: cannot load the config of '{cfg.model.name_or_path}' ({first_line(e)})") from None
+
+def hf_token() -> str | None:
+    """The Hugging Face token: environment (HF_TOKEN, HUGGINGFACE_API_KEY...), `.env`, or Colab secrets."""
+    names = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_API_KEY", "HUGGINGFACE_TOKEN")
+    for n in names:
+        if os.environ.get(n):
+            return os.environ[n]
+    try:
+        from dotenv import dotenv_values
+
+        for env_file in (Path.cwd() / ".env", REPO_ROOT / ".env"):
+            if env_file.exists():
+                values = dotenv_values(env_file)
+                for n in names:
+                    if values.get(n):
+                        return values[n]
+    except ImportError:  # pragma: no cover
+        pass
+    try:  # Colab secrets
+        from google.colab import userdata  # type: ignore
+
+        for n in names:
+            try:
+                value = userdata.get(n)
+            except Exception:
+                value = None
+            if value:
+                return value
+    except ImportError:
+        return None

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -75,22 +76,37 @@ def write_jsonl(path, rows) -> Path:
     return write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def read_json(path, what: str = "") -> object:
-    """The JSON value in `path`. A missing or unreadable file raises SFTError naming the file (and `what`,
-    e.g. "rerun notebook 04_evaluate_perplexity", after a semicolon); check `exists()` first where a
-    missing file is normal."""
+def read_text(path, what: str = "") -> str:
+    """The UTF-8 text of the regular file `path`. A FIFO, device or folder in its place is refused without
+    being read (reading a FIFO would wait forever); a missing or unreadable file raises SFTError naming the
+    file (and `what`, e.g. "rerun notebook 04_evaluate_perplexity", after a semicolon)."""
     path = Path(path)
     tail = f"; {what}" if what else ""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:  # the builtin: an fd of a regular file checked below
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise SFTError(f"{path}: not a regular file (a FIFO, device or folder){tail}")
+            return f.read().decode("utf-8")
     except FileNotFoundError:
         raise SFTError(f"{path}: not found{tail}") from None
     except OSError as e:
         raise SFTError(f"{path}: cannot read the file ({e.strerror or e}){tail}") from None
     except UnicodeDecodeError as e:
-        raise SFTError(f"{path}: invalid JSON (not UTF-8 text: {e.reason}){tail}") from None
+        raise SFTError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}){tail}") from None
+
+
+def read_json(path, what: str = "") -> object:
+    """The JSON value in `path` (read_text's checks: a regular UTF-8 file). Anything else, or text that is
+    not JSON, raises SFTError naming the file; check `exists()` first where a missing file is normal."""
+    text = read_text(path, what)
+    tail = f"; {what}" if what else ""
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise SFTError(f"{path}: invalid JSON ({e.msg}){tail}") from None
+    except (RecursionError, ValueError) as e:  # nested too deep; a number of more than 4,300 digits
+        raise SFTError(f"{path}: invalid JSON ({str(e).splitlines()[0][:80] or 'nested too deep'}){tail}") from None
 
 
 def replace(src, dst) -> None:
@@ -237,8 +253,12 @@ def _pending(paths, stage) -> Path:
 
 
 def file_hash(path) -> str:
+    """sha256 of a regular file; a FIFO or device in its place is refused (SFTError), never waited on."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb") as f:  # the builtin: an fd of a regular file checked below
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SFTError(f"{path}: not a regular file (a FIFO, device or folder)")
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -291,14 +311,18 @@ def read_manifest(paths, stage: str) -> dict | None:
         raise RunDirError(f"{paths.root.name}: the {stage} stage was interrupted (or is still running) and its "
                           f"results are incomplete: {rerun(paths, stage)}")
     path = _manifest(paths, stage)
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(m, dict) or not isinstance(m.get("outputs"), dict):
+        m = read_json(path)  # a FIFO or folder in its place is refused, never waited on
+        ups = m.get("inputs", {}) if isinstance(m, dict) else None
+        if not isinstance(m, dict) or not isinstance(m.get("outputs"), dict) or not isinstance(ups, dict):
             raise ValueError("not a manifest")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RunDirError(f"{path}: unreadable ({e}): {rerun(paths, stage)}") from None
+        for up in ups:
+            _stage(up)  # KeyError naming the known stages
+    except (SFTError, ValueError, KeyError) as e:
+        why = str(e).removeprefix(f"{path}: ").strip('"')
+        raise RunDirError(f"{path}: unreadable ({why}): {rerun(paths, stage)}") from None
     return m
 
 

@@ -40,7 +40,7 @@ from lib.model.generation import (
     stream_reply,
 )
 from lib.model.loading import load_merged, load_tuned_model
-from lib.run.config import undecodable
+from lib.run.config import flag, undecodable
 from lib.run.context import open_run
 from lib.run.errors import SFTError
 from lib.run.formatting import CUT_AT_MAX_NEW_TOKENS, mark_cut
@@ -126,6 +126,7 @@ class ChatSession:
 def load_session(run: str, merged: bool = False, system: str | None = None, tools=None) -> ChatSession:
     """A chat session on the run's tuned model: base + adapter (the 4-bit base training used), or
     with merged=True the merged 16-bit model in merged/. `tools`: a list of tool schemas or a JSON file."""
+    merged = flag("merged (CHAT_WITH_MERGED in notebook 06)", merged)
     tools = load_tools(tools)  # a bad file is named before the model loads
     ctx = open_run(run, "chat")
     paths, cfg = ctx.paths, ctx.cfg

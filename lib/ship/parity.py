@@ -26,8 +26,9 @@ from lib.data.templates import stop_token_ids
 from lib.data.tokenization import IGNORE_INDEX, encode_example
 from lib.evaluate.scoring import perplexity
 from lib.evaluate.verdict import form_comparison
-from lib.model.generation import eval_conversations, generate_reply
+from lib.model.generation import eval_conversations, generate_reply, model_context
 from lib.model.loading import load_merged
+from lib.run.errors import SFTError
 from lib.run.formatting import table
 from lib.run.hardware import release
 from lib.run.settings import GenerationSettings
@@ -175,6 +176,25 @@ def _served(cfg, chosen, examples, tokenizer, hf_answers, ll_answers, quant) -> 
                                                    f"GGUF {quant} (llama.cpp)": ll_answers})
 
 
+def merged_context(model_dir) -> int | None:
+    """The positions of the merged model (its config.json), or None where it does not say."""
+    from lib.run.rundir import read_json
+
+    try:
+        return model_context(read_json(Path(model_dir) / "config.json"))
+    except SFTError:
+        return None
+
+
+def parity_budget(prompt_lengths: list[int], max_new_tokens: int, max_length: int, context: int | None):
+    """The new tokens each greedy answer may take in llama.cpp and the context to allocate: what the model's
+    context leaves after each prompt, as transformers' side cuts it (bounded_new_tokens), never the raw
+    generation.max_new_tokens (2147483647 would ask llama.cpp for a context of two billion positions)."""
+    budgets = [min(max_new_tokens, max(1, context - n)) if context else max_new_tokens for n in prompt_lengths]
+    n_ctx = max([max_length] + [n + b + 1 for n, b in zip(prompt_lengths, budgets)]) + 8
+    return budgets, n_ctx
+
+
 def check_parity(model_dir, gguf_path, cfg, examples: list[dict], quant: str, progress: bool = True) -> dict:
     """Compare the GGUF in llama.cpp with merged/ in transformers (see the module docstring)."""
     from tqdm.auto import tqdm
@@ -189,7 +209,7 @@ def check_parity(model_dir, gguf_path, cfg, examples: list[dict], quant: str, pr
     stops = stop_token_ids(tokenizer)
     pieces = template_pieces(tokenizer)
 
-    n_ctx = max([max_length] + [len(p) + greedy.max_new_tokens + 1 for p in prompts]) + 8
+    budgets, n_ctx = parity_budget([len(p) for p in prompts], greedy.max_new_tokens, max_length, merged_context(model_dir))
     llm = load_gguf(gguf_path, n_ctx)
     add_bos = gguf_add_bos(llm)
     same_prompt = same_gguf_template = same_modelfile = 0
@@ -202,7 +222,7 @@ def check_parity(model_dir, gguf_path, cfg, examples: list[dict], quant: str, pr
         if pieces is not None:
             ollama_text = (pieces["head"] if not add_bos else "") + render_with_pieces(pieces, messages)
             same_modelfile += llm.tokenize(ollama_text.encode("utf-8"), add_bos=add_bos, special=True) == ids
-        ll_answers.append(llama_greedy(llm, ids, greedy.max_new_tokens))  # the same prompt ids on both sides
+        ll_answers.append(llama_greedy(llm, ids, budgets.pop(0)))  # the same prompt ids on both sides
     ppl_ll = llama_perplexity(llm, tokenizer, examples, max_length)
     eog = {t: _gguf_is_eog(llm, t) for t in stops}
     del llm

@@ -11,7 +11,7 @@ adapter in `adapter/`, the GGUF files, Modelfile and parity.json of export/ at t
 README.md model card stating the base model, the data hash, the configuration, the eval figures,
 the merge check and the parity figures. Files are hard-linked where possible (no second copy of
 a large model). The token comes from the environment, a `.env` file or Colab secrets
-(`lib.run.config.hf_token`) and is passed to huggingface_hub only, never written anywhere.
+(`lib.run.realmodel.hf_token`) and is passed to huggingface_hub only, never written anywhere.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import re
 import shutil
 from pathlib import Path
 
-from lib.run.config import hf_token, load_config
+from lib.run.config import load_config
 from lib.run.errors import ConfigError, MissingStageError, SFTError, first_line
 from lib.run.paths import run_paths
+from lib.run.realmodel import hf_token
 from lib.run.rundir import (
     check_result,
     check_trained,

@@ -19,7 +19,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-from lib.run.context import mismatch, shaping_settings
+from lib.run.context import record_problem, shaping_settings
 from lib.run.rundir import file_hash, read_json, write_json
 from lib.run.stages import stage
 
@@ -248,15 +248,7 @@ def resume_problem(paths, cfg) -> str | None:
     step, total = checkpoint_step(ck), cfg.train.max_steps
     if 0 < total < step:
         return past_the_end(ck, step, total)
-    try:
-        record = read_json(paths.checkpoint_settings)
-        settings, data = record["settings"], record["train_data"]
-    except Exception:
-        return None  # checkpoints saved before the record existed
-    if data != file_hash(paths.train_data):
-        return (f"{paths.train_data}: prepared again since {ck.name} was saved (other training examples); train "
-                f"from scratch on them: {stage('train').rerun(cfg.run, ' --retrain')}")
-    return mismatch(settings, cfg, ck.name)
+    return record_problem(paths, cfg, ck)
 
 
 def past_the_end(checkpoint, step: int, total: int) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -33,8 +34,10 @@ from lib.data.readers import read_examples
 from lib.data.scores import choose_scores, score_answers
 from lib.data.textmetrics import generation_metrics
 from lib.model.generation import eval_conversations, eval_tools, generate_answers
+from lib.run.errors import SFTError
+from lib.run.formatting import table
 from lib.run.paths import require, run_paths
-from lib.run.rundir import is_main_rank, write_jsonl
+from lib.run.rundir import is_main_rank, read_text, write_jsonl
 from lib.train.trainer import SAMPLE_COLUMNS
 
 PREVIEW_CHARACTERS = 300  # of an answer in the live table
@@ -62,17 +65,32 @@ def task_score_name(cfg, references: list[str]) -> str | None:
     return names[0] if names else None
 
 
+SAMPLE_FIELDS = {"step": int, "index": int, "prompt": str, "reference": (str, type(None)), "answer": str,
+                 "stopped": bool}
+
+
 def read_samples(path) -> list[dict]:
-    """The rows of logs/samples.jsonl ([] when there is none); a torn last line (a killed run) is skipped."""
+    """The rows of logs/samples.jsonl ([] when there is none); a torn last line (a killed run) is skipped. The file
+    is read through the run-directory reader (a FIFO or folder in its place is refused, never waited on), and a
+    row that is not an object with SAMPLE_FIELDS is one SFTError naming the file and line."""
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):
         return []
+    lines = read_text(path).splitlines()
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for n, line in enumerate(lines, start=1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            if n == len(lines):
+                continue  # torn by a kill while it was written
+            raise SFTError(f"{path}: line {n}: not JSON; delete the line or the file (the samples are redrawn "
+                           "at the next evaluation)") from None
+        bad = [k for k, t in SAMPLE_FIELDS.items() if not isinstance(row, dict) or not isinstance(row.get(k), t)]
+        if bad:
+            raise SFTError(f"{path}: line {n}: not a sample row ({bad[0]} missing or of another type); delete "
+                           "the line or the file")
+        rows.append(row)
     return rows
 
 
@@ -204,6 +222,5 @@ def samples_table(run: str, steps: list[int] | None = None, styled: bool = False
     df = pd.DataFrame(out, columns=["prompt", "reference", *[f"step {s}" for s in steps]])
     if not styled:
         return df
-    return (df.style.hide(axis="index")
-            .set_properties(**{"white-space": "pre-wrap", "text-align": "left", "vertical-align": "top"})
+    return (table(df, index=False)
             .set_caption("[...]: cut at eval.sample_max_new_tokens (did not stop)"))

@@ -23,6 +23,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from lib.data.tokenization import IGNORE_INDEX
 from lib.run.errors import ConfigError, TrainingError
+from lib.run.formatting import table as styled_table
 from lib.run.rundir import is_main_rank, write_atomic
 from lib.run.stages import stage
 from lib.run.trainer_args import sft_config
@@ -106,8 +107,7 @@ def show_batch(cfg, tokenizer, dataset, size: int = 2):
         return None
     table = batch_table(cfg, tokenizer, dataset, size)
     trained = table["trained"] == "yes"
-    return (table.style.hide(axis="index")
-            .set_properties(subset=["text"], **{"text-align": "left", "white-space": "pre-wrap"})
+    return (styled_table(table, index=False)
             .apply(lambda col: ["background-color: #d4f4d4" if t else "" for t in trained], subset=["text"])
             .set_caption(f"{cfg.train.batching}: {int(trained.sum())} trained runs, "
                          f"{len(table)} runs of positions"))

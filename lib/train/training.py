@@ -42,7 +42,7 @@ from lib.data.tokenization import encode_example
 from lib.model.configure import parameter_counts, with_lora, write_summary
 from lib.model.loading import MUTATING_INITS, adapter_variant, load_model_and_tokenizer
 from lib.model.oom import out_of_memory
-from lib.run.config import apply_overrides, from_dict, load_config, save_config, to_dict
+from lib.run.config import apply_overrides, flag, from_dict, load_config, save_config, to_dict
 from lib.run.context import mismatch, shaping_settings
 from lib.run.errors import ConfigError, DataError, SFTError
 from lib.run.figures import load_inputs, panel_figure
@@ -105,6 +105,7 @@ def plan_training(run: str, overrides=(), retrain: bool = False) -> TrainingPlan
     adapter and logs); otherwise the run is marked as being trained and the last complete checkpoint found."""
     from accelerate import PartialState
 
+    retrain = flag("retrain (RETRAIN in notebook 03)", retrain)  # only a checked True deletes a training
     paths = run_paths(run)
     with run_lock(paths, "train"):
         require(paths, "config", "train_data", "eval_data")
@@ -336,13 +337,19 @@ def _write_adapter(trainer, plan: TrainingPlan, summary: dict, main: bool = True
     replace(tmp, paths.adapter)
 
 
+ADAPTER_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                           "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "run_config.json")
+
+
 def _finish(plan: TrainingPlan, summary: dict) -> None:
     """logs/training_summary.json, the stage's manifest, and the closing lines."""
     cfg, paths = plan.cfg, plan.paths
     write_json(paths.training_summary, summary)
     samples = ["logs/samples.jsonl"] if paths.samples.exists() else []
+    # the tokenizer and chat template saved with the adapter: what every later stage renders prompts with
+    rendering = [f"{paths.adapter.name}/{n}" for n in ADAPTER_TOKENIZER_FILES if (paths.adapter / n).is_file()]
     finish(paths, "train", [paths.adapter.name + "/adapter_model.safetensors",
-                            paths.adapter.name + "/adapter_config.json",
+                            paths.adapter.name + "/adapter_config.json", *rendering,
                             "logs/training_summary.json", "logs/training_metrics.csv", *samples],
            {"prepare": fingerprint(paths, "prepare", verify=False)})
     print_main(f"trained {summary['global_step']:,} steps in {summary['runtime_s']:.1f} s; eval loss "
