@@ -145,7 +145,7 @@ def notebook_overrides(namespace: dict) -> dict[str, object]:
 KNOBS = {"RUN_NAME": "str", "PROFILE": "str | None", "OVERWRITE": "bool", "RETRAIN": "bool",
          "SHOW_EXAMPLES": "int", "SHOW_PANELS": "bool", "COMPARE_RUNS": "list", "CHAT_WITH_MERGED": "bool",
          "SYSTEM_PROMPT": "str | None", "SCRIPTED_PROMPTS": "list", "EXPORT_QUANT": "str | None",
-         "PUSH_REPO": "str | None", "MOUNT_DRIVE": "bool", "REPO_URL": "str"}
+         "PUSH_REPO": "str | None", "MOUNT_DRIVE": "bool", "REPO_URL": "str", "NULL_CONTROL": "bool"}
 
 
 def knob(name: str, value):
