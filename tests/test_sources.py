@@ -221,7 +221,8 @@ def test_a_bad_record_in_a_source_names_the_source_file_and_line(two_sources, tm
 
 def test_training_logs_each_sources_eval_loss_and_plots_it(tmp_path, outputs):
     from lib.evaluate.plots import run_plots
-    from lib.train.training import metrics_frame, run_train
+    from lib.train.report import metrics_frame
+    from lib.train.training import run_train
 
     task = _write(tmp_path / "task.jsonl", [{"instruction": f"Name the number after {i}.", "output": f"{i + 1}."}
                                             for i in range(30)])

@@ -293,7 +293,7 @@ def test_the_trained_run_leaves_adapter_logs_and_model_card(trained_run):
     assert float(train_rows[-1]["loss"]) == pytest.approx(s["final_loss"])
     assert min(float(r["eval_loss"]) for r in eval_rows) == pytest.approx(s["best_eval_loss"])
 
-    from lib.train.training import loss_figure
+    from lib.train.report import loss_figure
 
     fig = loss_figure(trained_run)
     assert len(fig.axes[0].lines) == 2

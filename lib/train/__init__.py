@@ -3,7 +3,7 @@
 Run by notebook 03_train_sft (one step a cell) and `python -m lib train` (`run_train` wires the same steps).
 `training` holds the steps; `trainer` the SFTTrainer with its guards and collator; `checkpoints` what to
 resume from; `samples` the answers sampled at each evaluation; `progress` the live loss table; `lmhead`
-the CPU's compact LM head; `modelcard` the adapter's README.
+the CPU's compact LM head; `report` the metrics table, loss figure and summary table; `modelcard` the adapter's README.
 
 Public steps:
 
@@ -12,6 +12,7 @@ Public steps:
     from lib.train import loss_figure, metrics_table, samples_table, summary_table
 """
 
+from lib.train.report import loss_figure, metrics_table, summary_table
 from lib.train.samples import samples_table
 from lib.train.trainer import show_batch
 from lib.train.training import (
@@ -19,12 +20,9 @@ from lib.train.training import (
     build_datasets,
     build_sft_trainer,
     load_model,
-    loss_figure,
-    metrics_table,
     plan_training,
     run_train,
     save_adapter,
-    summary_table,
     train,
 )
 
