@@ -168,6 +168,18 @@ def test_the_steps_of_a_finished_run_do_nothing(trained_run, capsys):
 # ------------------------------------------------------------------------------ trainer configuration
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_activation_checkpointing_reaches_the_installed_transformers_under_its_own_name(tmp_path, on):
+    """transformers 5.2x names it activation_checkpointing, 5.0-5.15 (Colab's) gradient_checkpointing: the
+    SFTConfig of either gets the run's setting (the other name is refused by TrainingArguments)."""
+    from lib.run.trainer_args import checkpointing_kwargs, sft_config
+
+    a = sft_config(make_config("tiny", overrides={"model.gradient_checkpointing": on}), tmp_path)
+    key = next(iter(checkpointing_kwargs(on)))
+    assert key in {"activation_checkpointing", "gradient_checkpointing"}
+    assert getattr(a, key) is on and getattr(a, f"{key}_kwargs") == ({"use_reentrant": False} if on else None)
+
+
 def test_sft_config_follows_the_run_configuration(tmp_path):
     from lib.run.trainer_args import sft_config
 

@@ -155,6 +155,18 @@ def _schedule_kwargs(t, eval_strategy: str, resuming: bool) -> dict:
     )
 
 
+def checkpointing_kwargs(on: bool) -> dict:
+    """Activation (gradient) checkpointing in the installed transformers' words: `activation_checkpointing`
+    since 5.2x, `gradient_checkpointing` before (Colab's 5.15, the lowest 5.0); the other name is refused."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {key: on, f"{key}_kwargs": {"use_reentrant": False} if on else None}
+
+
 def _device_kwargs(cfg) -> dict:
     """Precision, device, activation checkpointing and distributed settings."""
     info = device_info()
@@ -164,8 +176,7 @@ def _device_kwargs(cfg) -> dict:
         bf16=prec == "bf16",
         fp16=prec == "fp16",
         use_cpu=info["device"] == "cpu",
-        activation_checkpointing=cfg.model.gradient_checkpointing,  # transformers 5's name of gradient checkpointing
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.model.gradient_checkpointing else None,
+        **checkpointing_kwargs(cfg.model.gradient_checkpointing),
         dataloader_pin_memory=info["device"] == "cuda",
         ddp_find_unused_parameters=False if distributed else None,
         ddp_backend=("gloo" if info["device"] == "cpu" else None) if distributed else None,
