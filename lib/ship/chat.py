@@ -220,25 +220,18 @@ def chat_widget(session: ChatSession):
 
     send.on_click(on_send)
     clear.on_click(on_clear)
-    ui = _chat_box(w)([conversation_view, w.HBox([box, w.VBox([send, clear])]), status])
+    ui = w.VBox([conversation_view, w.HBox([box, w.VBox([send, clear])]), status])
     # Handles for code (and tests) that drive the widget without a front end.
     ui.input, ui.send_button, ui.clear_button, ui.conversation, ui.status = box, send, clear, conversation_view, status
     print(WIDGET_NOTE)
+    # Its plain-text form (what a page without a front end shows) is a note, not a VBox repr: ipywidgets 8
+    # (`_repr_mimebundle_`) and Colab's 7.7 (`_ipython_display_`) both write repr(widget) there, which
+    # Widget.__repr__ builds with the instance's _gen_repr_from_keys.
+    ui._gen_repr_from_keys = lambda keys: WIDGET_TEXT
     return ui
 
 
 WIDGET_TEXT = "(the chat box: shown in a live Jupyter or Colab kernel)"
-
-
-def _chat_box(w):
-    """A VBox whose plain-text form (what a page without a front end shows) is a note, not a VBox repr.
-    ipywidgets 8 (`_repr_mimebundle_`) and Colab's 7.7 (`_ipython_display_`) both write `repr(widget)` there."""
-
-    class ChatBox(w.VBox):
-        def __repr__(self):
-            return WIDGET_TEXT
-
-    return ChatBox
 
 
 def run_chat(run: str, prompt: str | None = None, system: str | None = None, merged: bool = False, tools=None):
