@@ -149,3 +149,27 @@ def test_accelerate_launch_ddp_with_two_cpu_processes(prepared_run):
     assert s["world_size"] == 2 and s["global_step"] == 2
     assert (paths.adapter / "adapter_model.safetensors").exists()
     assert s["epoch"] == pytest.approx(2 * 2 * 8 / 153, abs=0.02)  # each step took a batch per process
+
+
+@pytest.mark.parametrize("config, extra, nodes, per_node", [
+    ("accelerate_ddp.yaml", ["--num_processes", "4"], None, "4"),
+    ("accelerate_ddp_2nodes.yaml", ["--num_processes", "16", "--machine_rank", "1", "--main_process_ip", "127.0.0.1"],
+     "2", "8"),
+])
+def test_the_ddp_configs_reach_the_same_torchrun_launch(config, extra, nodes, per_node):
+    """One machine with N GPUs, and two machines: accelerate reads each config into torchrun's arguments
+    (processes per node, nodes, this node's rank, the head's address) for the same `-m lib train`."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    cmd = ["--config_file", str(REPO_ROOT / "configs" / config), "--main_process_port", "29599", *extra,
+           "-m", "lib", "train", "--run", "demo"]
+    args = launch_command_parser().parse_args(cmd)
+    _validate_launch_command(args)
+    assert args.multi_gpu and not args.use_fsdp
+    env = prepare_multi_gpu_env(args)
+    assert args.nproc_per_node == per_node and getattr(args, "nnodes", None) == nodes
+    assert (args.module, args.training_script, args.training_script_args) == (True, "lib", ["train", "--run", "demo"])
+    if nodes:
+        assert (args.node_rank, args.rdzv_endpoint, args.rdzv_backend) == (1, "127.0.0.1:29599", "static")
+    assert env.get("ACCELERATE_MIXED_PRECISION") == "no"
