@@ -146,7 +146,7 @@ def run_all(work: Path) -> tuple[list[str], list[str]]:
     (the restarts, the failures)."""
     restarts, failures = [], []
     for nb in NOTEBOOKS:
-        out = work / "executed" / nb.name
+        out = HOME / "executed" / nb.name  # kept for a look after the check
         out.parent.mkdir(exist_ok=True)
         error = run_notebook(CLONE / "notebooks" / nb.name, out)
         if error and "restart needed" in error:
@@ -160,12 +160,14 @@ def run_all(work: Path) -> tuple[list[str], list[str]]:
 
 def widget_shown(executed: Path) -> bool:
     """Notebook 06 showed the chat widget: a widget view with the chat box's plain-text note."""
-    sys.path.insert(0, str(REPO))
-    from lib.ship.chat import WIDGET_TEXT
+    import re
 
+    # The note lib/ship/chat.py writes (read from its source: importing lib here would load torch for nothing).
+    WIDGET_TEXT = re.search(r'^WIDGET_TEXT = "(.*)"$', (REPO / "lib/ship/chat.py").read_text(), re.M).group(1)  # noqa: N806
     cells = json.loads(executed.read_text())["cells"]
     outs = [o.get("data", {}) for c in cells for o in c.get("outputs", [])]
-    return any("application/vnd.jupyter.widget-view+json" in d and d.get("text/plain") == WIDGET_TEXT for d in outs)
+    text = ["".join(d.get("text/plain", "")) for d in outs]  # nbformat may keep a text as a list of lines
+    return any("application/vnd.jupyter.widget-view+json" in d and t == WIDGET_TEXT for d, t in zip(outs, text))
 
 
 def changed_lines(before: dict, after: dict) -> list[str]:
@@ -180,12 +182,13 @@ def report(python: Path, before: dict, after: dict, restarts: list[str], failure
               if "==" in line and not line.startswith("#")]
     print("Colab's versions used: " + " ".join(f"{n}=={before.get(n)}" for n in pinned))
     changes = changed_lines(before, after)
-    print("pip changed (the setup cell's install): " + ("; ".join(changes) or "nothing"))
+    print("pip changed (the setup cells' install; notebook 06's llama.cpp for the GGUF export): " + ("; ".join(changes) or "nothing"))
     torch_changed = [c for c in changes if c.startswith("torch")]
     check = subprocess.run([str(python), "-m", "pip", "check"], capture_output=True, text=True)
     print("pip check: " + check.stdout.strip().replace("\n", "; "))
     print("restart needed: " + ("; ".join(restarts) if restarts else "no"))
-    widget = (work / "executed" / NOTEBOOKS[-1].name).exists() and widget_shown(work / "executed" / NOTEBOOKS[-1].name)
+    last = HOME / "executed" / NOTEBOOKS[-1].name
+    widget = last.exists() and widget_shown(last)
     print(f"chat widget (ipywidgets {after.get('ipywidgets')}) shown in 06: {'yes' if widget else 'NO'}")
     runs = sorted(p.name for p in (work / "drive" / "qlora-notebooks" / "outputs").glob("*"))
     print(f"runs on the stand-in Drive: {runs}")
