@@ -2,7 +2,7 @@
 
 Run by notebook 03_train_sft (one step a cell) and `python -m lib train` (`run_train` wires the same steps).
 `training` holds the steps; `trainer` the SFTTrainer with its guards and collator; `checkpoints` what to
-resume from; `samples` the answers sampled at each evaluation; `progress` the live loss table; `lmhead`
+resume from; `nodes` a lost process or node ending the others in one line; `samples` the answers sampled at each evaluation; `progress` the live loss table; `lmhead`
 the CPU's compact LM head; `modelcard` the adapter's README.
 
 Public steps:
