@@ -35,9 +35,13 @@ def _run(model, batch, num_items=None):
 def _compare_heads(model, batch, num_items=None, atol=1e-5):
     """TRL's fused head, then the compact one, on the same model and batch: equal at every position."""
     import torch
-    from trl.trainer.utils import add_fused_lm_head
+    import trl.trainer.utils
 
     from lib.train.lmhead import OUTPUTS, compact_lm_head
+
+    if not hasattr(trl.trainer.utils, "add_fused_lm_head"):  # older TRL 1.x (the lowest allowed, 1.0): no fused
+        pytest.skip("this TRL has no fused LM head: SFTTrainer computes the logits itself, nothing to compact")
+    add_fused_lm_head = trl.trainer.utils.add_fused_lm_head
 
     base = model.get_base_model()
     add_fused_lm_head(base, outputs=OUTPUTS)  # what SFTTrainer does
