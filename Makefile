@@ -100,7 +100,7 @@ min-check:
 	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
 	$(MIN_VENV)/bin/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(MIN_VENV)/bin/python -m pip install -q -c constraints-min.txt -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(MIN_VENV)/bin/python -m pip install -q -c constraints-min.txt -e ".[dev,export]"
 	$(MIN_VENV)/bin/python -m pip check
 	$(MIN_VENV)/bin/python -m pytest tests -q -m "not slow"
 	rm -rf outputs/_nbval_min
