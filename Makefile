@@ -20,7 +20,8 @@ PROFILE ?= smol
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install install-export demo export test test-fast test-unit test-notebooks bench lint clean strip
+.PHONY: install install-export demo export test test-fast test-unit test-notebooks bench lint clean strip \
+	colab-check min-check constraints-tested
 
 install: $(VENV)/.installed
 install-export: $(VENV)/.installed-export
@@ -85,9 +86,34 @@ bench: install
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/vs_trl.py
 
+# Where users run it, each in its own environment outside the repository, not part of `make test`
+# (README "Tested with"). Colab, simulated: Colab's package versions (bench/colab-packages.txt), the
+# repository at /content/qlora-notebooks, a stand-in google.colab, the six notebooks through the setup
+# cell's Colab branch on the tiny profile (~10 min the first time, then ~5).
+colab-check: install
+	$(BIN)/python bench/colab_check.py
+
+# The lowest versions the project allows (constraints-min.txt): the fast unit tests and the notebooks on
+# the tiny profile (~20 min on 2 cores, the first time ~5 more for the environment).
+MIN_VENV ?= $(HOME)/.cache/qlora-min-check/venv
+min-check:
+	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MIN_VENV)/bin/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(MIN_VENV)/bin/python -m pip install -q -c constraints-min.txt -e ".[dev,export]"
+	$(MIN_VENV)/bin/python -m pip check
+	$(MIN_VENV)/bin/python -m pytest tests -q -m "not slow"
+	rm -rf outputs/_nbval_min
+	SFT_OUTPUTS_DIR=$(CURDIR)/outputs/_nbval_min SFT_PROFILE=tiny \
+		$(MIN_VENV)/bin/python -m pytest --nbval --nbval-current-env notebooks/ -q -p no:cacheprovider
+
+# constraints-tested.txt: the exact versions of this environment (after a passing `make test`).
+constraints-tested: install-export
+	$(BIN)/python bench/freeze_tested.py
+
 # Strip outputs and execution counts from the notebooks before committing.
 strip: install
 	$(BIN)/jupyter nbconvert --clear-output --inplace notebooks/*.ipynb
 
 clean:
-	rm -rf outputs/_nbval .pytest_cache
+	rm -rf outputs/_nbval outputs/_nbval_min .pytest_cache

@@ -28,11 +28,13 @@ _quiet_bitsandbytes()
 
 
 def _quiet_library_deprecations() -> None:
-    """peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model; the
-    FutureWarning is addressed to peft, not to users of this project."""
+    """peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model, and older
+    bitsandbytes (0.46, the lowest allowed) calls torch's deprecated `_check_is_size` at every 4-bit matmul on
+    the CPU: the FutureWarnings are addressed to those libraries, not to users of this project."""
     import warnings
 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*_check_is_size will be removed.*", category=FutureWarning)
 
 
 _quiet_library_deprecations()

@@ -3,8 +3,10 @@
     from lib.notebook import setup
     setup(mount_drive=False, seed=42)
 
-`setup` (cell 2): in Colab it installs the project's pinned packages (never torch: Colab's CUDA
-build is kept) and, if asked, mounts Google Drive and keeps the run directories there. Everywhere
+`setup` (cell 2): in Colab it installs the project's packages (never torch: Colab's CUDA build is
+kept), says what pip changed, stops with one line when a package this session already imported was
+changed (restart the session, then run the notebook again), and, if asked, mounts Google Drive and
+keeps the run directories there. Everywhere
 it moves to the repository root, seeds the random generators, quiets library noise, and prints
 where the results go and on what hardware.
 
@@ -27,6 +29,7 @@ yes/no knob is refused in one line naming the knob, before any cell acts on it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata as metadata
 import os
 import subprocess
 import sys
@@ -98,22 +101,64 @@ def _show_short_errors() -> None:
     ip.run_line_magic("matplotlib", "inline")
 
 
+def installed() -> dict[str, str]:
+    """Every installed distribution's version, by its normalised name ('scikit_learn' -> 'scikit-learn')."""
+    import importlib
+
+    importlib.invalidate_caches()
+    return {d.metadata["Name"].lower().replace("_", "-"): d.version for d in metadata.distributions()
+            if d.metadata["Name"]}
+
+
+def pip_changes(before: dict[str, str], after: dict[str, str]) -> dict[str, tuple[str | None, str | None]]:
+    """What pip changed: name -> (old version or None when new, new version or None when removed)."""
+    return {n: (before.get(n), after.get(n)) for n in sorted(set(before) | set(after)) if before.get(n) != after.get(n)}
+
+
+def loaded_changes(changes: dict) -> list[str]:
+    """The changed distributions (not the new ones) that this process has already imported: these need a restart."""
+    owners: dict[str, set[str]] = {}
+    for module, dists in metadata.packages_distributions().items():
+        for d in dists:
+            owners.setdefault(d.lower().replace("_", "-"), set()).add(module)
+    loaded = {m.partition(".")[0] for m in sys.modules}
+    return [n for n, (old, _) in changes.items() if old is not None and owners.get(n, set()) & loaded]
+
+
+def install_in_colab() -> dict:
+    """pip installs this project's dependencies in the running Colab session; prints what pip changed. A
+    package the session had already imported that pip changed stops here, in one line: the session keeps
+    running the old copy, so the notebook would mix versions. A restart (the packages stay installed) fixes it."""
+    before = installed()
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(REPO_ROOT)], check=True)
+    changes = pip_changes(before, installed())
+    words = [f"{n} {old} -> {new}" if old else f"{n} {new} (new)" for n, (old, new) in changes.items()
+             if n != "qlora-notebooks"]
+    print("pip: " + (", ".join(words) if words else "nothing to install"))
+    stale = loaded_changes(changes)
+    if stale:
+        from lib.run.errors import SFTError
+
+        raise SFTError(f"restart needed: pip changed {', '.join(stale)}, which this session had already imported: "
+                       "Runtime > Restart session, then run this notebook again (nothing is installed twice)")
+    return changes
+
+
 def setup(mount_drive: bool = False, seed: int = 42, install: bool = True) -> dict:
     """The setup cell: work from the repository root, seed, and print the hardware and outputs folder."""
     mount_drive = knob("MOUNT_DRIVE", mount_drive)
     os.chdir(REPO_ROOT)  # relative paths (data/examples/...) as in the README
     quiet()
-    readable_tables()
     _show_short_errors()
-    if in_colab():
-        if install:
-            # The project's own dependency list; torch is already in Colab and satisfies it, so pip keeps it.
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(REPO_ROOT)], check=True)
-        if mount_drive:
-            from google.colab import drive  # type: ignore
+    if in_colab() and install:
+        # Before pandas or torch is imported here: torch is in Colab already and satisfies the bound, so pip keeps it.
+        install_in_colab()
+    readable_tables()
+    if in_colab() and mount_drive:
+        from google.colab import drive  # type: ignore
 
-            drive.mount("/content/drive")
-            os.environ.setdefault("SFT_OUTPUTS_DIR", "/content/drive/MyDrive/qlora-notebooks/outputs")
+        drive.mount("/content/drive")
+        os.environ.setdefault("SFT_OUTPUTS_DIR", "/content/drive/MyDrive/qlora-notebooks/outputs")
     import torch
     from transformers import set_seed
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -149,3 +150,61 @@ def test_accelerate_launch_ddp_with_two_cpu_processes(prepared_run):
     assert s["world_size"] == 2 and s["global_step"] == 2
     assert (paths.adapter / "adapter_model.safetensors").exists()
     assert s["epoch"] == pytest.approx(2 * 2 * 8 / 153, abs=0.02)  # each step took a batch per process
+
+
+@pytest.mark.parametrize("config, extra, nodes, per_node", [
+    ("accelerate_ddp.yaml", ["--num_processes", "4"], None, "4"),
+    ("accelerate_ddp_2nodes.yaml", ["--num_processes", "16", "--machine_rank", "1", "--main_process_ip", "127.0.0.1"],
+     "2", "8"),
+])
+def test_the_ddp_configs_reach_the_same_torchrun_launch(config, extra, nodes, per_node):
+    """One machine with N GPUs, and two machines: accelerate reads each config into torchrun's arguments
+    (processes per node, nodes, this node's rank, the head's address) for the same `-m lib train`."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    cmd = ["--config_file", str(REPO_ROOT / "configs" / config), "--main_process_port", "29599", *extra,
+           "-m", "lib", "train", "--run", "demo"]
+    args = launch_command_parser().parse_args(cmd)
+    _validate_launch_command(args)
+    assert args.multi_gpu and not args.use_fsdp
+    env = prepare_multi_gpu_env(args)
+    assert args.nproc_per_node == per_node and getattr(args, "nnodes", None) == nodes
+    assert (args.module, args.training_script, args.training_script_args) == (True, "lib", ["train", "--run", "demo"])
+    if nodes:
+        assert (args.node_rank, args.rdzv_endpoint, args.rdzv_backend) == (1, "127.0.0.1:29599", "static")
+    assert env.get("ACCELERATE_MIXED_PRECISION") == "no"
+
+
+@pytest.mark.parametrize("error, lost", [
+    (RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:5514: "
+                  "Connection reset by peer. This is typically caused by a remote worker hanging"), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x64 and 32x64)"), False),
+    (KeyError("input_ids"), False),
+])
+def test_under_torchrun_a_lost_peer_is_one_line_naming_the_checkpoint_and_a_bug_is_not(tmp_path, monkeypatch,
+                                                                                       error, lost):
+    """What a process gets when its peer died (gloo's transport error, the launcher's SIGTERM) becomes one
+    TrainingError line saying what to do (here no checkpoint yet; the slow two-node test names a real one);
+    any other error keeps its type and traceback."""
+    import signal
+
+    from lib.run.errors import TrainingError
+    from lib.train.nodes import peers_lost_in_one_line
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(TrainingError if lost else type(error)) as e:
+        with peers_lost_in_one_line(tmp_path, lambda: 3):
+            raise error
+    if lost:
+        line = str(e.value)
+        assert "\n" not in line and line.startswith("training: process 1 of 2 stopped at step 3: Read error")
+        assert "Connection reset by peer" in line and "This is typically" not in line
+        assert line.endswith("run the same command again on every node: no checkpoint had been saved yet: "
+                             "training starts over")
+    with pytest.raises(TrainingError, match="its launcher stopped it \\(SIGTERM\\)"):
+        with peers_lost_in_one_line(tmp_path):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored

@@ -47,3 +47,19 @@ def test_notebook_is_committed_without_outputs_and_follows_the_conventions(path)
         src = "".join(c["source"])
         if c["cell_type"] == "code":
             assert "\ndef " not in "\n" + src and "\nclass " not in "\n" + src, f"{path.name}: define in lib/, not here"
+
+
+def test_the_colab_setup_says_what_pip_changed_and_which_change_needs_a_restart():
+    """pip's changes from the installed versions before and after; a changed distribution this process has
+    imported (pyyaml, as yaml) needs a restart, a new one or one never imported does not."""
+
+    from lib.notebook import installed, loaded_changes, pip_changes
+
+    now = installed()
+    assert now["pyyaml"] and now["pytest"]
+    before = {**now, "pyyaml": "5.0", "a-package-never-imported": "1.0"}
+    before.pop("trl")
+    changes = pip_changes(before, now)
+    assert changes == {"a-package-never-imported": ("1.0", None), "pyyaml": ("5.0", now["pyyaml"]),
+                       "trl": (None, now["trl"])}
+    assert loaded_changes(changes) == ["pyyaml"]  # trl is new, the other was never imported here

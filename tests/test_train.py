@@ -168,6 +168,18 @@ def test_the_steps_of_a_finished_run_do_nothing(trained_run, capsys):
 # ------------------------------------------------------------------------------ trainer configuration
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_activation_checkpointing_reaches_the_installed_transformers_under_its_own_name(tmp_path, on):
+    """transformers 5.2x names it activation_checkpointing, 5.0-5.15 (Colab's) gradient_checkpointing: the
+    SFTConfig of either gets the run's setting (the other name is refused by TrainingArguments)."""
+    from lib.run.trainer_args import checkpointing_kwargs, sft_config
+
+    a = sft_config(make_config("tiny", overrides={"model.gradient_checkpointing": on}), tmp_path)
+    key = next(iter(checkpointing_kwargs(on)))
+    assert key in {"activation_checkpointing", "gradient_checkpointing"}
+    assert getattr(a, key) is on and getattr(a, f"{key}_kwargs") == ({"use_reentrant": False} if on else None)
+
+
 def test_sft_config_follows_the_run_configuration(tmp_path):
     from lib.run.trainer_args import sft_config
 
@@ -188,7 +200,9 @@ def test_sft_config_follows_the_run_configuration(tmp_path):
     assert a.report_to in ("none", [], ["none"]) and not a.bf16 and not a.fp16 and a.use_cpu
     assert not a.gradient_checkpointing and a.max_length is None and not a.padding_free
     assert not a.assistant_only_loss and a.completion_only_loss is False
-    assert a.train_sampling_strategy == "group_by_length" and a.eval_on_start
+    # batches of similar lengths, in the installed transformers' words (5.0: group_by_length)
+    assert getattr(a, "train_sampling_strategy", None) == "group_by_length" or a.group_by_length is True
+    assert a.eval_on_start
     assert not sft_config(cfg, tmp_path, resuming=True).eval_on_start
     assert a.lr_scheduler_kwargs == {"num_cycles": 3}
     assert sft_config(make_config("tiny"), tmp_path).padding_free

@@ -24,7 +24,7 @@ def load_tokenizer(cfg, path: str | None = None):
     name = path or resolve_model(cfg.model.name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code, token=hf_token())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:  # ImportError: it needs sentencepiece or protobuf (transformers 5.0)
         raise ConfigError(f"model.name_or_path: cannot load the tokenizer of '{name}' ({first_line(e)})") from None
     if tok.pad_token is None:
         # Labels are built explicitly (padding is -100), so eos as pad does not stop the model learning eos.

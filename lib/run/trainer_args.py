@@ -155,6 +155,29 @@ def _schedule_kwargs(t, eval_strategy: str, resuming: bool) -> dict:
     )
 
 
+def _argument_names() -> set[str]:
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+def checkpointing_kwargs(on: bool) -> dict:
+    """Activation (gradient) checkpointing in the installed transformers' words: `activation_checkpointing`
+    since 5.2x, `gradient_checkpointing` before (Colab's 5.15, the lowest 5.0); the other name is refused."""
+    key = "activation_checkpointing" if "activation_checkpointing" in _argument_names() else "gradient_checkpointing"
+    return {key: on, f"{key}_kwargs": {"use_reentrant": False} if on else None}
+
+
+def sampling_kwargs(by_length: bool) -> dict:
+    """Batches of similar lengths (train.batching=group_by_length) in the installed transformers' words:
+    `train_sampling_strategy` in newer 5.x (Colab's 5.15 too), `group_by_length` in 5.0."""
+    if "train_sampling_strategy" in _argument_names():
+        return {"train_sampling_strategy": "group_by_length" if by_length else "random"}
+    return {"group_by_length": by_length}
+
+
 def _device_kwargs(cfg) -> dict:
     """Precision, device, activation checkpointing and distributed settings."""
     info = device_info()
@@ -164,8 +187,7 @@ def _device_kwargs(cfg) -> dict:
         bf16=prec == "bf16",
         fp16=prec == "fp16",
         use_cpu=info["device"] == "cpu",
-        activation_checkpointing=cfg.model.gradient_checkpointing,  # transformers 5's name of gradient checkpointing
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.model.gradient_checkpointing else None,
+        **checkpointing_kwargs(cfg.model.gradient_checkpointing),
         dataloader_pin_memory=info["device"] == "cuda",
         ddp_find_unused_parameters=False if distributed else None,
         ddp_backend=("gloo" if info["device"] == "cpu" else None) if distributed else None,
@@ -187,7 +209,7 @@ def _data_kwargs(t) -> dict:
         neftune_noise_alpha=t.neftune_noise_alpha,
         assistant_only_loss=False,
         completion_only_loss=False,
-        train_sampling_strategy="group_by_length" if t.batching == "group_by_length" else "random",
+        **sampling_kwargs(t.batching == "group_by_length"),
         include_num_input_tokens_seen="non_padding",
     )
 

@@ -225,21 +225,14 @@ def chat_widget(session: ChatSession):
     # Handles for code (and tests) that drive the widget without a front end.
     ui.input, ui.send_button, ui.clear_button, ui.conversation, ui.status = box, send, clear, conversation_view, status
     print(WIDGET_NOTE)
-    return _plain_text_note(ui)
-
-
-def _plain_text_note(ui):
-    """The widget, whose plain-text form (what a page without a front end shows) is a note, not a VBox repr."""
-    bundle = ui._repr_mimebundle_
-
-    def _repr_mimebundle_(**kwargs):
-        data = bundle(**kwargs)
-        if isinstance(data, dict) and "text/plain" in data:
-            data["text/plain"] = "(the chat box: shown in a live Jupyter or Colab kernel)"
-        return data
-
-    ui._repr_mimebundle_ = _repr_mimebundle_
+    # Its plain-text form (what a page without a front end shows) is a note, not a VBox repr: ipywidgets 8
+    # (`_repr_mimebundle_`) and Colab's 7.7 (`_ipython_display_`) both write repr(widget) there, which
+    # Widget.__repr__ builds with the instance's _gen_repr_from_keys.
+    ui._gen_repr_from_keys = lambda keys: WIDGET_TEXT
     return ui
+
+
+WIDGET_TEXT = "(the chat box: shown in a live Jupyter or Colab kernel)"
 
 
 def run_chat(run: str, prompt: str | None = None, system: str | None = None, merged: bool = False, tools=None):

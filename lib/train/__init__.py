@@ -2,8 +2,9 @@
 
 Run by notebook 03_train_sft (one step a cell) and `python -m lib train` (`run_train` wires the same steps).
 `training` holds the steps; `trainer` the SFTTrainer with its guards and collator; `checkpoints` what to
-resume from; `samples` the answers sampled at each evaluation; `progress` the live loss table; `lmhead`
-the CPU's compact LM head; `report` the metrics table, loss figure and summary table; `modelcard` the adapter's README.
+resume from; `nodes` a lost process or node ending the others in one line; `samples` the answers sampled
+at each evaluation; `progress` the live loss table; `lmhead` the CPU's compact LM head; `report` the metrics
+table, loss figure and summary table; `modelcard` the adapter's README.
 
 Public steps:
 

@@ -146,7 +146,11 @@ def _readable_torch_file(path: Path) -> bool:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
         return False
     import torch
-    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        from transformers.trainer_pt_utils import safe_globals
+    except ImportError:  # transformers 5.0 (the lowest allowed) keeps it in transformers.trainer
+        from transformers.trainer import safe_globals
 
     try:
         with safe_globals():

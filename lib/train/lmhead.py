@@ -28,6 +28,15 @@ OUTPUTS = ("log_probs", "entropy", "is_top1")  # what SFTTrainer's loss and metr
 SCALED = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
+def trl_has_fused_head() -> bool:
+    """Whether the installed TRL has the fused LM head this wraps (newer 1.x; not 1.0, the lowest allowed)."""
+    import importlib.util
+
+    import trl.trainer.utils
+
+    return hasattr(trl.trainer.utils, "add_fused_lm_head") and importlib.util.find_spec("trl.kernels") is not None
+
+
 def compact_lm_head(model) -> bool:
     """Wrap the fused forward TRL put on `model` (the base model under peft) to project only trained positions.
     Returns False, leaving the model as it is, for a head this does not cover (see the module)."""
@@ -37,6 +46,8 @@ def compact_lm_head(model) -> bool:
         return False
     if getattr(model.forward, "compact_lm_head", False):
         return True
+    if not trl_has_fused_head():  # older TRL (1.0): SFTTrainer computes the logits itself, nothing to compact
+        return False
     fused = model.forward  # TRL's: the model's own forward unless fused_lm_head=True
 
     @functools.wraps(type(model).forward)  # generate() checks its keyword arguments against this signature

@@ -69,6 +69,7 @@ from lib.train.checkpoints import (
     resume_problem,
 )
 from lib.train.modelcard import model_card
+from lib.train.nodes import peers_lost_in_one_line
 from lib.train.progress import LiveProgress
 from lib.train.samples import SamplesCallback
 from lib.train.trainer import MetricsCallback, build_trainer, early_stop, oom_doing, print_main
@@ -245,7 +246,8 @@ def train(trainer, plan: TrainingPlan):
     started = time.perf_counter()
     with run_lock(plan.paths, "train"), out_of_memory(
             "training", cfg, doing=lambda: oom_doing(trainer, cfg),
-            kept=lambda: kept_checkpoint(plan.paths.checkpoints, cfg.run)):
+            kept=lambda: kept_checkpoint(plan.paths.checkpoints, cfg.run)), \
+            peers_lost_in_one_line(plan.paths.checkpoints, lambda: trainer.state.global_step):
         output = trainer.train(resume_from_checkpoint=plan.resume)
     plan.runtime_s = time.perf_counter() - started
     return output
