@@ -107,7 +107,7 @@ COMMANDS = {
     "prepare": lambda a: _entry("prepare")(a.run, _data(a), fmt=a.format, profile=a.profile, overrides=a.overrides,
                                            overwrite=getattr(a, "overwrite", False)),
     "train": lambda a: _entry("train")(a.run, overrides=a.overrides, retrain=getattr(a, "retrain", False)),
-    "evaluate": lambda a: _entry("evaluate")(a.run, overrides=a.overrides, null_control=a.null_control),
+    "evaluate": lambda a: _entry("evaluate")(a.run, overrides=a.overrides, null_control=getattr(a, "null_control", False)),
     "plot": lambda a: _entry("plot")(a.run),
     "merge": lambda a: _entry("merge")(a.run, overrides=a.overrides),
     "export": lambda a: _entry("export")(a.run, quant=a.quant, overrides=a.overrides, allow_drift=a.allow_drift),

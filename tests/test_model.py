@@ -256,6 +256,8 @@ def test_load_for_inference_is_in_eval_mode(tiny_cfg):
 
 
 def test_configure_writes_summary_and_config(prepared_run):
+    import shutil
+
     from conftest import copy_run
 
     from lib.model.configure import adapted_table, configure, model_table
@@ -266,6 +268,9 @@ def test_configure_writes_summary_and_config(prepared_run):
     paths = run_paths(run)
     if paths.model_summary.exists():
         paths.model_summary.unlink()
+    for trained in (paths.checkpoints, paths.adapter):  # the session run may be trained by now: a prepared one here
+        shutil.rmtree(trained, ignore_errors=True)
+    (paths.root / "stages" / "train.json").unlink(missing_ok=True)
     summary = configure(run, overrides={"lora.r": 8, "lora.target_modules": "attention", "lora.alpha": None})
     assert paths.model_summary.exists()
     saved = json.loads(paths.model_summary.read_text())

@@ -134,8 +134,8 @@ def test_a_refusing_template_is_one_line_naming_the_record(outputs, tmp_path):
               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
               "{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}")
     rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
-            {"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "q"},
-                          {"role": "assistant", "content": "a"}]}]
+            {"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q again"},
+                          {"role": "assistant", "content": "a"}]}]  # (a leading assistant turn is dropped, audited)
     with pytest.raises(DataError) as e:
         run_prepare("strict", _jsonl(tmp_path, rows), profile="tiny",
                     overrides=[f"data.prompt_format={strict}", "data.eval_fraction=0"])

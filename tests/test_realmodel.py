@@ -260,10 +260,13 @@ def test_smol_summary_shows_before_and_after(smol_run, capsys):
     assert main(["summary", "--run", smol_run]) == 0
     out = capsys.readouterr().out
     paths = run_paths(smol_run)
-    ppl = json.loads(paths.perplexity.read_text())
-    gen = json.loads(paths.generation_metrics.read_text())
-    row = next(line for line in out.splitlines() if "perplexity" in line)
-    assert row.split()[-2:] == [f"{ppl['base']['perplexity']:.2f}", f"{ppl['tuned']['perplexity']:.2f}"]
-    row = next(line for line in out.splitlines() if "stop on their own" in line)
-    assert row.split()[-2:] == [f"{gen['base']['stop_rate']:.0%}", f"{gen['tuned']['stop_rate']:.0%}"]
+    verdict = json.loads(paths.verdict.read_text())
+    assert out.splitlines()[2].startswith(verdict["sentence"][:40])  # the summary leads with the verdict
+    rows = {r["metric"]: r for r in verdict["rows"]}
+    line = next(ln for ln in out.splitlines() if "perplexity of the eval answers" in ln)
+    ppl = rows["perplexity"]
+    assert f"{ppl['base']:.3g}" in line and f"{ppl['tuned']:.3g}" in line and line.split()[-1] == ppl["verdict"].split()[-1]
+    line = next(ln for ln in out.splitlines() if "stop on their own" in ln)
+    stop = rows["stop_rate"]
+    assert f"{100 * stop['base']:.0f}%" in line and f"{100 * stop['tuned']:.0f}%" in line
     assert "Prompt: " in out and "  base " in out and "  tuned " in out
