@@ -261,7 +261,7 @@ def test_smol_summary_shows_before_and_after(smol_run, capsys):
     out = capsys.readouterr().out
     paths = run_paths(smol_run)
     verdict = json.loads(paths.verdict.read_text())
-    assert out.splitlines()[2].startswith(verdict["sentence"][:40])  # the summary leads with the verdict
+    assert out.strip().splitlines()[2].startswith(verdict["sentence"][:40])  # the summary leads with the verdict
     rows = {r["metric"]: r for r in verdict["rows"]}
     line = next(ln for ln in out.splitlines() if "perplexity of the eval answers" in ln)
     ppl = rows["perplexity"]
