@@ -266,7 +266,8 @@ class EvalSettings:
     generate_examples: int = _f(200, "Eval prompts both models answer, for the task scores and their intervals "
                                      "(all of them up to this cap; 0: skip generation). More prompts give a surer "
                                      "verdict and cost time in proportion: with the smol profile on 2 CPU cores "
-                                     "about 2.5 minutes per 100 prompts (both models, 96 new tokens at most).",
+                                     "3.6 minutes per 100 prompts for both models, answers of about 32 tokens "
+                                     "(bench/eval_cost.py); longer answers cost more.",
                                 range=NON_NEGATIVE)
     scores: list | None = _f(None, "Task scores of the generated answers, a list of: exact, contains, json, "
                                    "json_valid, json_keys, number, label, tool_call. None: chosen from the eval "
