@@ -68,7 +68,7 @@ lint: install-export
 	$(BIN)/ruff check lib tests bench
 
 test-unit: install-export
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q --durations=25
 
 # Two machines on one (torchrun --nnodes 2, gloo): not yet reliable on 2 shared cores, so not in `make test`.
 test-multi-node: install-export
