@@ -1,7 +1,7 @@
 """The shared core every stage stands on: a run's settings and folder, and the model and machine it runs on.
 
-It imports no other folder of lib/. What is here: the configuration (`settings`: every key and the
-profiles; `config`: config.yaml made, overridden, validated, saved), the stage registry (`stages`), the
+It imports no other folder of lib/. What is here: the configuration (`settings`: every key; `profiles`: the
+presets; `config`: config.yaml made, overridden, validated, saved), the stage registry (`stages`), the
 run directory (`paths`, `rundir`: locks, atomic installs, manifests), one stage run's context (`context`),
 the errors (`errors`), how numbers read (`formatting`), the machine (`hardware`: device, dtype, attention
 kernel; `attention`: the packed-sequence kernel), where a model's files come from (`tiny`, `realmodel`),
