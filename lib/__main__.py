@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true", help="replace a run trained on other data")
     tr = add("train", "02+03: configure the QLoRA model and train (resumes)")
     tr.add_argument("--retrain", action="store_true", help="start over even if the run has finished")
-    ev = add("evaluate", "04: did it help? task scores base vs tuned with 95% intervals, perplexity, forgetting")
+    ev = add("evaluate", "04: did it help? task scores base vs tuned with 95%% intervals, perplexity, forgetting")
     ev.add_argument("--null-control", action="store_true",
                     help="also score the adapter at its initial weights (the base) against the base: every task "
                          "score must show no detectable change (eval/null_control.json)")

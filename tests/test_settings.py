@@ -93,3 +93,17 @@ def test_cli_process_prints_one_line_and_no_traceback(run, argv, message):
     err = r.stderr.decode("utf-8", "replace")
     assert r.returncode == 2, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(message), err
+
+
+def test_help_of_the_cli_and_of_every_subcommand_prints(capsys):
+    """`python -m lib --help` and `<command> --help` print their usage (a `%` in a help text once made
+    argparse raise a TypeError instead)."""
+    from lib.__main__ import _parser
+
+    commands = [name for action in _parser()._subparsers._group_actions for name in action.choices]
+    assert "evaluate" in commands and "compare" in commands
+    for argv in [["--help"]] + [[name, "--help"] for name in commands]:
+        with pytest.raises(SystemExit) as ended:
+            main(argv)
+        assert ended.value.code == 0, argv
+        assert "usage:" in capsys.readouterr().out, argv
