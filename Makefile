@@ -20,7 +20,7 @@ PROFILE ?= smol
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install install-export demo export test test-fast test-multi-node test-unit test-notebooks bench lint clean strip \
+.PHONY: install install-export demo export test test-fast test-long test-multi-node test-unit test-notebooks bench lint clean strip \
 	colab-check min-check constraints-tested
 
 install: $(VENV)/.installed
@@ -68,7 +68,12 @@ lint: install-export
 	$(BIN)/ruff check lib tests bench
 
 test-unit: install-export
-	$(BIN)/python -m pytest tests -q --durations=25
+	$(BIN)/python -m pytest tests -q -m "not long" --durations=25
+
+# SmolLM2 trained end to end on a task of its own, then evaluated (the verdict with its interval and
+# the null control) and merged: ~5 min on 2 cores, so outside `make test`; run before a release.
+test-long: install-export
+	$(BIN)/python -m pytest tests -q -m long --durations=5
 
 # Two machines on one (torchrun --nnodes 2, gloo): not yet reliable on 2 shared cores, so not in `make test`.
 test-multi-node: install-export

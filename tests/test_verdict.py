@@ -245,36 +245,3 @@ def test_evaluate_writes_the_verdict_and_a_null_control_that_shows_no_change(tra
     assert control["sentence"].startswith("The null control")
     assert verdict_table(run).shape[0] == len(verdict["rows"])
     assert verdict_line(run).startswith(verdict["sentence"])
-
-
-# ----------------------------------------------------------------------------- SmolLM2 on a task of its own
-
-EXTRACT = "data/examples/extract_json.jsonl"  # data/make_extract_json.py: name, age, city, job into JSON
-SMOL_TASK = ["train.max_steps=30", "train.learning_rate=1e-3", "train.eval_strategy=no", "train.save_steps=30",
-             "train.logging_steps=10", "eval.sample_prompts=0", "eval.general_prompts=None", "data.eval_fraction=0.12",
-             "generation.max_new_tokens=40", "eval.batch_size=12"]
-
-
-@pytest.mark.slow
-def test_smollm2_learns_a_json_task_better_with_its_interval_above_zero_and_the_null_control_holds(smol_dir):
-    """SmolLM2-135M-Instruct, 30 steps on 176 extraction records: the base writes no right JSON for the 24
-    held-out sentences; the tuned model's `json` score is `better` with its whole interval above zero, and the
-    null control (the adapter at its initial weights) shows no detectable change on every task score."""
-    from lib.data.prepare import run_prepare
-    from lib.evaluate.evaluation import run_evaluate
-    from lib.train.training import run_train
-
-    run = "smol_json"
-    run_prepare(run, EXTRACT, profile="smol", overrides=SMOL_TASK)
-    run_train(run)
-    result = run_evaluate(run, progress=False, null_control=True)
-    verdict = result["verdict"]
-    assert verdict["scores"] == ["json", "json_valid", "json_keys"], verdict["why"]
-    rows = {r["metric"]: r for r in verdict["rows"]}
-    exact_json = rows["json"]
-    assert exact_json["n"] == 24 and exact_json["base"] <= 0.25, exact_json
-    assert exact_json["verdict"] == "better" and exact_json["ci95"][0] > 0, exact_json
-    assert rows["perplexity"]["verdict"] == "better"
-    control = [r for r in result["null_control"]["rows"] if r["kind"] == "task"]
-    assert control and all(r["verdict"] == "no detectable change" for r in control), control
-    print(verdict["sentence"])

@@ -192,6 +192,22 @@ def _load_error(path: Path, e: Exception) -> ConfigError:
                        f"({type(e).__name__}: {msg})")
 
 
+GGUF_SPECIAL_TOKENS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+                       "pad_token": "tokenizer.ggml.padding_token_id", "unk_token": "tokenizer.ggml.unknown_token_id"}
+
+
+def fill_special_tokens(tokenizer, path: Path) -> None:
+    """Set the special tokens the GGUF file names (bos, eos, pad, unk) that `tokenizer` left unset: older
+    transformers (5.0) read no padding id from a GGUF file, so SmolLM2 came out without a pad token."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    for attr, key in GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(key)
+        if getattr(tokenizer, attr) is None and field is not None and 0 <= int(field.contents()) < len(tokenizer):
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(int(field.contents())))
+
+
 def dequantize_gguf(path: Path, out: Path) -> Path:
     """Load a GGUF file with transformers (dequantized to fp32) and save model + tokenizer into `out`."""
     import torch
@@ -220,6 +236,7 @@ def dequantize_gguf(path: Path, out: Path) -> Path:
         raise ConfigError(f"{path}: the GGUF file has no weights for {', '.join(missing[:3])}")
     model.generation_config = loaded.generation_config
     del loaded
+    fill_special_tokens(tokenizer, path)
     if getattr(config, "max_position_embeddings", None):
         tokenizer.model_max_length = config.max_position_embeddings
     model.save_pretrained(out)
@@ -237,7 +254,7 @@ def gguf_model_dir(path, gguf_file: str | None = None) -> Path:
     if not local.is_file():
         raise ConfigError(f"{local}: GGUF file not found")
     stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in local.stem)[:60]
-    target = cache_dir() / f"gguf-{stem}-{_file_hash(local)}"
+    target = cache_dir() / f"gguf-{stem}-{_file_hash(local)}-v2"  # v2: special tokens from the file (fill_special_tokens)
     if not (target / "config.json").exists():
         check_gguf(local)
     return build_once(target, lambda tmp: dequantize_gguf(local, tmp))
@@ -298,8 +315,6 @@ def smol_model_dir() -> Path:
     return gguf_model_dir(smol_gguf())
 
 
-if __name__ == "__main__":
-    print(resolve_model(sys.argv[1]) if len(sys.argv) > 1 else smol_model_dir())
 
 def load_model_config(cfg):
     """The base model's transformers config (a few KB; no weights)."""
@@ -340,3 +355,7 @@ def hf_token() -> str | None:
                 return value
     except ImportError:
         return None
+
+
+if __name__ == "__main__":
+    print(resolve_model(sys.argv[1]) if len(sys.argv) > 1 else smol_model_dir())
