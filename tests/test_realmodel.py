@@ -150,17 +150,15 @@ def test_smol_pad_is_eos_and_the_stop_token_is_still_trained(smol_tokenizer):
     assert batch["labels"][0, :n].tolist() == encoded[0]["labels"]  # while the answer's eos is
 
 
-def test_special_tokens_missing_from_the_loaded_tokenizer_come_from_the_gguf_file(smol_dir):
-    """transformers 5.0 read no padding id from a GGUF file: fill_special_tokens sets the ones left unset
-    from the file's own ids (SmolLM2's padding id is <|im_end|>), and changes none that are set."""
+def test_the_special_tokens_are_the_ones_the_gguf_file_names(smol_dir):
+    """transformers 5.0's GGUF loader set no pad token and <|im_start|> as SmolLM2's eos: fill_special_tokens
+    sets bos, eos, pad and unk to the file's own ids (SmolLM2: eos and pad <|im_end|>, id 2)."""
     from transformers import AutoTokenizer
 
     from lib.run.realmodel import fill_special_tokens, smol_gguf
 
     tok = AutoTokenizer.from_pretrained(smol_dir)
-    tok.pad_token = None
+    tok.pad_token, tok.eos_token = None, "<|im_start|>"
     fill_special_tokens(tok, smol_gguf())
-    assert tok.pad_token == "<|im_end|>" and tok.pad_token_id == tok.convert_tokens_to_ids("<|im_end|>")
-    tok.pad_token = "<|endoftext|>"
-    fill_special_tokens(tok, smol_gguf())
-    assert tok.pad_token == "<|endoftext|>"
+    assert tok.pad_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>") == 2
+    assert tok.bos_token_id == tok.convert_tokens_to_ids("<|im_start|>") == 1

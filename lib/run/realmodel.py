@@ -197,15 +197,17 @@ GGUF_SPECIAL_TOKENS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": 
 
 
 def fill_special_tokens(tokenizer, path: Path) -> None:
-    """Set the special tokens the GGUF file names (bos, eos, pad, unk) that `tokenizer` left unset: older
-    transformers (5.0) read no padding id from a GGUF file, so SmolLM2 came out without a pad token."""
+    """Set the special tokens (bos, eos, pad, unk) to the ids the GGUF file names: the file is their authority,
+    and transformers 5.0's GGUF loader got them wrong (SmolLM2 came out without a pad token and with
+    <|im_start|> as its eos)."""
     from gguf import GGUFReader
 
     fields = GGUFReader(str(path)).fields
     for attr, key in GGUF_SPECIAL_TOKENS.items():
         field = fields.get(key)
-        if getattr(tokenizer, attr) is None and field is not None and 0 <= int(field.contents()) < len(tokenizer):
-            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(int(field.contents())))
+        token_id = int(field.parts[field.data[0]][0]) if field is not None and field.data else None  # gguf 0.11 has no .contents()
+        if token_id is not None and 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(token_id))
 
 
 def dequantize_gguf(path: Path, out: Path) -> Path:
@@ -254,7 +256,7 @@ def gguf_model_dir(path, gguf_file: str | None = None) -> Path:
     if not local.is_file():
         raise ConfigError(f"{local}: GGUF file not found")
     stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in local.stem)[:60]
-    target = cache_dir() / f"gguf-{stem}-{_file_hash(local)}-v2"  # v2: special tokens from the file (fill_special_tokens)
+    target = cache_dir() / f"gguf-{stem}-{_file_hash(local)}-v3"  # v3: special tokens from the file (fill_special_tokens)
     if not (target / "config.json").exists():
         check_gguf(local)
     return build_once(target, lambda tmp: dequantize_gguf(local, tmp))

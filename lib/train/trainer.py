@@ -239,6 +239,7 @@ class GuardedSFTTrainer(SFTTrainer):
         """Trainer.train; resumed from a checkpoint saved when early stopping had ended the training, the best
         checkpoint's adapter is loaded and nothing is trained."""
         resume = str(resume_from_checkpoint) if isinstance(resume_from_checkpoint, Path) else resume_from_checkpoint
+        self._resumed_from = resume
         try:
             return super().train(resume, *args, **kwargs)
         except StoppedBefore:
@@ -254,16 +255,17 @@ class GuardedSFTTrainer(SFTTrainer):
             self._close_bars()
             raise
 
-    def _run_epoch(self, *args, **kwargs):
-        """One pass over the data, or none when a resumed checkpoint is at the schedule's last step already
-        (Trainer would train one step more: it checks the step count only after a step)."""
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The next optimizer step's batches; none when a resumed checkpoint is at the schedule's last step
+        already (Trainer would train one step more: it checks the step count only after a step). Here, not in
+        the epoch loop, because that loop is private and changed within transformers 5 (5.0 has none)."""
         done, total = self.state.global_step, self.state.max_steps
         if done > total > 0:
-            raise ConfigError(past_the_end(kwargs.get("resume_from_checkpoint"), done, total))
+            raise ConfigError(past_the_end(getattr(self, "_resumed_from", None), done, total))
         if done == total > 0:
             self.control.should_training_stop = True
-            return None
-        return super()._run_epoch(*args, **kwargs)
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     def _close_bars(self) -> None:
         for cb in self.callback_handler.callbacks:
