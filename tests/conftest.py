@@ -1,6 +1,6 @@
 """Shared fixtures: every test writes into its own outputs folder, never into outputs/.
 
-`prepared_run` and `trained_run` are session-scoped: the tiny model is prepared and trained once
+`prepared_run` and `trained_run` are session-scoped: the tiny model is prepared once and a copy trained once
 (a few dozen steps on the CPU) and shared by the evaluation, plot, merge and chat tests, which
 must not modify them (copy the run directory first if a test needs to).
 
@@ -125,11 +125,14 @@ def prepared_run(session_outputs) -> str:
 
 @pytest.fixture(scope="session")
 def trained_run(prepared_run) -> str:
-    """The fixture run after training; tests must treat it as read-only."""
+    """A copy of the prepared run after training ("trained"); tests must treat it as read-only. A copy, so
+    that `prepared_run` stays untrained whatever ran before (training it in place once made the two-node
+    tests find a finished run when they ran after a test that used this fixture)."""
     from lib.train.training import run_train
 
-    run_train(prepared_run)
-    return prepared_run
+    run = copy_run(prepared_run, "trained")
+    run_train(run)
+    return run
 
 
 def copy_run(run: str, new: str) -> str:

@@ -302,7 +302,7 @@ def test_cpu_out_of_memory_is_the_exit_3_message(prepared_run, monkeypatch, caps
     from lib.model import loading
     from lib.train import training as train
 
-    run = "faults-oom"  # prepared here: the session's prepared_run may already be trained (it is trained_run)
+    run = "faults-oom"  # prepared here, from other data
     assert main(["prepare", "--run", run, "--data", str(SAMPLE2), "--profile", "tiny"]) == 0
     monkeypatch.setattr(data, "audit", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError(
         "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate "

@@ -84,6 +84,10 @@ CASES = {
                       A("8 degrees in Kyiv.")], TOOLS),
     "reasoning": ([U("What is 2+2?"), A("4", reasoning_content="Two plus two makes four."),
                    U("And 3+3?"), A("6", reasoning_content="Three plus three makes six.")], None),
+    "text_and_call": ([U("Weather in Paris?"),
+                       A("Let me check.", tool_calls=[call("get_weather", {"city": "Paris"}, "call00001")]),
+                       T('{"temperature": 21}', "call00001", "get_weather"),
+                       A("21 degrees in Paris.")], TOOLS),
     "reasoning_then_call": ([U("Is it warm in Cairo?"),
                              A("", reasoning_content="I should look up the weather in Cairo.",
                                tool_calls=[call("get_weather", {"city": "Cairo"}, "call00001")]),
@@ -118,6 +122,7 @@ NO_REASONING = "has no place for reasoning given in a separate field"
 NOT_PREFIX = "renders the tool call after something other than its generation prompt"
 SINGLE_CALL = "This model only supports single tool-calls at once!"
 DROPS_THINK = "it drops its <think> block"
+DROPS_TEXT = "drops the text beside its tool call"
 TOOL_CASES = [c for c in CASES if c != "reasoning"]
 # template -> {case: "exact" | a piece of the one-line refusal}; cases not named are "exact".
 OUTCOMES = {
@@ -125,25 +130,25 @@ OUTCOMES = {
     "qwen3": {},
     # QwQ's generation prompt opens <think>, its rendered calls have none; its tokenizer has <think>: inlined
     "qwq": {**{c: NOT_PREFIX for c in TOOL_CASES if c not in ("weight0_call", "reasoning_then_call")}},
-    "llama3.1": {"parallel_calls": SINGLE_CALL, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
-    "llama3.2": {"parallel_calls": SINGLE_CALL, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
-    "llama3.3": {"parallel_calls": SINGLE_CALL, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
+    "llama3.1": {"text_and_call": DROPS_TEXT, "parallel_calls": SINGLE_CALL, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
+    "llama3.2": {"text_and_call": DROPS_TEXT, "parallel_calls": SINGLE_CALL, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
+    "llama3.3": {"text_and_call": DROPS_TEXT, "parallel_calls": SINGLE_CALL, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
     # gpt-oss renders only a message's first call; and it keeps an earlier call's analysis in the prompt
     # but drops it once a final answer follows, so the final answer's reasoning cannot be placed after it
     "gpt-oss": {"parallel_calls": "does not render its call of get_time whole",
                 "reasoning_then_call": "does not render its reasoning within the answer"},
-    "mistral-nemo": {"reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
-    "mistral-small-3.2": {"reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
+    "mistral-nemo": {"text_and_call": DROPS_TEXT, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
+    "mistral-small-3.2": {"text_and_call": DROPS_TEXT, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
     "granite3.0": {**{c: NO_CALLS for c in TOOL_CASES}, "reasoning": NO_REASONING,
                    "reasoning_then_call": NO_REASONING},
     "granite3.3": {**{c: NO_CALLS for c in TOOL_CASES}, "reasoning": NO_REASONING,
                    "reasoning_then_call": NO_REASONING},
     "deepseek-v3.1": {**{c: NO_TOOLS for c in TOOL_CASES}, "reasoning": DROPS_THINK},
     "smollm2": {**{c: NO_TOOLS for c in TOOL_CASES}, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
-    "hermes3": {"reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
+    "hermes3": {"text_and_call": DROPS_TEXT, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
     # Command R7B / A: calls in <|START_ACTION|>, answers end <|END_RESPONSE|><|END_OF_TURN_TOKEN|> (trained whole);
     # it renders reasoning only beside a call, so a final answer's has no place
-    "command-r7b": {"reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
+    "command-r7b": {"text_and_call": DROPS_TEXT, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
     # SmolLM3 reads xml_tools, not tools; its <think> tokens take reasoning inline
     "smollm3": {c: NO_TOOLS for c in TOOL_CASES},
     "baichuan2": {**{c: NO_TOOLS for c in TOOL_CASES}, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
@@ -198,12 +203,23 @@ def oracle_turn(tok, spec, name, msgs, i, tools):
         stop = TOOL_STOP.get(name)
         if stop is None or stop not in full[ce:]:
             raise Unplaceable("no declared stop token after the call")
-        return full, start, full.index(stop, ce) + len(stop)
+        end = full.index(stop, ce) + len(stop)
+        bare = lambda x: re.sub(r"</?think>", "", _norm(x))  # noqa: E731  (QwQ: its prompt opens the <think>)
+        if m["content"] and bare(m["content"]) not in bare(full[start:end]):
+            raise Unplaceable("the template drops the text beside the call")
+        return full, start, end
     mark = "\u2603"
     cs, ce = render_diff(full, render(tok, msgs[:i] + [dict(m, content=mark)], tools))
     if _norm(full[cs:ce]) != _norm(m["content"]):
         raise Unplaceable("the template does not render the answer's text (or drops its <think> block)")
-    start = start if prefix and start <= ce else cs  # DeepSeek-R1 / QwQ: <think> in the prompt, the answer from its text
+    if not (prefix and start <= ce):  # the history was rewritten (gpt-oss drops a call's text once an answer follows)
+        # the model writes what follows the generation prompt's own header (gpt-oss: <|start|>assistant, then
+        # <|channel|>final<|message|>); DeepSeek-R1 / QwQ: the header's <think> is not in the history, so from the text
+        bare, gen = render(tok, msgs[:i], tools), render(tok, msgs[:i], tools, gen=True)
+        header = gen[len(bare):] if gen.startswith(bare) else ""
+        h = full.rfind(header, 0, cs) if header.strip() else -1
+        start = h + len(header) if h >= 0 and not any(
+            x["content"] and x["content"] in full[h + len(header):cs] for x in msgs) else cs
     eot = spec["end_of_turn"]["after_final_answer"]
     after = full[ce:]
     if not after.lstrip().startswith(eot):
@@ -319,6 +335,20 @@ def test_the_trained_call_is_the_templates_syntax(tiny_base, name):
     runs = trained_texts(tok, text, got[0]["labels"])
     assert runs[0] == CALLS[name]
     assert TOOL_STOP[name] and tok.convert_tokens_to_ids(TOOL_STOP[name]) in stop_token_ids(tok)
+
+
+def test_gpt_oss_trains_the_final_header_after_a_text_plus_call_turn(tiny_base):
+    """By value: gpt-oss drops a call's text from the history once an answer follows, so the answer's
+    generation prompt is no prefix of the conversation; the answer is still trained from its
+    <|channel|>final<|message|> header (what the model writes after <|start|>assistant), as the other
+    gpt-oss turns are, and the call turn with its text (the analysis channel) and its call."""
+    spec = SPECS["gpt-oss"]
+    tok = with_template(tiny_base, spec)
+    _, got, expected = check(tok, spec, "gpt-oss", "text_and_call")
+    runs = [trained_texts(tok, text, enc["labels"]) for enc, (text, _) in zip(got, expected)]
+    assert runs == [['<|channel|>analysis<|message|>Let me check.<|end|><|start|>assistant to=functions.get_weather'
+                     '<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>'],
+                    ["<|channel|>final<|message|>21 degrees in Paris.<|return|>"]]
 
 
 @pytest.mark.parametrize("name", ["qwen2.5", "qwen3", "llama3.1", "gpt-oss", "mistral-nemo", "granite3.3", "hermes3",

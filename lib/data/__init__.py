@@ -3,7 +3,7 @@
 Run by notebook 01_prepare_data and `python -m lib prepare`. It reads a file, a folder or a Hub data set
 (`readers`), recognises its shape (`formats`, `turns`, `fields`: every field accounted for), normalises and
 splits it (`examples`), renders it with the model's chat template (`tokenizer`, `templates`) into token ids
-with the answers placed by position (`tokenization`, `prompts`, `toolcalls`), audits it (`audit`) and
+with the answers placed by position (`tokenization`, `reasoning`, `prompts`, `toolcalls`), audits it (`audit`) and
 installs `data/` and `config.yaml` as one set (`prepare`). `textmetrics` scores answers against these
 references, for the stages after it.
 

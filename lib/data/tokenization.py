@@ -59,6 +59,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from lib.data.reasoning import no_reasoning_place, resolve_reasoning
 from lib.data.templates import (
     MASK,
     TemplateError,
@@ -107,13 +108,6 @@ def _for_template(tokenizer, m: dict) -> dict:
     return out
 
 
-def no_reasoning_place(tokenizer) -> str:
-    return (f"the chat template of {model_name(tokenizer)} has no place for reasoning given in a separate field "
-            "(reasoning_content, thinking, reasoning) and the tokenizer has no <think> tokens: set "
-            "data.inline_reasoning=true to train it before the answer as <think>...</think>, or remove the "
-            "field to train the answers without it")
-
-
 def render_messages(tokenizer, messages, add_generation_prompt=False, tools=None) -> str:
     if tools and not template_info(tokenizer).renders_tools:
         raise TemplateError(f"the chat template of {model_name(tokenizer)} does not render tools (it has no tools "
@@ -160,6 +154,21 @@ def _edge(tokenizer, messages, i: int, rendered: str, at_end: bool, tools=None) 
         if text[:pos] + text[pos + len(_SENTINEL):] == rendered:
             return pos
     return None
+
+
+def _after_header(tokenizer, messages, i: int, rendered: str, start: int, tools=None) -> int:
+    """Where answer i starts when the history rewrites earlier turns (so its generation prompt is no prefix of
+    the rendering, gpt-oss after a text-plus-call turn): right after the generation prompt's own header
+    (`<|start|>assistant`) when that header opens the answer's turn, so what the template writes between it
+    and the text (`<|channel|>final<|message|>`) is trained as the model writes it; else at the text."""
+    bare = render_messages(tokenizer, messages[:i], tools=tools)
+    header = render_messages(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+    header = header[len(bare):] if header.startswith(bare) else ""
+    at = rendered.rfind(header, 0, start) if header.strip() else -1
+    between = rendered[at + len(header):start] if at >= 0 else ""
+    if at < 0 or any((m.get("content") or "").strip() and m["content"].strip() in between for m in messages):
+        return start
+    return at + len(header)
 
 
 def _norm(text: str) -> str:
@@ -248,6 +257,7 @@ def _place_turn(tokenizer, messages, i: int, info: TemplateInfo, specials, n: in
             why = ("it drops or rewrites its <think> block" if "</think>" in content
                    else "its generation prompt is not a prefix of the rendered conversation")
             raise TemplateError(f"assistant message {n}: the start of the answer cannot be placed exactly ({why})")
+        start = _after_header(tokenizer, messages, i, rendered, start, tools)
     if _norm(rendered[start:end]).endswith(_norm(content)) is False:
         raise TemplateError(f"assistant message {n}: the chat template does not render all of it (it drops "
                             f"{'its <think> block' if '</think>' in content else 'part of it'}), so it cannot be trained as written")
@@ -301,31 +311,6 @@ def _plan(tokenizer, example: dict) -> tuple[str, list[_Turn], bool]:
         turn.reasoning = m.get("reasoning_content") or (think[0].replace("<think>", "").strip() if think[1] else None)
         turns.append(turn)
     return text, turns, folded
-
-
-def knows_think_tokens(tokenizer) -> bool:
-    vocab = tokenizer.get_vocab()
-    return all(t in vocab for t in ("<think>", "</think>"))
-
-
-def resolve_reasoning(tokenizer, example: dict, inline: bool = False) -> dict:
-    """`example` with each reasoning field as the template takes it: left to the template where it
-    renders reasoning; else written inline before the answer as `<think>\n...\n</think>\n\n` when
-    `inline` (data.inline_reasoning) or the tokenizer has <think> tokens; else a one-line TemplateError."""
-    messages = example.get("messages")
-    if not messages or not any(m.get("reasoning_content") is not None for m in messages):
-        return example
-    if has_chat_template(tokenizer) and template_info(tokenizer).reasoning_key is not None:
-        return example
-    if not (inline or knows_think_tokens(tokenizer)):
-        raise TemplateError(no_reasoning_place(tokenizer))
-    out = []
-    for m in messages:
-        if m.get("reasoning_content") is not None:
-            m = {k: v for k, v in m.items() if k != "reasoning_content"}
-            m["content"] = f"<think>\n{messages[len(out)]['reasoning_content'].strip()}\n</think>\n\n{m['content']}"
-        out.append(m)
-    return dict(example, messages=out)
 
 
 def split_for_template(tokenizer, example: dict, inline_reasoning: bool = False) -> list[dict]:

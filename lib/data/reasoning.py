@@ -1,0 +1,38 @@
+"""Reasoning given in a separate field (`reasoning_content`): left to the chat template where it renders it,
+else written inline before the answer as `<think>...</think>`, else a one-line refusal."""
+
+from __future__ import annotations
+
+from lib.data.templates import TemplateError, has_chat_template, model_name, template_info
+
+
+def no_reasoning_place(tokenizer) -> str:
+    return (f"the chat template of {model_name(tokenizer)} has no place for reasoning given in a separate field "
+            "(reasoning_content, thinking, reasoning) and the tokenizer has no <think> tokens: set "
+            "data.inline_reasoning=true to train it before the answer as <think>...</think>, or remove the "
+            "field to train the answers without it")
+
+
+def knows_think_tokens(tokenizer) -> bool:
+    vocab = tokenizer.get_vocab()
+    return all(t in vocab for t in ("<think>", "</think>"))
+
+
+def resolve_reasoning(tokenizer, example: dict, inline: bool = False) -> dict:
+    """`example` with each reasoning field as the template takes it: left to the template where it
+    renders reasoning; else written inline before the answer as `<think>\n...\n</think>\n\n` when
+    `inline` (data.inline_reasoning) or the tokenizer has <think> tokens; else a one-line TemplateError."""
+    messages = example.get("messages")
+    if not messages or not any(m.get("reasoning_content") is not None for m in messages):
+        return example
+    if has_chat_template(tokenizer) and template_info(tokenizer).reasoning_key is not None:
+        return example
+    if not (inline or knows_think_tokens(tokenizer)):
+        raise TemplateError(no_reasoning_place(tokenizer))
+    out = []
+    for m in messages:
+        if m.get("reasoning_content") is not None:
+            m = {k: v for k, v in m.items() if k != "reasoning_content"}
+            m["content"] = f"<think>\n{messages[len(out)]['reasoning_content'].strip()}\n</think>\n\n{m['content']}"
+        out.append(m)
+    return dict(example, messages=out)
