@@ -83,7 +83,10 @@ class Unplaceable(Exception):
 
 
 def render(tok, msgs, gen=False):
-    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    # one reasoning block, opened once: not the empty one Kimi-K2-Thinking writes before an answer's own, nor
+    # the answer's opener after the one Nemotron-Nano-v2's last turn (and its generation prompt) writes
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    return text.replace("<think></think><think>", "<think>").replace("<think>\n\n<think>\n", "<think>\n\n")
 
 
 def _norm(s):

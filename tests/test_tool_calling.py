@@ -98,7 +98,7 @@ CASES = {
 # The special token that ends an assistant turn calling tools, from each model's documentation
 # (Qwen <|im_end|>, Llama 3.x <|eot_id|>, gpt-oss <|call|>, Mistral </s>).
 TOOL_STOP = {"qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>", "qwq": "<|im_end|>", "llama3.1": "<|eot_id|>",
-             "llama3.2": "<|eot_id|>", "llama3.3": "<|eot_id|>", "gpt-oss": "<|call|>", "mistral-nemo": "</s>",
+             "llama3.2": "<|eot_id|>", "llama3.3": "<|eot_id|>", "gpt-oss": "<|call|>", "mistral-nemo": "</s>", "nemotron-nano-v2": "<SPECIAL_12>", "kimi-k2-thinking": "<|im_end|>",
              "mistral-small-3.2": "</s>", "hermes3": "<|im_end|>", "command-r7b": "<|END_OF_TURN_TOKEN|>"}
 
 # The trained text of the call in single_call, as each template writes it (by hand, from the model cards).
@@ -119,17 +119,25 @@ CALLS = {
 NO_TOOLS = "does not render tools (it has no tools handling)"
 NO_CALLS = "does not render tool calls (it has no tool-call handling)"
 NO_REASONING = "has no place for reasoning given in a separate field"
-NOT_PREFIX = "renders the tool call after something other than its generation prompt"
+
 SINGLE_CALL = "This model only supports single tool-calls at once!"
 DROPS_THINK = "it drops its <think> block"
 DROPS_TEXT = "drops the text beside its tool call"
+EOS_BEFORE_CALL = "before its tool call (it renders the text beside the call as a turn of its own)"
 TOOL_CASES = [c for c in CASES if c != "reasoning"]
 # template -> {case: "exact" | a piece of the one-line refusal}; cases not named are "exact".
 OUTCOMES = {
     "qwen2.5": {"reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
     "qwen3": {},
-    # QwQ's generation prompt opens <think>, its rendered calls have none; its tokenizer has <think>: inlined
-    "qwq": {**{c: NOT_PREFIX for c in TOOL_CASES if c not in ("weight0_call", "reasoning_then_call")}},
+    # QwQ's generation prompt opens <think>, its rendered calls have none: labelled from where they part;
+    # its tokenizer has <think>: reasoning inlined
+    "qwq": {},
+    # Nemotron-Nano-v2: the same opener in its prompt; a last turn's text is rendered as a turn of its own that
+    # ends (<SPECIAL_12>) before the call: refused; reasoning inlined after the prompt's own <think>
+    "nemotron-nano-v2": {"text_and_call": EOS_BEFORE_CALL, "reasoning_then_call": EOS_BEFORE_CALL},
+    # Kimi-K2-Thinking renders a call's id, not its function's name (its ids are "functions.NAME:N"); reasoning
+    # inlined into the empty <think></think> it writes for earlier answers
+    "kimi-k2-thinking": {c: NO_CALLS for c in TOOL_CASES},
     "llama3.1": {"text_and_call": DROPS_TEXT, "parallel_calls": SINGLE_CALL, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
     "llama3.2": {"text_and_call": DROPS_TEXT, "parallel_calls": SINGLE_CALL, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
     "llama3.3": {"text_and_call": DROPS_TEXT, "parallel_calls": SINGLE_CALL, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
@@ -176,7 +184,10 @@ class Unplaceable(Exception):
 def render(tok, msgs, tools, gen=False):
     msgs = [{k: v for k, v in m.items() if k != "weight"} for m in msgs]
     try:
-        return tok.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen)
+        text = tok.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen)
+        # one reasoning block, opened once: not the empty one Kimi-K2-Thinking writes before an inline one,
+        # nor an inline opener after the one Nemotron-Nano-v2's prompt writes
+        return text.replace("<think></think><think>", "<think>").replace("<think>\n\n<think>\n", "<think>\n\n")
     except Exception as e:  # the template's raise_exception
         raise Unplaceable(f"the template refuses the conversation: {e}") from None
 
@@ -193,8 +204,11 @@ def oracle_turn(tok, spec, name, msgs, i, tools):
     prefix = full.startswith(prompt)
     start = len(prompt)
     if m.get("tool_calls"):
-        if not prefix:
-            raise Unplaceable("the generation prompt is not a prefix of the rendered call")
+        if not prefix:  # a thinking prompt (QwQ, Nemotron-Nano-v2) opens <think>, the rendered call has none:
+            bare = prompt.rstrip().removesuffix("<think>")  # labelled from where they part, if that is all
+            if bare == prompt.rstrip() or not full.startswith(bare):
+                raise Unplaceable("the generation prompt is not a prefix of the rendered call")
+            start = len(bare)
         other = [dict(c, function={"name": "zzOtherFn", "arguments": {"zzKey": "zzValue"}}) for c in m["tool_calls"]]
         cs, ce = render_diff(full, render(tok, msgs[:i] + [dict(m, tool_calls=other)], tools))
         for c in m["tool_calls"]:
@@ -204,13 +218,15 @@ def oracle_turn(tok, spec, name, msgs, i, tools):
         if stop is None or stop not in full[ce:]:
             raise Unplaceable("no declared stop token after the call")
         end = full.index(stop, ce) + len(stop)
+        if spec["eos_token"] in full[start:cs]:  # Nemotron-Nano-v2 renders a last turn's text as a turn of its own
+            raise Unplaceable("the turn ends (eos) before its call")
         bare = lambda x: re.sub(r"</?think>", "", _norm(x))  # noqa: E731  (QwQ: its prompt opens the <think>)
         if m["content"] and bare(m["content"]) not in bare(full[start:end]):
             raise Unplaceable("the template drops the text beside the call")
         return full, start, end
     mark = "\u2603"
     cs, ce = render_diff(full, render(tok, msgs[:i] + [dict(m, content=mark)], tools))
-    if _norm(full[cs:ce]) != _norm(m["content"]):
+    if re.sub("</?think>", "", _norm(full[cs:ce])) != re.sub("</?think>", "", _norm(m["content"])):  # Kimi: <think> shared
         raise Unplaceable("the template does not render the answer's text (or drops its <think> block)")
     if not (prefix and start <= ce):  # the history was rewritten (gpt-oss drops a call's text once an answer follows)
         # the model writes what follows the generation prompt's own header (gpt-oss: <|start|>assistant, then
@@ -231,27 +247,34 @@ def oracle(tok, spec, name, msgs, tools):
     """Expected sequences [(text, [(start, end)])] or Unplaceable."""
     if tools and not all(t["function"]["description"] in render(tok, msgs[:1], tools) for t in tools):
         raise Unplaceable("the template does not render the tool schemas")
+    given = msgs
     if any(m.get("reasoning_content") for m in msgs):
         probe = [U("q"), A("a", reasoning_content="zzThought")]
-        renders = any("zzThought" in render(tok, [probe[0], {**probe[1], k: "zzThought"}], None)
-                      for k in ("reasoning_content", "thinking"))
+        renders = [k for k in ("reasoning_content", "thinking")
+                   if "zzThought" in render(tok, [probe[0], {**probe[1], k: "zzThought"}], None)]
+        if renders and renders[0] != "reasoning_content":  # gpt-oss reads `thinking` (transformers 5.0 maps no key)
+            msgs = [{(renders[0] if k == "reasoning_content" else k): v for k, v in m.items()} for m in msgs]
         if not renders:
             vocab = tok.get_vocab()
             if "<think>" not in vocab or "</think>" not in vocab:
                 raise Unplaceable("no place for reasoning and no <think> tokens")
-            msgs = [{k: v for k, v in m.items() if k != "reasoning_content"}
+            msgs = [{k: v for k, v in m.items() if k != "reasoning_content"}  # the documented inline form
                     | ({"content": f"<think>\n{m['reasoning_content']}\n</think>\n\n{m['content']}"}
-                       if m.get("reasoning_content") else {}) for m in msgs]  # the documented inline form
+                       if m.get("reasoning_content") else {}) for m in msgs]
     for i, m in enumerate(msgs):
         if m.get("tool_calls"):
             other = [dict(c, function={"name": "zzOtherFn", "arguments": {}}) for c in m["tool_calls"]]
-            if render(tok, msgs[: i + 1], tools) == render(tok, msgs[:i] + [dict(m, tool_calls=other)], tools):
+            mine, theirs = render(tok, msgs[: i + 1], tools), render(tok, msgs[:i] + [dict(m, tool_calls=other)], tools)
+            if mine == theirs:
                 raise Unplaceable("the template ignores tool calls")
+            cs, ce = render_diff(mine, theirs)
+            if not all(c["function"]["name"] in mine[cs:ce] for c in m["tool_calls"]):
+                raise Unplaceable("the template does not render the called function's name")  # Kimi: in the id
     trained = [i for i, m in enumerate(msgs) if m["role"] == "assistant" and m.get("weight", 1) != 0]
     turns = {i: oracle_turn(tok, spec, name, msgs, i, tools) for i in trained}
-    if any(m.get("reasoning_content") for m in msgs) and not all(
+    if any(m.get("reasoning_content") for m in given) and not all(
             _norm(m["reasoning_content"]) in _norm(t[0][t[1]:t[2]]) for i, t in turns.items()
-            for m in [msgs[i]] if m.get("reasoning_content")):
+            for m in [given[i]] if m.get("reasoning_content")):
         raise Unplaceable("a reasoning is not rendered within its answer")
     whole = render(tok, msgs, tools)
     if all(whole[:end] == text[:end] for text, _, end in turns.values()):
@@ -352,7 +375,7 @@ def test_gpt_oss_trains_the_final_header_after_a_text_plus_call_turn(tiny_base):
 
 
 @pytest.mark.parametrize("name", ["qwen2.5", "qwen3", "llama3.1", "gpt-oss", "mistral-nemo", "granite3.3", "hermes3",
-                                  "command-r7b"])
+                                  "command-r7b", "qwq", "nemotron-nano-v2", "kimi-k2-thinking"])
 def test_on_smollm2_real_tokenizer(smol_tokenizer, name):
     spec = SPECS[name]
     tok = with_template(smol_tokenizer, spec)

@@ -492,9 +492,9 @@ def test_packed_attention_matches_the_block_mask_token_by_token(lora_model, some
     for impl in ("sdpa_packed", "sdpa"):
         inner.set_attn_implementation(impl)
         with torch.no_grad():
+            # TRL 1.0's collator gives no cu_seq_lens: the boundaries are then where position_ids restart
+            flat = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k") if k in batch}
             logits[impl] = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                                 **({"cu_seq_lens_q": batch["cu_seq_lens_q"], "cu_seq_lens_k": batch["cu_seq_lens_k"],
-                                     "max_length_q": batch["max_length_q"], "max_length_k": batch["max_length_k"]}
-                                    if impl == "sdpa_packed" else {})).logits.float().log_softmax(-1)
+                                 **(flat if impl == "sdpa_packed" else {})).logits.float().log_softmax(-1)
     inner.set_attn_implementation("sdpa_packed")
     assert torch.allclose(logits["sdpa_packed"], logits["sdpa"], atol=1e-5)

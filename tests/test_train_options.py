@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from lib.data.tokenization import IGNORE_INDEX
 from lib.run.config import make_config
 
 # ------------------------------------------------------------------------------ gradient accumulation
@@ -319,7 +320,9 @@ def test_packing_keeps_our_labels_and_each_example_sees_only_itself(session_outp
     whole = []  # every example exactly once over the packed rows, cut where seq_lengths say
     for r in packed:
         cuts = [0, *torch.tensor(r["seq_lengths"]).cumsum(0).tolist()]
-        whole += [(tuple(r["input_ids"][a:b]), tuple(r["labels"][a:b])) for a, b in zip(cuts, cuts[1:])]
+        labels = r["labels"] if "labels" in r else [  # TRL 1.0 packs no labels column: the mask it applies instead
+            t if m else IGNORE_INDEX for t, m in zip(r["input_ids"], r["assistant_masks"])]
+        whole += [(tuple(r["input_ids"][a:b]), tuple(labels[a:b])) for a, b in zip(cuts, cuts[1:])]
     assert sorted(whole) == sorted(examples)
 
     batch = next(iter(trainer.get_train_dataloader()))  # two packed rows, flattened into one

@@ -3,6 +3,8 @@ else written inline before the answer as `<think>...</think>`, else a one-line r
 
 from __future__ import annotations
 
+import re
+
 from lib.data.templates import TemplateError, has_chat_template, model_name, template_info
 
 
@@ -36,3 +38,17 @@ def resolve_reasoning(tokenizer, example: dict, inline: bool = False) -> dict:
             m["content"] = f"<think>\n{messages[len(out)]['reasoning_content'].strip()}\n</think>\n\n{m['content']}"
         out.append(m)
     return dict(example, messages=out)
+
+
+_EMPTY_BEFORE_OPENER = re.compile(r"<think>\s*</think>\s*(?=<think>)")
+_OPENER_AFTER_OPENER = re.compile(r"(<think>\s*)<think>\n?")
+
+
+def one_think_opener(text: str) -> str:
+    """A rendering with inline reasoning written once: an empty `<think></think>` the template writes before an
+    inline block (Kimi-K2-Thinking's history form) is dropped, and so is an inline `<think>` right after the
+    one the template or its generation prompt opened (Nemotron-Nano-v2's `<think>\n\n`)."""
+    if text.count("<think>") < 2:
+        return text
+    return _OPENER_AFTER_OPENER.sub(r"\1", _EMPTY_BEFORE_OPENER.sub("", text))
+

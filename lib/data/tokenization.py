@@ -59,7 +59,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from lib.data.reasoning import no_reasoning_place, resolve_reasoning
+from lib.data.reasoning import no_reasoning_place, one_think_opener, resolve_reasoning
 from lib.data.templates import (
     MASK,
     TemplateError,
@@ -114,7 +114,7 @@ def render_messages(tokenizer, messages, add_generation_prompt=False, tools=None
                             "handling), so the model would never see the tool schemas: choose a model or "
                             "data.prompt_format whose template renders tools, or remove the record's tools")
     msgs = [_for_template(tokenizer, m) for m in messages]
-    return apply_template(tokenizer, msgs, add_generation_prompt, tools)
+    return one_think_opener(apply_template(tokenizer, msgs, add_generation_prompt, tools))
 
 
 def prepare_messages(tokenizer, messages: list[dict]) -> tuple[list[dict], bool]:
@@ -154,6 +154,19 @@ def _edge(tokenizer, messages, i: int, rendered: str, at_end: bool, tools=None) 
         if text[:pos] + text[pos + len(_SENTINEL):] == rendered:
             return pos
     return None
+
+
+def _call_prompt(prompt: str, rendered: str) -> str:
+    """The generation prompt a call is placed after: the prompt itself, or, where a thinking template's prompt
+    opens a reasoning block that its rendered call does not have (QwQ, Nemotron-Nano-v2: `<think>\n`), the
+    prompt without that opener, so the call is labelled from where the rendering and the prompt part."""
+    if rendered.startswith(prompt):
+        return prompt
+    cut = prompt.rstrip()
+    for opener in ("<think></think>", "<think>"):
+        if cut.endswith(opener) and rendered.startswith(cut[: -len(opener)]):
+            return cut[: -len(opener)]
+    return prompt
 
 
 def _after_header(tokenizer, messages, i: int, rendered: str, start: int, tools=None) -> int:
@@ -209,6 +222,7 @@ def _place_call(tokenizer, messages, i: int, info: TemplateInfo, specials, n: in
     m = messages[i]
     rendered = render_messages(tokenizer, messages[: i + 1], tools=tools)
     prompt = render_messages(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+    prompt = _call_prompt(prompt, rendered)
     if not rendered.startswith(prompt):
         raise TemplateError(f"assistant message {n}: the chat template of {model_name(tokenizer)} renders the tool "
                             "call after something other than its generation prompt, so it cannot be placed as the "
@@ -222,6 +236,14 @@ def _place_call(tokenizer, messages, i: int, info: TemplateInfo, specials, n: in
     stop = trailing_special(reply, specials)
     stop = None if stop in info.openers else stop
     span = rendered[start:end]
+    eos = tokenizer.eos_token
+    first_call = min((span.find(c["function"]["name"]) for c in m["tool_calls"] if c["function"]["name"] in span),
+                     default=-1)
+    if eos and eos in span[:max(first_call, 0)] and eos != info.trailing_prompt:
+        raise TemplateError(f"assistant message {n}: the chat template of {model_name(tokenizer)} ends the turn with "
+                            f"{eos!r} before its tool call (it renders the text beside the call as a turn of its own), "
+                            "so the model would learn to stop before calling: drop the text beside the call or choose "
+                            "another data.prompt_format")
     for call in m["tool_calls"]:
         fn = call["function"]
         missing = [x for x in [fn["name"], *fn["arguments"]] if x not in span]

@@ -358,6 +358,14 @@ def eval_subsets(eval_ds, examples: list[dict], kept: list[int]) -> dict | None:
                            f"{self.args.learning_rate:g}")
 
 
+def with_assistant_masks(dataset):
+    """`dataset` with an `assistant_masks` column (1 where a token is trained): TRL 1.0's packing keeps no labels
+    column (the labels became input_ids, every token trained) but keeps this mask, which its collator applies."""
+    if dataset is None or "labels" not in dataset.column_names or "assistant_masks" in dataset.column_names:
+        return dataset
+    return dataset.add_column("assistant_masks", [[int(t != IGNORE_INDEX) for t in labels] for labels in dataset["labels"]])
+
+
 def build_trainer(cfg, model, tokenizer, train_dataset, eval_dataset=None, output_dir="checkpoints",
                   resuming: bool = False, callbacks=()) -> GuardedSFTTrainer:
     """The guarded SFTTrainer of `cfg` for a LoRA model and encoded datasets (see lib.train.training.encode_dataset)."""
@@ -367,6 +375,8 @@ def build_trainer(cfg, model, tokenizer, train_dataset, eval_dataset=None, outpu
     if cfg.train.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(cfg.train.early_stopping_patience, cfg.train.early_stopping_threshold))
     optimizer = loraplus_optimizer(cfg, model, args) if cfg.lora.loraplus_lr_ratio is not None else None
+    if cfg.train.batching == "packing":  # TRL 1.0 packs input_ids and assistant_masks only: our labels as a mask too
+        train_dataset, eval_dataset = (with_assistant_masks(d) for d in (train_dataset, eval_dataset))
     trainer = GuardedSFTTrainer(
         model=model,
         args=args,
