@@ -2,7 +2,7 @@
 
 The real templates of tests/templates/*.json (Qwen2.5, Qwen3, QwQ, Llama 3.1/3.2/3.3, gpt-oss,
 Mistral-Nemo, Mistral-Small-3.2, Granite 3.0/3.3, DeepSeek-R1, DeepSeek-V3.1, SmolLM2, Hermes 3, Command R7B,
-SmolLM3, Baichuan 2, ChatGLM2, RWKV World) render
+SmolLM3, Baichuan 2, ChatGLM2, RWKV World, Kimi-K2-Thinking, Nemotron-Nano-v2, MiniMax-M2) render
 conversations with tools, tool calls, tool results and reasoning. Each is put on the tiny tokenizer
 (its special tokens added) and on SmolLM2's real one, and lib.data.tokenization's labels are compared
 token by token with the oracle below, which uses none of the project's code: it finds a tool call
@@ -98,7 +98,7 @@ CASES = {
 # The special token that ends an assistant turn calling tools, from each model's documentation
 # (Qwen <|im_end|>, Llama 3.x <|eot_id|>, gpt-oss <|call|>, Mistral </s>).
 TOOL_STOP = {"qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>", "qwq": "<|im_end|>", "llama3.1": "<|eot_id|>",
-             "llama3.2": "<|eot_id|>", "llama3.3": "<|eot_id|>", "gpt-oss": "<|call|>", "mistral-nemo": "</s>", "nemotron-nano-v2": "<SPECIAL_12>", "kimi-k2-thinking": "<|im_end|>",
+             "llama3.2": "<|eot_id|>", "llama3.3": "<|eot_id|>", "gpt-oss": "<|call|>", "mistral-nemo": "</s>", "nemotron-nano-v2": "<SPECIAL_12>", "kimi-k2-thinking": "<|im_end|>", "minimax-m2": "[e~[",
              "mistral-small-3.2": "</s>", "hermes3": "<|im_end|>", "command-r7b": "<|END_OF_TURN_TOKEN|>"}
 
 # The trained text of the call in single_call, as each template writes it (by hand, from the model cards).
@@ -138,6 +138,8 @@ OUTCOMES = {
     # Kimi-K2-Thinking renders a call's id, not its function's name (its ids are "functions.NAME:N"); reasoning
     # inlined into the empty <think></think> it writes for earlier answers
     "kimi-k2-thinking": {c: NO_CALLS for c in TOOL_CASES},
+    # MiniMax-M2: its prompt opens <think>, a rendered call follows `]~b]ai\n` directly: labelled from there
+    "minimax-m2": {},
     "llama3.1": {"text_and_call": DROPS_TEXT, "parallel_calls": SINGLE_CALL, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
     "llama3.2": {"text_and_call": DROPS_TEXT, "parallel_calls": SINGLE_CALL, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
     "llama3.3": {"text_and_call": DROPS_TEXT, "parallel_calls": SINGLE_CALL, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
@@ -375,7 +377,7 @@ def test_gpt_oss_trains_the_final_header_after_a_text_plus_call_turn(tiny_base):
 
 
 @pytest.mark.parametrize("name", ["qwen2.5", "qwen3", "llama3.1", "gpt-oss", "mistral-nemo", "granite3.3", "hermes3",
-                                  "command-r7b", "qwq", "nemotron-nano-v2", "kimi-k2-thinking"])
+                                  "command-r7b", "qwq", "nemotron-nano-v2", "kimi-k2-thinking", "minimax-m2"])
 def test_on_smollm2_real_tokenizer(smol_tokenizer, name):
     spec = SPECS[name]
     tok = with_template(smol_tokenizer, spec)
