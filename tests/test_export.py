@@ -226,6 +226,7 @@ def test_push_offline_or_without_token_is_one_line(merged_run, capsys, monkeypat
     assert rc == 2 and "user/name" in err[0]
 
 
+@pytest.mark.long  # ~40 s: SmolLM2 converted, quantized and compared (make test-long)
 def test_parity_on_the_real_smollm2_model_q4_k_m(smol_dir, session_outputs, monkeypatch):
     """SmolLM2-135M-Instruct: its real tokenizer and chat template through llama.cpp, quantized to q4_k_m."""
     from lib.data.prepare import run_prepare

@@ -26,11 +26,10 @@ from conftest import copy_run
 
 from lib.run.paths import REPO_ROOT, run_paths
 
-# Not in `make test` (CI): on 2026-12-07 these passed in their author's runs but failed in a fresh-clone CI
-# run (a node's rng state missing, the equivalence off by a step, the kill late), so they are not yet reliable
-# on 2 shared cores. `make test-multi-node` runs them.
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("SFT_MULTI_NODE") != "1",
-                                                   reason="two-node tests: make test-multi-node (SFT_MULTI_NODE=1)")]
+# Not in `make test` (CI) for its time budget (about 90 s): `make test-long` and `make test-multi-node` run them.
+# (They once failed in CI only because the session's prepared run had been trained in place by the
+# trained_run fixture, so both nodes found a finished run; that fixture now trains a copy.)
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 STEPS = ["train.max_steps=6", "train.save_steps=2", "train.eval_steps=2", "train.logging_steps=1"]
 TOLERANCE = 1e-6

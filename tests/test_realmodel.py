@@ -101,7 +101,7 @@ def test_smol_resolves_offline_to_the_dequantized_wheel_gguf(smol_dir):
     assert not [p for p in cache_dir().iterdir() if p.name.startswith((".build-", ".download-"))]
 
 
-@pytest.mark.slow
+@pytest.mark.long  # ~25 s: a second dequantization (make test-long)
 def test_gguf_path_loads_as_the_same_weights(smol_dir):
     """A .gguf path is a model input: it resolves to the cached folder, whose weights are the GGUF's."""
     import torch
