@@ -12,8 +12,8 @@ into the task data (the profile's data.path) with data.mix_weights, keeping ever
 once (interleave_under when the replay set is larger than the share needs, interleave_over when it must
 repeat), and never evaluates on it (its eval_fraction is 0), so the task's eval loss is comparable. The
 table: the share of replay examples in the training split, the forgetting ratio and mean KL(base || tuned)
-on the held-out general prompts, and the task's eval loss, base and tuned. The task score joins the table
-once the evaluation's task scores (eval/verdict.json) exist. Figures: bench/RESULTS.md.
+on the held-out general prompts, the task's eval loss, base and tuned, and the evaluation's first task score
+(eval/verdict.json) where one fits the references. Figures: bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -64,7 +64,13 @@ def _row(name: str, share: float, result: dict, report: dict) -> dict:
     replay = next((s for n, s in sources.items() if n.startswith("replay")), None)
     return {"run": name, "replay_share_asked": share, "replay_share": replay["share"] if replay else 0.0,
             "train_examples": report["counts"]["train"], "forgetting_ratio": f.get("ratio"), "mean_kl": f.get("mean_kl"),
-            "task_eval_loss_base": ppl["base"]["loss"], "task_eval_loss_tuned": ppl["tuned"]["loss"]}
+            "task_eval_loss_base": ppl["base"]["loss"], "task_eval_loss_tuned": ppl["tuned"]["loss"],
+            "task_score": next(({k: r[k] for k in ("metric", "base", "tuned", "ci95", "n", "verdict")}
+                                for r in (result.get("verdict") or {}).get("rows", []) if r.get("kind") == "task"), None)}
+
+
+def _num(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
 
 
 def main(argv=None) -> int:
@@ -109,11 +115,16 @@ def main(argv=None) -> int:
         _train(name)
         table.append(_row(name, share, run_evaluate(name, overrides=measure, progress=False), mixed))
     print(f"\nreplay ({len(rows)} general answers by the base model), profile {args.profile}:")
-    print("| replay asked | replay share | train examples | forgetting ratio | mean KL | task eval loss base | tuned |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| replay asked | replay share | train examples | forgetting ratio | mean KL | task eval loss base | tuned "
+          "| task score base -> tuned |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in table:
+        score = r["task_score"]
+        score = (f"{score['metric']} {score['base']:.0%} -> {score['tuned']:.0%} (n={score['n']}, {score['verdict']})"
+                 if score else "none fits the references (free text)")
         print(f"| {r['replay_share_asked']:.0%} | {r['replay_share']:.1%} | {r['train_examples']} | "
-              f"{r['forgetting_ratio']} | {r['mean_kl']} | {r['task_eval_loss_base']:.4f} | {r['task_eval_loss_tuned']:.4f} |")
+              f"{_num(r['forgetting_ratio'], '.2f')} | {_num(r['mean_kl'], '.3f')} | {r['task_eval_loss_base']:.3f} | "
+              f"{r['task_eval_loss_tuned']:.3f} | {score} |")
     (work / "replay_results.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
     return 0
 
