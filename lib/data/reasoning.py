@@ -52,3 +52,15 @@ def one_think_opener(text: str) -> str:
         return text
     return _OPENER_AFTER_OPENER.sub(r"\1", _EMPTY_BEFORE_OPENER.sub("", text))
 
+
+def call_prompt(prompt: str, rendered: str) -> str:
+    """The generation prompt a call is placed after: the prompt itself, or, where a thinking template's prompt
+    opens a reasoning block that its rendered call does not have (QwQ, Nemotron-Nano-v2: `<think>\n`), the
+    prompt without that opener, so the call is labelled from where the rendering and the prompt part."""
+    if rendered.startswith(prompt):
+        return prompt
+    cut = prompt.rstrip()
+    for opener in ("<think></think>", "<think>"):
+        if cut.endswith(opener) and rendered.startswith(cut[: -len(opener)]):
+            return cut[: -len(opener)]
+    return prompt

@@ -59,7 +59,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from lib.data.reasoning import no_reasoning_place, one_think_opener, resolve_reasoning
+from lib.data.reasoning import call_prompt, no_reasoning_place, one_think_opener, resolve_reasoning
 from lib.data.templates import (
     MASK,
     TemplateError,
@@ -156,19 +156,6 @@ def _edge(tokenizer, messages, i: int, rendered: str, at_end: bool, tools=None) 
     return None
 
 
-def _call_prompt(prompt: str, rendered: str) -> str:
-    """The generation prompt a call is placed after: the prompt itself, or, where a thinking template's prompt
-    opens a reasoning block that its rendered call does not have (QwQ, Nemotron-Nano-v2: `<think>\n`), the
-    prompt without that opener, so the call is labelled from where the rendering and the prompt part."""
-    if rendered.startswith(prompt):
-        return prompt
-    cut = prompt.rstrip()
-    for opener in ("<think></think>", "<think>"):
-        if cut.endswith(opener) and rendered.startswith(cut[: -len(opener)]):
-            return cut[: -len(opener)]
-    return prompt
-
-
 def _after_header(tokenizer, messages, i: int, rendered: str, start: int, tools=None) -> int:
     """Where answer i starts when the history rewrites earlier turns (so its generation prompt is no prefix of
     the rendering, gpt-oss after a text-plus-call turn): right after the generation prompt's own header
@@ -222,7 +209,7 @@ def _place_call(tokenizer, messages, i: int, info: TemplateInfo, specials, n: in
     m = messages[i]
     rendered = render_messages(tokenizer, messages[: i + 1], tools=tools)
     prompt = render_messages(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
-    prompt = _call_prompt(prompt, rendered)
+    prompt = call_prompt(prompt, rendered)
     if not rendered.startswith(prompt):
         raise TemplateError(f"assistant message {n}: the chat template of {model_name(tokenizer)} renders the tool "
                             "call after something other than its generation prompt, so it cannot be placed as the "
