@@ -1,5 +1,6 @@
-"""Reasoning given in a separate field (`reasoning_content`): left to the chat template where it renders it,
-else written inline before the answer as `<think>...</think>`, else a one-line refusal."""
+"""Reasoning and thinking templates: reasoning given in a separate field (`reasoning_content`) is left to the
+chat template where it renders it, else written inline before the answer as `<think>...</think>` (opened once:
+`one_think_opener`), else refused in one line; a call is placed after a thinking prompt (`call_prompt`)."""
 
 from __future__ import annotations
 
