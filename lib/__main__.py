@@ -29,6 +29,7 @@ import argparse
 import importlib
 import sys
 
+from lib.run.config import apply_overrides, check_chat_text, load_config
 from lib.run.errors import QualityGateError, SFTError, disk_error
 from lib.run.paths import outputs_dir, run_paths
 from lib.run.rundir import is_main_rank
@@ -132,7 +133,18 @@ def _pipeline(args) -> None:
     print(f"done: results in {run_paths(args.run).root}")
 
 
+def _refused_early(args) -> None:
+    """What can be refused before a stage's imports (torch, transformers, TRL: ~10 s on a small machine): chat's
+    text arguments, and --set against the run's config.yaml. The stage checks both again, the same way."""
+    if args.command == "chat":
+        check_chat_text(args.prompt, args.system)
+    config = run_paths(args.run).config if args.command in ("train", "evaluate", "merge") else None
+    if getattr(args, "overrides", None) and config is not None and config.is_file():
+        apply_overrides(load_config(config), args.overrides)
+
+
 def run_command(args) -> int:
+    _refused_early(args)
     if args.command == "pipeline":
         _pipeline(args)
     else:

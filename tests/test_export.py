@@ -171,10 +171,9 @@ def test_converter_that_cannot_be_fetched(merged_run, capsys, tmp_path, monkeypa
         p.name.startswith("llama.cpp-") for p in (tmp_path / "cache" / "qlora-notebooks").iterdir())
 
 
-def test_failed_conversions_are_one_line(merged_run, capsys):
+def test_an_architecture_llama_cpp_does_not_know_is_one_line(merged_run, capsys):
     from lib.run.paths import run_paths
 
-    # an architecture llama.cpp does not know
     run = copy_run(merged_run, "export_unknown_arch")
     cfg_file = run_paths(run).merged / "config.json"
     cfg = json.loads(cfg_file.read_text())
@@ -182,7 +181,12 @@ def test_failed_conversions_are_one_line(merged_run, capsys):
     cfg_file.write_text(json.dumps(cfg))
     reseal(run, "merge")  # as if merge wrote it (a changed file is refused before the converter runs)
     _assert_bad_export(["export", "--run", run], capsys, run, "does not know the architecture NoSuchModelForCausalLM")
-    # weights the converter cannot read
+
+
+@pytest.mark.long  # ~11 s: the converter run on cut weights (make test-long)
+def test_weights_the_converter_cannot_read_are_one_line(merged_run, capsys):
+    from lib.run.paths import run_paths
+
     run = copy_run(merged_run, "export_broken_weights")
     weights = run_paths(run).merged / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])

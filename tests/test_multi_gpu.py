@@ -131,7 +131,7 @@ def test_the_estimate_gives_ddp_and_fsdp_memory_per_gpu():
     assert est["total_gb"] < two["ddp_gb_per_gpu"]  # DDP adds its gradient bucket to the single-GPU total
 
 
-@pytest.mark.slow
+@pytest.mark.long  # ~15 s; the launch it reaches is checked in make test (test_the_ddp_configs_reach_...)
 def test_accelerate_launch_ddp_with_two_cpu_processes(prepared_run):
     """`accelerate launch --config_file configs/accelerate_ddp.yaml -m lib train` over gloo: one adapter."""
     from conftest import copy_run

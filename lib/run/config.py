@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from lib.run.errors import ConfigError, MissingStageError
+from lib.run.errors import ConfigError, MissingStageError, SFTError
 from lib.run.paths import check_run_name
 from lib.run.profiles import PROFILES
 from lib.run.rundir import write_atomic
@@ -210,6 +210,14 @@ def undecodable(text: str) -> str | None:
         code = ord(text[e.start])
         byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
         return f"not valid UTF-8 text ({byte} at character {e.start + 1}); use UTF-8 text"
+
+
+def check_chat_text(prompt: str | None, system: str | None) -> None:
+    """SFTError naming chat's --prompt or --system when its text is not valid UTF-8 (before any model loads)."""
+    for what, text in (("--prompt", prompt), ("--system", system)):
+        problem = undecodable(text or "")
+        if problem:
+            raise SFTError(f"chat: {what} is {problem}")
 
 
 def allowed(f: dataclasses.Field) -> str:

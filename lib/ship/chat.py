@@ -40,7 +40,7 @@ from lib.model.generation import (
     stream_reply,
 )
 from lib.model.loading import load_merged, load_tuned_model
-from lib.run.config import flag, undecodable
+from lib.run.config import check_chat_text, flag, undecodable
 from lib.run.context import open_run
 from lib.run.errors import SFTError
 from lib.run.formatting import CUT_AT_MAX_NEW_TOKENS, mark_cut
@@ -241,10 +241,7 @@ def run_chat(run: str, prompt: str | None = None, system: str | None = None, mer
     `tools`: a list of tool schemas or a JSON file (--tools); a reply that calls one is followed by the
     call it makes (not executed). Returns the reply (with a prompt) or the conversation (after the loop).
     """
-    for what, text in (("--prompt", prompt), ("--system", system)):
-        problem = undecodable(text or "")
-        if problem:  # checked before the model loads
-            raise SFTError(f"chat: {what} is {problem}")
+    check_chat_text(prompt, system)  # before the model loads
     session = load_session(run, merged=merged, system=system, tools=tools)
     if prompt is not None:
         reply = _print_stream(session, prompt)
