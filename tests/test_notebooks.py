@@ -114,27 +114,6 @@ def test_settings_table_shows_effective_values_and_marks_differences(outputs):
         settings_table("t", {"train.learning_rat": 1.0}, ["train"], new_run=True)
 
 
-def test_papermill_runs_a_notebook_without_a_warning_and_it_reads_well(outputs, tmp_path, caplog):
-    """Notebook 01 through papermill with the parameters a user passes (-p): papermill must parse every line of
-    the parameters cell ("Unable to parse line") and know every parameter ("Passed unknown parameter"), and the
-    executed page must keep tests/rendered.py's rules."""
-    import logging
-
-    import papermill
-
-    from tests.rendered import problems
-
-    caplog.set_level(logging.WARNING, logger="papermill")
-    nb = papermill.execute_notebook(
-        str(ROOT / "notebooks" / "01_prepare_data.ipynb"), str(tmp_path / "01.ipynb"), cwd=str(ROOT / "notebooks"),
-        parameters={"RUN_NAME": "papermill", "PROFILE": "tiny", "TRAIN_MAX_LENGTH": 256, "DATA_MAX_EXAMPLES": 40},
-        progress_bar=False, log_output=False)
-    said = [r.getMessage() for r in caplog.records if r.name.startswith("papermill") and r.levelno >= logging.WARNING]
-    assert not said, f"papermill warned: {said}"
-    assert not problems(nb), problems(nb)
-    assert (outputs / "papermill" / "data" / "report.json").exists()
-
-
 # ----------------------------------------------------------------------------------------------
 # Notebook-only knobs: one typed reader (papermill passes `-p RETRAIN false` as the text "false")
 
@@ -194,12 +173,17 @@ def _papermill(name: str, out, **parameters):
                                       parameters=parameters, progress_bar=False, log_output=False)
 
 
-def test_papermill_overwrite_false_refuses_to_replace_a_trained_run_and_true_replaces_it(outputs, tmp_path):
+def test_papermill_overwrite_false_refuses_true_replaces_and_the_page_reads_well(outputs, tmp_path, caplog):
     """`-p OVERWRITE false` (the text) on a run trained on other data stops at the check and deletes nothing;
-    `-p OVERWRITE true` replaces it."""
+    `-p OVERWRITE true` replaces it. That run, with the parameters a user passes (-p), also shows that papermill
+    parses every line of the parameters cell ("Unable to parse line") and knows every parameter ("Passed
+    unknown parameter"), and that the executed page keeps tests/rendered.py's rules."""
+    import logging
+
     from papermill.exceptions import PapermillExecutionError
 
     from lib.data.prepare import run_prepare
+    from tests.rendered import problems
 
     run_prepare("ow", str(ROOT / "data" / "examples" / "socratic_questions.jsonl"), profile="tiny",
                 overrides=["data.max_examples=20"])
@@ -214,8 +198,13 @@ def test_papermill_overwrite_false_refuses_to_replace_a_trained_run_and_true_rep
         _papermill("01_prepare_data.ipynb", tmp_path / "01.ipynb", OVERWRITE="false", **other)
     assert marker.read_text() == "{}", "OVERWRITE='false' deleted the trained run"
     # a value that is no yes/no ("maybe") is refused by the same reader: test_a_knob_that_is_not_its_type_...
-    _papermill("01_prepare_data.ipynb", tmp_path / "01.ipynb", OVERWRITE="true", **other)
+    caplog.clear()
+    caplog.set_level(logging.WARNING, logger="papermill")
+    nb = _papermill("01_prepare_data.ipynb", tmp_path / "01.ipynb", OVERWRITE="true", **other)
     assert not marker.exists() and (outputs / "ow" / "data" / "report.json").exists()
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("papermill") and r.levelno >= logging.WARNING]
+    assert not said, f"papermill warned: {said}"
+    assert not problems(nb), problems(nb)
 
 
 def test_papermill_retrain_false_leaves_a_finished_run_alone(trained_run, tmp_path):
