@@ -139,8 +139,13 @@ def _refused_early(args) -> None:
     if args.command == "chat":
         check_chat_text(args.prompt, args.system)
     config = run_paths(args.run).config if args.command in ("train", "evaluate", "merge") else None
-    if getattr(args, "overrides", None) and config is not None and config.is_file():
-        apply_overrides(load_config(config), args.overrides)
+    if not (getattr(args, "overrides", None) and config is not None and config.is_file()):
+        return
+    try:
+        cfg = load_config(config)
+    except SFTError:
+        return  # a damaged config.yaml: the stage says so, with its own advice
+    apply_overrides(cfg, args.overrides)
 
 
 def run_command(args) -> int:

@@ -108,3 +108,14 @@ def test_help_of_the_cli_and_of_every_subcommand_prints(capsys):
             main(argv)
         assert ended.value.code == 0, argv
         assert "usage:" in capsys.readouterr().out, argv
+
+
+def test_a_damaged_config_is_said_by_the_stage_with_or_without_set(run, capsys):
+    """The early --set check (before the stage's imports) leaves a damaged config.yaml to the stage: the same
+    one line with or without --set, and no traceback."""
+    damaged = copy_run(run, "settings-damaged-config")
+    run_paths(damaged).config.write_text("train: [\n", encoding="utf-8")
+    assert main(["train", "--run", damaged]) == 2
+    plain = capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(["train", "--run", damaged, "--set", "train.learning_rate=1e-4"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == plain and plain.startswith("error: ")
