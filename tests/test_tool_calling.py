@@ -2,7 +2,8 @@
 
 The real templates of tests/templates/*.json (Qwen2.5, Qwen3, QwQ, Llama 3.1/3.2/3.3, gpt-oss,
 Mistral-Nemo, Mistral-Small-3.2, Granite 3.0/3.3, DeepSeek-R1, DeepSeek-V3.1, SmolLM2, Hermes 3, Command R7B,
-SmolLM3, Baichuan 2, ChatGLM2, RWKV World, Kimi-K2-Thinking, Nemotron-Nano-v2, MiniMax-M2) render
+SmolLM3, Baichuan 2, ChatGLM2, RWKV World, Kimi-K2-Thinking, Nemotron-Nano-v2, MiniMax-M2, Gemma 4,
+Apriel 1.6) render
 conversations with tools, tool calls, tool results and reasoning. Each is put on the tiny tokenizer
 (its special tokens added) and on SmolLM2's real one, and lib.data.tokenization's labels are compared
 token by token with the oracle below, which uses none of the project's code: it finds a tool call
@@ -99,7 +100,12 @@ CASES = {
 # (Qwen <|im_end|>, Llama 3.x <|eot_id|>, gpt-oss <|call|>, Mistral </s>).
 TOOL_STOP = {"qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>", "qwq": "<|im_end|>", "llama3.1": "<|eot_id|>",
              "llama3.2": "<|eot_id|>", "llama3.3": "<|eot_id|>", "gpt-oss": "<|call|>", "mistral-nemo": "</s>", "nemotron-nano-v2": "<SPECIAL_12>", "kimi-k2-thinking": "<|im_end|>", "minimax-m2": "[e~[",
-             "mistral-small-3.2": "</s>", "hermes3": "<|im_end|>", "command-r7b": "<|END_OF_TURN_TOKEN|>"}
+             "gemma4": "<turn|>", "apriel-1.6": "</s>", "mistral-small-3.2": "</s>", "hermes3": "<|im_end|>", "command-r7b": "<|END_OF_TURN_TOKEN|>"}
+
+# What a thinking template's generation prompt writes after the assistant's turn header and its rendered calls do
+# not have (the opening of the reasoning), by hand from each template: a call is trained from before it.
+THINK_HEADER = {"qwq": "<think>\n", "nemotron-nano-v2": "<think>\n\n", "minimax-m2": "<think>\n",
+                "gemma4": "<|channel>thought\n<channel|>", "apriel-1.6": "Here are my reasoning steps:\n"}
 
 # The trained text of the call in single_call, as each template writes it (by hand, from the model cards).
 CALLS = {
@@ -112,6 +118,8 @@ CALLS = {
     "mistral-nemo": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "call00001"}]</s>',
     "mistral-small-3.2": '[TOOL_CALLS]get_weather[CALL_ID]call00001[ARGS]{"city": "Paris"}</s>',
     "hermes3": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+    "gemma4": '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|><turn|>',
+    "apriel-1.6": '\n<tool_calls>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_calls></s>',
     "command-r7b": '<|START_THINKING|><|END_THINKING|><|START_ACTION|>[\n    {"tool_call_id": "0", "tool_name": '
                    '"get_weather", "parameters": {"city": "Paris"}}\n]<|END_ACTION|><|END_OF_TURN_TOKEN|>',
 }
@@ -140,6 +148,12 @@ OUTCOMES = {
     "kimi-k2-thinking": {c: NO_CALLS for c in TOOL_CASES},
     # MiniMax-M2: its prompt opens <think>, a rendered call follows `]~b]ai\n` directly: labelled from there
     "minimax-m2": {},
+    # Gemma 4: its prompt writes an empty thought channel, rendered calls and answers follow `<|turn>model\n`:
+    # labelled from there; it renders no reasoning field and has no <think> tokens
+    "gemma4": {"reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
+    # Apriel 1.6: its prompt ends with the text header "Here are my reasoning steps:\n", rendered turns follow
+    # `<|begin_assistant|>\n`: labelled from there; nothing closes a last turn, so eos (</s>) is appended
+    "apriel-1.6": {},
     "llama3.1": {"text_and_call": DROPS_TEXT, "parallel_calls": SINGLE_CALL, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
     "llama3.2": {"text_and_call": DROPS_TEXT, "parallel_calls": SINGLE_CALL, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
     "llama3.3": {"text_and_call": DROPS_TEXT, "parallel_calls": SINGLE_CALL, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
@@ -206,9 +220,10 @@ def oracle_turn(tok, spec, name, msgs, i, tools):
     prefix = full.startswith(prompt)
     start = len(prompt)
     if m.get("tool_calls"):
-        if not prefix:  # a thinking prompt (QwQ, Nemotron-Nano-v2) opens <think>, the rendered call has none:
-            bare = prompt.rstrip().removesuffix("<think>")  # labelled from where they part, if that is all
-            if bare == prompt.rstrip() or not full.startswith(bare):
+        if not prefix:  # a thinking prompt opens its reasoning (THINK_HEADER), the rendered call has none:
+            header = THINK_HEADER.get(name)  # labelled from where they part, if that is all
+            bare = prompt[: -len(header)] if header and prompt.endswith(header) else None
+            if bare is None or not full.startswith(bare):
                 raise Unplaceable("the generation prompt is not a prefix of the rendered call")
             start = len(bare)
         other = [dict(c, function={"name": "zzOtherFn", "arguments": {"zzKey": "zzValue"}}) for c in m["tool_calls"]]
@@ -217,6 +232,8 @@ def oracle_turn(tok, spec, name, msgs, i, tools):
             if c["function"]["name"] not in full[cs:ce]:
                 raise Unplaceable("the template does not render the tool call")
         stop = TOOL_STOP.get(name)
+        if stop and stop == spec.get("appended_stop") and stop not in full[ce:]:  # Apriel: nothing ends a last turn
+            full = full + stop
         if stop is None or stop not in full[ce:]:
             raise Unplaceable("no declared stop token after the call")
         end = full.index(stop, ce) + len(stop)
@@ -230,6 +247,10 @@ def oracle_turn(tok, spec, name, msgs, i, tools):
     cs, ce = render_diff(full, render(tok, msgs[:i] + [dict(m, content=mark)], tools))
     if re.sub("</?think>", "", _norm(full[cs:ce])) != re.sub("</?think>", "", _norm(m["content"])):  # Kimi: <think> shared
         raise Unplaceable("the template does not render the answer's text (or drops its <think> block)")
+    header = THINK_HEADER.get(name)
+    if not prefix and header and prompt.endswith(header) and full.startswith(prompt[: -len(header)]) \
+            and len(prompt) - len(header) <= cs:  # Apriel 1.6: its reasoning follows the turn's header
+        prefix, start = True, len(prompt) - len(header)
     if not (prefix and start <= ce):  # the history was rewritten (gpt-oss drops a call's text once an answer follows)
         # the model writes what follows the generation prompt's own header (gpt-oss: <|start|>assistant, then
         # <|channel|>final<|message|>); DeepSeek-R1 / QwQ: the header's <think> is not in the history, so from the text
@@ -239,6 +260,10 @@ def oracle_turn(tok, spec, name, msgs, i, tools):
         start = h + len(header) if h >= 0 and not any(
             x["content"] and x["content"] in full[h + len(header):cs] for x in msgs) else cs
     eot = spec["end_of_turn"]["after_final_answer"]
+    if eot is None and spec.get("appended_stop") and not full[ce:]:  # Baichuan 2, Apriel 1.6: the model stops on eos
+        eot, full = spec["appended_stop"], full + spec["appended_stop"]
+    if eot is None:
+        raise Unplaceable("no end-of-turn token after the answer")
     after = full[ce:]
     if not after.lstrip().startswith(eot):
         raise Unplaceable("the declared end-of-turn token is not after the answer")
@@ -376,8 +401,26 @@ def test_gpt_oss_trains_the_final_header_after_a_text_plus_call_turn(tiny_base):
                     ["<|channel|>final<|message|>21 degrees in Paris.<|return|>"]]
 
 
+def test_text_that_begins_like_the_thinking_header_is_trained_whole(tiny_base):
+    """By value: Apriel 1.6's prompt ends with the text "Here are my reasoning steps:\n" that rendered turns do not
+    have; a turn is labelled from where prompt and rendering part, but never after where the turn's own text
+    begins, so an answer (or a call's text) that opens with the same words is trained whole, with its eos."""
+    spec = SPECS["apriel-1.6"]
+    tok = with_template(tiny_base, spec)
+    head = "Here are my reasoning steps: none needed."
+    msgs = [U("Weather in Paris?"), A(head, tool_calls=[call("get_weather", {"city": "Paris"}, "call00001")]),
+            T('{"temperature": 21}', "call00001", "get_weather"), A(head + " 21 degrees.")]
+    runs = []
+    for part in split_for_template(tok, {"messages": msgs, "tools": TOOLS}):
+        enc = encode_example(tok, part)
+        runs += trained_texts(tok, tok.decode(enc["input_ids"]), enc["labels"])
+    assert runs == [head + '\n<tool_calls>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_calls></s>',
+                    head + " 21 degrees.</s>"]
+
+
 @pytest.mark.parametrize("name", ["qwen2.5", "qwen3", "llama3.1", "gpt-oss", "mistral-nemo", "granite3.3", "hermes3",
-                                  "command-r7b", "qwq", "nemotron-nano-v2", "kimi-k2-thinking", "minimax-m2"])
+                                  "command-r7b", "qwq", "nemotron-nano-v2", "kimi-k2-thinking", "minimax-m2",
+                                  "gemma4", "apriel-1.6"])
 def test_on_smollm2_real_tokenizer(smol_tokenizer, name):
     spec = SPECS[name]
     tok = with_template(smol_tokenizer, spec)

@@ -1,6 +1,6 @@
 """Reasoning and thinking templates: reasoning given in a separate field (`reasoning_content`) is left to the
 chat template where it renders it, else written inline before the answer as `<think>...</think>` (opened once:
-`one_think_opener`), else refused in one line; a call is placed after a thinking prompt (`call_prompt`)."""
+`one_think_opener`), else refused in one line; a turn is placed after a thinking prompt (`parted_prompt`)."""
 
 from __future__ import annotations
 
@@ -54,14 +54,27 @@ def one_think_opener(text: str) -> str:
     return _OPENER_AFTER_OPENER.sub(r"\1", _EMPTY_BEFORE_OPENER.sub("", text))
 
 
-def call_prompt(prompt: str, rendered: str) -> str:
-    """The generation prompt a call is placed after: the prompt itself, or, where a thinking template's prompt
-    opens a reasoning block that its rendered call does not have (QwQ, Nemotron-Nano-v2: `<think>\n`), the
-    prompt without that opener, so the call is labelled from where the rendering and the prompt part."""
+def _shared(a: str, b: str) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def parted_prompt(prompt: str, rendered: str, history: str, marked: str, earlier: list) -> str:
+    """The generation prompt an assistant turn is placed after: the prompt itself where the rendering continues
+    it; else, where a thinking template's prompt opens the reasoning with something its rendered turns do not
+    have (QwQ, Nemotron-Nano-v2, MiniMax-M2: `<think>\n`; Gemma 4: `<|channel>thought\n<channel|>`; Apriel 1.6:
+    `Here are my reasoning steps:\n`), the part of the prompt the rendering shares, so the turn is labelled from
+    where they part, and never after where the turn's own text begins (`marked`: the conversation rendered with
+    the turn replaced by a one-character answer), so no text of the turn that happens to match the prompt is
+    left untrained. That part must hold the whole history: past `history` (the messages before the turn,
+    rendered without a prompt) where the template writes the prompt only when asked (Apriel 1.6 always writes
+    it), and no text of the `earlier` messages in the part left out; else the prompt itself, which the caller
+    refuses or places otherwise (gpt-oss rewrites its history)."""
     if rendered.startswith(prompt):
         return prompt
-    cut = prompt.rstrip()
-    for opener in ("<think></think>", "<think>"):
-        if cut.endswith(opener) and rendered.startswith(cut[: -len(opener)]):
-            return cut[: -len(opener)]
-    return prompt
+    n = min(_shared(prompt, rendered), _shared(marked, rendered))
+    left_out = prompt[n:]
+    if (prompt.startswith(history) and len(history) < len(prompt) and n <= len(history)) or any(
+            isinstance(m.get("content"), str) and m["content"].strip() and m["content"].strip() in left_out
+            for m in earlier):
+        return prompt
+    return prompt[:n]

@@ -369,3 +369,13 @@ def ensure_chat_template(tokenizer) -> bool:
         raise ValueError("the tokenizer has neither a chat template nor an eos token")
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     return True
+
+
+def eos_stop(tokenizer, info: TemplateInfo) -> str | None:
+    """The tokenizer's eos, where it is the stop of a template that writes none after an answer: appended
+    after each answer (one assistant turn per example), as Baichuan 2's and ChatGLM2's generation stop on it.
+    None when the template writes a stop of its own, or eos is missing or opens a turn."""
+    eos = tokenizer.eos_token
+    if info.stop_last or info.stop_history or not eos or eos in info.openers or eos == tokenizer.bos_token:
+        return None
+    return eos

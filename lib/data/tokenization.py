@@ -59,12 +59,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from lib.data.reasoning import call_prompt, no_reasoning_place, one_think_opener, resolve_reasoning
+from lib.data.reasoning import no_reasoning_place, one_think_opener, parted_prompt, resolve_reasoning
 from lib.data.templates import (
     MASK,
     TemplateError,
     TemplateInfo,
     apply_template,
+    eos_stop,
     has_chat_template,
     mask_specials,
     model_name,
@@ -171,6 +172,14 @@ def _after_header(tokenizer, messages, i: int, rendered: str, start: int, tools=
     return at + len(header)
 
 
+def _parted(tokenizer, messages, i: int, prompt: str, rendered: str, tools) -> str:
+    """The prompt assistant message i is placed after (`parted_prompt`; renders only where it is no prefix)."""
+    if rendered.startswith(prompt):
+        return prompt
+    marked = render_messages(tokenizer, [*messages[:i], {"role": "assistant", "content": _SENTINEL}], tools=tools)
+    return parted_prompt(prompt, rendered, render_messages(tokenizer, messages[:i], tools=tools), marked, messages[:i])
+
+
 def _norm(text: str) -> str:
     """Text without whitespace and <think> tags, to check that a whole answer is rendered."""
     return "".join(text.replace("<think>", "").replace("</think>", "").split())
@@ -209,7 +218,7 @@ def _place_call(tokenizer, messages, i: int, info: TemplateInfo, specials, n: in
     m = messages[i]
     rendered = render_messages(tokenizer, messages[: i + 1], tools=tools)
     prompt = render_messages(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
-    prompt = call_prompt(prompt, rendered)
+    prompt = _parted(tokenizer, messages, i, prompt, rendered, tools)
     if not rendered.startswith(prompt):
         raise TemplateError(f"assistant message {n}: the chat template of {model_name(tokenizer)} renders the tool "
                             "call after something other than its generation prompt, so it cannot be placed as the "
@@ -241,6 +250,9 @@ def _place_call(tokenizer, messages, i: int, info: TemplateInfo, specials, n: in
         raise TemplateError(f"assistant message {n}: the chat template of {model_name(tokenizer)} drops the text "
                             "beside its tool call, so it cannot be trained as written")
     _check_reasoning(tokenizer, m, span, n)
+    eos = eos_stop(tokenizer, info)
+    if stop is None and not rendered[end:].strip() and eos:  # nothing ends a last turn (Apriel 1.6): stops on eos
+        return _Turn(rendered[:end] + eos, start, end + len(eos), eos, True)
     return _Turn(rendered, start, end, stop, False)
 
 
@@ -258,8 +270,9 @@ def _place_turn(tokenizer, messages, i: int, info: TemplateInfo, specials, n: in
                else "it changes the text of the answer")
         raise TemplateError(f"assistant message {n}: the chat template does not render it verbatim ({why}), "
                             "so its tokens cannot be placed exactly")
-    if rendered.startswith(prompt) and len(prompt) <= end:
-        start = len(prompt)
+    parted = _parted(tokenizer, messages, i, prompt, rendered, tools)
+    if rendered.startswith(parted) and len(parted) <= end:
+        start = len(parted)
     else:
         start = _edge(tokenizer, messages, i, rendered, at_end=False, tools=tools)
         if start is None or start > end:
@@ -281,16 +294,6 @@ def _place_turn(tokenizer, messages, i: int, info: TemplateInfo, specials, n: in
     if not rest and eos:  # no stop written at all (Baichuan 2, ChatGLM2): the model stops on eos
         return _Turn(rendered + eos, start, end + len(eos), eos, True)
     return _Turn(rendered, start, end, None, False)
-
-
-def eos_stop(tokenizer, info: TemplateInfo) -> str | None:
-    """The tokenizer's eos, where it is the stop of a template that writes none after an answer: appended
-    after each answer (one assistant turn per example), as Baichuan 2's and ChatGLM2's generation stop on it.
-    None when the template writes a stop of its own, or eos is missing or opens a turn."""
-    eos = tokenizer.eos_token
-    if info.stop_last or info.stop_history or not eos or eos in info.openers or eos == tokenizer.bos_token:
-        return None
-    return eos
 
 
 def _plan(tokenizer, example: dict) -> tuple[str, list[_Turn], bool]:
