@@ -167,6 +167,29 @@ def test_stop_rate_of_a_model_that_stops_and_one_that_does_not(biased_model, tin
     assert generation_metrics(answers, refs)["stop_rate"] == 0.0
 
 
+def test_evaluation_stops_on_the_models_own_stop_ids_too(biased_model, tiny):
+    """A model's generation_config may list stops the template never writes after an answer (GLM-4.x: <|user|> and
+    <|observation|>, which open the next turn): a base model not yet tuned stops there, and evaluation must too,
+    else its answers run on into invented turns and the base side of the comparison is scored unfairly."""
+    _, tokenizer = tiny
+    model = biased_model
+    what = tokenizer.convert_tokens_to_ids("What")
+    assert what not in stop_token_ids(tokenizer)
+    settings = {"max_new_tokens": 6, "do_sample": False, "repetition_penalty": 1.0}
+    with torch.no_grad():
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[what] = 200.0
+    kept = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, what]
+        answers = generate_answers(model, tokenizer, PROMPTS[:1], settings, progress=False)
+        assert answers == [{"text": "", "stopped": True, "prompt_cut": False}]
+        model.generation_config.eos_token_id = kept
+        assert generate_answers(model, tokenizer, PROMPTS[:1], settings, progress=False)[0]["stopped"] is False
+    finally:
+        model.generation_config.eos_token_id = kept
+
+
 # ----------------------------------------------------------------------------- metrics
 
 

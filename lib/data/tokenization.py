@@ -154,6 +154,9 @@ def _edge(tokenizer, messages, i: int, rendered: str, at_end: bool, tools=None) 
         pos = text.index(_SENTINEL)
         if text[:pos] + text[pos + len(_SENTINEL):] == rendered:
             return pos
+        cut = len(text[:pos].rstrip())  # GLM-4.6: the newline it writes before a text only when there is one
+        if not v.strip() and text[:cut] + text[pos + len(_SENTINEL):] == rendered:
+            return cut
     return None
 
 

@@ -113,6 +113,17 @@ def cut_prompt(ids: list[int], max_length: int | None, bos_token_id=None) -> lis
     return list(ids[len(ids) - max_length:])
 
 
+def with_model_stops(stops, base) -> list[int]:
+    """`stops` (the template's end-of-turn ids and eos) and then the eos ids of `base`, the model's own generation
+    config: GLM-4.x lists the turn openers <|user|> and <|observation|> there, which a model not yet tuned stops on."""
+    eos = list(stops or [])
+    old = getattr(base, "eos_token_id", None)
+    for tid in [old] if isinstance(old, int) else list(old or []):
+        if tid not in eos:
+            eos.append(tid)
+    return eos
+
+
 def generation_config(settings: GenerationSettings | None, tokenizer, base=None):
     """A transformers GenerationConfig from the run's `generation` settings.
 
@@ -123,13 +134,9 @@ def generation_config(settings: GenerationSettings | None, tokenizer, base=None)
     from transformers import GenerationConfig
 
     gc = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
-    old = gc.eos_token_id
     kw = generation_kwargs(tokenizer, settings or GenerationSettings())
+    eos = with_model_stops(kw.get("eos_token_id"), base)
     gc.update(**kw)
-    eos = list(kw.get("eos_token_id") or [])
-    for tid in [old] if isinstance(old, int) else list(old or []):
-        if tid not in eos:
-            eos.append(tid)
     gc.eos_token_id = eos or None
     gc.max_length = None  # max_new_tokens decides
     if tokenizer.bos_token_id is not None:
@@ -152,6 +159,9 @@ def generate_answers(model, tokenizer, conversations, gen_cfg, batch_size: int =
     from tqdm.auto import tqdm
 
     kw = generation_kwargs(tokenizer, gen_cfg)
+    stops = with_model_stops(kw.get("eos_token_id"), getattr(model, "generation_config", None))
+    if stops:
+        kw["eos_token_id"] = stops
     prompts = prompt_ids(tokenizer, conversations, max_length, tools)
     was_training = model.training
     model.eval()
