@@ -205,7 +205,7 @@ def test_an_unbounded_max_new_tokens_is_cut_to_the_models_context(trained_run):
 
     cfg = load_config(run_paths(trained_run).config)
     model, tokenizer = load_tuned_model(cfg, run_paths(trained_run).adapter)[:2]
-    context = model.config.max_position_embeddings
+    model.config.max_position_embeddings = context = 96  # what the cut reads; fewer positions to generate than its 1,024
     huge = GenerationSettings(max_new_tokens=2147483647, do_sample=False)
     with pytest.warns(UserWarning, match=f"max_new_tokens=2147483647 is more than the model's context of {context}"):
         reply = generate_reply(model, tokenizer, [{"role": "user", "content": "hi"}], settings=huge)
