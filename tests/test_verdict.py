@@ -194,6 +194,21 @@ def test_bad_eval_scores_are_one_line_naming_the_key(value, message):
         apply_overrides(make_config("tiny"), [f"eval.scores={value}"])
 
 
+def test_an_eval_score_that_fits_no_reference_is_said_not_dropped():
+    """eval.scores=[exact, number] on references without a number: number has no row, and the stage says so
+    (a warning, and the reason kept in verdict.json's `why`) instead of leaving it out silently."""
+    from lib.evaluate.verdict import task_scores, verdict_rows
+    from lib.run.config import apply_overrides, make_config
+
+    cfg = apply_overrides(make_config("tiny"), ["eval.scores=[exact, number]"])
+    refs = ["Why does ice float?", "What makes the sky blue?"]
+    answers = {m: [{"text": t, "stopped": True} for t in ("Why does ice float?", "no")] for m in ("base", "tuned")}
+    with pytest.warns(UserWarning, match=r"^eval\.scores: number fits none of the 2 eval references"):
+        scored = task_scores(cfg, answers, refs, [{}, {}])
+    assert scored["names"] == ["exact", "number"] and "number fits none" in scored["why"]
+    assert [r["metric"] for r in verdict_rows(scored) if r["kind"] == "task"] == ["exact"]
+
+
 def test_a_bad_eval_scorer_is_one_line_naming_the_key():
     from lib.run.config import apply_overrides, make_config
 

@@ -18,6 +18,8 @@ forgetting check's ratio is held against `eval.forgetting_budget` (above it: `wo
 
 from __future__ import annotations
 
+import warnings
+
 from lib.data.scores import choose_scores, resolve_scorer, run_scorer, score_answers
 from lib.data.textmetrics import is_question, rouge_l_per_answer, style_scores
 
@@ -117,6 +119,14 @@ def task_scores(cfg, answers: dict, references: list[str], records: list[dict], 
         if style_scores(references)["question_rate"] >= 0.5:  # the data has that style: the answers are scored on it
             v["question_rate"] = [float(is_question(t)) for t in texts]
         values[m] = v
+    if cfg.eval.scores is not None and values:
+        first = next(iter(values.values()))
+        unfit = [n for n in names if all(x is None for x in first[n])]
+        if unfit:  # e.g. number on references that hold none: no row, said rather than left out silently
+            said = (f"eval.scores: {', '.join(unfit)} fits none of the {len(references)} eval references, so it "
+                    "gives no verdict row; choose scores that fit them, or eval.scorer (your own function)")
+            warnings.warn(said, stacklevel=2)
+            why += f"; {said}"
     if scorer is not None:
         names = names + [cfg.eval.scorer]
         why += f"; and your scorer {cfg.eval.scorer}"
