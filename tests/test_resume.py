@@ -91,7 +91,7 @@ def _refused(run, argv, capsys) -> str:
 @pytest.mark.parametrize("setting, old", [
     ("lora.alpha=64", "32"), ("train.max_length=128", "256"), ("quant.mode=none", "4bit"), ("lora.r=8", "16"),
     ("lora.target_modules=attention", "all-linear"), ("lora.use_dora=true", "false"),
-    ("train.seed=7", "42"),
+    ("train.seed=7", "42"), ("train.best_metric=task_score", "eval_loss"),  # its state holds the best eval loss
 ])
 def test_resuming_with_a_setting_that_shapes_the_checkpoint_is_refused(interrupted, capsys, setting, old):
     key, new = setting.split("=")

@@ -253,6 +253,83 @@ def test_early_stopping_keeps_the_best_adapter_and_does_not_train_on(prepared_ru
     assert [p.name for p in paths.checkpoints.iterdir() if p.name == "checkpoint-9"] == []
 
 
+def _split_data(path, train, test):
+    import json
+
+    def conv(q, a):
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+    path.write_text(json.dumps({"train": [conv(q, a) for q, a in train], "test": [conv(q, a) for q, a in test]}))
+    return str(path)
+
+
+@pytest.mark.slow  # two trainings of 6 steps on the tiny model (~10 s)
+def test_best_metric_task_score_keeps_the_checkpoint_whose_answers_score_best(tmp_path, capsys):
+    """train.best_metric=task_score: the best checkpoint is the one whose sampled answers score best, by value.
+    A first training records its answers at each evaluation; a second one, the same training data and seed (so
+    the same answers), gets eval references equal to the answers of step 4, scored with exact match: only step 4
+    scores 1.0, so its adapter is the one kept."""
+    import json
+    import re
+
+    import torch
+    from conftest import SAMPLE
+    from safetensors.torch import load_file
+
+    from lib.data.prepare import run_prepare
+    from lib.run.paths import run_paths
+    from lib.train.samples import read_samples
+    from lib.train.training import run_train
+
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    pairs = [(r["instruction"], "\n".join(r["output"])) for r in rows]
+    sets = ["train.max_steps=6", "train.eval_steps=2", "train.save_steps=2", "train.save_total_limit=none",
+            "train.learning_rate=0.02",
+            "train.load_best_model_at_end=true", "train.best_metric=task_score", "eval.scores=[exact]",
+            "eval.sample_prompts=2", "eval.sample_max_new_tokens=8"]
+    run_prepare("best-a", _split_data(tmp_path / "a.json", pairs[:120], pairs[120:122]), profile="tiny")
+    run_train("best-a", overrides=sets)
+    answers = {}
+    for r in read_samples(run_paths("best-a").samples):
+        answers.setdefault(r["step"], []).append(r["answer"])
+    assert answers[4] != answers[2] and answers[4] != answers[6] and all(answers[4]), answers
+
+    test = [(q, a) for (q, _), a in zip(pairs[120:122], answers[4])]
+    run_prepare("best-b", _split_data(tmp_path / "b.json", pairs[:120], test), profile="tiny")
+    summary = run_train("best-b", overrides=sets)
+    paths = run_paths("best-b")
+    again = {}
+    for r in read_samples(paths.samples):
+        again.setdefault(r["step"], []).append((r["answer"], r["score"]))
+    assert [a for a, _ in again[4]] == answers[4], "the same training gives the same answers"
+    assert [s for _, s in again[4]] == [1.0, 1.0] and all(s < 1.0 for step in (2, 6) for _, s in again[step])
+    assert summary["best_step"] == summary["adapter_from_step"] == 4
+    assert summary["best_metric"] == "eval_sample_task_score" and summary["best_step_value"] == 1.0
+    assert summary["best_step_eval_loss"] is None
+    saved = load_file(str(paths.adapter / "adapter_model.safetensors"))
+    best = load_file(str(paths.checkpoints / "checkpoint-4" / "adapter_model.safetensors"))
+    assert saved.keys() == best.keys() and all(torch.equal(saved[k], best[k]) for k in saved)
+    assert not re.search(r"Traceback", capsys.readouterr().err)
+
+
+def test_best_metric_task_score_refuses_what_it_cannot_score(prepared_run):
+    """No sampled prompts, or references no task score fits (free text), or several processes: one line each."""
+    from test_train import _fresh_copy
+
+    from lib.run.config import apply_overrides
+    from lib.run.errors import ConfigError
+    from lib.train.training import run_train
+
+    with pytest.raises(ConfigError, match=r"^train\.best_metric=task_score needs eval prompts answered"):
+        apply_overrides(make_config("tiny"), ["train.best_metric=task_score", "eval.sample_prompts=0"])
+    run = _fresh_copy(prepared_run, "best-free-text")
+    with pytest.raises(ConfigError, match=r"^train\.best_metric=task_score: no task score fits the eval references"):
+        run_train(run, overrides=["train.best_metric=task_score", "train.max_steps=2"])
+    with pytest.raises(ConfigError, match=r"the task score number fits none of the 2 sampled eval references"):
+        run_train(run, overrides=["train.best_metric=task_score", "eval.scores=[number]", "eval.sample_prompts=2",
+                                  "train.max_steps=2"])
+
+
 def _history(paths, step):
     import json
 

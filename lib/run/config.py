@@ -284,6 +284,9 @@ def check_best_model(cfg: RunConfig, has_eval: bool = True) -> None:
                           "checkpoint is what early stopping keeps)")
     if t.early_stopping_threshold and t.early_stopping_patience is None:
         raise ConfigError("train.early_stopping_threshold needs train.early_stopping_patience (early stopping is off)")
+    if t.best_metric == "task_score" and (cfg.eval.sample_prompts <= 0 or t.eval_strategy == "no"):
+        raise ConfigError("train.best_metric=task_score needs eval prompts answered at each evaluation: "
+                          "eval.sample_prompts above 0 and train.eval_strategy steps or epoch")
     if not t.load_best_model_at_end:
         return
     eval_strategy = t.eval_strategy if has_eval else "no"

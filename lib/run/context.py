@@ -68,7 +68,8 @@ def open_run(run: str, stage: str, overrides=()) -> RunContext:
 SHAPING = ("model.name_or_path", "quant.mode", "quant.quant_type", "quant.double_quant",
            "lora.r", "lora.alpha", "lora.target_modules", "lora.use_dora", "lora.use_rslora", "lora.init",
            "lora.bias", "lora.loraplus_lr_ratio", "train.max_length", "train.batching", "train.seed",
-           "data.columns", "data.ignore_fields")  # the last two: which fields of the data were trained
+           "data.columns", "data.ignore_fields",  # these two: which fields of the data were trained
+           "train.best_metric")  # which checkpoint the trainer state holds as the best
 EXAMPLES_PER_STEP = "train.per_device_train_batch_size x train.gradient_accumulation_steps"
 
 
@@ -77,6 +78,7 @@ def shaping_settings(cfg) -> dict:
     d = cfg if isinstance(cfg, dict) else to_dict(cfg)
     out = {k: d.get(k.split(".")[0], {}).get(k.split(".")[1]) for k in SHAPING}
     t = d.get("train", {})
+    out["train.best_metric"] = out["train.best_metric"] or "eval_loss"  # a run recorded before the key existed
     out[EXAMPLES_PER_STEP] = t.get("per_device_train_batch_size", 0) * t.get("gradient_accumulation_steps", 0)
     return out
 

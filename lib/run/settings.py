@@ -242,12 +242,16 @@ class TrainSettings:
     save_strategy: str = _f("steps", "When to checkpoint: steps, epoch, or no.")
     save_steps: int = _f(50, "Checkpoint every N steps (with save_strategy steps).", range=POSITIVE)
     save_total_limit: int | None = _f(3, "Keep at most N checkpoints (None: keep all).", range=POSITIVE)
-    load_best_model_at_end: bool = _f(False, "Finish with the checkpoint of lowest eval loss.")
-    early_stopping_patience: int | None = _f(None, "Stop when the eval loss has not improved for this many "
+    load_best_model_at_end: bool = _f(False, "Finish with the best checkpoint (train.best_metric).")
+    best_metric: str = _f("eval_loss", "What the best checkpoint and early stopping go by: eval_loss (lowest), or "
+                                       "task_score (highest: the task score of the eval.sample_prompts answered "
+                                       "at each evaluation; what you tune for, but noisy on few prompts: raise "
+                                       "eval.sample_prompts).")
+    early_stopping_patience: int | None = _f(None, "Stop when train.best_metric has not improved for this many "
                                                    "evaluations, keeping the best checkpoint (needs "
                                                    "load_best_model_at_end); small: stops at the first "
                                                    "plateau, None: off, train to the end.", range=POSITIVE)
-    early_stopping_threshold: float = _f(0.0, "Smallest eval-loss drop that counts as an improvement for "
+    early_stopping_threshold: float = _f(0.0, "Smallest change of train.best_metric that counts as an improvement for "
                                               "early stopping: larger stops sooner on slow progress.", range=NON_NEGATIVE)
     neftune_noise_alpha: float | None = _f(None, "NEFTune: uniform noise of scale alpha/sqrt(tokens x width) "
                                                  "on the input embeddings while training (never in evaluation "
@@ -363,6 +367,7 @@ CHOICES = {
     "train.eval_strategy": ["steps", "epoch", "no"],
     "train.save_strategy": ["steps", "epoch", "no"],
     "train.precision": ["auto", "bf16", "fp16", "fp32"],
+    "train.best_metric": ["eval_loss", "task_score"],
     "export.quant": ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"],  # = lib.ship.llamacpp.QUANT_TYPES (tested)
 }
 

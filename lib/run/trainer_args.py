@@ -133,6 +133,10 @@ def _optimizer_kwargs(t) -> dict:
     )
 
 
+# train.best_metric -> the key of the evaluation metrics it is (task_score: set by lib/train/samples.py)
+BEST_METRICS = {"eval_loss": "eval_loss", "task_score": "eval_sample_task_score"}
+
+
 def _schedule_kwargs(t, eval_strategy: str, resuming: bool) -> dict:
     """When to log, evaluate and save."""
     return dict(
@@ -149,8 +153,8 @@ def _schedule_kwargs(t, eval_strategy: str, resuming: bool) -> dict:
         load_best_model_at_end=t.load_best_model_at_end,
         # a resumed run continues early stopping's count of evaluations without improvement
         restore_callback_states_from_checkpoint=t.early_stopping_patience is not None,
-        metric_for_best_model="eval_loss" if eval_strategy != "no" else None,
-        greater_is_better=False if eval_strategy != "no" else None,
+        metric_for_best_model=BEST_METRICS[t.best_metric] if eval_strategy != "no" else None,
+        greater_is_better=t.best_metric == "task_score" if eval_strategy != "no" else None,
         disable_tqdm=False,
     )
 

@@ -34,10 +34,11 @@ from lib.data.readers import read_examples
 from lib.data.scores import choose_scores, score_answers
 from lib.data.textmetrics import generation_metrics
 from lib.model.generation import eval_conversations, eval_tools, generate_answers
-from lib.run.errors import SFTError
+from lib.run.errors import ConfigError, SFTError
 from lib.run.formatting import table
 from lib.run.paths import require, run_paths
 from lib.run.rundir import is_main_rank, read_text, write_jsonl
+from lib.run.trainer_args import BEST_METRICS
 from lib.train.trainer import SAMPLE_COLUMNS
 
 PREVIEW_CHARACTERS = 300  # of an answer in the live table
@@ -63,6 +64,20 @@ def task_score_name(cfg, references: list[str]) -> str | None:
     the sampled answers are scored with while training; None when none fits."""
     names = list(cfg.eval.scores) if cfg.eval.scores is not None else choose_scores(references)[0]
     return names[0] if names else None
+
+
+def check_task_score_metric(name: str | None, references: list) -> None:
+    """train.best_metric=task_score needs sampled prompts and a task score that fits their references: else one line."""
+    if not references:
+        raise ConfigError("train.best_metric=task_score needs eval prompts answered while training: set "
+                          "eval.sample_prompts above 0 (and give data with answers to score)")
+    if name is None:
+        raise ConfigError("train.best_metric=task_score: no task score fits the eval references (free text); set "
+                          "eval.scores, or keep train.best_metric=eval_loss")
+    if all(v is None for v in score_answers([name], references, references)[name]):
+        raise ConfigError(f"train.best_metric=task_score: the task score {name} fits none of the "
+                          f"{len(references)} sampled eval references; set eval.scores to one that does, or raise "
+                          "eval.sample_prompts")
 
 
 SAMPLE_FIELDS = {"step": int, "index": int, "prompt": str, "reference": (str, type(None)), "answer": str,
@@ -110,6 +125,9 @@ class SamplesCallback(TrainerCallback):
         self.cfg, self.tokenizer, self.path, self.metrics = cfg, tokenizer, paths.samples, metrics
         self.prompts, references = sample_prompts(paths, cfg.eval.sample_prompts)
         self.task_score = task_score_name(cfg, references)
+        self.task_by_step: dict[int, float | None] = {}
+        if cfg.train.best_metric == "task_score":
+            check_task_score_metric(self.task_score, [r for _, _, r, _ in self.prompts])
         self.settings = dataclasses.replace(cfg.generation, do_sample=False,
                                             max_new_tokens=cfg.eval.sample_max_new_tokens)
         self.live = _in_notebook() if live is None else live
@@ -141,6 +159,7 @@ class SamplesCallback(TrainerCallback):
         scores = generation_metrics(answers, refs)
         applies = [v for v in task if v is not None]
         scores["task_score"] = sum(applies) / len(applies) if applies else None
+        self.task_by_step[step] = scores["task_score"]
         if self.metrics is not None:
             self.metrics.append({"step": step, "epoch": epoch,
                                  **{c: scores.get(c.removeprefix("sample_")) for c in SAMPLE_COLUMNS}})
@@ -172,8 +191,12 @@ class SamplesCallback(TrainerCallback):
         if self.live and self._handle is None:
             self._show()
 
-    def on_evaluate(self, args, state, control, model=None, **kw):
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kw):
         self._sample(args, state, model)
+        if metrics is not None and args.metric_for_best_model == BEST_METRICS["task_score"]:
+            # train.best_metric=task_score: the best checkpoint and early stopping read it from these metrics
+            value = self.task_by_step.get(state.global_step)
+            metrics[BEST_METRICS["task_score"]] = float("-inf") if value is None else value
 
     def on_step_end(self, args, state, control, model=None, **kw):
         # without evaluations, the last step is sampled too (with them, the evaluations are the points: cheaper)

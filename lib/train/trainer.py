@@ -210,8 +210,10 @@ def early_stop(trainer) -> dict:
     cb = next((c for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)), None)
     stopped = (cb is not None and cb.early_stopping_patience_counter >= cb.early_stopping_patience
                and st.global_step < st.max_steps)
+    by_loss = trainer.args.metric_for_best_model in (None, "eval_loss", "loss")
     return {"stopped_early": stopped, "stopped_at_step": st.global_step if stopped else None,
-            "best_step": st.best_global_step, "best_step_eval_loss": st.best_metric,
+            "best_step": st.best_global_step, "best_metric": trainer.args.metric_for_best_model,
+            "best_step_value": st.best_metric, "best_step_eval_loss": st.best_metric if by_loss else None,
             "adapter_from_step": (st.best_global_step if trainer.args.load_best_model_at_end and st.best_global_step
                                   else st.global_step)}
 

@@ -69,7 +69,7 @@ from lib.train.checkpoints import (
     resume_problem,
 )
 from lib.train.modelcard import model_card
-from lib.train.nodes import peers_lost_in_one_line
+from lib.train.nodes import peers_lost_in_one_line, world_size
 from lib.train.progress import LiveProgress
 from lib.train.samples import SamplesCallback
 from lib.train.trainer import MetricsCallback, build_trainer, early_stop, oom_doing, print_main
@@ -221,6 +221,9 @@ def build_sft_trainer(plan: TrainingPlan, model, tokenizer, train_ds, eval_ds=No
     if plan.finished:
         return None
     callbacks = list(callbacks)
+    if plan.cfg.train.best_metric == "task_score" and world_size() > 1:
+        raise ConfigError("train.best_metric=task_score: answers are sampled on one process only, so it cannot "
+                          "choose the best checkpoint of a training over several; keep train.best_metric=eval_loss")
     if plan.main:
         metrics = MetricsCallback(plan.paths.metrics_csv, plan.resume_step)
         # answers first: the metrics callback's tokens-per-second clock restarts after them
@@ -356,9 +359,10 @@ def _finish(plan: TrainingPlan, summary: dict) -> None:
     print_main(f"trained {summary['global_step']:,} steps in {summary['runtime_s']:.1f} s; eval loss "
                f"{num(summary['initial_eval_loss'])} -> {num(summary['final_eval_loss'])}; adapter in {paths.adapter}")
     if summary["stopped_early"]:
-        print_main(f"stopped early at step {summary['stopped_at_step']}: the eval loss did not improve for "
+        what = "the eval loss" if cfg.train.best_metric == "eval_loss" else "the sampled answers' task score"
+        print_main(f"stopped early at step {summary['stopped_at_step']}: {what} did not improve for "
                    f"{cfg.train.early_stopping_patience} evaluation(s); the adapter is the best step's, "
-                   f"{summary['best_step']} (eval loss {summary['best_step_eval_loss']:.4f})")
+                   f"{summary['best_step']} ({cfg.train.best_metric} {summary['best_step_value']:.4f})")
 
 
 # --------------------------------------------------------------------------------------------
