@@ -129,3 +129,26 @@ def testtoken_length_histogram_from_a_histogram_or_a_list():
     assert sum(counts) == 5 and edges[0] == 12 and edges[-1] == 41 and max_length == 32
     assert np.all(np.diff(edges) > 0)
     assert token_length_histogram({"counts": {}}) is None and token_length_histogram(None) is None
+
+
+def test_the_answers_panel_says_how_long_a_sampled_answer_may_be():
+    """Answers sampled while training are cut at eval.sample_max_new_tokens: a panel whose last stop rate is low
+    says so (the Socratic demo's answers all ran past 16 tokens, read as "never stops"), and not otherwise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lib.run.config import make_config
+    from lib.run.figures import panel_behaviour
+
+    cfg = make_config("tiny")
+    for stops, warned in (([0.0, 0.0], True), ([0.0, 1.0], False)):
+        fig, ax = plt.subplots()
+        metrics = {"sample_stop_rate": ([0, 10], stops), "sample_task_score": ([0, 10], [0.0, 0.5])}
+        panel_behaviour(ax, {"metrics": metrics, "config": cfg})
+        title = ax.get_title()
+        plt.close(fig)
+        assert title.startswith("Answers during training (sample prompts)\nbest task score 50% at step 10")
+        assert (f"answers cut at {cfg.eval.sample_max_new_tokens} new tokens count as not stopping\n(raise "
+                "eval.sample_max_new_tokens" in title) is warned

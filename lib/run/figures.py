@@ -228,8 +228,13 @@ def panel_behaviour(ax, data):
         _line(ax, steps, [v / 100 if key == "sample_bleu" else v for v in values], label=label, color=color)
     ax.set_ylim(-0.05, 1.05)
     best = best_task_step(m)
+    cfg = data.get("config")
+    stops = m.get("sample_stop_rate", ([], []))[1]
+    cut = (f"\nanswers cut at {cfg.eval.sample_max_new_tokens} new tokens count as not stopping"
+           "\n(raise eval.sample_max_new_tokens to see whole ones)"
+           if cfg is not None and stops and stops[-1] < 0.5 else "")  # the Socratic demo: answers run past 16
     ax.set_title("Answers during training (sample prompts)" +
-                 (f"\nbest task score {best[1]:.0%} at step {best[0]}" if best else ""))
+                 (f"\nbest task score {best[1]:.0%} at step {best[0]}" if best else "") + cut)
     ax.set_ylabel("share of answers / score (0-1)")
     _step_axis(ax, [x for k in shown for x in m[k][0]])
     ax.legend(loc="best")
