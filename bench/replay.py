@@ -1,7 +1,9 @@
 """Replay against forgetting on SmolLM2-135M-Instruct: 0%, 10% and 25% of general data mixed into training.
 
     python bench/replay.py                      # smol profile, CPU: three runs, about 25 minutes on 2 cores
-    python bench/replay.py --profile tiny --set train.max_steps=2 --replay-tokens 8   # a quick check of the script
+    python bench/replay.py --set train.max_steps=2 --set eval.generate_examples=2 --replay-tokens 8 --shares 0,0.25
+        # a quick check of the script: 5 minutes on 2 cores (the tiny profile cannot serve: its random model's
+        # answers are empty, so there is nothing to replay, and the script says so)
 
 The general data are the base model's own answers to general prompts, made by the forgetting check itself:
 the 40 prompts of data/general_prompts.jsonl are split in two, the first `eval.general_examples` (the
