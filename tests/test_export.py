@@ -171,6 +171,7 @@ def test_converter_that_cannot_be_fetched(merged_run, capsys, tmp_path, monkeypa
         p.name.startswith("llama.cpp-") for p in (tmp_path / "cache" / "qlora-notebooks").iterdir())
 
 
+@pytest.mark.long  # ~10 s: the converter run on a renamed architecture (make test-long)
 def test_an_architecture_llama_cpp_does_not_know_is_one_line(merged_run, capsys):
     from lib.run.paths import run_paths
 
