@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from lib.run.errors import ConfigError, first_line
@@ -210,6 +211,31 @@ def fill_special_tokens(tokenizer, path: Path) -> None:
             setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(token_id))
 
 
+@contextmanager
+def _one_gguf_parse():
+    """transformers parses a GGUF file's metadata anew for its tokenizer, its config and its weights (gguf's
+    GGUFReader, ~7 s each for SmolLM2's 49k-token vocabulary on 2 cores), and builds gguf's tensor-name map
+    anew for each of the model's ~400 modules (~8 s): within this block one parse of each file serves them all,
+    and fill_special_tokens, and one name map each architecture (both are only read: a memory map, a lookup)."""
+    import functools
+
+    import gguf
+
+    real, readers, name_map = gguf.GGUFReader, {}, gguf.get_tensor_name_map
+
+    def reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = real(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real, name_map
+
+
 def dequantize_gguf(path: Path, out: Path) -> Path:
     """Load a GGUF file with transformers (dequantized to fp32) and save model + tokenizer into `out`."""
     import torch
@@ -219,8 +245,12 @@ def dequantize_gguf(path: Path, out: Path) -> Path:
     print(f"dequantizing {path} (once; cached) ...", flush=True)
     started = time.time()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        with _one_gguf_parse():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            fill_special_tokens(tokenizer, path)
+    except ConfigError:
+        raise
     except Exception as e:  # unsupported architecture, truncated or corrupt file: many kinds of errors
         raise _load_error(path, e) from None
     # A model loaded from GGUF refuses save_pretrained: rebuild the architecture without the GGUF
@@ -238,7 +268,6 @@ def dequantize_gguf(path: Path, out: Path) -> Path:
         raise ConfigError(f"{path}: the GGUF file has no weights for {', '.join(missing[:3])}")
     model.generation_config = loaded.generation_config
     del loaded
-    fill_special_tokens(tokenizer, path)
     if getattr(config, "max_position_embeddings", None):
         tokenizer.model_max_length = config.max_position_embeddings
     model.save_pretrained(out)
