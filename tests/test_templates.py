@@ -47,6 +47,13 @@ CASES = {
 }
 
 
+# What a thinking template's generation prompt writes after the assistant's turn header and its rendered turns do
+# not have (the opening of the reasoning), by hand from each template: a call or answer is trained from before it.
+THINK_HEADER = {"qwq": "<think>\n", "nemotron-nano-v2": "<think>\n\n", "minimax-m2": "<think>\n",
+                "gemma4": "<|channel>thought\n<channel|>", "apriel-1.6": "Here are my reasoning steps:\n",
+                "glm-4.7-flash": "<think>"}
+
+
 def conversation(case):
     return [{"role": r, "content": c} for r, c in CASES[case]]
 
@@ -102,9 +109,16 @@ def oracle_turn(tok, spec, msgs, i):
     assert mark not in content
     other = render(tok, msgs[:i] + [dict(msgs[i], content=mark)])
     cs, ce = render_diff(full, other)
+    if full[cs - 1:cs] == "<":  # the diff split a tag the two share a "<" of (GLM-4.7: `<think>` vs `</think>`)
+        cs -= 1
     if _norm(full[cs:ce]) != _norm(content):
         raise Unplaceable("the template does not render the answer's text")
-    start = len(prompt) if full.startswith(prompt) and len(prompt) <= ce else cs
+    prefix = full.startswith(prompt) and len(prompt) <= ce
+    start = len(prompt) if prefix else cs
+    header = THINK_HEADER.get(spec["name"])
+    if not prefix and header and prompt.endswith(header) and full.startswith(prompt[: -len(header)]) \
+            and len(prompt) - len(header) <= cs:  # GLM-4.7: `</think>` before the text, written as the model does
+        start = len(prompt) - len(header)
     eot = spec["end_of_turn"]
     after = full[ce:]
     gap = len(after) - len(after.lstrip())

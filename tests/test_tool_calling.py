@@ -3,7 +3,7 @@
 The real templates of tests/templates/*.json (Qwen2.5, Qwen3, QwQ, Llama 3.1/3.2/3.3, gpt-oss,
 Mistral-Nemo, Mistral-Small-3.2, Granite 3.0/3.3, DeepSeek-R1, DeepSeek-V3.1, SmolLM2, Hermes 3, Command R7B,
 SmolLM3, Baichuan 2, ChatGLM2, RWKV World, Kimi-K2-Thinking, Nemotron-Nano-v2, MiniMax-M2, Gemma 4,
-Apriel 1.6, GLM-4.6) render
+Apriel 1.6, GLM-4.6, GLM-4.7-Flash) render
 conversations with tools, tool calls, tool results and reasoning. Each is put on the tiny tokenizer
 (its special tokens added) and on SmolLM2's real one, and lib.data.tokenization's labels are compared
 token by token with the oracle below, which uses none of the project's code: it finds a tool call
@@ -30,7 +30,7 @@ from conftest import render_diff
 from lib.data.templates import TemplateError, stop_token_ids
 from lib.data.tokenization import IGNORE_INDEX, encode_example, split_for_template
 from lib.run.errors import SFTError
-from tests.test_templates import SPECS, with_template
+from tests.test_templates import SPECS, THINK_HEADER, with_template
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather of a city now",
@@ -100,12 +100,7 @@ CASES = {
 # (Qwen <|im_end|>, Llama 3.x <|eot_id|>, gpt-oss <|call|>, Mistral </s>).
 TOOL_STOP = {"qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>", "qwq": "<|im_end|>", "llama3.1": "<|eot_id|>",
              "llama3.2": "<|eot_id|>", "llama3.3": "<|eot_id|>", "gpt-oss": "<|call|>", "mistral-nemo": "</s>", "nemotron-nano-v2": "<SPECIAL_12>", "kimi-k2-thinking": "<|im_end|>", "minimax-m2": "[e~[",
-             "gemma4": "<turn|>", "apriel-1.6": "</s>", "glm-4.6": "<|endoftext|>", "mistral-small-3.2": "</s>", "hermes3": "<|im_end|>", "command-r7b": "<|END_OF_TURN_TOKEN|>"}
-
-# What a thinking template's generation prompt writes after the assistant's turn header and its rendered calls do
-# not have (the opening of the reasoning), by hand from each template: a call is trained from before it.
-THINK_HEADER = {"qwq": "<think>\n", "nemotron-nano-v2": "<think>\n\n", "minimax-m2": "<think>\n",
-                "gemma4": "<|channel>thought\n<channel|>", "apriel-1.6": "Here are my reasoning steps:\n"}
+             "gemma4": "<turn|>", "apriel-1.6": "</s>", "glm-4.6": "<|endoftext|>", "glm-4.7-flash": "<|endoftext|>", "mistral-small-3.2": "</s>", "hermes3": "<|im_end|>", "command-r7b": "<|END_OF_TURN_TOKEN|>"}
 
 # The trained text of the call in single_call, as each template writes it (by hand, from the model cards).
 CALLS = {
@@ -121,6 +116,8 @@ CALLS = {
     "gemma4": '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|><turn|>',
     "glm-4.6": '\n<think></think>\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n'
                '</tool_call><|endoftext|>',
+    "glm-4.7-flash": '</think><tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value></tool_call>'
+                     '<|endoftext|>',
     "apriel-1.6": '\n<tool_calls>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_calls></s>',
     "command-r7b": '<|START_THINKING|><|END_THINKING|><|START_ACTION|>[\n    {"tool_call_id": "0", "tool_name": '
                    '"get_weather", "parameters": {"city": "Paris"}}\n]<|END_ACTION|><|END_OF_TURN_TOKEN|>',
@@ -159,6 +156,9 @@ OUTCOMES = {
     # GLM-4.6: no end-of-turn token (the next role token opens the next turn), so eos (<|endoftext|>, one of its
     # generation stops) is appended after each answer and call; reasoning rendered within the last user's answers
     "glm-4.6": {},
+    # GLM-4.7-Flash: the same, but its prompt opens the reasoning (`<|assistant|><think>`) and a rendered turn
+    # without reasoning writes `</think>` alone: labelled from `<|assistant|>`, where they part
+    "glm-4.7-flash": {},
     "llama3.1": {"text_and_call": DROPS_TEXT, "parallel_calls": SINGLE_CALL, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
     "llama3.2": {"text_and_call": DROPS_TEXT, "parallel_calls": SINGLE_CALL, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
     "llama3.3": {"text_and_call": DROPS_TEXT, "parallel_calls": SINGLE_CALL, "reasoning": NO_REASONING, "reasoning_then_call": NO_REASONING},
@@ -425,7 +425,7 @@ def test_text_that_begins_like_the_thinking_header_is_trained_whole(tiny_base):
 
 @pytest.mark.parametrize("name", ["qwen2.5", "qwen3", "llama3.1", "gpt-oss", "mistral-nemo", "granite3.3", "hermes3",
                                   "command-r7b", "qwq", "nemotron-nano-v2", "kimi-k2-thinking", "minimax-m2",
-                                  "gemma4", "apriel-1.6", "glm-4.6"])
+                                  "gemma4", "apriel-1.6", "glm-4.6", "glm-4.7-flash"])
 def test_on_smollm2_real_tokenizer(smol_tokenizer, name):
     spec = SPECS[name]
     tok = with_template(smol_tokenizer, spec)
