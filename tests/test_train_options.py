@@ -313,7 +313,8 @@ def test_best_metric_task_score_keeps_the_checkpoint_whose_answers_score_best(tm
 
 
 def test_best_metric_task_score_refuses_what_it_cannot_score(prepared_run):
-    """No sampled prompts, or references no task score fits (free text), or several processes: one line each."""
+    """No sampled prompts, references no task score fits (free text), or a chosen score that fits none of the sampled
+    references: one line each. (The refusal on several processes, in build_sft_trainer, is not run here.)"""
     from test_train import _fresh_copy
 
     from lib.run.config import apply_overrides
